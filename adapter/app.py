@@ -1,0 +1,111 @@
+"""The application factory. Only the entry point calls it; tests hand in their own clients."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import httpx
+import structlog
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from . import __version__, crm, gateway, problems
+from .agents import load_tasks
+from .cache import MemoryStore, ResultCache, Store
+from .context import add_request_id_header, current_request_id, elapsed_ms, request_id
+from .redis_store import RedisStore
+from .routes.ai import SERVICE, ai_router
+from .routes.ops import healthz, readyz
+from .service import AiService
+from .settings import Settings
+
+log = structlog.get_logger("adapter.http")
+
+
+def redis_client(url: str) -> Redis:
+    # No client-side retries: a dead Redis must cost a request microseconds, not
+    # seconds of backoff. The next command reconnects by itself.
+    return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
+
+
+def request_context(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        rid = request_id(scope)
+        token = current_request_id.set(rid)
+        try:
+            with structlog.contextvars.bound_contextvars(request_id=rid):
+                await app(scope, receive, send)
+        finally:
+            current_request_id.reset(token)
+
+    return middleware
+
+
+async def _before_send(message: Message, scope: Scope) -> None:
+    add_request_id_header(message, scope)
+    if message["type"] == "http.response.start":
+        scope["adapter.status"] = message["status"]  # type: ignore[typeddict-unknown-key]
+    elif message["type"] == "http.response.body" and not message.get("more_body", False):
+        # The one line per request.
+        log.info("request", method=scope.get("method"), path=scope.get("path"), status=scope.get("adapter.status"),
+                 ms=elapsed_ms(scope), request_id=request_id(scope))
+
+
+def create_app(
+    settings: Settings,
+    *,
+    gateway_http: httpx.AsyncClient | None = None,
+    crm_http: httpx.AsyncClient | None = None,
+    store: Store | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Litestar:
+    """Clients handed in are the caller's to close; the ones made here are closed at shutdown."""
+    tasks = load_tasks(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            gw = gateway_http or await stack.enter_async_context(httpx.AsyncClient(
+                base_url=settings.conductor_gateway_url, timeout=gateway.client_timeout(settings),
+                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)))
+            backend = crm_http or await stack.enter_async_context(httpx.AsyncClient(
+                base_url=settings.crm_backend_url, timeout=crm.client_timeout(settings),
+                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)))
+            cache_store = store
+            if cache_store is None:
+                cache_store = (
+                    RedisStore(redis_client(settings.redis_url), prefix=settings.cache_prefix,
+                               lock_ttl=settings.cache_lock_timeout, retry_log_interval=settings.cache_retry_interval)
+                    if settings.redis_url else MemoryStore(settings.cache_memory_max_entries, clock)
+                )
+                stack.push_async_callback(cache_store.aclose)
+            cache = ResultCache(cache_store, settings.cache_stale_grace, clock)
+            app.state.service = AiService(
+                tasks=tasks, gateway=gateway.GatewayClient(gw, settings), crm=crm.CrmClient(backend, settings),
+                cache=cache, settings=settings,
+            )
+            log.info("startup", gateway=settings.conductor_gateway_url, crm=settings.crm_backend_url, cache=cache_store.backend)
+            stack.callback(cache.cancel_flights)
+            yield
+
+    return Litestar(
+        route_handlers=[ai_router, healthz, readyz],
+        dependencies=SERVICE,
+        lifespan=[lifespan],
+        middleware=[request_context],
+        before_send=[_before_send],
+        exception_handlers={Exception: problems.handle},
+        logging_config=None,
+        openapi_config=OpenAPIConfig(
+            title="CRM AI sidecar", version=__version__, path="/schema",
+            description="CRM-shaped AI routes served by Conductor Gateway agents, with validated, cached results.",
+            render_plugins=[JsonRenderPlugin()],
+        ),
+    )

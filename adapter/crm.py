@@ -1,0 +1,66 @@
+"""Client of the CRM backend: the records, read with the caller's own token."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+import httpx
+import msgspec
+
+from .context import outbound_headers
+from .errors import CrmRefused, CrmUnavailable, UpstreamTimeout
+from .gateway import detail_of
+from .settings import Settings
+
+UPSTREAM = "CRM backend"
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+def client_timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(connect=settings.crm_connect_timeout, read=settings.crm_read_timeout, write=30.0, pool=5.0)
+
+
+class CrmClient:
+    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+        self._http = http
+        self._settings = settings
+
+    async def get_record(self, kind: Literal["lead", "deal"], record_id: str, authorization: str) -> dict[str, Any]:
+        """The record as the caller may see it; the backend's refusal becomes ours."""
+        response = await self._call("GET", f"/api/v1/{kind}s/{record_id}", authorization)
+        try:
+            record = _decode(response.content)
+        except msgspec.DecodeError:
+            record = None
+        if not isinstance(record, dict):
+            raise CrmUnavailable(f"the {UPSTREAM} answered GET /api/v1/{kind}s/{record_id} with a body that is not a record")
+        return record
+
+    async def patch_record(self, kind: str, record_id: str, authorization: str, changes: dict[str, Any]) -> None:
+        await self._call("PATCH", f"/api/v1/{kind}s/{record_id}", authorization, body=_encode(changes))
+
+    async def health(self) -> None:
+        response = await self._http.get("/health", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
+        response.raise_for_status()
+
+    async def _call(self, method: str, path: str, authorization: str, body: bytes | None = None) -> httpx.Response:
+        headers = {"Authorization": authorization, "Accept": "application/json", **outbound_headers()}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with asyncio.timeout(self._settings.crm_call_timeout):
+                response = await self._http.request(method, path, content=body, headers=headers)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise CrmUnavailable(f"cannot connect to the {UPSTREAM}: connect timed out") from None
+            raise UpstreamTimeout(UPSTREAM, self._settings.crm_read_timeout) from None
+        except httpx.TransportError as exc:
+            raise CrmUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None
+        if response.status_code >= 500:
+            raise CrmUnavailable(f"the {UPSTREAM} answered {response.status_code} to {method} {path}")
+        if response.status_code >= 400:
+            passed = {k: v for k, v in response.headers.items() if k.lower() == "www-authenticate"}
+            raise CrmRefused(response.status_code, detail_of(response), passed)
+        return response

@@ -1,0 +1,57 @@
+"""`adapter demo`: the sidecar with its doubles and seeded data, nothing else needed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from . import logs, servers
+from .app import create_app
+from .doubles.crm import CrmDouble
+from .doubles.gateway import GatewayDouble
+from .settings import Settings
+
+
+def curls(base: str, token: str, seed: dict) -> list[tuple[str, str]]:
+    auth = f"-H 'Authorization: Bearer {token}'"
+    json = "-H 'Content-Type: application/json'"
+    lead, deal = seed["leads"][0], seed["deals"][0]
+
+    def post(path: str, body: dict) -> str:
+        return f"curl -s -X POST {base}{path} {auth} {json} -d '{msgspec.json.encode(body).decode()}'"
+
+    return [
+        ("Qualify a lead", post("/api/v1/ai/lead/qualify", {"lead_id": lead})),
+        ("Generate sales emails", post("/api/v1/ai/email/generate", {"lead_id": lead, "context": "follow-up after the demo", "tone": "casual"})),
+        ("Predict a deal", post("/api/v1/ai/deal/predict", {"deal_id": deal})),
+        ("A lead with a prompt injection in its notes", post("/api/v1/ai/lead/qualify", {"lead_id": seed["leads"][2]})),
+        ("Another user's lead (the CRM says 403)", post("/api/v1/ai/lead/qualify", {"lead_id": seed["bobs_lead"]})),
+        ("AI health", f"curl -s {base}/api/v1/ai/health"),
+    ]
+
+
+async def run_demo(settings: Settings) -> int:
+    logs.configure(settings.log_level, settings.log_format)
+    gateway, crm = GatewayDouble(), CrmDouble()
+    seed = crm.seed()
+    gw_sock, crm_sock = servers.bind("127.0.0.1", 0), servers.bind("127.0.0.1", 0)
+    app_sock = servers.bind(settings.adapter_host, settings.adapter_port)
+    settings = msgspec.structs.replace(
+        settings, conductor_gateway_url=servers.url_of(gw_sock), crm_backend_url=servers.url_of(crm_sock), redis_url=None)
+    main = servers.server(create_app(settings))
+    doubles = [servers.server(gateway.app, quiet=True), servers.server(crm.app, quiet=True)]
+    base = servers.url_of(app_sock)
+    print(f"\nCRM AI sidecar demo on {base}  (gateway double {settings.conductor_gateway_url}, "
+          f"CRM double {settings.crm_backend_url}, in-memory cache)\n")
+    for title, line in curls(base, crm.token(seed["alice"], expires_in=7 * 86400), seed):
+        print(f"# {title}\n{line}\n")
+    print("Press Ctrl+C to stop.\n", flush=True)
+    tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, sock in zip(doubles, (gw_sock, crm_sock), strict=True)]
+    try:
+        await main.serve(sockets=[app_sock])
+    finally:
+        for s in doubles:
+            s.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return 0

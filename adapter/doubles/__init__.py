@@ -1,0 +1,1 @@
+"""Faithful doubles of the Conductor Gateway and the CRM backend (see shared upstreams.md)."""

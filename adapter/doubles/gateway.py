@@ -1,0 +1,126 @@
+"""A Conductor Gateway double with the real wire format and its quirks.
+
+Behaviours (queue them per agent with `push`, or set `default`):
+  json, fenced, prose, trailing_comma  - valid output, wrapped the ways real models wrap it
+  garbage                              - prose with no JSON at all
+  wrong_shape                          - JSON, but not the persona's shape
+  misclassified                        - a lead classification that contradicts the score
+  task_error                           - 200, but the Conductor task document says "error"
+  error_500, unavailable_503           - the gateway's own failures, with FastAPI `detail` bodies
+Set `delay` for a slow model, `gate` (an asyncio.Event) to hold calls until released,
+`unknown_agents` to make agents 404, `down` to make /health and /api/agents fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter, defaultdict, deque
+from functools import cached_property
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+
+from ..agents import AGENT_IDS
+from .answers import answer_for
+
+_encode = msgspec.json.Encoder().encode
+VALID = ("json", "fenced", "prose", "trailing_comma")
+
+
+def _json(body: Any, status: int = 200) -> Response[bytes]:
+    return Response(_encode(body), status_code=status, media_type="application/json")
+
+
+def model_text(behaviour: str, agent_id: str, prompt: str) -> str:
+    answer = answer_for(agent_id, prompt)
+    if behaviour == "misclassified" and "score" in answer:
+        answer["classification"] = "Cold" if answer["classification"] != "Cold" else "Hot"
+    text = _encode(answer).decode()
+    if behaviour == "fenced":
+        return f"```json\n{text}\n```"
+    if behaviour == "prose":
+        return f"Here is my analysis of the record you sent.\n{text}\nLet me know if you need anything else."
+    if behaviour == "trailing_comma":
+        return text[:-1] + ",}"
+    if behaviour == "garbage":
+        return "I am sorry, I could not analyse this record right now. Please try again later."
+    if behaviour == "wrong_shape":
+        return _encode({"answer": "looks promising", "confidence": "high"}).decode()
+    return text
+
+
+class GatewayDouble:
+    def __init__(self, *, default: str = "fenced", delay: float = 0.0) -> None:
+        self.default = default
+        self.delay = delay
+        self.gate: asyncio.Event | None = None
+        self.down = False
+        self.unknown_agents: set[str] = set()
+        self.script: defaultdict[str, deque[str]] = defaultdict(deque)
+        self.calls: Counter[str] = Counter()
+        self.prompts: list[tuple[str, str]] = []
+        self.request_ids: list[str | None] = []
+        self.bodies: list[dict[str, Any]] = []
+
+    def push(self, agent_id: str, *behaviours: str) -> None:
+        self.script[agent_id].extend(behaviours)
+
+    def _behaviour(self, agent_id: str) -> str:
+        queue = self.script[agent_id]
+        return queue.popleft() if queue else self.default
+
+    def _known(self, agent_id: str) -> bool:
+        return agent_id in AGENT_IDS and agent_id not in self.unknown_agents
+
+    @cached_property
+    def app(self) -> Litestar:
+        double = self
+
+        @get("/health")
+        async def health() -> Response[bytes]:
+            if double.down:
+                return _json({"detail": "MongoDB connection not available"}, 503)
+            return _json({"status": "healthy", "service": "conductor_gateway", "version": "3.1.0", "timestamp": time.time()})
+
+        @get("/api/agents")
+        async def agents() -> Response[bytes]:
+            if double.down:
+                return _json({"detail": "MongoDB connection not available"}, 503)
+            return _json([
+                {"id": a, "agent_id": a, "name": a, "emoji": "🤖", "description": f"{a} (double)", "model": "double", "tags": ["crm"]}
+                for a in AGENT_IDS if double._known(a)
+            ])
+
+        @post("/api/agents/{agent_id:str}/execute", status_code=200)
+        async def execute(agent_id: str, request: Request) -> Response[bytes]:
+            body = msgspec.json.decode(await request.body())
+            if not isinstance(body, dict) or not body.get("input_text"):
+                return _json({"detail": "input_text is required"}, 400)
+            if not double._known(agent_id):
+                return _json({"detail": f"Agent '{agent_id}' not found"}, 404)
+            double.calls[agent_id] += 1
+            double.prompts.append((agent_id, body["input_text"]))
+            double.bodies.append(body)
+            double.request_ids.append(request.headers.get("x-request-id"))
+            behaviour = double._behaviour(agent_id)
+            if double.gate is not None:
+                await double.gate.wait()
+            if double.delay:
+                await asyncio.sleep(double.delay)
+            if behaviour == "error_500":
+                return _json({"detail": "Conductor API request failed: 502 Bad Gateway"}, 500)
+            if behaviour == "unavailable_503":
+                return _json({"detail": "MongoDB connection not available"}, 503)
+            task: dict[str, Any] = {"task_id": uuid.uuid4().hex, "status": "completed", "exit_code": 0, "duration": 0.01}
+            if behaviour == "task_error":
+                task.update(status="error", exit_code=1, result="", stderr="claude: rate limit exceeded")
+            else:
+                text = model_text(behaviour, agent_id, body["input_text"])
+                task.update(result=text, stdout=text)
+            return _json({"status": "success", "result": task, "instance_id": body.get("instance_id"),
+                          "context_mode": body.get("context_mode", "stateless")})
+
+        return Litestar([health, agents, execute], logging_config=None)

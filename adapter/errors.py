@@ -1,0 +1,106 @@
+"""Domain exceptions. They carry data only; `adapter.problems` turns them into responses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+
+class AdapterError(Exception):
+    status: int = 500
+    slug: str = "internal-error"
+    title: str = "Internal error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        errors: Sequence[str] = (),
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+        self.errors = list(errors)
+
+
+class BadRequest(AdapterError):
+    status, slug, title = 400, "invalid-request", "Invalid request"
+
+
+class Unauthenticated(AdapterError):
+    status, slug, title = 401, "unauthenticated", "Authentication required"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class CrmRefused(AdapterError):
+    """The CRM backend's own 4xx answer, passed on with its status and detail."""
+
+    _by_status = {
+        401: ("unauthenticated", "Authentication required"),
+        403: ("forbidden", "Forbidden"),
+        404: ("not-found", "Not found"),
+    }
+
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail, headers=headers)
+        self.status = status
+        self.slug, self.title = self._by_status.get(status, ("crm-rejected", "Rejected by the CRM backend"))
+
+
+class CrmUnavailable(AdapterError):
+    status, slug, title = 502, "crm-unavailable", "CRM backend unavailable"
+
+
+class GatewayUnavailable(AdapterError):
+    status, slug, title = 503, "gateway-unavailable", "Conductor Gateway unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 5) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+class GatewayProtocolError(AdapterError):
+    status, slug, title = 502, "gateway-protocol-error", "Unexpected answer from the Conductor Gateway"
+
+
+class AgentMissing(AdapterError):
+    status, slug, title = 502, "agent-missing", "Agent not available on the gateway"
+
+    def __init__(self, agent: str) -> None:
+        super().__init__(f"the Conductor Gateway does not know agent '{agent}'")
+        self.agent = agent
+
+
+class AgentFailed(AdapterError):
+    status, slug, title = 502, "agent-failed", "The agent's run failed"
+
+
+class InvalidAgentOutput(AdapterError):
+    status, slug, title = 502, "invalid-agent-output", "The agent answered invalid output"
+
+
+class UpstreamTimeout(AdapterError):
+    status, title = 504, "Upstream timeout"
+
+    def __init__(self, upstream: str, seconds: float) -> None:
+        super().__init__(f"the {upstream} did not answer within {seconds:g} s")
+        self.slug = "gateway-timeout" if "gateway" in upstream else "crm-timeout"
+
+
+def to_record(exc: AdapterError) -> dict:
+    """Plain data for an error, so another process can raise the same one."""
+    return {
+        "cls": type(exc).__name__, "status": exc.status, "slug": exc.slug, "title": exc.title,
+        "detail": exc.detail, "headers": exc.headers, "errors": exc.errors,
+    }
+
+
+def from_record(record: dict) -> AdapterError:
+    cls = globals().get(record.get("cls", ""), AdapterError)
+    if not (isinstance(cls, type) and issubclass(cls, AdapterError)):
+        cls = AdapterError
+    exc = cls.__new__(cls)
+    AdapterError.__init__(exc, record["detail"], headers=record.get("headers"), errors=record.get("errors", ()))
+    exc.status, exc.slug, exc.title = record["status"], record["slug"], record["title"]
+    return exc

@@ -1,0 +1,141 @@
+"""Client of the Conductor Gateway (synchronous agent calls, discovery, health)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import msgspec
+import structlog
+
+from .context import outbound_headers
+from .errors import AgentFailed, AgentMissing, GatewayProtocolError, GatewayUnavailable, UpstreamTimeout
+from .settings import Settings
+
+log = structlog.get_logger("adapter.gateway")
+UPSTREAM = "Conductor Gateway"
+
+
+class _Task(msgspec.Struct):
+    """The Conductor task document; every field optional, unknown ones ignored."""
+
+    status: str | None = None
+    result: Any = None
+    stdout: str | None = None
+    stderr: str | None = None
+    error: str | None = None
+    exit_code: int | None = None
+
+
+class _Execute(msgspec.Struct):
+    status: str | None = None
+    result: _Task | None = None
+    detail: Any = None
+
+
+class _Detail(msgspec.Struct):
+    detail: Any = None
+
+
+_decode_execute = msgspec.json.Decoder(_Execute).decode
+_decode_detail = msgspec.json.Decoder(_Detail).decode
+_decode_any = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+def detail_of(response: httpx.Response) -> str:
+    try:
+        detail = _decode_detail(response.content).detail
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        detail = None
+    if detail is None:
+        detail = response.text[:300] or response.reason_phrase
+    return detail if isinstance(detail, str) else _encode(detail).decode()[:300]
+
+
+def client_timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(connect=settings.gateway_connect_timeout, read=settings.gateway_read_timeout, write=30.0, pool=10.0)
+
+
+class GatewayClient:
+    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+        self._http = http
+        self._settings = settings
+
+    def _body(self, input_text: str) -> dict[str, Any]:
+        # Stateless, with a fresh conversation each time: one answer must not leak
+        # into the next lead's (newer gateways also refuse calls without these ids).
+        body: dict[str, Any] = {
+            "input_text": input_text,
+            "context_mode": "stateless",
+            "instance_id": f"crm-ai-{uuid.uuid4().hex}",
+            "conversation_id": f"crm-ai-{uuid.uuid4().hex}",
+        }
+        if self._settings.conductor_cwd:
+            body["cwd"] = self._settings.conductor_cwd
+        if self._settings.conductor_ai_provider:
+            body["ai_provider"] = self._settings.conductor_ai_provider
+        return body
+
+    async def execute(self, agent_id: str, input_text: str) -> str:
+        """Run the agent once and return the model's text."""
+        t0 = time.perf_counter()
+        outcome = "error"
+        try:
+            async with asyncio.timeout(self._settings.gateway_call_timeout):
+                response = await self._http.post(
+                    f"/api/agents/{agent_id}/execute", content=_encode(self._body(input_text)),
+                    headers={"Content-Type": "application/json", **outbound_headers()},
+                )
+            outcome = str(response.status_code)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            outcome = "timeout"
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise GatewayUnavailable(f"cannot connect to the {UPSTREAM}: connect timed out") from None
+            seconds = self._settings.gateway_read_timeout if isinstance(exc, httpx.ReadTimeout) else self._settings.gateway_call_timeout
+            raise UpstreamTimeout(UPSTREAM, seconds) from None
+        except httpx.TransportError as exc:
+            outcome = "unreachable"
+            raise GatewayUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None
+        finally:
+            log.info("gateway.call", agent=agent_id, outcome=outcome, ms=round((time.perf_counter() - t0) * 1000, 1))
+        return _text_of(agent_id, response)
+
+    async def agent_ids(self) -> set[str]:
+        response = await self._http.get("/api/agents", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
+        response.raise_for_status()
+        listed = _decode_any(response.content)
+        if not isinstance(listed, list):
+            raise ValueError("GET /api/agents did not answer a list")
+        return {str(a.get(k)) for a in listed if isinstance(a, dict) for k in ("agent_id", "id", "name") if a.get(k)}
+
+    async def health(self) -> None:
+        response = await self._http.get("/health", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
+        response.raise_for_status()
+
+
+def _text_of(agent_id: str, response: httpx.Response) -> str:
+    status = response.status_code
+    if status == 404:
+        raise AgentMissing(agent_id)
+    if status >= 500:
+        raise GatewayUnavailable(f"the {UPSTREAM} answered {status}: {detail_of(response)}")
+    if status != 200:
+        raise GatewayProtocolError(f"the {UPSTREAM} refused the call with {status}: {detail_of(response)}")
+    try:
+        answer = _decode_execute(response.content)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise GatewayProtocolError(f"the {UPSTREAM} answered 200 with a body that is not its execute document") from None
+    task = answer.result
+    if task is None:
+        raise GatewayProtocolError(f"the {UPSTREAM} answered 200 without a task document")
+    if answer.status == "error" or task.status in {"error", "failed"} or (task.exit_code or 0) != 0:
+        reason = task.error or task.stderr or (task.result if isinstance(task.result, str) else None) or "no reason given"
+        raise AgentFailed(f"agent {agent_id} failed: {reason[:300]}")
+    text = task.result if task.result not in (None, "") else task.stdout
+    if isinstance(text, (dict, list)):  # some Conductor versions hand back parsed JSON
+        return _encode(text).decode()
+    return text if isinstance(text, str) else ""

@@ -1,0 +1,68 @@
+"""The one mapping from exceptions to RFC 9457 problem responses."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import msgspec
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from .context import request_id
+from .errors import AdapterError
+from .models import FieldError, Problem
+
+TYPE_BASE = "urn:problem:crm-ai:"
+MEDIA_TYPE = "application/problem+json"
+log = structlog.get_logger("adapter.problems")
+_encode = msgspec.json.Encoder().encode
+
+_HTTP_SLUGS = {
+    400: "invalid-request", 401: "unauthenticated", 403: "forbidden", 404: "not-found",
+    405: "method-not-allowed", 413: "payload-too-large", 415: "unsupported-media-type",
+    429: "rate-limited", 431: "headers-too-large",
+}
+
+
+def problem_of(exc: Exception, method: str, path: str) -> tuple[Problem, dict[str, str]]:
+    """Pure: what an exception says to the caller, and the headers that go with it."""
+    if isinstance(exc, AdapterError):
+        errors = [FieldError(message=e) for e in exc.errors] or None
+        return Problem(type=TYPE_BASE + exc.slug, title=exc.title, status=exc.status, detail=exc.detail, errors=errors), exc.headers
+    if isinstance(exc, ValidationException):
+        errors = [_field_error(item) for item in (exc.extra or []) if isinstance(item, dict)]
+        detail = "; ".join(f"`{e.field}`: {e.message}" if e.field else e.message for e in errors) or str(exc.detail)
+        return Problem(type=TYPE_BASE + "invalid-request", title="Invalid request", status=400,
+                       detail=f"invalid request body: {detail}", errors=errors or None), {}
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        detail = exc.detail
+        if status == 404 and detail == "Not Found":
+            detail = f"no route for {method} {path}"
+        elif status == 405:
+            detail = f"{method} is not allowed on {path}"
+        title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        return Problem(type=TYPE_BASE + _HTTP_SLUGS.get(status, f"http-{status}"), title=title, status=status,
+                       detail=detail), dict(exc.headers or {})
+    return Problem(type=TYPE_BASE + "internal-error", title="Internal error", status=500,
+                   detail="the sidecar failed unexpectedly; the request id locates the log entry"), {}
+
+
+def _field_error(item: dict) -> FieldError:
+    key = item.get("key")
+    message = str(item.get("message", "invalid value"))
+    # msgspec's messages end with " - at `$.field`"; the field is reported on its own.
+    message = message.split(" - at `", 1)[0]
+    return FieldError(field=str(key) if key else None, message=message)
+
+
+def handle(request: Request, exc: Exception) -> Response:
+    problem, headers = problem_of(exc, request.method, request.url.path)
+    problem.request_id = request_id(request.scope)
+    problem.instance = request.url.path
+    if problem.status >= 500 and not isinstance(exc, (AdapterError, HTTPException)):
+        log.error("request.unhandled", exc_info=exc)
+    elif problem.status >= 500 or isinstance(exc, AdapterError):
+        log.info("request.problem", status=problem.status, type=problem.type, detail=problem.detail)
+    return Response(_encode(problem), status_code=problem.status, media_type=MEDIA_TYPE, headers=headers)

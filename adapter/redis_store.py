@@ -1,0 +1,176 @@
+"""Redis storage for the result cache, shared by every replica.
+
+Redis is an optimisation, never a dependency of an answer: every operation
+that fails marks the store degraded and behaves like a miss (or a no-op), and
+the next operation simply tries again, so caching resumes by itself when Redis
+returns. The failure is logged once per `retry_log_interval`, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import msgspec
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .cache import Entry
+from .errors import AdapterError, from_record, to_record
+from .models import DependencyState
+
+log = structlog.get_logger("adapter.cache")
+FAULTS = (RedisError, OSError, asyncio.TimeoutError)
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_EXTEND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_OK, _ERR = b"\x01", b"\x00"
+
+
+class RedisStore:
+    backend = "redis"
+
+    def __init__(self, client: Redis, *, prefix: str, lock_ttl: float, retry_log_interval: float) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.lock_ttl = lock_ttl
+        self._log_every = retry_log_interval
+        self._last_log = float("-inf")
+        self.degraded: str | None = None
+
+    def fault(self, exc: BaseException) -> None:
+        self.degraded = f"{type(exc).__name__}: {exc}"[:200]
+        now = time.monotonic()
+        if now - self._last_log >= self._log_every:
+            self._last_log = now
+            log.warning("cache.redis_unavailable", error=self.degraded, effect="answering uncached")
+
+    def ok(self) -> None:
+        if self.degraded is not None:
+            self.degraded = None
+            self._last_log = float("-inf")
+            log.info("cache.redis_recovered")
+
+    async def get(self, key: str) -> Entry | None:
+        try:
+            raw = await self.redis.get(key)
+        except FAULTS as exc:
+            self.fault(exc)
+            return None
+        self.ok()
+        return Entry.unpack(raw) if raw else None
+
+    async def put(self, key: str, entry: Entry, keep: float) -> None:
+        try:
+            await self.redis.set(key, entry.pack(), px=max(int(keep * 1000), 1))
+        except FAULTS as exc:
+            self.fault(exc)
+        else:
+            self.ok()
+
+    def flight(self, key: str) -> RedisFlight:
+        return RedisFlight(self, key.rsplit(":", 1)[-1])
+
+    async def state(self) -> DependencyState:
+        t0 = time.perf_counter()
+        try:
+            await self.redis.ping()
+        except FAULTS as exc:
+            self.fault(exc)
+            return DependencyState(status="degraded", backend=self.backend, detail=f"Redis unavailable, answering uncached ({self.degraded})")
+        self.ok()
+        return DependencyState(status="up", backend=self.backend, latency_ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+class RedisFlight:
+    """One process's part in a cross-process single flight for one key."""
+
+    def __init__(self, store: RedisStore, digest: str) -> None:
+        self._s = store
+        self._r = store.redis
+        self._lock = f"{store.prefix}:lock:{digest}"
+        self._channel = f"{store.prefix}:flight:{digest}"
+        self._token = uuid.uuid4().hex
+        self._holder: str | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._pubsub = None
+
+    def _outcome_key(self, token: str) -> str:
+        return f"{self._s.prefix}:outcome:{token}"
+
+    async def lead(self) -> bool | None:
+        ttl_ms = int(self._s.lock_ttl * 1000)
+        try:
+            if await self._r.set(self._lock, self._token, nx=True, px=ttl_ms):
+                self._watchdog = asyncio.create_task(self._keep_lock(ttl_ms))
+                return True
+            holder = await self._r.get(self._lock)
+        except FAULTS as exc:
+            self._s.fault(exc)
+            return None  # no coordination possible: compute here
+        if holder is None:
+            return await self.lead()  # released between our two commands
+        self._holder = holder.decode()
+        return False
+
+    async def _keep_lock(self, ttl_ms: int) -> None:
+        # The lock is short so a crashed holder is noticed quickly; a live one renews it.
+        while True:
+            await asyncio.sleep(self._s.lock_ttl / 3)
+            try:
+                await self._r.eval(_EXTEND, 1, self._lock, self._token, ttl_ms)
+            except FAULTS as exc:
+                self._s.fault(exc)
+
+    async def follow(self) -> bytes | AdapterError | None:
+        assert self._holder is not None
+        key = self._outcome_key(self._holder)
+        try:
+            if self._pubsub is None:
+                self._pubsub = self._r.pubsub()
+                await self._pubsub.subscribe(self._channel)  # before the first check: no lost wake-up
+            while True:
+                if (raw := await self._r.get(key)) is not None:
+                    return _decode_outcome(raw)
+                if (await self._r.get(self._lock) or b"").decode() != self._holder:
+                    raw = await self._r.get(key)  # it may have finished between the two reads
+                    return None if raw is None else _decode_outcome(raw)
+                await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=min(1.0, self._s.lock_ttl / 3))
+        except FAULTS as exc:
+            self._s.fault(exc)
+            return None
+
+    async def _finish(self, payload: bytes) -> None:
+        try:
+            await self._r.set(self._outcome_key(self._token), payload, px=30_000)
+            await self._r.publish(self._channel, self._token)
+            await self._r.eval(_RELEASE, 1, self._lock, self._token)
+        except FAULTS as exc:
+            self._s.fault(exc)
+
+    async def succeed(self, body: bytes) -> None:
+        if self._watchdog is not None:
+            await self._finish(_OK + body)
+
+    async def fail(self, exc: AdapterError) -> None:
+        if self._watchdog is not None:
+            await self._finish(_ERR + msgspec.msgpack.encode(to_record(exc)))
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.aclose()
+            except FAULTS:
+                pass
+
+
+def _decode_outcome(raw: bytes) -> bytes | AdapterError:
+    if raw[:1] == _OK:
+        return raw[1:]
+    return from_record(msgspec.msgpack.decode(raw[1:]))

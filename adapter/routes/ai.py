@@ -1,0 +1,110 @@
+"""The CRM-shaped AI routes (synchronous) and the AI health report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from litestar import Request, Response, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.handlers.base import BaseRouteHandler
+
+from ..agents import AGENT_IDS
+from ..cache import Mode, Outcome
+from ..errors import Unauthenticated
+from ..models import (
+    AiHealth,
+    DealPredictRequest,
+    DealPredictResult,
+    DependencyState,
+    EmailGenerateRequest,
+    EmailGenerateResult,
+    LeadQualifyRequest,
+    LeadQualifyResult,
+)
+from ..service import AiService
+from .docs import CACHE_HEADERS, ai_responses
+
+
+def require_bearer(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Presence only: the CRM backend verifies the token on every request."""
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("an `Authorization: Bearer <token>` header is required")
+
+
+def cache_mode(request: Request) -> Mode:
+    directives = {d.strip().split("=", 1)[0].lower() for d in request.headers.get("cache-control", "").split(",")}
+    if "no-store" in directives:
+        return "no-store"
+    if "no-cache" in directives or "max-age=0" in request.headers.get("cache-control", "").replace(" ", ""):
+        return "no-cache"
+    return "default"
+
+
+def respond(outcome: Outcome, **extra: str) -> Response[Any]:
+    headers = {"X-Cache": outcome.x_cache, **extra}
+    if outcome.age is not None:
+        headers["Age"] = str(outcome.age)
+    return Response(outcome.body, media_type="application/json", headers=headers)
+
+
+async def _run(service: AiService, task: str, data: Any, request: Request) -> Response[Any]:
+    outcome = await service.run(task, data, request.headers["authorization"], cache_mode(request))
+    return respond(outcome)
+
+
+@post("/email/generate", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("email.generate"), summary="Generate three sales-email variations for a lead")
+async def email_generate(data: EmailGenerateRequest, request: Request, service: AiService) -> Response[EmailGenerateResult]:
+    return await _run(service, "email.generate", data, request)
+
+
+@post("/lead/qualify", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("lead.qualify"), summary="Qualify a lead (BANT score and classification)")
+async def lead_qualify(data: LeadQualifyRequest, request: Request, service: AiService) -> Response[LeadQualifyResult]:
+    return await _run(service, "lead.qualify", data, request)
+
+
+@post("/deal/predict", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("deal.predict"), summary="Predict a deal's outcome and health")
+async def deal_predict(data: DealPredictRequest, request: Request, service: AiService) -> Response[DealPredictResult]:
+    return await _run(service, "deal.predict", data, request)
+
+
+async def _probe(call: Awaitable[Any], url: str | None = None) -> tuple[DependencyState, Any]:
+    t0 = time.perf_counter()
+    try:
+        value = await call
+    except Exception as exc:  # a probe reports any failure; it never raises
+        return DependencyState(status="down", url=url, detail=f"{type(exc).__name__}: {exc}"[:300]), None
+    return DependencyState(status="up", url=url, latency_ms=round((time.perf_counter() - t0) * 1000, 2)), value
+
+
+@get("/health", summary="State of the gateway, the CRM backend, the cache and the three agents")
+async def ai_health(service: AiService) -> AiHealth:
+    s = service.settings
+    (gateway, _), (listing, listed), (crm, _), cache = await asyncio.gather(
+        _probe(service.gateway.health(), s.conductor_gateway_url),
+        _probe(service.gateway.agent_ids()),
+        _probe(service.crm.health(), s.crm_backend_url),
+        service.cache.store.state(),
+    )
+    if gateway.status == "up" and listing.status == "down":
+        gateway = DependencyState(status="degraded", url=gateway.url, latency_ms=gateway.latency_ms, detail=f"GET /api/agents failed: {listing.detail}")
+    agents = {agent: bool(listed and agent in listed) for agent in AGENT_IDS}
+    healthy = gateway.status == crm.status == cache.status == "up" and all(agents.values())
+    return AiHealth(status="ok" if healthy else "degraded", gateway=gateway, crm_backend=crm, cache=cache, agents=agents)
+
+
+def provide_service(state: State) -> AiService:
+    return state.service
+
+
+ai_router = Router(
+    path="/api/v1/ai",
+    route_handlers=[email_generate, lead_qualify, deal_predict, ai_health],
+    tags=["ai"],
+)
+SERVICE = {"service": Provide(provide_service, sync_to_thread=False)}

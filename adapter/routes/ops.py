@@ -1,0 +1,30 @@
+"""Liveness and readiness for orchestrators."""
+
+from __future__ import annotations
+
+from litestar import get
+
+from ..errors import AdapterError
+from ..models import Liveness
+from ..service import AiService
+from .docs import problem
+
+
+class NotReady(AdapterError):
+    status, slug, title = 503, "not-ready", "Not ready"
+
+
+@get("/healthz", summary="The process is alive (no upstream calls)", tags=["ops"])
+async def healthz() -> Liveness:
+    return Liveness(status="ok")
+
+
+@get("/readyz", summary="Ready when the Conductor Gateway answers", tags=["ops"],
+     responses={503: problem("The named dependency is failing")})
+async def readyz(service: AiService) -> Liveness:
+    try:
+        await service.gateway.health()
+    except Exception as exc:  # any failure of the probe means "not ready", never a 500
+        raise NotReady(f"dependency conductor-gateway is failing: {type(exc).__name__}: {exc}"[:300]) from None
+    cache = await service.cache.store.state()
+    return Liveness(status="ready", cache=cache.status)

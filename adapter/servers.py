@@ -1,0 +1,35 @@
+"""Running ASGI apps with uvicorn: one server per app, several in one event loop."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+import uvicorn
+from litestar.types import ASGIApp
+
+
+class QuietServer(uvicorn.Server):
+    """A server that leaves signal handling to the one main server of the process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; connections queue in its backlog until the server accepts them."""
+    sock = socket.create_server((host, port), reuse_port=False)
+    sock.setblocking(False)
+    return sock
+
+
+def server(app: ASGIApp, *, quiet: bool = False, lifespan: str = "on", graceful: float = 10.0) -> uvicorn.Server:
+    config = uvicorn.Config(app, lifespan=lifespan, access_log=False, log_config=None, loop="asyncio",
+                            timeout_graceful_shutdown=graceful, log_level="warning" if quiet else "info")
+    return (QuietServer if quiet else uvicorn.Server)(config)
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}"

@@ -1,0 +1,86 @@
+"""One AI task, end to end: authorize via the CRM, render, cache, call, validate, repair."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import structlog
+
+from .agents import Task
+from .cache import Mode, Outcome, ResultCache, cache_key
+from .crm import CrmClient
+from .errors import InvalidAgentOutput
+from .gateway import GatewayClient
+from .prompts import repair_input
+from .settings import Settings
+from .validation import OutputInvalid
+
+log = structlog.get_logger("adapter.service")
+_encode = msgspec.json.Encoder().encode
+
+
+def _today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
+class AiService:
+    def __init__(
+        self,
+        *,
+        tasks: dict[str, Task],
+        gateway: GatewayClient,
+        crm: CrmClient,
+        cache: ResultCache,
+        settings: Settings,
+        today: Callable[[], dt.date] = _today,
+    ) -> None:
+        self.tasks = tasks
+        self.gateway = gateway
+        self.crm = crm
+        self.cache = cache
+        self.settings = settings
+        self._today = today
+
+    async def prepare(self, task_name: str, request: Any, authorization: str) -> tuple[Task, str, str]:
+        """Read the record as the caller (the backend's refusal ends it here) and render the input."""
+        task = self.tasks[task_name]
+        record_id = getattr(request, task.id_field)
+        record = await self.crm.get_record(task.record_kind, record_id, authorization)
+        return task, record_id, task.render(record, request, self._today())
+
+    async def run(self, task_name: str, request: Any, authorization: str, mode: Mode) -> Outcome:
+        # The cache is consulted only after the backend let this caller read the record.
+        task, record_id, agent_input = await self.prepare(task_name, request, authorization)
+        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, agent_input)
+
+        async def compute() -> bytes:
+            return _encode(await self.ask_agent(task, record_id, agent_input))
+
+        return await self.cache.get_or_compute(key, self.settings.ttl_for(task.name), mode, compute)
+
+    async def ask_agent(self, task: Task, record_id: str, agent_input: str) -> Any:
+        """The validated result; invalid output gets `agent_repair_attempts` repair calls."""
+        prompt = agent_input
+        errors: list[str] = []
+        for attempt in range(1 + self.settings.agent_repair_attempts):
+            text = await self.gateway.execute(task.agent_id, prompt)
+            try:
+                result, corrected = task.validate(text, record_id, task.agent_id)
+            except OutputInvalid as exc:
+                errors = exc.errors
+                log.warning("agent.output_invalid", agent=task.agent_id, attempt=attempt + 1, errors=errors)
+                prompt = repair_input(agent_input, text, errors)
+                continue
+            if corrected:
+                log.info("agent.classification_corrected", agent=task.agent_id)
+            if attempt:
+                log.info("agent.output_repaired", agent=task.agent_id, attempts=attempt + 1)
+            return result
+        attempts = 1 + self.settings.agent_repair_attempts
+        raise InvalidAgentOutput(
+            f"agent {task.agent_id} answered invalid output {attempts} time(s); last problem: {'; '.join(errors)}",
+            errors=errors,
+        )

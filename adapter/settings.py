@@ -1,0 +1,101 @@
+"""Typed settings, read once from the environment.
+
+Every field is named after its environment variable (``rename="upper"``), so a
+msgspec conversion error already names the variable an operator must fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+from msgspec import Meta
+
+Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+Port = Annotated[int, Meta(ge=0, le=65_535)]
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message is one line naming the variable."""
+
+
+def _default_agents_dir() -> str:
+    here = Path(__file__).resolve().parent
+    packaged = here / "_agents"  # wheel installs carry the folder inside the package
+    return str(packaged if packaged.is_dir() else here.parent / "conductor-agents")
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid_unknown_fields=False):
+    adapter_host: str = "127.0.0.1"
+    adapter_port: Port = 8080
+    conductor_gateway_url: str = "http://localhost:5006"
+    crm_backend_url: str = "http://localhost:8001"
+    redis_url: str | None = None
+    conductor_ai_provider: str | None = None
+    conductor_cwd: str | None = None
+    conductor_agents_dir: str = msgspec.field(default_factory=_default_agents_dir)
+
+    # The gateway's own client waits up to 600 s for the model, so ours must too;
+    # the whole-call deadline bounds retries of the repair loop as a whole.
+    gateway_connect_timeout: Seconds = 5.0
+    gateway_read_timeout: Seconds = 600.0
+    gateway_call_timeout: Seconds = 900.0
+    crm_connect_timeout: Seconds = 3.0
+    crm_read_timeout: Seconds = 15.0
+    crm_call_timeout: Seconds = 20.0
+    health_probe_timeout: Seconds = 2.0
+
+    agent_repair_attempts: Annotated[int, Meta(ge=0, le=5)] = 1
+
+    cache_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "crm-ai"
+    cache_ttl_email_generate: Seconds = 1_800.0
+    cache_ttl_lead_qualify: Seconds = 21_600.0
+    cache_ttl_deal_predict: Seconds = 21_600.0
+    cache_stale_grace: Annotated[float, Meta(ge=0, le=7 * 86_400)] = 86_400.0
+    cache_memory_max_entries: Annotated[int, Meta(ge=1, le=1_000_000)] = 2_000
+    cache_lock_timeout: Seconds = 30.0
+    cache_retry_interval: Seconds = 5.0
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("conductor_gateway_url", "crm_backend_url"):
+            _check_base_url(name.upper(), getattr(self, name))
+        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        names = {f.encode_name for f in msgspec.structs.fields(cls)}
+        # An empty variable means "unset" (docker compose writes `REDIS_URL=` for optional values).
+        raw = {k: v for k, v in env.items() if k in names and v != ""}
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_one_line(str(exc))) from None
+
+    def ttl_for(self, task: str) -> float:
+        return getattr(self, "cache_ttl_" + task.replace(".", "_"))
+
+
+def _check_base_url(var: str, value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"{var} must be an absolute http(s) URL, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{var} must not carry a query or fragment")
+
+
+def _one_line(message: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.ADAPTER_PORT`"; lead with the variable.
+    match = re.search(r" - at `\$\.([A-Z_]+)`$", message)
+    if match:
+        return f"{match.group(1)}: {message[: match.start()]}"
+    return message.replace("\n", " ")
