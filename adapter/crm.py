@@ -55,7 +55,8 @@ class CrmClient:
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise CrmUnavailable(f"cannot connect to the {UPSTREAM}: connect timed out") from None
-            raise UpstreamTimeout(UPSTREAM, self._settings.crm_read_timeout) from None
+            seconds = self._http.timeout.read if isinstance(exc, httpx.ReadTimeout) else self._settings.crm_call_timeout
+            raise UpstreamTimeout(UPSTREAM, seconds, "crm-timeout") from None
         except httpx.TransportError as exc:
             raise CrmUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None
         if response.status_code >= 500:

@@ -83,9 +83,10 @@ class InvalidAgentOutput(AdapterError):
 class UpstreamTimeout(AdapterError):
     status, title = 504, "Upstream timeout"
 
-    def __init__(self, upstream: str, seconds: float) -> None:
-        super().__init__(f"the {upstream} did not answer within {seconds:g} s")
-        self.slug = "gateway-timeout" if "gateway" in upstream else "crm-timeout"
+    def __init__(self, upstream: str, seconds: float | None, slug: str) -> None:
+        within = f" within {seconds:g} s" if seconds else " in time"
+        super().__init__(f"the {upstream} did not answer{within}")
+        self.slug = slug
 
 
 def to_record(exc: AdapterError) -> dict:

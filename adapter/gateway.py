@@ -95,8 +95,8 @@ class GatewayClient:
             outcome = "timeout"
             if isinstance(exc, httpx.ConnectTimeout):
                 raise GatewayUnavailable(f"cannot connect to the {UPSTREAM}: connect timed out") from None
-            seconds = self._settings.gateway_read_timeout if isinstance(exc, httpx.ReadTimeout) else self._settings.gateway_call_timeout
-            raise UpstreamTimeout(UPSTREAM, seconds) from None
+            seconds = self._http.timeout.read if isinstance(exc, httpx.ReadTimeout) else self._settings.gateway_call_timeout
+            raise UpstreamTimeout(UPSTREAM, seconds, "gateway-timeout") from None
         except httpx.TransportError as exc:
             outcome = "unreachable"
             raise GatewayUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 import msgspec
@@ -15,6 +16,7 @@ from .models import FieldError, Problem
 
 TYPE_BASE = "urn:problem:crm-ai:"
 MEDIA_TYPE = "application/problem+json"
+_NAMED_FIELD = re.compile(r"field `([^`]+)`")
 log = structlog.get_logger("adapter.problems")
 _encode = msgspec.json.Encoder().encode
 
@@ -54,6 +56,10 @@ def _field_error(item: dict) -> FieldError:
     message = str(item.get("message", "invalid value"))
     # msgspec's messages end with " - at `$.field`"; the field is reported on its own.
     message = message.split(" - at `", 1)[0]
+    if key in (None, "data"):
+        # Errors about the body as a whole ("unknown field `x`", "missing required field `y`") name it inline.
+        named = _NAMED_FIELD.search(message)
+        key = named.group(1) if named else None
     return FieldError(field=str(key) if key else None, message=message)
 
 

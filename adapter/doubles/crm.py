@@ -12,13 +12,15 @@ import asyncio
 import datetime as dt
 import re
 import secrets
-from collections import Counter
 from functools import cached_property
 from typing import Any
 
 import jwt
 import msgspec
 from litestar import Litestar, Request, Response, get, patch
+from litestar.params import FromPath
+
+from .tally import Tally
 
 _encode = msgspec.json.Encoder().encode
 _OBJECT_ID = re.compile(r"^[0-9a-fA-F]{24}$")
@@ -45,7 +47,7 @@ class CrmDouble:
         self.deals: dict[str, dict[str, Any]] = {}
         self.fail_status: int | None = None
         self.delay = 0.0
-        self.calls: Counter[str] = Counter()
+        self.calls = Tally()
         self.request_ids: list[str | None] = []
         self.patches: list[tuple[str, dict[str, Any]]] = []
 
@@ -91,7 +93,7 @@ class CrmDouble:
         return sub
 
     async def _record(self, request: Request, kind: str, record_id: str, changes: dict | None = None) -> Response[bytes]:
-        self.calls[f"{request.method} {kind}"] += 1
+        self.calls.hit(f"{request.method} {kind}")
         self.request_ids.append(request.headers.get("x-request-id"))
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -124,19 +126,19 @@ class CrmDouble:
             return _json({"status": "healthy", "app": "CRM Backend (double)", "version": "1.0.0"})
 
         @get(["/api/v1/leads/{record_id:str}"])
-        async def get_lead(record_id: str, request: Request) -> Response[bytes]:
+        async def get_lead(record_id: FromPath[str], request: Request) -> Response[bytes]:
             return await double._record(request, "lead", record_id)
 
         @get(["/api/v1/deals/{record_id:str}"])
-        async def get_deal(record_id: str, request: Request) -> Response[bytes]:
+        async def get_deal(record_id: FromPath[str], request: Request) -> Response[bytes]:
             return await double._record(request, "deal", record_id)
 
         @patch("/api/v1/leads/{record_id:str}")
-        async def patch_lead(record_id: str, request: Request) -> Response[bytes]:
+        async def patch_lead(record_id: FromPath[str], request: Request) -> Response[bytes]:
             return await double._record(request, "lead", record_id, msgspec.json.decode(await request.body()))
 
         @patch("/api/v1/deals/{record_id:str}")
-        async def patch_deal(record_id: str, request: Request) -> Response[bytes]:
+        async def patch_deal(record_id: FromPath[str], request: Request) -> Response[bytes]:
             return await double._record(request, "deal", record_id, msgspec.json.decode(await request.body()))
 
         return Litestar([health, get_lead, get_deal, patch_lead, patch_deal], logging_config=None)

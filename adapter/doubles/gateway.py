@@ -16,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from functools import cached_property
 from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.params import FromPath
 
 from ..agents import AGENT_IDS
 from .answers import answer_for
+from .tally import Tally
 
 _encode = msgspec.json.Encoder().encode
 VALID = ("json", "fenced", "prose", "trailing_comma")
@@ -60,7 +62,7 @@ class GatewayDouble:
         self.down = False
         self.unknown_agents: set[str] = set()
         self.script: defaultdict[str, deque[str]] = defaultdict(deque)
-        self.calls: Counter[str] = Counter()
+        self.calls = Tally()
         self.prompts: list[tuple[str, str]] = []
         self.request_ids: list[str | None] = []
         self.bodies: list[dict[str, Any]] = []
@@ -95,13 +97,13 @@ class GatewayDouble:
             ])
 
         @post("/api/agents/{agent_id:str}/execute", status_code=200)
-        async def execute(agent_id: str, request: Request) -> Response[bytes]:
+        async def execute(agent_id: FromPath[str], request: Request) -> Response[bytes]:
             body = msgspec.json.decode(await request.body())
             if not isinstance(body, dict) or not body.get("input_text"):
                 return _json({"detail": "input_text is required"}, 400)
             if not double._known(agent_id):
                 return _json({"detail": f"Agent '{agent_id}' not found"}, 404)
-            double.calls[agent_id] += 1
+            double.calls.hit(agent_id)
             double.prompts.append((agent_id, body["input_text"]))
             double.bodies.append(body)
             double.request_ids.append(request.headers.get("x-request-id"))

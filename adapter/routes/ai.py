@@ -10,7 +10,8 @@ from typing import Any
 from litestar import Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
+from litestar.params import JSONBody
 from litestar.handlers.base import BaseRouteHandler
 
 from ..agents import AGENT_IDS
@@ -59,17 +60,17 @@ async def _run(service: AiService, task: str, data: Any, request: Request) -> Re
 
 
 @post("/email/generate", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("email.generate"), summary="Generate three sales-email variations for a lead")
-async def email_generate(data: EmailGenerateRequest, request: Request, service: AiService) -> Response[EmailGenerateResult]:
+async def email_generate(data: JSONBody[EmailGenerateRequest], request: Request, service: NamedDependency[AiService]) -> Response[EmailGenerateResult]:
     return await _run(service, "email.generate", data, request)
 
 
 @post("/lead/qualify", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("lead.qualify"), summary="Qualify a lead (BANT score and classification)")
-async def lead_qualify(data: LeadQualifyRequest, request: Request, service: AiService) -> Response[LeadQualifyResult]:
+async def lead_qualify(data: JSONBody[LeadQualifyRequest], request: Request, service: NamedDependency[AiService]) -> Response[LeadQualifyResult]:
     return await _run(service, "lead.qualify", data, request)
 
 
 @post("/deal/predict", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("deal.predict"), summary="Predict a deal's outcome and health")
-async def deal_predict(data: DealPredictRequest, request: Request, service: AiService) -> Response[DealPredictResult]:
+async def deal_predict(data: JSONBody[DealPredictRequest], request: Request, service: NamedDependency[AiService]) -> Response[DealPredictResult]:
     return await _run(service, "deal.predict", data, request)
 
 
@@ -83,7 +84,7 @@ async def _probe(call: Awaitable[Any], url: str | None = None) -> tuple[Dependen
 
 
 @get("/health", summary="State of the gateway, the CRM backend, the cache and the three agents")
-async def ai_health(service: AiService) -> AiHealth:
+async def ai_health(service: NamedDependency[AiService]) -> AiHealth:
     s = service.settings
     (gateway, _), (listing, listed), (crm, _), cache = await asyncio.gather(
         _probe(service.gateway.health(), s.conductor_gateway_url),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import get
+from litestar.di import NamedDependency
 
 from ..errors import AdapterError
 from ..models import Liveness
@@ -21,7 +22,7 @@ async def healthz() -> Liveness:
 
 @get("/readyz", summary="Ready when the Conductor Gateway answers", tags=["ops"],
      responses={503: problem("The named dependency is failing")})
-async def readyz(service: AiService) -> Liveness:
+async def readyz(service: NamedDependency[AiService]) -> Liveness:
     try:
         await service.gateway.health()
     except Exception as exc:  # any failure of the probe means "not ready", never a 500
