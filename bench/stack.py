@@ -1,0 +1,117 @@
+"""Run the doubles and the sidecar as separate uvicorn processes, as they would be deployed.
+
+`python -m bench.stack ROLE PORT [args]` runs one of them; `Stack` starts all three
+and tears them down. Seed data (a token, lead and deal ids) goes to a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-bench-secret-bench-secret!"
+
+
+def _serve(app, port: int) -> None:
+    uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_level="warning", loop="uvloop", http="httptools")
+
+
+def main() -> None:
+    role, port = sys.argv[1], int(sys.argv[2])
+    if role == "gateway":
+        from adapter.doubles.gateway import GatewayDouble
+
+        _serve(GatewayDouble(default="json").app, port)
+    elif role == "crm":
+        from adapter.doubles.crm import CrmDouble
+
+        crm = CrmDouble(secret=SECRET)
+        seed = crm.seed()
+        extra = [crm.add_lead(seed["alice"], name=f"Lead {i}", company=f"Company {i}", job_title="VP Sales") for i in range(2000)]
+        Path(sys.argv[3]).write_text(json.dumps({"token": crm.token(seed["alice"], expires_in=86400), "leads": seed["leads"] + extra,
+                                                  "deals": seed["deals"]}))
+        _serve(crm.app, port)
+    elif role == "sidecar":
+        from adapter import logs
+        from adapter.app import create_app
+        from adapter.settings import Settings
+
+        settings = Settings.from_env()
+        logs.configure(settings.log_level, "json")  # as `adapter serve` logs to a pipe; stderr is /dev/null here
+        _serve(create_app(settings), port)
+
+
+class Stack:
+    def __init__(self, env: dict[str, str] | None = None, ports: tuple[int, int, int] = (18101, 18102, 18103)) -> None:
+        self.gw_port, self.crm_port, self.app_port = ports
+        self.env = env or {}
+        self.procs: list[subprocess.Popen] = []
+        self.seed_file = Path(tempfile.mkstemp(suffix=".json")[1])
+
+    def __enter__(self) -> Stack:
+        base = {**os.environ, "PYTHONPATH": str(ROOT)}
+        sidecar_env = {**base, "CONDUCTOR_GATEWAY_URL": self.gateway_url, "CRM_BACKEND_URL": self.crm_url, **self.env}
+        for role, port, extra, env in (("gateway", self.gw_port, [], base), ("crm", self.crm_port, [str(self.seed_file)], base),
+                                       ("sidecar", self.app_port, [], sidecar_env)):
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "bench.stack", role, str(port), *extra], env=env, cwd=ROOT,
+                                               stderr=subprocess.DEVNULL))
+        for url in (self.gateway_url + "/health", self.crm_url + "/health", self.url + "/healthz"):
+            _wait_up(url)
+        self.seed = json.loads(self.seed_file.read_text())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=30)
+        self.seed_file.unlink(missing_ok=True)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gw_port}"
+
+    @property
+    def crm_url(self) -> str:
+        return f"http://127.0.0.1:{self.crm_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.app_port}"
+
+    def rss_kib(self, index: int = 2) -> int:
+        for line in Path(f"/proc/{self.procs[index].pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return -1
+
+
+def _wait_up(url: str, deadline: float = 30.0) -> None:
+    # Benchmarks, not tests: a start-up poll with a deadline is the honest tool here.
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+if __name__ == "__main__":
+    main()
