@@ -21,7 +21,10 @@ from .agents import load_tasks
 from .cache import MemoryStore, ResultCache, Store
 from .context import add_request_id_header, current_request_id, elapsed_ms, request_id
 from .redis_store import RedisStore
+from .jobs import Jobs
 from .routes.ai import SERVICE, ai_router
+from .routes.streams import streams_router
+from .tokens import JobTokens
 from .routes.ops import healthz, readyz
 from .service import AiService
 from .settings import Settings
@@ -87,16 +90,20 @@ def create_app(
                 )
                 stack.push_async_callback(cache_store.aclose)
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock)
-            app.state.service = AiService(
+            service = AiService(
                 tasks=tasks, gateway=gateway.GatewayClient(gw, settings), crm=crm.CrmClient(backend, settings),
                 cache=cache, settings=settings,
             )
+            app.state.service = service
+            app.state.jobs = Jobs(service, clock=clock)
+            app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl)
+            stack.callback(app.state.jobs.cancel_all)
             log.info("startup", gateway=settings.conductor_gateway_url, crm=settings.crm_backend_url, cache=cache_store.backend)
             stack.callback(cache.cancel_flights)
             yield
 
     return Litestar(
-        route_handlers=[ai_router, healthz, readyz],
+        route_handlers=[ai_router, streams_router, healthz, readyz],
         dependencies=SERVICE,
         lifespan=[lifespan],
         middleware=[request_context],

@@ -26,6 +26,18 @@ class AdapterError(Exception):
 class BadRequest(AdapterError):
     status, slug, title = 400, "invalid-request", "Invalid request"
 
+    def __init__(self, detail: str, *, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.field = field
+
+
+class Forbidden(AdapterError):
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
+class NotFound(AdapterError):
+    status, slug, title = 404, "not-found", "Not found"
+
 
 class Unauthenticated(AdapterError):
     status, slug, title = 401, "unauthenticated", "Authentication required"

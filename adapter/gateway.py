@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import msgspec
 import structlog
+from httpx_sse import SSEError, aconnect_sse
 
 from .context import outbound_headers
 from .errors import AgentFailed, AgentMissing, GatewayProtocolError, GatewayUnavailable, UpstreamTimeout
@@ -65,11 +67,11 @@ class GatewayClient:
         self._http = http
         self._settings = settings
 
-    def _body(self, input_text: str) -> dict[str, Any]:
+    def _body(self, **prompt: str) -> dict[str, Any]:
         # Stateless, with a fresh conversation each time: one answer must not leak
         # into the next lead's (newer gateways also refuse calls without these ids).
         body: dict[str, Any] = {
-            "input_text": input_text,
+            **prompt,
             "context_mode": "stateless",
             "instance_id": f"crm-ai-{uuid.uuid4().hex}",
             "conversation_id": f"crm-ai-{uuid.uuid4().hex}",
@@ -87,7 +89,7 @@ class GatewayClient:
         try:
             async with asyncio.timeout(self._settings.gateway_call_timeout):
                 response = await self._http.post(
-                    f"/api/agents/{agent_id}/execute", content=_encode(self._body(input_text)),
+                    f"/api/agents/{agent_id}/execute", content=_encode(self._body(input_text=input_text)),
                     headers={"Content-Type": "application/json", **outbound_headers()},
                 )
             outcome = str(response.status_code)
@@ -104,6 +106,55 @@ class GatewayClient:
             log.info("gateway.call", agent=agent_id, outcome=outcome, ms=round((time.perf_counter() - t0) * 1000, 1))
         return _text_of(agent_id, response)
 
+    async def start_stream(self, agent_id: str, input_text: str) -> str:
+        """Start a streamed run; the gateway's job id."""
+        try:
+            response = await self._http.post(
+                "/api/v1/stream-execute", content=_encode(self._body(agent_id=agent_id, input=input_text)),
+                headers={"Content-Type": "application/json", **outbound_headers()},
+                timeout=self._http.timeout.read if self._http.timeout.read else 30.0)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(UPSTREAM, self._http.timeout.read, "gateway-timeout") from None
+        except httpx.TransportError as exc:
+            raise GatewayUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None
+        if response.status_code >= 500:
+            raise GatewayUnavailable(f"the {UPSTREAM} answered {response.status_code}: {detail_of(response)}")
+        try:
+            answer = _decode_any(response.content)
+        except msgspec.DecodeError:
+            answer = None
+        # A failed start comes back as 200 `[{"error": ...}, 500]`: only a job id means "started".
+        if isinstance(answer, dict) and isinstance(answer.get("job_id"), str) and answer["job_id"]:
+            return answer["job_id"]
+        reason = _start_error(answer) or f"status {response.status_code}, no job id"
+        raise GatewayUnavailable(f"the {UPSTREAM} could not start the job: {reason}")
+
+    async def stream_events(self, job_id: str) -> AsyncIterator[tuple[str, Any]]:
+        """The job's (event, data) pairs until the gateway closes the stream.
+
+        The stream may be silent for minutes while the model thinks, so only the read
+        timeout is lifted; the job's own deadline bounds the whole run.
+        """
+        timeout = httpx.Timeout(self._http.timeout.connect, read=None, write=30.0, pool=10.0)
+        try:
+            async with aconnect_sse(self._http, "GET", f"/api/v1/stream/{job_id}", timeout=timeout,
+                                    headers=outbound_headers()) as source:
+                status = source.response.status_code
+                if status == 404:  # someone else read the job, or it finished: it is gone for good
+                    raise GatewayProtocolError(f"the {UPSTREAM} no longer has job {job_id}")
+                if status != 200:
+                    await source.response.aread()
+                    raise GatewayUnavailable(f"the {UPSTREAM} answered {status} for the job's stream")
+                async for sse in source.aiter_sse():
+                    try:
+                        envelope = _decode_any(sse.data)
+                    except msgspec.DecodeError:
+                        continue
+                    if isinstance(envelope, dict) and isinstance(envelope.get("event"), str):
+                        yield envelope["event"], envelope.get("data")
+        except (httpx.TransportError, SSEError) as exc:
+            raise GatewayUnavailable(f"the {UPSTREAM}'s stream broke off: {type(exc).__name__}") from None
+
     async def agent_ids(self) -> set[str]:
         response = await self._http.get("/api/agents", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
         response.raise_for_status()
@@ -115,6 +166,14 @@ class GatewayClient:
     async def health(self) -> None:
         response = await self._http.get("/health", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
         response.raise_for_status()
+
+
+def _start_error(answer: Any) -> str | None:
+    if isinstance(answer, list) and answer and isinstance(answer[0], dict):
+        return str(answer[0].get("error") or answer[0])[:300]
+    if isinstance(answer, dict):
+        return str(answer.get("error") or answer.get("detail") or "")[:300] or None
+    return None
 
 
 def _text_of(agent_id: str, response: httpx.Response) -> str:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -78,6 +79,22 @@ class DealPredictResult(msgspec.Struct, kw_only=True):
     reasoning: str
 
 
+TaskName = Literal["email.generate", "lead.qualify", "deal.predict"]
+AnyResult = EmailGenerateResult | LeadQualifyResult | DealPredictResult
+
+
+class JobRequest(_Inbound):
+    task: TaskName
+    input: dict[str, Any] = msgspec.field(name="input")
+
+
+class JobCreated(msgspec.Struct, kw_only=True):
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    events_url: str
+    expires_at: dt.datetime
+
+
 class FieldError(msgspec.Struct, kw_only=True, omit_defaults=True):
     field: str | None = None
     message: str
@@ -114,3 +131,15 @@ class AiHealth(msgspec.Struct, kw_only=True):
 class Liveness(msgspec.Struct, kw_only=True):
     status: Literal["ok", "ready"]
     cache: str | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class JobView:
+    """A dataclass, not a Struct: msgspec cannot type an untagged union of Structs,
+    and the result is embedded as already-validated JSON (msgspec.Raw) anyway."""
+
+    job_id: str
+    task: TaskName
+    status: Literal["queued", "running", "succeeded", "failed"]
+    result: AnyResult | None = None
+    error: Problem | None = None

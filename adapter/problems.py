@@ -11,7 +11,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from .context import request_id
-from .errors import AdapterError
+from .errors import AdapterError, BadRequest
 from .models import FieldError, Problem
 
 TYPE_BASE = "urn:problem:crm-ai:"
@@ -31,6 +31,8 @@ def problem_of(exc: Exception, method: str, path: str) -> tuple[Problem, dict[st
     """Pure: what an exception says to the caller, and the headers that go with it."""
     if isinstance(exc, AdapterError):
         errors = [FieldError(message=e) for e in exc.errors] or None
+        if isinstance(exc, BadRequest) and exc.field:
+            errors = [FieldError(field=exc.field, message=exc.detail)]
         return Problem(type=TYPE_BASE + exc.slug, title=exc.title, status=exc.status, detail=exc.detail, errors=errors), exc.headers
     if isinstance(exc, ValidationException):
         errors = [_field_error(item) for item in (exc.extra or []) if isinstance(item, dict)]

@@ -62,17 +62,22 @@ class AiService:
         return await self.cache.get_or_compute(key, self.settings.ttl_for(task.name), mode, compute)
 
     async def ask_agent(self, task: Task, record_id: str, agent_input: str) -> Any:
-        """The validated result; invalid output gets `agent_repair_attempts` repair calls."""
-        prompt = agent_input
+        """The validated result of one synchronous run (repairs included)."""
+        return await self.validated(task, record_id, agent_input, await self.gateway.execute(task.agent_id, agent_input))
+
+    async def validated(self, task: Task, record_id: str, agent_input: str, text: str, on_repair: Callable[[int], None] | None = None) -> Any:
+        """Validate the model's text; invalid output gets `agent_repair_attempts` repair calls."""
         errors: list[str] = []
         for attempt in range(1 + self.settings.agent_repair_attempts):
-            text = await self.gateway.execute(task.agent_id, prompt)
+            if attempt:
+                if on_repair is not None:
+                    on_repair(attempt)
+                text = await self.gateway.execute(task.agent_id, repair_input(agent_input, text, errors))
             try:
                 result, corrected = task.validate(text, record_id, task.agent_id)
             except OutputInvalid as exc:
                 errors = exc.errors
                 log.warning("agent.output_invalid", agent=task.agent_id, attempt=attempt + 1, errors=errors)
-                prompt = repair_input(agent_input, text, errors)
                 continue
             if corrected:
                 log.info("agent.classification_corrected", agent=task.agent_id)

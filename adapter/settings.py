@@ -61,6 +61,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     cache_lock_timeout: Seconds = 30.0
     cache_retry_interval: Seconds = 5.0
 
+    sse_heartbeat_seconds: Seconds = 15.0
+    sse_retry_ms: Annotated[int, Meta(ge=100, le=600_000)] = 3_000
+    job_max_seconds: Seconds = 900.0
+    job_retention_seconds: Seconds = 900.0
+    job_max_jobs: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    job_token_ttl: Seconds = 900.0
+    # Replicas behind one load balancer must share it; unset means a random per-process secret.
+    job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -23,8 +23,10 @@ from litestar import Litestar
 
 
 @pytest.fixture
-def gateway() -> GatewayDouble:
-    return GatewayDouble()
+async def gateway() -> AsyncIterator[GatewayDouble]:
+    double = GatewayDouble()
+    yield double
+    double.stop()
 
 
 @pytest.fixture

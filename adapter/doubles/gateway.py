@@ -7,6 +7,13 @@ Behaviours (queue them per agent with `push`, or set `default`):
   misclassified                        - a lead classification that contradicts the score
   task_error                           - 200, but the Conductor task document says "error"
   error_500, unavailable_503           - the gateway's own failures, with FastAPI `detail` bodies
+Stream behaviours (for POST /api/v1/stream-execute, same queue):
+  tokens          - the answer as on_llm_new_token events, then `result`
+  no_result       - events, then the stream closes without a `result`
+  start_fails     - 200 with the body `[{"error": ...}, 500]` (the real handler returns a tuple)
+  stream_error    - an `error` event
+  never_ends      - a few events, then silence forever
+  any sync behaviour (json, fenced, garbage, ...) - status events, then `result` with that text
 Set `delay` for a slow model, `gate` (an asyncio.Event) to hold calls until released,
 `unknown_agents` to make agents 404, `down` to make /health and /api/agents fail.
 """
@@ -22,6 +29,7 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.response import Stream
 from litestar.params import FromPath
 
 from ..agents import AGENT_IDS
@@ -66,6 +74,9 @@ class GatewayDouble:
         self.prompts: list[tuple[str, str]] = []
         self.request_ids: list[str | None] = []
         self.bodies: list[dict[str, Any]] = []
+        self.jobs: dict[str, asyncio.Queue[dict[str, Any] | None]] = {}
+        self.stream_reads: Tally = Tally()
+        self._producers: set[asyncio.Task[None]] = set()
 
     def push(self, agent_id: str, *behaviours: str) -> None:
         self.script[agent_id].extend(behaviours)
@@ -125,4 +136,75 @@ class GatewayDouble:
             return _json({"status": "success", "result": task, "instance_id": body.get("instance_id"),
                           "context_mode": body.get("context_mode", "stateless")})
 
-        return Litestar([health, agents, execute], logging_config=None)
+        @post("/api/v1/stream-execute", status_code=200)
+        async def stream_execute(request: Request) -> Response[bytes]:
+            body = msgspec.json.decode(await request.body())
+            agent_id = body.get("agent_id", "")
+            prompt = body.get("input") or (body.get("textEntries") or [{}])[0].get("content") or body.get("command")
+            behaviour = double._behaviour(agent_id)
+            if behaviour == "start_fails" or not prompt or not double._known(agent_id):
+                reason = "agent_id and input are required" if not prompt else f"Agent '{agent_id}' not found"
+                # The real handler returns (dict, 500) from a FastAPI route: it goes out as a 200 list.
+                return _json([{"error": reason if behaviour != "start_fails" else "Failed to start job: queue full"}, 500])
+            double.calls.hit(agent_id)
+            double.prompts.append((agent_id, prompt))
+            double.bodies.append(body)
+            double.request_ids.append(request.headers.get("x-request-id"))
+            job_id = f"job_{uuid.uuid4()}"
+            queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+            double.jobs[job_id] = queue
+            task = asyncio.create_task(double._produce(job_id, queue, agent_id, prompt, behaviour))
+            double._producers.add(task)
+            task.add_done_callback(double._producers.discard)
+            return _json({"job_id": job_id, "status": "started", "stream_url": f"/api/v1/stream/{job_id}"})
+
+        @get("/api/v1/stream/{job_id:str}")
+        async def stream(job_id: FromPath[str]) -> Response[bytes] | Stream:
+            queue = double.jobs.get(job_id)
+            if queue is None:
+                return Response(f"Job ID '{job_id}' not found or already completed.".encode(), status_code=404,
+                                media_type="text/plain")
+            double.stream_reads.hit(job_id)
+
+            async def events():
+                try:
+                    while (envelope := await queue.get()) is not None:
+                        # One `data:` line per message: no event names, ids, retry hints or heartbeats.
+                        yield b"data: " + _encode(envelope) + b"\n\n"
+                finally:
+                    double.jobs.pop(job_id, None)  # finished or dropped: the job is gone for good
+
+            return Stream(events(), media_type="text/event-stream")
+
+        return Litestar([health, agents, execute, stream_execute, stream], logging_config=None)
+
+    def stop(self) -> None:
+        """Cancel the model runs still producing events (e.g. `never_ends`)."""
+        for task in list(self._producers):
+            task.cancel()
+
+    async def _produce(self, job_id: str, queue: asyncio.Queue, agent_id: str, prompt: str, behaviour: str) -> None:
+        def put(event: str, data: Any) -> None:
+            queue.put_nowait({"event": event, "data": data, "timestamp": time.time(), "job_id": job_id})
+
+        put("job_started", {"agent_id": agent_id})
+        put("status_update", {"message": "Executando agente..."})
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        put("on_chain_start", {"name": "AgentExecutor"})  # unknown to the sidecar: must be ignored
+        if behaviour == "stream_error":
+            put("error", {"error": "Conductor API request failed: 500"})
+        elif behaviour == "never_ends":
+            put("on_llm_start", {})
+            await asyncio.Event().wait()
+        elif behaviour != "no_result":
+            text = model_text("json" if behaviour == "tokens" else behaviour, agent_id, prompt)
+            if behaviour == "tokens":
+                put("on_llm_start", {})
+                for i in range(0, len(text), 16):
+                    put("on_llm_new_token", {"token": text[i : i + 16]})
+                put("on_llm_end", {})
+            put("result", {"result": text, "exit_code": 0, "status": "completed", "duration": 0.01})
+        queue.put_nowait(None)

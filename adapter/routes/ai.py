@@ -103,9 +103,21 @@ def provide_service(state: State) -> AiService:
     return state.service
 
 
+def provide_jobs(state: State) -> Any:
+    return state.jobs
+
+
+def provide_tokens(state: State) -> Any:
+    return state.tokens
+
+
 ai_router = Router(
     path="/api/v1/ai",
     route_handlers=[email_generate, lead_qualify, deal_predict, ai_health],
     tags=["ai"],
 )
-SERVICE = {"service": Provide(provide_service, sync_to_thread=False)}
+SERVICE = {
+    "service": Provide(provide_service, sync_to_thread=False),
+    "jobs": Provide(provide_jobs, sync_to_thread=False),
+    "tokens": Provide(provide_tokens, sync_to_thread=False),
+}

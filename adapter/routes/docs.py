@@ -32,3 +32,24 @@ def ai_responses(task: str) -> dict[int, ResponseSpec]:
         503: problem("Conductor Gateway unavailable (see Retry-After)"),
         504: problem("An upstream did not answer in time"),
     }
+
+
+SSE_DESCRIPTION = (
+    "Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: "
+    "`status` {state: queued|running|validating, message}, `delta` {text}, `result` (the synchronous route's body), "
+    "`error` (a problem object), and `done` {status: succeeded|failed, cached} always last. "
+    "A `: ping` comment is sent while nothing else is."
+)
+SSE_RESPONSE = ResponseSpec(str, description=SSE_DESCRIPTION, media_type="text/event-stream", generate_examples=False)
+
+
+def stream_responses(task: str) -> dict[int, ResponseSpec]:
+    return {**ai_responses(task), 200: SSE_RESPONSE}
+
+
+def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
+    if create:
+        return {400: problem("Invalid body or input (the field is named)"), 401: problem("No bearer token, or the CRM refused it"),
+                403: problem("The CRM backend does not let the caller read the record"),
+                404: problem("No such record"), 502: problem("CRM backend unavailable"), 504: problem("CRM backend timeout")}
+    return {403: problem("No valid token for this job (or another job's token)"), 404: problem("No such job, or it expired")}

@@ -1,0 +1,227 @@
+"""Streamed AI jobs: the sidecar is the gateway job's only reader; clients read the job's log.
+
+A job runs in its own task, so it finishes (and fills the cache) even when every
+client has gone: the model's work is paid for either way. Each event gets a
+consecutive id (1, 2, ...), which is what `Last-Event-ID` resumes from. With
+Redis the log is also written to a Redis Stream, so another replica can serve it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+import structlog
+
+from .agents import Task
+from .cache import Entry, cache_key
+from .errors import AdapterError, AgentFailed, GatewayProtocolError, UpstreamTimeout
+from .problems import problem_of
+from .service import AiService
+
+log = structlog.get_logger("adapter.jobs")
+_encode = msgspec.json.Encoder().encode
+Status = Literal["queued", "running", "succeeded", "failed"]
+
+
+@dataclass(slots=True)
+class Event:
+    id: int
+    event: str
+    data: bytes  # JSON
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    task: str
+    record_id: str
+    key: str
+    expires: float
+    status: Status = "queued"
+    result: bytes | None = None
+    error: bytes | None = None
+    events: list[Event] = field(default_factory=list)
+    finished: bool = False
+    _signal: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def emit(self, event: str, data: Any) -> Event:
+        ev = Event(len(self.events) + 1, event, data if isinstance(data, bytes) else _encode(data))
+        self.events.append(ev)
+        if event == "done":
+            self.finished = True
+        # Wake every reader once, then give later waiters a fresh event to wait on.
+        self._signal.set()
+        self._signal = asyncio.Event()
+        return ev
+
+    async def after(self, last_id: int, timeout: float) -> list[Event] | None:
+        """Events after `last_id`; waits up to `timeout` for one, `None` if none came."""
+        if len(self.events) > last_id or self.finished:
+            return self.events[last_id:]
+        signal = self._signal
+        try:
+            await asyncio.wait_for(signal.wait(), timeout)
+        except TimeoutError:
+            return None
+        return self.events[last_id:]
+
+
+def _token_text(data: Any) -> str | None:
+    # Gateway versions put the token in `data` itself or under one of these keys.
+    if isinstance(data, str):
+        return data
+    if isinstance(data, dict):
+        for k in ("token", "text", "chunk", "content"):
+            if isinstance(data.get(k), str):
+                return data[k]
+    return None
+
+
+class Jobs:
+    def __init__(self, service: AiService, *, clock: Callable[[], float] = time.time, mirror: Any = None) -> None:
+        self.service = service
+        self.settings = service.settings
+        self._clock = clock
+        self._jobs: dict[str, Job] = {}
+        self._by_key: dict[str, Job] = {}
+        self._runners: set[asyncio.Task[None]] = set()
+        self.mirror = mirror  # optional RedisJobLog
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def running(self) -> int:
+        return len(self._runners)
+
+    async def start(self, task_name: str, request: Any, authorization: str, mode: str) -> tuple[Job, str]:
+        """A job for this question and the X-Cache it amounts to. The CRM check runs first."""
+        task, record_id, agent_input = await self.service.prepare(task_name, request, authorization)
+        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, agent_input)
+        self._purge()
+        if mode == "default" and (entry := await self.service.cache.store.get(key)) is not None:
+            if self._clock() - entry.stored_at < self.settings.ttl_for(task.name):
+                job = self._new(task, record_id, key)
+                job.emit("result", entry.body)
+                self._finish(job, "succeeded", result=entry.body, cached=True)
+                return job, "HIT"
+        shared = self._by_key.get(key) if mode != "no-store" else None
+        if shared is not None and not shared.finished:
+            self.service.cache.coalesced += 1
+            return shared, "MISS"
+        job = self._new(task, record_id, key)
+        if mode != "no-store":
+            self._by_key[key] = job
+        runner = asyncio.create_task(self._run(job, task, agent_input, store=mode != "no-store"), name=f"job {job.id}")
+        self._runners.add(runner)
+        runner.add_done_callback(self._runners.discard)
+        return job, "BYPASS" if mode == "no-store" else "MISS"
+
+    def get(self, job_id: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is not None and job.expires <= self._clock():
+            self._drop(job)
+            return None
+        return job
+
+    def _new(self, task: Task, record_id: str, key: str) -> Job:
+        ttl = self.settings.job_max_seconds + self.settings.job_retention_seconds
+        job = Job(id=f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key, expires=self._clock() + ttl)
+        self._jobs[job.id] = job
+        job.emit("status", {"state": "queued", "message": "queued", "job_id": job.id})
+        self._mirror(job)
+        return job
+
+    def _emit(self, job: Job, event: str, data: Any) -> None:
+        job.emit(event, data)
+        self._mirror(job)
+
+    def _mirror(self, job: Job) -> None:
+        if self.mirror is not None:
+            self.mirror.write(job)
+
+    def _finish(self, job: Job, status: Status, *, result: bytes | None = None, error: bytes | None = None, cached: bool = False) -> None:
+        job.status, job.result, job.error = status, result, error
+        self._emit(job, "done", {"status": status, "cached": cached})
+        if self._by_key.get(job.key) is job:
+            del self._by_key[job.key]
+
+    async def _run(self, job: Job, task: Task, agent_input: str, *, store: bool) -> None:
+        try:
+            async with asyncio.timeout(self.settings.job_max_seconds):
+                body = await self._produce(job, task, agent_input)
+        except TimeoutError:
+            self._fail(job, UpstreamTimeout("job", self.settings.job_max_seconds, "job-timeout"))
+        except AdapterError as exc:
+            self._fail(job, exc)
+        except Exception as exc:  # a bug must still end the job with error + done, never hang its readers
+            log.error("job.crashed", job_id=job.id, exc_info=exc)
+            self._fail(job, exc)
+        else:
+            self._emit(job, "result", body)
+            self._finish(job, "succeeded", result=body)
+            if store:
+                ttl = self.settings.ttl_for(task.name) + self.settings.cache_stale_grace
+                await self.service.cache.store.put(job.key, Entry(self._clock(), body), ttl)
+        log.info("job.done", job_id=job.id, task=job.task, status=job.status, events=len(job.events))
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        problem, _ = problem_of(exc, "POST", f"/api/v1/ai/jobs/{job.id}")
+        problem.instance = f"/api/v1/ai/jobs/{job.id}"
+        error = _encode(problem)
+        self._emit(job, "error", error)
+        self._finish(job, "failed", error=error)
+
+    async def _produce(self, job: Job, task: Task, agent_input: str) -> bytes:
+        gateway = self.service.gateway
+        job.status = "running"
+        self._emit(job, "status", {"state": "running", "message": "starting the agent"})
+        gateway_job = await gateway.start_stream(task.agent_id, agent_input)
+        text: str | None = None
+        async for name, data in gateway.stream_events(gateway_job):
+            if name == "on_llm_new_token":
+                if (piece := _token_text(data)) is not None:
+                    self._emit(job, "delta", {"text": piece})
+            elif name == "status_update":
+                message = data.get("message") if isinstance(data, dict) else None
+                self._emit(job, "status", {"state": "running", "message": str(message or "running")})
+            elif name == "result":
+                value = data.get("result") if isinstance(data, dict) else data
+                text = value if isinstance(value, str) else _encode(value).decode()
+            elif name == "error":
+                reason = data.get("error") if isinstance(data, dict) else data
+                raise AgentFailed(f"agent {task.agent_id} failed: {str(reason)[:300]}")
+            # Every other gateway event (on_chain_start, on_tool_end, ...) is noise to the browser.
+        if text is None:
+            raise GatewayProtocolError(f"the gateway's stream for agent {task.agent_id} ended without a result")
+        self._emit(job, "status", {"state": "validating", "message": "validating the agent's answer"})
+
+        def repairing(attempt: int) -> None:
+            self._emit(job, "status", {"state": "running", "message": f"repairing invalid output (attempt {attempt + 1})"})
+
+        result = await self.service.validated(task, job.record_id, agent_input, text, on_repair=repairing)
+        return _encode(result)
+
+    def _purge(self) -> None:
+        now = self._clock()
+        for job in [j for j in self._jobs.values() if j.expires <= now]:
+            self._drop(job)
+        # Bounded: past the cap, forget the oldest finished jobs first.
+        if len(self._jobs) > self.settings.job_max_jobs:
+            for job in [j for j in self._jobs.values() if j.finished][: len(self._jobs) - self.settings.job_max_jobs]:
+                self._drop(job)
+
+    def _drop(self, job: Job) -> None:
+        self._jobs.pop(job.id, None)
+        if self._by_key.get(job.key) is job:
+            del self._by_key[job.key]
+
+    def cancel_all(self) -> None:
+        for runner in list(self._runners):
+            runner.cancel()

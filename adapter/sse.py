@@ -1,0 +1,35 @@
+"""Server-sent events out of a job's log: ids, a retry hint first, heartbeats while silent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from .jobs import Event, Job
+
+
+def frame(ev: Event) -> bytes:
+    # Our JSON is compact (no newlines), so one `data:` line carries the whole event.
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (ev.id, ev.event.encode(), ev.data)
+
+
+async def job_events(job: Job, *, after: int, heartbeat: float, retry_ms: int) -> AsyncIterator[bytes]:
+    """Every event after `after`, live, through `done`. A client that leaves just stops reading."""
+    yield b"retry: %d\n\n" % retry_ms
+    while True:
+        events = await job.after(after, heartbeat)
+        if events is None:
+            yield b": ping\n\n"  # keeps proxies and the browser from giving up on a thinking model
+            continue
+        for ev in events:
+            yield frame(ev)
+            after = ev.id
+        if job.finished and after >= len(job.events):
+            return
+
+
+def last_event_id(header: str | None, query: str | None) -> int:
+    """Where a reconnecting client resumes: `Last-Event-ID`, or `lastEventId` for polyfills."""
+    for value in (header, query):
+        if value and value.strip().isdigit():
+            return int(value.strip())
+    return 0

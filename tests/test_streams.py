@@ -1,0 +1,287 @@
+"""Streams and jobs over real sockets (ASGI in-process transports buffer whole bodies)."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+import httpx
+import msgspec
+import pytest
+from httpx_sse import aconnect_sse
+
+from adapter.app import create_app
+from tests.conftest import asgi_client, decode, make_settings, serving
+
+LEAD_AGENT = "LeadQualifier_CRM_Agent"
+QUALIFY_STREAM = "/api/v1/ai/lead/qualify/stream"
+
+
+@pytest.fixture
+def stack(gateway, crm):
+    """A sidecar served over TCP, with the gateway double over TCP and the CRM double in process."""
+
+    @asynccontextmanager
+    async def start(**overrides):
+        settings = make_settings(**{"sse_heartbeat_seconds": 5, **overrides})
+        async with serving(gateway.app) as gw_url, httpx.AsyncClient(base_url=gw_url) as gw, \
+                asgi_client(crm.app, "http://crm.test") as backend:
+            app = create_app(settings, gateway_http=gw, crm_http=backend)
+            async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+                yield client, app
+
+    return start
+
+
+async def read_all(client, method, url, **kwargs) -> tuple[httpx.Response, list]:
+    """The events of one connection; checks that it opened with the `retry:` hint."""
+    # aconnect_sse writes its Accept and Cache-Control into the headers dict it is given: pass a copy.
+    kwargs["headers"] = dict(kwargs.get("headers") or {})
+    async with aconnect_sse(client, method, url, **kwargs) as source:
+        events = [sse async for sse in source.aiter_sse()]
+    # The hint is a block of its own with no data (a browser dispatches nothing for it).
+    assert events[0].retry == 3000 and events[0].data == "" and events[0].id == ""
+    return source.response, events[1:]
+
+
+def kinds(events) -> list[str]:
+    return [e.event for e in events]
+
+
+async def finished(app, job_id: str) -> None:
+    """Wait, without a clock, for the job's `done` event."""
+    job = app.state.jobs.get(job_id)
+    after = 0
+    while not job.finished:
+        events = await job.after(after, 60)
+        after = len(job.events) if events else after
+
+
+@pytest.mark.parametrize(("path", "body_key", "record"), [
+    ("/api/v1/ai/lead/qualify/stream", "lead_id", "leads"),
+    ("/api/v1/ai/email/generate/stream", "lead_id", "leads"),
+    ("/api/v1/ai/deal/predict/stream", "deal_id", "deals"),
+])
+async def test_stream_routes_event_order_and_ids(stack, seed, auth, path, body_key, record):
+    async with stack() as (client, _):
+        response, events = await read_all(client, "POST", path, json={body_key: seed[record][0]}, headers=auth)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-cache"] == "MISS" and response.headers["x-job-id"].startswith("aijob_")
+    assert [int(e.id) for e in events] == list(range(1, len(events) + 1))
+    assert kinds(events)[:2] == ["status", "status"] and kinds(events)[-2:] == ["result", "done"]
+    states = [msgspec.json.decode(e.data)["state"] for e in events if e.event == "status"]
+    assert states[0] == "queued" and "running" in states and states[-1] == "validating"
+    result = msgspec.json.decode(events[-2].data)
+    assert result[body_key] == seed[record][0] and result["agent"].endswith("_CRM_Agent")
+    assert msgspec.json.decode(events[-1].data) == {"status": "succeeded", "cached": False}
+
+
+async def test_deltas_carry_the_model_text(stack, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "tokens")
+    async with stack() as (client, _):
+        _, events = await read_all(client, "POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth)
+    deltas = [msgspec.json.decode(e.data)["text"] for e in events if e.event == "delta"]
+    assert len(deltas) > 5
+    text = "".join(deltas)
+    assert msgspec.json.decode(text)["score"] == msgspec.json.decode(events[-2].data)["score"]
+    assert kinds(events).index("delta") < kinds(events).index("result")
+
+
+async def test_stream_matches_the_synchronous_body(stack, seed, auth):
+    async with stack() as (client, _):
+        _, events = await read_all(client, "POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth)
+        sync = await client.post("/api/v1/ai/lead/qualify", json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert sync.headers["x-cache"] == "HIT"  # the stream's validated result went into the cache
+    assert events[-2].data.encode() == sync.content
+
+
+async def test_cache_hit_answers_result_then_done_at_once(stack, seed, auth, gateway):
+    async with stack() as (client, _):
+        await client.post("/api/v1/ai/lead/qualify", json={"lead_id": seed["leads"][0]}, headers=auth)
+        response, events = await read_all(client, "POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert response.headers["x-cache"] == "HIT"
+    assert kinds(events) == ["status", "result", "done"]
+    assert msgspec.json.decode(events[-1].data) == {"status": "succeeded", "cached": True}
+    assert gateway.calls[LEAD_AGENT] == 1
+
+
+async def test_heartbeats_while_the_gateway_is_silent(stack, seed, auth, gateway):
+    gateway.gate = asyncio.Event()
+    async with stack(sse_heartbeat_seconds=0.05) as (client, _):
+        async with client.stream("POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth) as response:
+            lines = response.aiter_lines()
+            pings = 0
+            async for line in lines:
+                if line == ": ping":
+                    pings += 1
+                    if pings == 3:
+                        gateway.gate.set()  # the model finally answers
+                        break
+            rest = [line async for line in lines]
+    assert pings == 3 and "event: done" in rest
+
+
+@pytest.mark.parametrize(("behaviour", "slug"), [
+    ("no_result", "gateway-protocol-error"),
+    ("start_fails", "gateway-unavailable"),
+    ("stream_error", "agent-failed"),
+])
+async def test_failures_end_in_error_then_done_failed(stack, seed, auth, gateway, behaviour, slug):
+    gateway.push(LEAD_AGENT, behaviour)
+    async with stack() as (client, _):
+        response, events = await read_all(client, "POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert response.status_code == 200
+    assert kinds(events)[-2:] == ["error", "done"] and "result" not in kinds(events)
+    problem = msgspec.json.decode(events[-2].data)
+    assert problem["type"].endswith(slug) and problem["status"] >= 502 and problem["detail"]
+    assert msgspec.json.decode(events[-1].data) == {"status": "failed", "cached": False}
+
+
+async def test_invalid_final_output_is_repaired(stack, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "garbage", "json")  # the stream's answer, then the repair call's
+    async with stack() as (client, _):
+        _, events = await read_all(client, "POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert kinds(events)[-2:] == ["result", "done"]
+    assert any("repairing" in e.data for e in events if e.event == "status")
+    assert gateway.calls[LEAD_AGENT] == 2
+
+
+async def test_invalid_twice_ends_in_error_never_result(stack, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "wrong_shape", "wrong_shape")
+    async with stack() as (client, _):
+        _, events = await read_all(client, "POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert kinds(events)[-2:] == ["error", "done"] and "result" not in kinds(events)
+    assert msgspec.json.decode(events[-2].data)["type"].endswith("invalid-agent-output")
+    assert not any("looks promising" in e.data for e in events)
+
+
+async def test_problems_before_the_stream_opens(stack, seed, gateway):
+    async with stack() as (client, _):
+        no_auth = await client.post(QUALIFY_STREAM, json={"lead_id": seed["leads"][0]})
+        refused = await client.post(QUALIFY_STREAM, json={"lead_id": seed["bobs_lead"]},
+                                    headers={"Authorization": f"Bearer {seed['token']}"})
+        bad = await client.post(QUALIFY_STREAM, json={"lead_id": "nope"}, headers={"Authorization": f"Bearer {seed['token']}"})
+    assert (no_auth.status_code, refused.status_code, bad.status_code) == (401, 403, 400)
+    assert {r.headers["content-type"] for r in (no_auth, refused, bad)} == {"application/problem+json"}
+    assert gateway.calls[LEAD_AGENT] == 0
+
+
+async def create_job(client, seed, auth, task="lead.qualify", **extra):
+    r = await client.post("/api/v1/ai/jobs", json={"task": task, "input": {"lead_id": seed["leads"][0], **extra}}, headers=auth)
+    assert r.status_code == 202, r.text
+    return decode(r)
+
+
+async def test_job_events_with_job_token_and_polling(stack, seed, auth):
+    async with stack() as (client, app):
+        job = await create_job(client, seed, auth)
+        assert job["status"] == "queued" and "token=" in job["events_url"] and job["expires_at"].endswith("Z")
+        assert seed["token"] not in job["events_url"]  # never the user's JWT
+        response, events = await read_all(client, "GET", job["events_url"])
+        assert kinds(events)[-1] == "done"
+        token = job["events_url"].split("token=")[1]
+        polled = decode(await client.get(f"/api/v1/ai/jobs/{job['job_id']}?token={token}"))
+        by_bearer = decode(await client.get(f"/api/v1/ai/jobs/{job['job_id']}", headers=auth))
+    assert polled == by_bearer
+    assert polled["status"] == "succeeded" and polled["result"] == msgspec.json.decode(events[-2].data)
+    assert polled["error"] is None
+
+
+async def test_reconnect_with_last_event_id_loses_and_repeats_nothing(stack, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "tokens")
+    gateway.gate = asyncio.Event()
+    async with stack() as (client, app):
+        job = await create_job(client, seed, auth)
+        first = []
+        async with aconnect_sse(client, "GET", job["events_url"]) as source:
+            async for sse in source.aiter_sse():
+                if sse.data:
+                    first.append(sse)
+                if len(first) == 2:
+                    break  # the connection drops mid-job
+        gateway.gate.set()
+        _, rest = await read_all(client, "GET", job["events_url"], headers={"Last-Event-ID": first[-1].id})
+        _, whole = await read_all(client, "GET", job["events_url"])
+    resumed = [(e.id, e.event, e.data) for e in first + rest]
+    assert resumed == [(e.id, e.event, e.data) for e in whole]
+    assert kinds(whole)[-1] == "done" and "delta" in kinds(whole)
+
+
+async def test_two_clients_on_one_job_see_the_same_events(stack, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "tokens")
+    gateway.gate = asyncio.Event()
+    async with stack() as (client, _):
+        job = await create_job(client, seed, auth)
+        readers = [asyncio.create_task(read_all(client, "GET", job["events_url"])) for _ in range(2)]
+        await gateway.calls.reach(1)
+        gateway.gate.set()
+        (_, a), (_, b) = await asyncio.gather(*readers)
+    assert [(e.id, e.data) for e in a] == [(e.id, e.data) for e in b] and kinds(a)[-1] == "done"
+
+
+async def test_identical_concurrent_streams_share_one_job(stack, seed, auth, gateway):
+    gateway.gate = asyncio.Event()
+    async with stack() as (client, _):
+        first, second = await create_job(client, seed, auth), await create_job(client, seed, auth)
+        gateway.gate.set()
+        assert first["job_id"] == second["job_id"]
+        _, events = await read_all(client, "GET", second["events_url"])
+    assert gateway.calls[LEAD_AGENT] == 1 and kinds(events)[-1] == "done"
+
+
+async def test_job_finishes_and_is_cached_after_every_client_left(stack, seed, auth, gateway):
+    gateway.gate = asyncio.Event()
+    async with stack() as (client, app):
+        async with aconnect_sse(client, "POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=dict(auth)) as source:
+            job_id = source.response.headers["x-job-id"]
+            async for _ in source.aiter_sse():
+                break  # read one event, then hang up
+        gateway.gate.set()
+        await finished(app, job_id)
+        assert app.state.jobs.get(job_id).status == "succeeded" and app.state.jobs.running == 0
+        again = await client.post("/api/v1/ai/lead/qualify", json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert again.headers["x-cache"] == "HIT" and gateway.calls[LEAD_AGENT] == 1
+    assert gateway.jobs == {}  # the gateway's job was read to its end: nothing left behind there either
+
+
+async def test_job_max_duration_ends_in_error(stack, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "never_ends")
+    async with stack(job_max_seconds=0.3) as (client, _):
+        _, events = await read_all(client, "POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert kinds(events)[-2:] == ["error", "done"]
+    assert msgspec.json.decode(events[-2].data)["type"].endswith("job-timeout")
+
+
+async def test_job_access_control(stack, seed, auth, crm):
+    async with stack() as (client, _):
+        job = await create_job(client, seed, auth)
+        second = decode(await client.post("/api/v1/ai/jobs", headers=auth,
+                                          json={"task": "deal.predict", "input": {"deal_id": seed["deals"][0]}}))
+        jid, other_token = job["job_id"], second["events_url"].split("token=")[1]
+        bob = {"Authorization": f"Bearer {seed['bob_token']}"}
+        checks = {
+            "bob's bearer": await client.get(f"/api/v1/ai/jobs/{jid}", headers=bob),
+            "bob's bearer on events": await client.get(f"/api/v1/ai/jobs/{jid}/events", headers=bob),
+            "another job's token": await client.get(f"/api/v1/ai/jobs/{jid}/events?token={other_token}"),
+            "no token": await client.get(f"/api/v1/ai/jobs/{jid}/events"),
+            "forged token": await client.get(f"/api/v1/ai/jobs/{jid}/events?token=abc.def.ghi"),
+        }
+        unknown = await client.get("/api/v1/ai/jobs/aijob_0000/events", headers=auth)
+        alice = await client.get(f"/api/v1/ai/jobs/{jid}", headers=auth)
+    for name, response in checks.items():
+        assert response.status_code == 403, name
+        assert response.headers["content-type"] == "application/problem+json"
+    assert unknown.status_code == 404 and alice.status_code == 200
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"task": "lead.qualify", "input": {"lead_id": "nope"}}, "input.lead_id"),
+    ({"task": "lead.qualify", "input": {"lead_id": "65f1c0ffee0000000000a001", "x": 1}}, "input"),
+    ({"task": "lead.explode", "input": {}}, "task"),
+    ({"task": "deal.predict"}, "input"),
+])
+async def test_job_request_validation_names_the_field(client, auth, body, field):
+    r = await client.post("/api/v1/ai/jobs", json=body, headers=auth)
+    assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json"
+    problem = decode(r)
+    assert any(e["field"] == field for e in problem["errors"]), problem
