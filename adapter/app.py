@@ -21,6 +21,7 @@ from .agents import load_tasks
 from .cache import MemoryStore, ResultCache, Store
 from .context import add_request_id_header, current_request_id, elapsed_ms, request_id
 from .redis_store import RedisStore
+from .job_log import RedisJobLog
 from .jobs import Jobs
 from .routes.ai import SERVICE, ai_router
 from .routes.streams import streams_router
@@ -95,7 +96,10 @@ def create_app(
                 cache=cache, settings=settings,
             )
             app.state.service = service
-            app.state.jobs = Jobs(service, clock=clock)
+            mirror = None
+            if isinstance(cache_store, RedisStore):
+                mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds)
+            app.state.jobs = Jobs(service, clock=clock, mirror=mirror)
             app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl)
             stack.callback(app.state.jobs.cancel_all)
             log.info("startup", gateway=settings.conductor_gateway_url, crm=settings.crm_backend_url, cache=cache_store.backend)

@@ -51,9 +51,17 @@ class Job:
     _signal: asyncio.Event = field(default_factory=asyncio.Event)
 
     def emit(self, event: str, data: Any) -> Event:
+        """Append an event; the job's state follows from its events, so a replayed log rebuilds it."""
         ev = Event(len(self.events) + 1, event, data if isinstance(data, bytes) else _encode(data))
         self.events.append(ev)
-        if event == "done":
+        if event == "status" and self.status == "queued" and b'"queued"' not in ev.data:
+            self.status = "running"
+        elif event == "result":
+            self.result = ev.data
+        elif event == "error":
+            self.error = ev.data
+        elif event == "done":
+            self.status = msgspec.json.decode(ev.data)["status"]
             self.finished = True
         # Wake every reader once, then give later waiters a fresh event to wait on.
         self._signal.set()
@@ -108,8 +116,8 @@ class Jobs:
         if mode == "default" and (entry := await self.service.cache.store.get(key)) is not None:
             if self._clock() - entry.stored_at < self.settings.ttl_for(task.name):
                 job = self._new(task, record_id, key)
-                job.emit("result", entry.body)
-                self._finish(job, "succeeded", result=entry.body, cached=True)
+                self._emit(job, "result", entry.body)
+                self._finish(job, "succeeded", cached=True)
                 return job, "HIT"
         shared = self._by_key.get(key) if mode != "no-store" else None
         if shared is not None and not shared.finished:
@@ -121,6 +129,8 @@ class Jobs:
         runner = asyncio.create_task(self._run(job, task, agent_input, store=mode != "no-store"), name=f"job {job.id}")
         self._runners.add(runner)
         runner.add_done_callback(self._runners.discard)
+        if self.mirror is not None:
+            await self.mirror.written(job)  # its events_url must work on every replica from now on
         return job, "BYPASS" if mode == "no-store" else "MISS"
 
     def get(self, job_id: str) -> Job | None:
@@ -130,12 +140,18 @@ class Jobs:
             return None
         return job
 
+    async def find(self, job_id: str) -> Job | None:
+        """The job, run here or (through the Redis log) on another replica."""
+        job = self.get(job_id)
+        if job is None and self.mirror is not None and (job := await self.mirror.load(job_id)) is not None:
+            self._jobs[job.id] = job  # later readers on this replica share the one follower
+        return job
+
     def _new(self, task: Task, record_id: str, key: str) -> Job:
         ttl = self.settings.job_max_seconds + self.settings.job_retention_seconds
         job = Job(id=f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key, expires=self._clock() + ttl)
         self._jobs[job.id] = job
-        job.emit("status", {"state": "queued", "message": "queued", "job_id": job.id})
-        self._mirror(job)
+        self._emit(job, "status", {"state": "queued", "message": "queued", "job_id": job.id})
         return job
 
     def _emit(self, job: Job, event: str, data: Any) -> None:
@@ -146,8 +162,7 @@ class Jobs:
         if self.mirror is not None:
             self.mirror.write(job)
 
-    def _finish(self, job: Job, status: Status, *, result: bytes | None = None, error: bytes | None = None, cached: bool = False) -> None:
-        job.status, job.result, job.error = status, result, error
+    def _finish(self, job: Job, status: Status, *, cached: bool = False) -> None:
         self._emit(job, "done", {"status": status, "cached": cached})
         if self._by_key.get(job.key) is job:
             del self._by_key[job.key]
@@ -165,7 +180,7 @@ class Jobs:
             self._fail(job, exc)
         else:
             self._emit(job, "result", body)
-            self._finish(job, "succeeded", result=body)
+            self._finish(job, "succeeded")
             if store:
                 ttl = self.settings.ttl_for(task.name) + self.settings.cache_stale_grace
                 await self.service.cache.store.put(job.key, Entry(self._clock(), body), ttl)
@@ -174,13 +189,11 @@ class Jobs:
     def _fail(self, job: Job, exc: Exception) -> None:
         problem, _ = problem_of(exc, "POST", f"/api/v1/ai/jobs/{job.id}")
         problem.instance = f"/api/v1/ai/jobs/{job.id}"
-        error = _encode(problem)
-        self._emit(job, "error", error)
-        self._finish(job, "failed", error=error)
+        self._emit(job, "error", _encode(problem))
+        self._finish(job, "failed")
 
     async def _produce(self, job: Job, task: Task, agent_input: str) -> bytes:
         gateway = self.service.gateway
-        job.status = "running"
         self._emit(job, "status", {"state": "running", "message": "starting the agent"})
         gateway_job = await gateway.start_stream(task.agent_id, agent_input)
         text: str | None = None
@@ -225,3 +238,5 @@ class Jobs:
     def cancel_all(self) -> None:
         for runner in list(self._runners):
             runner.cancel()
+        if self.mirror is not None:
+            self.mirror.close()

@@ -285,3 +285,33 @@ async def test_job_request_validation_names_the_field(client, auth, body, field)
     assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json"
     problem = decode(r)
     assert any(e["field"] == field for e in problem["errors"]), problem
+
+
+@pytest.mark.redis
+async def test_another_replica_serves_the_job_from_the_redis_log(gateway, crm, seed, auth, redis_url, cache_prefix):
+    import redis as redis_sync
+
+    settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, job_token_secret="s" * 40, sse_heartbeat_seconds=5)
+    gateway.push(LEAD_AGENT, "tokens")
+    gateway.gate = asyncio.Event()
+    async with serving(gateway.app) as gw_url, httpx.AsyncClient(base_url=gw_url) as gw, \
+            asgi_client(crm.app, "http://crm.test") as backend:
+        replica_a = create_app(settings, gateway_http=gw, crm_http=backend)
+        replica_b = create_app(settings, gateway_http=gw, crm_http=backend)
+        async with serving(replica_a) as url_a, serving(replica_b) as url_b, \
+                httpx.AsyncClient(base_url=url_a) as a, httpx.AsyncClient(base_url=url_b) as b:
+            job = await create_job(a, seed, auth)
+            on_b = asyncio.create_task(read_all(b, "GET", job["events_url"]))  # joins mid-job, on the other replica
+            await gateway.calls.reach(1)
+            gateway.gate.set()
+            _, from_b = await on_b
+            _, from_a = await read_all(a, "GET", job["events_url"])
+            _, resumed_b = await read_all(b, "GET", job["events_url"], headers={"Last-Event-ID": "3"})
+            polled_b = decode(await b.get(f"/api/v1/ai/jobs/{job['job_id']}", headers=auth))
+    assert [(e.id, e.event, e.data) for e in from_b] == [(e.id, e.event, e.data) for e in from_a]
+    assert kinds(from_b)[-1] == "done" and "delta" in kinds(from_b)
+    assert [e.id for e in resumed_b] == [e.id for e in from_a[3:]]
+    assert polled_b["status"] == "succeeded" and polled_b["result"]["lead_id"] == seed["leads"][0]
+    with redis_sync.Redis.from_url(redis_url) as r:
+        log_key = f"{cache_prefix}:job:{job['job_id']}:log"
+        assert r.xlen(log_key) == len(from_a) and 0 < r.pttl(log_key)

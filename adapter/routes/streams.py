@@ -82,7 +82,7 @@ async def create_job(data: JSONBody[JobRequest], request: Request, jobs: NamedDe
 
 async def authorized_job(job_id: str, request: Request, jobs: Jobs, tokens: JobTokens) -> Job:
     """The job, if the request carries its job token or a bearer token the CRM accepts for its record."""
-    job = jobs.get(job_id)
+    job = await jobs.find(job_id)
     if job is None:
         raise NotFound(f"no job {job_id} (unknown, or expired)")
     scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
