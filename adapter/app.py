@@ -78,10 +78,10 @@ def create_app(
         async with AsyncExitStack() as stack:
             gw = gateway_http or await stack.enter_async_context(httpx.AsyncClient(
                 base_url=settings.conductor_gateway_url, timeout=gateway.client_timeout(settings),
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)))
+                limits=httpx.Limits(max_connections=settings.gateway_max_connections, max_keepalive_connections=100)))
             backend = crm_http or await stack.enter_async_context(httpx.AsyncClient(
                 base_url=settings.crm_backend_url, timeout=crm.client_timeout(settings),
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)))
+                limits=httpx.Limits(max_connections=settings.crm_max_connections, max_keepalive_connections=settings.crm_max_connections)))
             cache_store = store
             if cache_store is None:
                 cache_store = (

@@ -26,6 +26,7 @@ class CrmClient:
     def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
         self._http = http
         self._settings = settings
+        self._slots = asyncio.Semaphore(settings.crm_max_connections)
 
     async def get_record(self, kind: Literal["lead", "deal"], record_id: str, authorization: str) -> dict[str, Any]:
         """The record as the caller may see it; the backend's refusal becomes ours."""
@@ -50,7 +51,7 @@ class CrmClient:
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
-            async with asyncio.timeout(self._settings.crm_call_timeout):
+            async with asyncio.timeout(self._settings.crm_call_timeout), self._slots:
                 response = await self._http.request(method, path, content=body, headers=headers)
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.ConnectTimeout):

@@ -49,6 +49,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     crm_read_timeout: Seconds = 15.0
     crm_call_timeout: Seconds = 20.0
     health_probe_timeout: Seconds = 2.0
+    # Every open stream holds one gateway connection while the model thinks.
+    gateway_max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 2_000
+    # Requests beyond this wait in an asyncio queue: httpcore's own pool queue is quadratic
+    # in its length, and a burst of a thousand lookups there starves the event loop.
+    crm_max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 64
 
     agent_repair_attempts: Annotated[int, Meta(ge=0, le=5)] = 1
 

@@ -30,7 +30,11 @@ def main() -> None:
     if role == "gateway":
         from adapter.doubles.gateway import GatewayDouble
 
-        _serve(GatewayDouble(default="json").app, port)
+        env = os.environ
+        double = GatewayDouble(default=env.get("DOUBLE_DEFAULT", "json"), delay=float(env.get("DOUBLE_DELAY", "0")),
+                               stream_tokens=int(env.get("DOUBLE_TOKENS", "0")),
+                               token_interval=float(env.get("DOUBLE_TOKEN_INTERVAL", "0")))
+        _serve(double.app, port)
     elif role == "crm":
         from adapter.doubles.crm import CrmDouble
 
@@ -51,16 +55,18 @@ def main() -> None:
 
 
 class Stack:
-    def __init__(self, env: dict[str, str] | None = None, ports: tuple[int, int, int] = (18101, 18102, 18103)) -> None:
+    def __init__(self, env: dict[str, str] | None = None, ports: tuple[int, int, int] = (18101, 18102, 18103),
+                 double_env: dict[str, str] | None = None) -> None:
         self.gw_port, self.crm_port, self.app_port = ports
         self.env = env or {}
+        self.double_env = double_env or {}
         self.procs: list[subprocess.Popen] = []
         self.seed_file = Path(tempfile.mkstemp(suffix=".json")[1])
 
     def __enter__(self) -> Stack:
         base = {**os.environ, "PYTHONPATH": str(ROOT)}
         sidecar_env = {**base, "CONDUCTOR_GATEWAY_URL": self.gateway_url, "CRM_BACKEND_URL": self.crm_url, **self.env}
-        for role, port, extra, env in (("gateway", self.gw_port, [], base), ("crm", self.crm_port, [str(self.seed_file)], base),
+        for role, port, extra, env in (("gateway", self.gw_port, [], {**base, **self.double_env}), ("crm", self.crm_port, [str(self.seed_file)], base),
                                        ("sidecar", self.app_port, [], sidecar_env)):
             self.procs.append(subprocess.Popen([sys.executable, "-m", "bench.stack", role, str(port), *extra], env=env, cwd=ROOT,
                                                stderr=subprocess.DEVNULL))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -310,3 +312,11 @@ async def test_works_over_real_sockets(make_client, seed, auth, gateway, crm):
             async with make_client(gateway_http=gw, crm_http=backend) as client:
                 r = await client.post("/api/v1/ai/email/generate", json={"lead_id": seed["leads"][0]}, headers=auth)
     assert r.status_code == 200 and len(decode(r)["variations"]) == 3
+
+
+async def test_crm_lookups_beyond_the_connection_cap_queue_and_all_succeed(make_client, seed, auth, crm, gateway):
+    crm.delay = 0.01  # long enough for the requests to pile up behind the cap
+    async with make_client(settings=make_settings(crm_max_connections=4)) as client:
+        responses = await asyncio.gather(*(client.post("/api/v1/ai/lead/qualify", json={"lead_id": seed["leads"][0]},
+                                                        headers={**auth, "Cache-Control": "no-store"}) for _ in range(40)))
+    assert {r.status_code for r in responses} == {200} and crm.calls.total() == 40

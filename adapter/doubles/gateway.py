@@ -63,9 +63,12 @@ def model_text(behaviour: str, agent_id: str, prompt: str) -> str:
 
 
 class GatewayDouble:
-    def __init__(self, *, default: str = "fenced", delay: float = 0.0) -> None:
+    def __init__(self, *, default: str = "fenced", delay: float = 0.0, stream_tokens: int = 0, token_interval: float = 0.0) -> None:
         self.default = default
         self.delay = delay
+        # Benchmarks: `tokens` streams this many tokens, each its own send time, paced by `token_interval`.
+        self.stream_tokens = stream_tokens
+        self.token_interval = token_interval
         self.gate: asyncio.Event | None = None
         self.down = False
         self.unknown_agents: set[str] = set()
@@ -203,8 +206,14 @@ class GatewayDouble:
             text = model_text("json" if behaviour == "tokens" else behaviour, agent_id, prompt)
             if behaviour == "tokens":
                 put("on_llm_start", {})
-                for i in range(0, len(text), 16):
-                    put("on_llm_new_token", {"token": text[i : i + 16]})
+                if self.stream_tokens:
+                    for _ in range(self.stream_tokens):
+                        put("on_llm_new_token", {"token": f"{time.time():.6f}"})
+                        if self.token_interval:
+                            await asyncio.sleep(self.token_interval)
+                else:
+                    for i in range(0, len(text), 16):
+                        put("on_llm_new_token", {"token": text[i : i + 16]})
                 put("on_llm_end", {})
             put("result", {"result": text, "exit_code": 0, "status": "completed", "duration": 0.01})
         queue.put_nowait(None)
