@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 import structlog
 from litestar import Litestar
+from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +27,10 @@ from .jobs import Jobs
 from .routes.ai import SERVICE, ai_router
 from .routes.streams import streams_router
 from .tokens import JobTokens
+from .metrics import Metrics
+from .proxy import Proxy
 from .routes.ops import healthz, readyz
+from .routes.ops import metrics as metrics_route
 from .service import AiService
 from .settings import Settings
 
@@ -57,9 +61,16 @@ async def _before_send(message: Message, scope: Scope) -> None:
     if message["type"] == "http.response.start":
         scope["adapter.status"] = message["status"]  # type: ignore[typeddict-unknown-key]
     elif message["type"] == "http.response.body" and not message.get("more_body", False):
+        ms = elapsed_ms(scope)
+        status = scope.get("adapter.status")
+        template = scope.get("path_template")
+        route = "proxy" if scope.get("adapter.proxied") else template or "unmatched"
+        metrics: Metrics = scope["app"].state.metrics
+        metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
+        metrics.request_seconds.labels(route).observe(ms / 1000)
         # The one line per request.
-        log.info("request", method=scope.get("method"), path=scope.get("path"), status=scope.get("adapter.status"),
-                 ms=elapsed_ms(scope), request_id=request_id(scope))
+        log.info("request", method=scope.get("method"), path=scope.get("path"), status=status, ms=ms,
+                 request_id=request_id(scope))
 
 
 def create_app(
@@ -67,11 +78,13 @@ def create_app(
     *,
     gateway_http: httpx.AsyncClient | None = None,
     crm_http: httpx.AsyncClient | None = None,
+    proxy_http: httpx.AsyncClient | None = None,
     store: Store | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Litestar:
     """Clients handed in are the caller's to close; the ones made here are closed at shutdown."""
     tasks = load_tasks(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -90,16 +103,23 @@ def create_app(
                     if settings.redis_url else MemoryStore(settings.cache_memory_max_entries, clock)
                 )
                 stack.push_async_callback(cache_store.aclose)
-            cache = ResultCache(cache_store, settings.cache_stale_grace, clock)
+            passthrough = proxy_http or crm_http or await stack.enter_async_context(httpx.AsyncClient(
+                base_url=settings.crm_backend_url, follow_redirects=False,
+                timeout=httpx.Timeout(settings.crm_connect_timeout, read=settings.proxy_read_timeout, write=settings.proxy_read_timeout, pool=5.0),
+                limits=httpx.Limits(max_connections=settings.proxy_max_connections, max_keepalive_connections=100)))
+            app.state.proxy = Proxy(passthrough) if settings.crm_proxy_fallthrough else None
+            cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
+                                on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc())
             service = AiService(
-                tasks=tasks, gateway=gateway.GatewayClient(gw, settings), crm=crm.CrmClient(backend, settings),
-                cache=cache, settings=settings,
+                tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics), crm=crm.CrmClient(backend, settings),
+                cache=cache, settings=settings, metrics=metrics,
             )
             app.state.service = service
             mirror = None
             if isinstance(cache_store, RedisStore):
                 mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds)
             app.state.jobs = Jobs(service, clock=clock, mirror=mirror)
+            metrics.watch_jobs(lambda: app.state.jobs.running)
             app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl)
             stack.callback(app.state.jobs.cancel_all)
             log.info("startup", gateway=settings.conductor_gateway_url, crm=settings.crm_backend_url, cache=cache_store.backend)
@@ -107,7 +127,8 @@ def create_app(
             yield
 
     return Litestar(
-        route_handlers=[ai_router, streams_router, healthz, readyz],
+        route_handlers=[ai_router, streams_router, healthz, readyz, metrics_route],
+        state=State({"metrics": metrics}),
         dependencies=SERVICE,
         lifespan=[lifespan],
         middleware=[request_context],

@@ -136,12 +136,14 @@ def cache_key(prefix: str, task: str, agent: str, version: str, agent_input: str
 
 
 class ResultCache:
-    def __init__(self, store: Store, grace: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, grace: float, clock: Callable[[], float] = time.time,
+                 on_coalesced: Callable[[str], None] = lambda key: None) -> None:
         self.store = store
         self._grace = grace
         self._clock = clock
         self._flights: dict[str, asyncio.Task[bytes]] = {}
         self.coalesced = 0
+        self._on_coalesced = on_coalesced
 
     async def get_or_compute(self, key: str, ttl: float, mode: Mode, compute: Callable[[], Awaitable[bytes]]) -> Outcome:
         if mode == "no-store":
@@ -168,7 +170,7 @@ class ResultCache:
             self._flights[key] = task
             task.add_done_callback(lambda t: self._landed(key, t))
         else:
-            self.coalesced += 1
+            self.note_coalesced(key)
         # shield: one caller leaving must not cancel the call the others share.
         return await asyncio.shield(task)
 
@@ -184,7 +186,7 @@ class ResultCache:
             while (leading := await flight.lead()) is False:
                 outcome = await flight.follow()
                 if isinstance(outcome, bytes):
-                    self.coalesced += 1
+                    self.note_coalesced(key)
                     return outcome
                 if isinstance(outcome, AdapterError):
                     raise outcome
@@ -199,6 +201,10 @@ class ResultCache:
             return body
         finally:
             await flight.close()
+
+    def note_coalesced(self, key: str) -> None:
+        self.coalesced += 1
+        self._on_coalesced(key)
 
     def cancel_flights(self) -> None:
         for task in list(self._flights.values()):

@@ -15,6 +15,7 @@ from httpx_sse import SSEError, aconnect_sse
 
 from .context import outbound_headers
 from .errors import AgentFailed, AgentMissing, GatewayProtocolError, GatewayUnavailable, UpstreamTimeout
+from .metrics import Metrics
 from .settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
@@ -63,9 +64,10 @@ def client_timeout(settings: Settings) -> httpx.Timeout:
 
 
 class GatewayClient:
-    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+    def __init__(self, http: httpx.AsyncClient, settings: Settings, metrics: Metrics | None = None) -> None:
         self._http = http
         self._settings = settings
+        self._metrics = metrics or Metrics()
 
     def _body(self, **prompt: str) -> dict[str, Any]:
         # Stateless, with a fresh conversation each time: one answer must not leak
@@ -92,7 +94,7 @@ class GatewayClient:
                     f"/api/agents/{agent_id}/execute", content=_encode(self._body(input_text=input_text)),
                     headers={"Content-Type": "application/json", **outbound_headers()},
                 )
-            outcome = str(response.status_code)
+            outcome = "ok" if response.status_code == 200 else str(response.status_code)
         except (TimeoutError, httpx.TimeoutException) as exc:
             outcome = "timeout"
             if isinstance(exc, httpx.ConnectTimeout):
@@ -103,7 +105,10 @@ class GatewayClient:
             outcome = "unreachable"
             raise GatewayUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None
         finally:
-            log.info("gateway.call", agent=agent_id, outcome=outcome, ms=round((time.perf_counter() - t0) * 1000, 1))
+            seconds = time.perf_counter() - t0
+            self._metrics.gateway_calls.labels(agent_id, outcome).inc()
+            self._metrics.gateway_seconds.labels(agent_id).observe(seconds)
+            log.info("gateway.call", agent=agent_id, outcome=outcome, ms=round(seconds * 1000, 1))
         return _text_of(agent_id, response)
 
     async def start_stream(self, agent_id: str, input_text: str) -> str:
@@ -125,7 +130,9 @@ class GatewayClient:
             answer = None
         # A failed start comes back as 200 `[{"error": ...}, 500]`: only a job id means "started".
         if isinstance(answer, dict) and isinstance(answer.get("job_id"), str) and answer["job_id"]:
+            self._metrics.gateway_calls.labels(agent_id, "stream_started").inc()
             return answer["job_id"]
+        self._metrics.gateway_calls.labels(agent_id, "stream_start_failed").inc()
         reason = _start_error(answer) or f"status {response.status_code}, no job id"
         raise GatewayUnavailable(f"the {UPSTREAM} could not start the job: {reason}")
 

@@ -121,7 +121,7 @@ class Jobs:
                 return job, "HIT"
         shared = self._by_key.get(key) if mode != "no-store" else None
         if shared is not None and not shared.finished:
-            self.service.cache.coalesced += 1
+            self.service.cache.note_coalesced(key)
             return shared, "MISS"
         job = self._new(task, record_id, key)
         if mode != "no-store":

@@ -8,7 +8,7 @@ from http import HTTPStatus
 import msgspec
 import structlog
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 
 from .context import request_id
 from .errors import AdapterError, BadRequest
@@ -66,6 +66,12 @@ def _field_error(item: dict) -> FieldError:
 
 
 def handle(request: Request, exc: Exception) -> Response:
+    # No route of ours: the CRM backend answers, unless CRM_PROXY_FALLTHROUGH is off.
+    if isinstance(exc, NotFoundException) and (proxy := getattr(request.app.state, "proxy", None)) is not None \
+            and not request.scope.get("adapter.proxied"):
+        from .proxy import Forward
+
+        return Forward(proxy, request, handle)
     problem, headers = problem_of(exc, request.method, request.url.path)
     problem.request_id = request_id(request.scope)
     problem.instance = request.url.path

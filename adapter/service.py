@@ -12,14 +12,17 @@ import structlog
 from .agents import Task
 from .cache import Mode, Outcome, ResultCache, cache_key
 from .crm import CrmClient
-from .errors import InvalidAgentOutput
+from .errors import AdapterError, InvalidAgentOutput
 from .gateway import GatewayClient
+from .metrics import Metrics
+from .models import LeadQualifyResult
 from .prompts import repair_input
 from .settings import Settings
 from .validation import OutputInvalid
 
 log = structlog.get_logger("adapter.service")
 _encode = msgspec.json.Encoder().encode
+_decode_lead = msgspec.json.Decoder(LeadQualifyResult).decode
 
 
 def _today() -> dt.date:
@@ -35,8 +38,10 @@ class AiService:
         crm: CrmClient,
         cache: ResultCache,
         settings: Settings,
+        metrics: Metrics | None = None,
         today: Callable[[], dt.date] = _today,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.tasks = tasks
         self.gateway = gateway
         self.crm = crm
@@ -61,6 +66,22 @@ class AiService:
 
         return await self.cache.get_or_compute(key, self.settings.ttl_for(task.name), mode, compute)
 
+    async def write_back(self, lead_id: str, authorization: str, body: bytes) -> str:
+        """Store a fresh qualification on the lead, as the old in-process agent did: ok or failed.
+
+        With the caller's own token, so the backend still decides; a failure never fails the answer.
+        """
+        result = _decode_lead(body)
+        try:
+            await self.crm.patch_record("lead", lead_id, authorization, {"score": result.score, "classification": result.classification})
+        except AdapterError as exc:
+            log.warning("crm.write_back", lead_id=lead_id, outcome="failed", reason=exc.detail, status=exc.status)
+            self.metrics.write_backs.labels("failed").inc()
+            return "failed"
+        log.info("crm.write_back", lead_id=lead_id, outcome="ok")
+        self.metrics.write_backs.labels("ok").inc()
+        return "ok"
+
     async def ask_agent(self, task: Task, record_id: str, agent_input: str) -> Any:
         """The validated result of one synchronous run (repairs included)."""
         return await self.validated(task, record_id, agent_input, await self.gateway.execute(task.agent_id, agent_input))
@@ -77,14 +98,18 @@ class AiService:
                 result, corrected = task.validate(text, record_id, task.agent_id)
             except OutputInvalid as exc:
                 errors = exc.errors
+                self.metrics.agent_output.labels(task.agent_id, "invalid").inc()
                 log.warning("agent.output_invalid", agent=task.agent_id, attempt=attempt + 1, errors=errors)
                 continue
             if corrected:
+                self.metrics.agent_output.labels(task.agent_id, "corrected").inc()
                 log.info("agent.classification_corrected", agent=task.agent_id)
             if attempt:
                 log.info("agent.output_repaired", agent=task.agent_id, attempts=attempt + 1)
+            self.metrics.agent_output.labels(task.agent_id, "repaired" if attempt else "valid").inc()
             return result
         attempts = 1 + self.settings.agent_repair_attempts
+        self.metrics.agent_output.labels(task.agent_id, "failed").inc()
         raise InvalidAgentOutput(
             f"agent {task.agent_id} answered invalid output {attempts} time(s); last problem: {'; '.join(errors)}",
             errors=errors,

@@ -55,6 +55,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # in its length, and a burst of a thousand lookups there starves the event loop.
     crm_max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 64
 
+    crm_proxy_fallthrough: bool = True
+    crm_write_back: bool = True
+    proxy_max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 512
+    proxy_read_timeout: Seconds = 60.0
+    shutdown_grace_seconds: Seconds = 10.0
+
     agent_repair_attempts: Annotated[int, Meta(ge=0, le=5)] = 1
 
     cache_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "crm-ai"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from prometheus_client import Gauge
+
 from .jobs import Event, Job
 
 
@@ -12,19 +14,23 @@ def frame(ev: Event) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (ev.id, ev.event.encode(), ev.data)
 
 
-async def job_events(job: Job, *, after: int, heartbeat: float, retry_ms: int) -> AsyncIterator[bytes]:
+async def job_events(job: Job, *, after: int, heartbeat: float, retry_ms: int, open_streams: Gauge) -> AsyncIterator[bytes]:
     """Every event after `after`, live, through `done`. A client that leaves just stops reading."""
-    yield b"retry: %d\n\n" % retry_ms
-    while True:
-        events = await job.after(after, heartbeat)
-        if events is None:
-            yield b": ping\n\n"  # keeps proxies and the browser from giving up on a thinking model
-            continue
-        for ev in events:
-            yield frame(ev)
-            after = ev.id
-        if job.finished and after >= len(job.events):
-            return
+    open_streams.inc()
+    try:
+        yield b"retry: %d\n\n" % retry_ms
+        while True:
+            events = await job.after(after, heartbeat)
+            if events is None:
+                yield b": ping\n\n"  # keeps proxies and the browser from giving up on a thinking model
+                continue
+            for ev in events:
+                yield frame(ev)
+                after = ev.id
+            if job.finished and after >= len(job.events):
+                return
+    finally:
+        open_streams.dec()
 
 
 def last_event_id(header: str | None, query: str | None) -> int:

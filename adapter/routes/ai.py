@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+
+import structlog
 from collections.abc import Awaitable
 from typing import Any
 
@@ -28,7 +30,9 @@ from ..models import (
     LeadQualifyResult,
 )
 from ..service import AiService
-from .docs import CACHE_HEADERS, ai_responses
+
+log = structlog.get_logger("adapter.routes")
+from .docs import CACHE_HEADERS, WRITE_BACK_HEADER, ai_responses
 
 
 def require_bearer(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -55,8 +59,23 @@ def respond(outcome: Outcome, **extra: str) -> Response[Any]:
 
 
 async def _run(service: AiService, task: str, data: Any, request: Request) -> Response[Any]:
-    outcome = await service.run(task, data, request.headers["authorization"], cache_mode(request))
-    return respond(outcome)
+    authorization = request.headers["authorization"]
+    outcome = await service.run(task, data, authorization, cache_mode(request))
+    service.metrics.cache.labels(task, outcome.x_cache.lower()).inc()
+    if task != "lead.qualify":
+        return respond(outcome)
+    # Only a fresh answer is written back: a cached one was written when it was made,
+    # and a stale one must not overwrite what the CRM holds now.
+    if not service.settings.crm_write_back:
+        write_back, reason = "skipped", "CRM_WRITE_BACK is off"
+    elif outcome.x_cache in ("HIT", "STALE"):
+        write_back, reason = "skipped", f"{outcome.x_cache.lower()} answer"
+    else:
+        write_back, reason = await service.write_back(data.lead_id, authorization, outcome.body), None
+    if reason:
+        service.metrics.write_backs.labels("skipped").inc()
+        log.info("crm.write_back", lead_id=data.lead_id, outcome="skipped", reason=reason)
+    return respond(outcome, **{"X-CRM-Write-Back": write_back})
 
 
 @post("/email/generate", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("email.generate"), summary="Generate three sales-email variations for a lead")
@@ -64,7 +83,7 @@ async def email_generate(data: JSONBody[EmailGenerateRequest], request: Request,
     return await _run(service, "email.generate", data, request)
 
 
-@post("/lead/qualify", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("lead.qualify"), summary="Qualify a lead (BANT score and classification)")
+@post("/lead/qualify", status_code=200, guards=[require_bearer], response_headers=[*CACHE_HEADERS, WRITE_BACK_HEADER], responses=ai_responses("lead.qualify"), summary="Qualify a lead (BANT score and classification)")
 async def lead_qualify(data: JSONBody[LeadQualifyRequest], request: Request, service: NamedDependency[AiService]) -> Response[LeadQualifyResult]:
     return await _run(service, "lead.qualify", data, request)
 

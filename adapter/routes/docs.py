@@ -15,6 +15,10 @@ CACHE_HEADERS = [
     ResponseHeader(name="Age", documentation_only=True, required=False,
                    description="Seconds since the cached answer was produced (HIT and STALE only)"),
 ]
+WRITE_BACK_HEADER = ResponseHeader(
+    name="X-CRM-Write-Back", documentation_only=True, required=False,
+    description="ok: score and classification were PATCHed onto the lead; failed: that PATCH failed (the answer stands); "
+                "skipped: a cached or stale answer, or CRM_WRITE_BACK is off")
 
 
 def problem(description: str) -> ResponseSpec:

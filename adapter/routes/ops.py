@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from litestar import get
+from litestar import Request, Response, get
 from litestar.di import NamedDependency
 
 from ..errors import AdapterError
@@ -18,6 +18,11 @@ class NotReady(AdapterError):
 @get("/healthz", summary="The process is alive (no upstream calls)", tags=["ops"])
 async def healthz() -> Liveness:
     return Liveness(status="ok")
+
+
+@get("/metrics", summary="Prometheus metrics", tags=["ops"], media_type="text/plain; version=0.0.4; charset=utf-8")
+async def metrics(request: Request) -> Response[bytes]:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @get("/readyz", summary="Ready when the Conductor Gateway answers", tags=["ops"],

@@ -25,7 +25,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx:
 
 def _sse(job: Job, jobs: Jobs, after: int, **headers: str) -> Stream:
     s = jobs.settings
-    return Stream(job_events(job, after=after, heartbeat=s.sse_heartbeat_seconds, retry_ms=s.sse_retry_ms),
+    events = job_events(job, after=after, heartbeat=s.sse_heartbeat_seconds, retry_ms=s.sse_retry_ms,
+                        open_streams=jobs.service.metrics.open_streams)
+    return Stream(events,
                   media_type="text/event-stream", headers={**SSE_HEADERS, "X-Job-ID": job.id, **headers})
 
 
@@ -38,6 +40,7 @@ CacheParam = Annotated[Mode, QueryParameter(description="default, no-cache (fres
 async def _stream(jobs: Jobs, task: str, data: Any, request: Request, cache: Mode) -> Stream:
     # The CRM check and the body's validation happen before the stream opens: they answer as problems.
     job, x_cache = await jobs.start(task, data, request.headers["authorization"], cache)
+    jobs.service.metrics.cache.labels(task, x_cache.lower()).inc()
     return _sse(job, jobs, 0, **{"X-Cache": x_cache})
 
 
@@ -74,6 +77,7 @@ async def create_job(data: JSONBody[JobRequest], request: Request, jobs: NamedDe
         field = "input" + where.rstrip("`") if where else "input"
         raise BadRequest(f"invalid request body: `{field}`: {message}", field=field) from None
     job, x_cache = await jobs.start(data.task, body, request.headers["authorization"], cache_mode(request))
+    jobs.service.metrics.cache.labels(data.task, x_cache.lower()).inc()
     token, expires = tokens.issue(job.id)
     created = JobCreated(job_id=job.id, status=job.status, expires_at=expires,
                          events_url=f"/api/v1/ai/jobs/{job.id}/events?token={token}")

@@ -1,0 +1,31 @@
+"""Prometheus metrics, one registry per app (tests run several apps in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("crm_ai_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("crm_ai_http_request_duration_seconds", "HTTP request latency by route", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.gateway_calls = Counter("crm_ai_gateway_calls", "Conductor Gateway calls by agent and outcome", ["agent", "outcome"], registry=r)
+        self.gateway_seconds = Histogram("crm_ai_gateway_call_duration_seconds", "Conductor Gateway call latency by agent", ["agent"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.cache = Counter("crm_ai_cache_events", "Result cache: hit, miss, stale, bypass, coalesced", ["task", "result"], registry=r)
+        self.agent_output = Counter("crm_ai_agent_output", "Agent answers: valid, invalid, repaired, corrected, failed", ["agent", "outcome"], registry=r)
+        self.write_backs = Counter("crm_ai_write_backs", "Lead write-backs to the CRM: ok, failed, skipped", ["outcome"], registry=r)
+        self.open_streams = Gauge("crm_ai_open_streams", "SSE connections open to clients", registry=r)
+        self.running_jobs = Gauge("crm_ai_running_jobs", "Streamed jobs still running", registry=r)
+
+    def watch_jobs(self, running: Callable[[], int]) -> None:
+        self.running_jobs.set_function(running)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,130 @@
+"""Pass-through to the CRM backend for every path the sidecar does not serve itself.
+
+Litestar's router does not fall back from `/api/v1/<anything>` to a catch-all
+route (the prefix is shared with the AI routes), so the pass-through hangs off
+the "no route" exception instead: `problems.handle` answers it with
+`Forward`, a response whose ASGI app does the forwarding.
+
+Bodies stream both ways (a 50 MB upload never sits in memory). The upstream URL
+is the configured backend's scheme, host and port plus the request's raw path
+and query: no Host header, absolute-form target or `//host/` path can point it
+anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+from litestar import Request, Response
+from litestar.background_tasks import BackgroundTask
+from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.response.streaming import ASGIStreamingResponse
+
+from .context import request_id
+from .errors import BadRequest, CrmUnavailable, UpstreamTimeout
+
+# RFC 9110 §7.6.1, plus the names a Connection header lists.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
+# The sidecar's own server writes these; two of each would confuse clients.
+OWN = frozenset({"host", "date", "server", "x-request-id"})
+
+
+def _strip(headers: httpx.Headers | list[tuple[str, str]], extra: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    items = list(headers.multi_items()) if isinstance(headers, httpx.Headers) else list(headers)
+    named = {t.strip().lower() for k, v in items if k.lower() == "connection" for t in v.split(",")}
+    drop = HOP_BY_HOP | named | extra
+    return [(k, v) for k, v in items if (lk := k.lower()) not in drop and not lk.startswith("proxy-")]
+
+
+class Proxy:
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self.base = http.base_url
+
+    def target(self, raw_path: bytes, query: bytes) -> httpx.URL:
+        if not raw_path.startswith(b"/"):
+            raise BadRequest("only origin-form request targets (a path starting with `/`) are accepted")
+        return self.base.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
+
+    def request_headers(self, request: Request) -> list[tuple[str, str]]:
+        scope = request.scope
+        headers = _strip([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]], OWN)
+        client = scope.get("client")
+        prior = request.headers.get("x-forwarded-for")
+        headers = [(k, v) for k, v in headers if not k.lower().startswith("x-forwarded-")]
+        if client:
+            headers.append(("X-Forwarded-For", f"{prior}, {client[0]}" if prior else client[0]))
+        headers.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
+        if host := request.headers.get("host"):
+            headers.append(("X-Forwarded-Host", host))
+        headers.append(("X-Request-ID", request_id(scope)))  # middleware does not run for unrouted paths
+        return headers
+
+    async def forward(self, request: Request) -> ASGIStreamingResponse:
+        scope = request.scope
+        url = self.target(scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""))
+        has_body = "content-length" in request.headers and request.headers["content-length"] != "0" \
+            or "transfer-encoding" in request.headers
+        upstream = self.http.build_request(request.method, url, headers=self.request_headers(request),
+                                           content=_body(request) if has_body else None)
+        try:
+            response = await self.http.send(upstream, stream=True)
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise CrmUnavailable("cannot connect to the CRM backend: connect timed out") from None
+            raise UpstreamTimeout("CRM backend", self.http.timeout.read, "crm-timeout") from None
+        except httpx.TransportError as exc:
+            raise CrmUnavailable(f"cannot reach the CRM backend: {type(exc).__name__}") from None
+        # The backend's own answer, errors included, goes back as it came: raw bytes, same status,
+        # every header line kept (several Set-Cookie lines stay several).
+        return ASGIStreamingResponse(iterator=_relay(response), status_code=response.status_code,
+                                     headers=_strip(response.headers, OWN),
+                                     is_head_response=request.method == "HEAD", background=BackgroundTask(response.aclose))
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    # Straight from ASGI: chunks go upstream as they arrive, none is kept.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        if chunk := message.get("body", b""):
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+class ClientGone(Exception):
+    """The client hung up mid-upload; the upstream request is abandoned with it."""
+
+
+async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.TransportError:
+        return  # the backend broke off mid-body; the client sees a short body, as it would directly
+    finally:
+        await response.aclose()
+
+
+class Forward(Response):
+    """The answer to a request no route of ours matched: the backend's own answer."""
+
+    def __init__(self, proxy: Proxy, request: Request, on_error: Callable[[Request, Exception], Response]) -> None:
+        super().__init__(content=None)
+        self._proxy, self._request, self._on_error = proxy, request, on_error
+
+    def to_asgi_response(self, app: Any, request: Request, **kwargs: Any) -> ASGIApp:  # type: ignore[override]
+        async def forward(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["adapter.proxied"] = True  # type: ignore[typeddict-unknown-key]
+            try:
+                upstream = await self._proxy.forward(self._request)
+            except Exception as exc:  # mapped like any other error: 400, 502, 504 problems
+                await self._on_error(self._request, exc).to_asgi_response(app, request, **kwargs)(scope, receive, send)
+                return
+            await upstream(scope, receive, send)
+
+        return forward
