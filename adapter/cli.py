@@ -47,7 +47,13 @@ def cmd_openapi(_: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_check(_: argparse.Namespace) -> int:
+    from .check import run_checks
+
+    return asyncio.run(run_checks(_settings()))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapter", description="CRM AI sidecar for the Conductor Gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the sidecar (configuration from the environment)")
@@ -59,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, help="port for the sidecar (default 8080)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_openapi)
-    args = parser.parse_args(argv)
+    sub.add_parser("check", help="validate the configuration and probe the gateway, the CRM backend and Redis"
+                   ).set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -61,3 +61,87 @@ def test_committed_openapi_matches_the_app():
     assert json.loads(done.stdout) == json.loads(committed.read_text()), (
         "the app's OpenAPI document differs from openapi/openapi.json; regenerate it with "
         "`adapter openapi > openapi/openapi.json` and review the diff")
+
+
+async def run_adapter_async(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    import asyncio
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "adapter.cli", *args, cwd=ROOT,
+                                                env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_check_passes_with_everything_up(gateway, crm, redis_url):
+    from tests.conftest import serving
+
+    async with serving(gateway.app) as gw, serving(crm.app) as backend:
+        code, out, err = await run_adapter_async("check", env={"CONDUCTOR_GATEWAY_URL": gw, "CRM_BACKEND_URL": backend,
+                                                                "REDIS_URL": redis_url})
+    assert code == 0, err
+    assert err == "" and out.count("the gateway knows agent") == 3 and "Redis at" in out
+
+
+async def test_check_names_each_dependency_that_is_down(gateway):
+    from tests.conftest import closed_port_url, serving
+
+    gateway.unknown_agents.add("DealPredictor_CRM_Agent")
+    async with serving(gateway.app) as gw:
+        code, out, err = await run_adapter_async("check", env={
+            "CONDUCTOR_GATEWAY_URL": gw, "CRM_BACKEND_URL": closed_port_url(),
+            "REDIS_URL": closed_port_url().replace("http", "redis")})
+    lines = err.strip().splitlines()
+    assert code == 1
+    assert len(lines) == 3 and all(line.startswith("FAIL  ") for line in lines)
+    assert any("CRM backend unreachable" in line for line in lines)
+    assert any("Redis unreachable" in line for line in lines)
+    assert any("does not know agent DealPredictor_CRM_Agent" in line for line in lines)
+
+
+async def test_check_with_the_gateway_down():
+    from tests.conftest import closed_port_url
+
+    code, _, err = await run_adapter_async("check", env={"CONDUCTOR_GATEWAY_URL": closed_port_url(), "REDIS_URL": ""})
+    assert code == 1 and "Conductor Gateway unreachable" in err and "agent list unreachable" in err
+
+
+def test_check_reports_bad_configuration_in_one_line():
+    done = run_adapter("check", env={"CRM_BACKEND_URL": "nope"})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "CRM_BACKEND_URL" in done.stderr
+
+
+async def test_sigterm_lets_in_flight_requests_finish(gateway, crm, seed):
+    import asyncio
+    import signal
+
+    import httpx
+
+    from tests.conftest import _free_port, serving
+
+    gateway.gate = asyncio.Event()
+    port = _free_port()
+    async with serving(gateway.app) as gw, serving(crm.app) as backend:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), cwd=ROOT, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "CONDUCTOR_GATEWAY_URL": gw, "CRM_BACKEND_URL": backend, "REDIS_URL": "", "LOG_FORMAT": "json"})
+        async for line in proc.stderr:  # JSON log lines; this one means it listens
+            if b"Application startup complete" in line:
+                break
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            in_flight = asyncio.create_task(client.post("/api/v1/ai/lead/qualify", json={"lead_id": seed["leads"][0]},
+                                                        headers={"Authorization": f"Bearer {seed['token']}"}))
+            await gateway.calls.reach(1)  # the request is now waiting on the model
+            proc.send_signal(signal.SIGTERM)
+            gateway.gate.set()
+            response = await in_flight
+        logs = (await proc.stderr.read()).decode()
+        code = await proc.wait()
+    assert response.status_code == 200 and decode_json(response.content)["agent"] == "LeadQualifier_CRM_Agent"
+    # uvicorn finishes the request, runs the lifespan shutdown, then re-raises SIGTERM as its exit status.
+    assert code == -signal.SIGTERM, logs
+    assert "Application shutdown complete" in logs and "Traceback" not in logs
+
+
+def decode_json(raw: bytes) -> dict:
+    return json.loads(raw)

@@ -3,7 +3,7 @@
 HS256 bearer tokens with the user's id in `sub`; leads and deals owned by
 users; ids must be 24 hex characters or the backend answers 500, as the real
 one does (bson's InvalidId escapes its handlers). Set `fail_status` to make
-every /api route answer that status, `delay` to make it slow.
+every /api route answer that status, `fail_patch` for PATCH only, `delay` to make it slow.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class CrmDouble:
         self.leads: dict[str, dict[str, Any]] = {}
         self.deals: dict[str, dict[str, Any]] = {}
         self.fail_status: int | None = None
+        self.fail_patch: int | None = None  # only PATCH answers this status
         self.delay = 0.0
         self.calls = Tally()
         self.request_ids: list[str | None] = []
@@ -97,8 +98,8 @@ class CrmDouble:
         self.request_ids.append(request.headers.get("x-request-id"))
         if self.delay:
             await asyncio.sleep(self.delay)
-        if self.fail_status:
-            return _json({"detail": "Internal server error"}, self.fail_status)
+        if self.fail_status or (changes is not None and self.fail_patch):
+            return _json({"detail": "Internal server error"}, self.fail_status or self.fail_patch or 500)
         user = self._user(request)
         if isinstance(user, Response):
             return user

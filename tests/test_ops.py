@@ -1,0 +1,100 @@
+"""Write-back to the CRM and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import decode, make_settings
+
+QUALIFY, LEAD_AGENT = "/api/v1/ai/lead/qualify", "LeadQualifier_CRM_Agent"
+
+
+async def test_fresh_qualification_is_written_back(client, crm, seed, auth):
+    lead = seed["leads"][0]
+    r = await client.post(QUALIFY, json={"lead_id": lead}, headers=auth)
+    body = decode(r)
+    assert r.headers["x-crm-write-back"] == "ok"
+    assert crm.patches == [(lead, {"score": body["score"], "classification": body["classification"]})]
+    assert crm.leads[lead]["score"] == body["score"] and crm.leads[lead]["classification"] == body["classification"]
+
+
+async def test_cached_answer_is_not_written_again(client, crm, seed, auth):
+    await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert r.headers["x-cache"] == "HIT" and r.headers["x-crm-write-back"] == "skipped" and len(crm.patches) == 1
+
+
+async def test_failed_write_back_never_fails_the_answer(client, crm, seed, auth):
+    crm.fail_patch = 500
+    r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert r.status_code == 200 and r.headers["x-crm-write-back"] == "failed"
+    assert decode(r)["agent"] == LEAD_AGENT and crm.leads[seed["leads"][0]]["score"] is None
+
+
+async def test_write_back_can_be_turned_off(make_client, crm, seed, auth):
+    async with make_client(settings=make_settings(crm_write_back="false")) as client:
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert r.headers["x-crm-write-back"] == "skipped" and crm.patches == []
+
+
+async def test_stale_answer_is_not_written_back(make_client, crm, seed, auth, gateway):
+    now = [1_800_000_000.0]
+    async with make_client(settings=make_settings(cache_ttl_lead_qualify=10), clock=lambda: now[0]) as client:
+        await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+        now[0] += 11
+        gateway.push(LEAD_AGENT, "unavailable_503")
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert r.headers["x-cache"] == "STALE" and r.headers["x-crm-write-back"] == "skipped" and len(crm.patches) == 1
+
+
+async def test_only_qualification_writes_back(client, crm, seed, auth):
+    r = await client.post("/api/v1/ai/deal/predict", json={"deal_id": seed["deals"][0]}, headers=auth)
+    assert "x-crm-write-back" not in r.headers and crm.patches == []
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_move_for_hit_miss_repair_stream_and_write_back(client, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "garbage", "json")
+    await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)  # miss, repaired
+    await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)  # hit
+    await client.post("/api/v1/ai/lead/qualify/stream", json={"lead_id": seed["leads"][1]}, headers=auth)  # stream, miss
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert value(text, "crm_ai_cache_events_total", task="lead.qualify", result="miss") == 2
+    assert value(text, "crm_ai_cache_events_total", task="lead.qualify", result="hit") == 1
+    assert value(text, "crm_ai_agent_output_total", agent=LEAD_AGENT, outcome="invalid") == 1
+    assert value(text, "crm_ai_agent_output_total", agent=LEAD_AGENT, outcome="repaired") == 1
+    assert value(text, "crm_ai_gateway_calls_total", agent=LEAD_AGENT, outcome="ok") == 2
+    assert value(text, "crm_ai_gateway_calls_total", agent=LEAD_AGENT, outcome="stream_started") == 1
+    assert value(text, "crm_ai_write_backs_total", outcome="ok") == 1
+    assert value(text, "crm_ai_write_backs_total", outcome="skipped") == 1
+    assert value(text, "crm_ai_http_requests_total", route="/api/v1/ai/lead/qualify", method="POST", status="200") == 2
+    assert value(text, "crm_ai_http_request_duration_seconds_count", route="/api/v1/ai/lead/qualify") == 2
+    assert value(text, "crm_ai_open_streams") == 0  # the stream was read to its end and closed
+    assert "crm_ai_running_jobs" in text
+
+
+async def test_proxied_requests_are_labelled_proxy(client):
+    await client.get("/api/v1/leads/unknown-path-for-the-backend")
+    text = (await client.get("/metrics")).text
+    assert any(name == "crm_ai_http_requests_total" and dict(labels).get("route") == "proxy"
+               for name, labels in samples(text))
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/schema/openapi.json"])
+async def test_ops_routes_are_ours(client, crm, path):
+    r = await client.get(path)
+    assert r.status_code == 200 and crm.calls.total() == 0
