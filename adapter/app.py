@@ -21,6 +21,7 @@ from . import __version__, crm, gateway, problems
 from .agents import load_tasks
 from .cache import MemoryStore, ResultCache, Store
 from .context import add_request_id_header, current_request_id, elapsed_ms, request_id
+from .ratelimit import Policy, RateLimiter
 from .redis_store import RedisStore
 from .job_log import RedisJobLog
 from .jobs import Jobs
@@ -110,9 +111,13 @@ def create_app(
             app.state.proxy = Proxy(passthrough) if settings.crm_proxy_fallthrough else None
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
                                 on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc())
+            limiter = RateLimiter(
+                {t: Policy.parse(getattr(settings, "rate_limit_" + t.replace(".", "_"))) for t in tasks},
+                prefix=settings.cache_prefix, store=cache_store if isinstance(cache_store, RedisStore) else None, clock=clock)
             service = AiService(
-                tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics), crm=crm.CrmClient(backend, settings),
-                cache=cache, settings=settings, metrics=metrics,
+                tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics, clock=clock),
+                crm=crm.CrmClient(backend, settings, clock=clock),
+                cache=cache, settings=settings, metrics=metrics, limiter=limiter,
             )
             app.state.service = service
             mirror = None
@@ -120,6 +125,9 @@ def create_app(
                 mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds)
             app.state.jobs = Jobs(service, clock=clock, mirror=mirror)
             metrics.watch_jobs(lambda: app.state.jobs.running)
+            metrics.watch_breaker("conductor-gateway", lambda: service.gateway.breaker.state)
+            metrics.watch_breaker("crm-backend", lambda: service.crm.breaker.state)
+            metrics.gateway_in_flight.set_function(lambda: service.gateway.bulkhead.in_flight)
             app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl)
             stack.callback(app.state.jobs.cancel_all)
             log.info("startup", gateway=settings.conductor_gateway_url, crm=settings.crm_backend_url, cache=cache_store.backend)
@@ -128,7 +136,8 @@ def create_app(
 
     return Litestar(
         route_handlers=[ai_router, streams_router, healthz, readyz, metrics_route],
-        state=State({"metrics": metrics}),
+        state=State({"metrics": metrics, "settings": settings}),
+        request_max_body_size=settings.max_body_bytes,
         dependencies=SERVICE,
         lifespan=[lifespan],
         middleware=[request_context],

@@ -18,7 +18,8 @@ import hashlib
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -135,6 +136,17 @@ def cache_key(prefix: str, task: str, agent: str, version: str, agent_input: str
     return f"{prefix}:result:{task}:{digest}"
 
 
+@asynccontextmanager
+async def key_lock(locks: dict[str, asyncio.Lock], key: str) -> AsyncIterator[None]:
+    lock = locks.setdefault(key, asyncio.Lock())
+    try:
+        async with lock:
+            yield
+    finally:
+        if not lock.locked() and locks.get(key) is lock:
+            del locks[key]
+
+
 class ResultCache:
     def __init__(self, store: Store, grace: float, clock: Callable[[], float] = time.time,
                  on_coalesced: Callable[[str], None] = lambda key: None) -> None:
@@ -144,9 +156,17 @@ class ResultCache:
         self._flights: dict[str, asyncio.Task[bytes]] = {}
         self.coalesced = 0
         self._on_coalesced = on_coalesced
+        self._admitting: dict[str, asyncio.Lock] = {}
 
-    async def get_or_compute(self, key: str, ttl: float, mode: Mode, compute: Callable[[], Awaitable[bytes]]) -> Outcome:
+    async def get_or_compute(self, key: str, ttl: float, mode: Mode, compute: Callable[[], Awaitable[bytes]],
+                             admit: Callable[[], Awaitable[None]] | None = None) -> Outcome:
+        """`admit` runs only when this request makes the model call (it may refuse: a rate limit).
+
+        Hits and requests that join a call already in flight are free.
+        """
         if mode == "no-store":
+            if admit is not None:
+                await admit()
             return Outcome(await compute(), "BYPASS")
         stale = await self.store.get(key) if mode == "default" else None
         if stale is not None:
@@ -155,16 +175,33 @@ class ResultCache:
                 return Outcome(stale.body, "HIT", int(max(age, 0)))
             if age >= ttl + self._grace:
                 stale = None
+        task = self._flights.get(key)
+        if task is None and admit is not None:
+            # One request at a time decides to take off for a key: the others wait the length
+            # of one admission, then join its flight instead of spending tokens of their own.
+            lock = self._admitting.get(key)
+            waited = lock is not None and lock.locked()
+            async with key_lock(self._admitting, key):
+                task = self._flights.get(key)
+                if task is None and waited and mode == "default":
+                    # The flight we queued behind may have landed already: its answer is in the store.
+                    fresh = await self.store.get(key)
+                    if fresh is not None and (age := self._clock() - fresh.stored_at) < ttl:
+                        return Outcome(fresh.body, "HIT", int(max(age, 0)))
+                if task is None:
+                    await admit()
         try:
-            body = await self._join(key, ttl, compute)
+            body = await self._join(key, ttl, compute, task)
         except STALE_ON:
             if stale is None:
                 raise
             return Outcome(stale.body, "STALE", int(self._clock() - stale.stored_at))
         return Outcome(body, "MISS")
 
-    async def _join(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]]) -> bytes:
-        task = self._flights.get(key)
+    async def _join(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]],
+                    task: asyncio.Task[bytes] | None) -> bytes:
+        if task is None:
+            task = self._flights.get(key)
         if task is None:
             task = asyncio.create_task(self._fly(key, ttl, compute), name=f"flight {key}")
             self._flights[key] = task

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import httpx
 import msgspec
 
 from .context import outbound_headers
-from .errors import CrmRefused, CrmUnavailable, UpstreamTimeout
+from .errors import CrmCircuitOpen, CrmRefused, CrmUnavailable, UpstreamTimeout
 from .gateway import detail_of
+from .resilience import CircuitBreaker, retrying
 from .settings import Settings
 
 UPSTREAM = "CRM backend"
@@ -23,10 +26,12 @@ def client_timeout(settings: Settings) -> httpx.Timeout:
 
 
 class CrmClient:
-    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+    def __init__(self, http: httpx.AsyncClient, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self._http = http
         self._settings = settings
         self._slots = asyncio.Semaphore(settings.crm_max_connections)
+        self.breaker = CircuitBreaker("crm-backend", threshold=settings.circuit_failure_threshold,
+                                      reset=settings.circuit_reset_seconds, clock=clock)
 
     async def get_record(self, kind: Literal["lead", "deal"], record_id: str, authorization: str) -> dict[str, Any]:
         """The record as the caller may see it; the backend's refusal becomes ours."""
@@ -47,12 +52,38 @@ class CrmClient:
         response.raise_for_status()
 
     async def _call(self, method: str, path: str, authorization: str, body: bytes | None = None) -> httpx.Response:
+        if not self.breaker.admit():
+            raise CrmCircuitOpen(f"the {UPSTREAM} failed {self.breaker.failures} times in a row; calls are paused",
+                                 retry_after=self.breaker.retry_after())
+        try:
+            response = await self._attempt(method, path, authorization, body)
+        except (CrmUnavailable, UpstreamTimeout):
+            self.breaker.failed()
+            raise
+        except BaseException:
+            self.breaker.released()
+            raise
+        # The backend's refusals (401/403/404) say it is healthy.
+        self.breaker.succeeded()
+        if response.status_code >= 400:
+            passed = {k: v for k, v in response.headers.items() if k.lower() == "www-authenticate"}
+            raise CrmRefused(response.status_code, detail_of(response), passed)
+        return response
+
+    async def _attempt(self, method: str, path: str, authorization: str, body: bytes | None) -> httpx.Response:
         headers = {"Authorization": authorization, "Accept": "application/json", **outbound_headers()}
         if body is not None:
             headers["Content-Type"] = "application/json"
+
+        async def send() -> httpx.Response:
+            return await self._http.request(method, path, content=body, headers=headers)
+
+        s = self._settings
         try:
-            async with asyncio.timeout(self._settings.crm_call_timeout), self._slots:
-                response = await self._http.request(method, path, content=body, headers=headers)
+            async with asyncio.timeout(s.crm_call_timeout), self._slots:
+                # Only failures to connect are retried: the request never reached the backend.
+                response = await retrying(send, attempts=1 + s.upstream_retries, base=s.retry_base_delay, cap=s.retry_max_delay,
+                                          retry_on=lambda e: isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)))
         except (TimeoutError, httpx.TimeoutException) as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise CrmUnavailable(f"cannot connect to the {UPSTREAM}: connect timed out") from None
@@ -62,7 +93,4 @@ class CrmClient:
             raise CrmUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None
         if response.status_code >= 500:
             raise CrmUnavailable(f"the {UPSTREAM} answered {response.status_code} to {method} {path}")
-        if response.status_code >= 400:
-            passed = {k: v for k, v in response.headers.items() if k.lower() == "www-authenticate"}
-            raise CrmRefused(response.status_code, detail_of(response), passed)
         return response

@@ -72,6 +72,21 @@ class GatewayUnavailable(AdapterError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+class GatewayCircuitOpen(GatewayUnavailable):
+    slug, title = "gateway-circuit-open", "Conductor Gateway circuit open"
+
+
+class GatewayBusy(GatewayUnavailable):
+    slug, title = "gateway-busy", "Too many agent calls in flight"
+
+
+class CrmCircuitOpen(AdapterError):
+    status, slug, title = 503, "crm-circuit-open", "CRM backend circuit open"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
 class GatewayProtocolError(AdapterError):
     status, slug, title = 502, "gateway-protocol-error", "Unexpected answer from the Conductor Gateway"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -14,8 +15,17 @@ import structlog
 from httpx_sse import SSEError, aconnect_sse
 
 from .context import outbound_headers
-from .errors import AgentFailed, AgentMissing, GatewayProtocolError, GatewayUnavailable, UpstreamTimeout
+from .errors import (
+    AgentFailed,
+    AgentMissing,
+    GatewayBusy,
+    GatewayCircuitOpen,
+    GatewayProtocolError,
+    GatewayUnavailable,
+    UpstreamTimeout,
+)
 from .metrics import Metrics
+from .resilience import Bulkhead, CircuitBreaker, retrying
 from .settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
@@ -63,11 +73,64 @@ def client_timeout(settings: Settings) -> httpx.Timeout:
     return httpx.Timeout(connect=settings.gateway_connect_timeout, read=settings.gateway_read_timeout, write=30.0, pool=10.0)
 
 
+class _Refused503(Exception):
+    """The gateway's 503 (its database is down): it did not start the agent, so a retry is safe."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__("503")
+        self.response = response
+
+
+def _not_started(exc: Exception) -> bool:
+    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, _Refused503))
+
+
 class GatewayClient:
-    def __init__(self, http: httpx.AsyncClient, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, http: httpx.AsyncClient, settings: Settings, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._http = http
         self._settings = settings
         self._metrics = metrics or Metrics()
+        self.breaker = CircuitBreaker("conductor-gateway", threshold=settings.circuit_failure_threshold,
+                                      reset=settings.circuit_reset_seconds, clock=clock)
+        self.bulkhead = Bulkhead(settings.gateway_max_concurrency, settings.gateway_queue_timeout)
+
+    @asynccontextmanager
+    async def guarded(self) -> AsyncIterator[None]:
+        """Circuit breaker and bulkhead around one agent run (a synchronous call or a whole stream)."""
+        if not self.breaker.admit():
+            raise GatewayCircuitOpen(
+                f"the {UPSTREAM} failed {self.breaker.failures} times in a row; calls are paused",
+                retry_after=self.breaker.retry_after())
+        if not await self.bulkhead.acquire():
+            self.breaker.released()
+            raise GatewayBusy(f"{self.bulkhead.limit} agent calls are in flight (GATEWAY_MAX_CONCURRENCY); "
+                              f"none finished within {self.bulkhead.wait:g} s (GATEWAY_QUEUE_TIMEOUT)")
+        try:
+            yield
+        except (GatewayUnavailable, UpstreamTimeout, GatewayProtocolError):
+            self.breaker.failed()
+            raise
+        except BaseException:
+            self.breaker.released()  # not the gateway's fault (cancelled, invalid output, ...)
+            raise
+        else:
+            self.breaker.succeeded()
+        finally:
+            self.bulkhead.release()
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        async def attempt() -> httpx.Response:
+            response = await self._http.request(method, path, **kwargs)
+            if response.status_code == 503:
+                raise _Refused503(response)
+            return response
+
+        try:
+            return await retrying(attempt, attempts=1 + self._settings.upstream_retries, base=self._settings.retry_base_delay,
+                                  cap=self._settings.retry_max_delay, retry_on=_not_started)
+        except _Refused503 as refused:
+            return refused.response
 
     def _body(self, **prompt: str) -> dict[str, Any]:
         # Stateless, with a fresh conversation each time: one answer must not leak
@@ -86,12 +149,16 @@ class GatewayClient:
 
     async def execute(self, agent_id: str, input_text: str) -> str:
         """Run the agent once and return the model's text."""
+        async with self.guarded():
+            return await self._execute(agent_id, input_text)
+
+    async def _execute(self, agent_id: str, input_text: str) -> str:
         t0 = time.perf_counter()
         outcome = "error"
         try:
             async with asyncio.timeout(self._settings.gateway_call_timeout):
-                response = await self._http.post(
-                    f"/api/agents/{agent_id}/execute", content=_encode(self._body(input_text=input_text)),
+                response = await self._send(
+                    "POST", f"/api/agents/{agent_id}/execute", content=_encode(self._body(input_text=input_text)),
                     headers={"Content-Type": "application/json", **outbound_headers()},
                 )
             outcome = "ok" if response.status_code == 200 else str(response.status_code)
@@ -114,8 +181,8 @@ class GatewayClient:
     async def start_stream(self, agent_id: str, input_text: str) -> str:
         """Start a streamed run; the gateway's job id."""
         try:
-            response = await self._http.post(
-                "/api/v1/stream-execute", content=_encode(self._body(agent_id=agent_id, input=input_text)),
+            response = await self._send(
+                "POST", "/api/v1/stream-execute", content=_encode(self._body(agent_id=agent_id, input=input_text)),
                 headers={"Content-Type": "application/json", **outbound_headers()},
                 timeout=self._http.timeout.read if self._http.timeout.read else 30.0)
         except httpx.TimeoutException:

@@ -19,7 +19,7 @@ import msgspec
 import structlog
 
 from .agents import Task
-from .cache import Entry, cache_key
+from .cache import Entry, cache_key, key_lock
 from .errors import AdapterError, AgentFailed, GatewayProtocolError, UpstreamTimeout
 from .problems import problem_of
 from .service import AiService
@@ -100,6 +100,7 @@ class Jobs:
         self._by_key: dict[str, Job] = {}
         self._runners: set[asyncio.Task[None]] = set()
         self.mirror = mirror  # optional RedisJobLog
+        self._admitting: dict[str, asyncio.Lock] = {}
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -108,7 +109,7 @@ class Jobs:
     def running(self) -> int:
         return len(self._runners)
 
-    async def start(self, task_name: str, request: Any, authorization: str, mode: str) -> tuple[Job, str]:
+    async def start(self, task_name: str, request: Any, authorization: str, mode: str, user: str = "") -> tuple[Job, str]:
         """A job for this question and the X-Cache it amounts to. The CRM check runs first."""
         task, record_id, agent_input = await self.service.prepare(task_name, request, authorization)
         key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, agent_input)
@@ -123,6 +124,15 @@ class Jobs:
         if shared is not None and not shared.finished:
             self.service.cache.note_coalesced(key)
             return shared, "MISS"
+        async with key_lock(self._admitting, key):
+            shared = self._by_key.get(key) if mode != "no-store" else None
+            if shared is not None and not shared.finished:
+                self.service.cache.note_coalesced(key)
+                return shared, "MISS"
+            await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
+            return await self._launch(task, record_id, key, agent_input, mode)
+
+    async def _launch(self, task: Task, record_id: str, key: str, agent_input: str, mode: str) -> tuple[Job, str]:
         job = self._new(task, record_id, key)
         if mode != "no-store":
             self._by_key[key] = job
@@ -194,10 +204,21 @@ class Jobs:
 
     async def _produce(self, job: Job, task: Task, agent_input: str) -> bytes:
         gateway = self.service.gateway
-        self._emit(job, "status", {"state": "running", "message": "starting the agent"})
-        gateway_job = await gateway.start_stream(task.agent_id, agent_input)
+        async with gateway.guarded():
+            self._emit(job, "status", {"state": "running", "message": "starting the agent"})
+            text = await self._read_model(job, task, await gateway.start_stream(task.agent_id, agent_input))
+        self._emit(job, "status", {"state": "validating", "message": "validating the agent's answer"})
+
+        def repairing(attempt: int) -> None:
+            self._emit(job, "status", {"state": "running", "message": f"repairing invalid output (attempt {attempt + 1})"})
+
+        result = await self.service.validated(task, job.record_id, agent_input, text, on_repair=repairing)
+        return _encode(result)
+
+    async def _read_model(self, job: Job, task: Task, gateway_job: str) -> str:
+        """Map the gateway's events onto ours; the model's final text."""
         text: str | None = None
-        async for name, data in gateway.stream_events(gateway_job):
+        async for name, data in self.service.gateway.stream_events(gateway_job):
             if name == "on_llm_new_token":
                 if (piece := _token_text(data)) is not None:
                     self._emit(job, "delta", {"text": piece})
@@ -213,13 +234,7 @@ class Jobs:
             # Every other gateway event (on_chain_start, on_tool_end, ...) is noise to the browser.
         if text is None:
             raise GatewayProtocolError(f"the gateway's stream for agent {task.agent_id} ended without a result")
-        self._emit(job, "status", {"state": "validating", "message": "validating the agent's answer"})
-
-        def repairing(attempt: int) -> None:
-            self._emit(job, "status", {"state": "running", "message": f"repairing invalid output (attempt {attempt + 1})"})
-
-        result = await self.service.validated(task, job.record_id, agent_input, text, on_repair=repairing)
-        return _encode(result)
+        return text
 
     def _purge(self) -> None:
         now = self._clock()

@@ -23,9 +23,16 @@ class Metrics:
         self.write_backs = Counter("crm_ai_write_backs", "Lead write-backs to the CRM: ok, failed, skipped", ["outcome"], registry=r)
         self.open_streams = Gauge("crm_ai_open_streams", "SSE connections open to clients", registry=r)
         self.running_jobs = Gauge("crm_ai_running_jobs", "Streamed jobs still running", registry=r)
+        self.circuit = Gauge("crm_ai_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open", ["upstream"], registry=r)
+        self.gateway_in_flight = Gauge("crm_ai_gateway_calls_in_flight", "Agent runs holding a bulkhead slot", registry=r)
+        self.rate_limited = Counter("crm_ai_rate_limited", "Requests refused by the per-user rate limit", ["task"], registry=r)
 
     def watch_jobs(self, running: Callable[[], int]) -> None:
         self.running_jobs.set_function(running)
+
+    def watch_breaker(self, upstream: str, state: Callable[[], str]) -> None:
+        codes = {"closed": 0, "half_open": 1, "open": 2}
+        self.circuit.labels(upstream).set_function(lambda: codes[state()])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -126,6 +126,8 @@ class AiHealth(msgspec.Struct, kw_only=True):
     crm_backend: DependencyState
     cache: DependencyState
     agents: dict[str, bool]
+    circuits: dict[str, Literal["closed", "open", "half_open"]]
+    gateway_calls_in_flight: int
 
 
 class Liveness(msgspec.Struct, kw_only=True):

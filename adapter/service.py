@@ -17,6 +17,7 @@ from .gateway import GatewayClient
 from .metrics import Metrics
 from .models import LeadQualifyResult
 from .prompts import repair_input
+from .ratelimit import RateLimiter
 from .settings import Settings
 from .validation import OutputInvalid
 
@@ -39,9 +40,11 @@ class AiService:
         cache: ResultCache,
         settings: Settings,
         metrics: Metrics | None = None,
+        limiter: RateLimiter | None = None,
         today: Callable[[], dt.date] = _today,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.limiter = limiter
         self.tasks = tasks
         self.gateway = gateway
         self.crm = crm
@@ -56,7 +59,7 @@ class AiService:
         record = await self.crm.get_record(task.record_kind, record_id, authorization)
         return task, record_id, task.render(record, request, self._today())
 
-    async def run(self, task_name: str, request: Any, authorization: str, mode: Mode) -> Outcome:
+    async def run(self, task_name: str, request: Any, authorization: str, mode: Mode, user: str = "") -> Outcome:
         # The cache is consulted only after the backend let this caller read the record.
         task, record_id, agent_input = await self.prepare(task_name, request, authorization)
         key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, agent_input)
@@ -64,7 +67,17 @@ class AiService:
         async def compute() -> bytes:
             return _encode(await self.ask_agent(task, record_id, agent_input))
 
-        return await self.cache.get_or_compute(key, self.settings.ttl_for(task.name), mode, compute)
+        return await self.cache.get_or_compute(key, self.settings.ttl_for(task.name), mode, compute,
+                                               admit=lambda: self.admit(task.name, user))
+
+    async def admit(self, task_name: str, user: str) -> None:
+        """Spend the user's token for a model call (raises RateLimited)."""
+        if self.limiter is not None and user:
+            try:
+                await self.limiter.take(task_name, user)
+            except AdapterError:
+                self.metrics.rate_limited.labels(task_name).inc()
+                raise
 
     async def write_back(self, lead_id: str, authorization: str, body: bytes) -> str:
         """Store a fresh qualification on the lead, as the old in-process agent did: ok or failed.

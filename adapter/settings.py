@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+RATE = r"^(off|[1-9][0-9]{0,6}/[0-9]+(\.[0-9]+)?)$"
 Port = Annotated[int, Meta(ge=0, le=65_535)]
 
 
@@ -60,6 +61,24 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     proxy_max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 512
     proxy_read_timeout: Seconds = 60.0
     shutdown_grace_seconds: Seconds = 10.0
+
+    # Retries only where they cannot double the model's work: connect failures and the gateway's 503.
+    upstream_retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    retry_base_delay: Seconds = 0.2
+    retry_max_delay: Seconds = 2.0
+    circuit_failure_threshold: Annotated[int, Meta(ge=1, le=1000)] = 5
+    circuit_reset_seconds: Seconds = 30.0
+    gateway_max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 200
+    gateway_queue_timeout: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+
+    # Per-user token buckets, "<requests>/<seconds>" or "off". Cache hits are free.
+    rate_limit_email_generate: Annotated[str, Meta(pattern=RATE)] = "20/60"
+    rate_limit_lead_qualify: Annotated[str, Meta(pattern=RATE)] = "60/60"
+    rate_limit_deal_predict: Annotated[str, Meta(pattern=RATE)] = "60/60"
+    # The CRM backend's SECRET_KEY: verify bearer tokens here first (401 before any upstream call).
+    crm_jwt_secret: str | None = None
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=100 * 1024 * 1024)] = 64 * 1024
+    max_header_bytes: Annotated[int, Meta(ge=1024, le=1024 * 1024)] = 16 * 1024
 
     agent_repair_attempts: Annotated[int, Meta(ge=0, le=5)] = 1
 

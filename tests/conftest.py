@@ -48,7 +48,7 @@ def auth(seed: dict) -> dict[str, str]:
 
 
 def make_settings(**overrides: object) -> Settings:
-    env = {"GATEWAY_CALL_TIMEOUT": "5", "CRM_CALL_TIMEOUT": "5"}
+    env = {"GATEWAY_CALL_TIMEOUT": "5", "CRM_CALL_TIMEOUT": "5", "RETRY_BASE_DELAY": "0.005", "RETRY_MAX_DELAY": "0.01"}
     env.update({k.upper(): str(v) for k, v in overrides.items()})
     return Settings.from_env(env)
 

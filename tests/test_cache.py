@@ -120,12 +120,11 @@ async def test_stale_served_when_the_agent_fails(make_client, seed, auth, gatewa
     async with make_client(settings=settings, clock=clock) as client:
         fresh = await qualify(client, seed["leads"][0], auth)
         clock.now += 120
-        gateway.push(LEAD_AGENT, fault, fault)
+        gateway.default = fault  # every attempt, retries and repairs included, fails
         stale = await qualify(client, seed["leads"][0], auth)
         assert stale.status_code == 200 and stale.headers["x-cache"] == "STALE" and stale.headers["age"] == "120"
         assert stale.content == fresh.content
         clock.now += 600  # past the grace period: nothing left to stand in
-        gateway.push(LEAD_AGENT, fault, fault)
         assert (await qualify(client, seed["leads"][0], auth)).status_code in {502, 503}
 
 
@@ -210,10 +209,10 @@ async def test_redis_ttl_expiry_and_stale(make_client, redis_settings, seed, aut
     async with make_client(settings=redis_settings(cache_ttl_lead_qualify=60), clock=clock) as client:
         await qualify(client, seed["leads"][0], auth)
         clock.now += 61
-        gateway.push(LEAD_AGENT, "unavailable_503")
+        gateway.push(LEAD_AGENT, *["unavailable_503"] * 3)  # the call and its two retries
         assert (await qualify(client, seed["leads"][0], auth)).headers["x-cache"] == "STALE"
         assert (await qualify(client, seed["leads"][0], auth)).headers["x-cache"] == "MISS"
-    assert gateway.calls[LEAD_AGENT] == 3
+    assert gateway.calls[LEAD_AGENT] == 5
 
 
 @pytest.mark.redis
@@ -247,7 +246,7 @@ async def test_hundred_requests_across_two_replicas_make_one_call(make_client, r
 @pytest.mark.redis
 async def test_replicas_share_the_error_of_the_one_call(make_client, redis_settings, crm, seed, auth, gateway):
     gateway.gate = asyncio.Event()
-    gateway.push(LEAD_AGENT, "unavailable_503")
+    gateway.push(LEAD_AGENT, "error_500")  # not retried: the gateway may have started the agent
     async with make_client(settings=redis_settings()) as a, make_client(settings=redis_settings()) as b:
         requests = [asyncio.create_task(qualify(a if i % 2 else b, seed["leads"][0], auth)) for i in range(10)]
         await crm.calls.reach(10)

@@ -43,7 +43,7 @@ async def test_stale_answer_is_not_written_back(make_client, crm, seed, auth, ga
     async with make_client(settings=make_settings(cache_ttl_lead_qualify=10), clock=lambda: now[0]) as client:
         await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
         now[0] += 11
-        gateway.push(LEAD_AGENT, "unavailable_503")
+        gateway.default = "unavailable_503"
         r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
     assert r.headers["x-cache"] == "STALE" and r.headers["x-crm-write-back"] == "skipped" and len(crm.patches) == 1
 

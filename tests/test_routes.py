@@ -185,7 +185,6 @@ async def test_gateway_down_is_503_with_retry_after(make_client, seed, auth):
 
 @pytest.mark.parametrize(("behaviour", "status", "slug"), [
     ("error_500", 503, "gateway-unavailable"),
-    ("unavailable_503", 503, "gateway-unavailable"),
     ("task_error", 502, "agent-failed"),
 ])
 async def test_gateway_failures_map_to_problems(client, seed, auth, gateway, behaviour, status, slug):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import jwt
 import structlog
 from collections.abc import Awaitable
 from typing import Any
@@ -29,6 +30,7 @@ from ..models import (
     LeadQualifyRequest,
     LeadQualifyResult,
 )
+from ..ratelimit import user_key
 from ..service import AiService
 
 log = structlog.get_logger("adapter.routes")
@@ -36,10 +38,30 @@ from .docs import CACHE_HEADERS, WRITE_BACK_HEADER, ai_responses
 
 
 def require_bearer(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Presence only: the CRM backend verifies the token on every request."""
-    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    """A bearer token must be there; the CRM backend verifies it on every request.
+
+    With CRM_JWT_SECRET set, an expired or badly signed token is refused here, before
+    any upstream call, and its verified `sub` names the user for rate limiting.
+    """
+    authorization = connection.headers.get("authorization", "")
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("an `Authorization: Bearer <token>` header is required")
+    secret = connection.app.state.settings.crm_jwt_secret
+    sub = None
+    if secret:
+        try:
+            claims = jwt.decode(token.strip(), secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the bearer token has expired") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"the bearer token is not valid: {exc}") from None
+        sub = str(claims["sub"])
+    connection.scope["adapter.user"] = user_key(authorization, sub)  # type: ignore[typeddict-unknown-key]
+
+
+def user_of(request: Request) -> str:
+    return request.scope.get("adapter.user", "")  # type: ignore[return-value]
 
 
 def cache_mode(request: Request) -> Mode:
@@ -60,7 +82,7 @@ def respond(outcome: Outcome, **extra: str) -> Response[Any]:
 
 async def _run(service: AiService, task: str, data: Any, request: Request) -> Response[Any]:
     authorization = request.headers["authorization"]
-    outcome = await service.run(task, data, authorization, cache_mode(request))
+    outcome = await service.run(task, data, authorization, cache_mode(request), user_of(request))
     service.metrics.cache.labels(task, outcome.x_cache.lower()).inc()
     if task != "lead.qualify":
         return respond(outcome)
@@ -114,8 +136,11 @@ async def ai_health(service: NamedDependency[AiService]) -> AiHealth:
     if gateway.status == "up" and listing.status == "down":
         gateway = DependencyState(status="degraded", url=gateway.url, latency_ms=gateway.latency_ms, detail=f"GET /api/agents failed: {listing.detail}")
     agents = {agent: bool(listed and agent in listed) for agent in AGENT_IDS}
-    healthy = gateway.status == crm.status == cache.status == "up" and all(agents.values())
-    return AiHealth(status="ok" if healthy else "degraded", gateway=gateway, crm_backend=crm, cache=cache, agents=agents)
+    circuits = {"conductor-gateway": service.gateway.breaker.state, "crm-backend": service.crm.breaker.state}
+    healthy = gateway.status == crm.status == cache.status == "up" and all(agents.values()) \
+        and set(circuits.values()) == {"closed"}
+    return AiHealth(status="ok" if healthy else "degraded", gateway=gateway, crm_backend=crm, cache=cache, agents=agents,
+                    circuits=circuits, gateway_calls_in_flight=service.gateway.bulkhead.in_flight)
 
 
 def provide_service(state: State) -> AiService:

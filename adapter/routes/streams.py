@@ -17,7 +17,7 @@ from ..jobs import Job, Jobs
 from ..models import DealPredictRequest, EmailGenerateRequest, JobCreated, JobRequest, JobView, LeadQualifyRequest
 from ..sse import job_events, last_event_id
 from ..tokens import JobTokens
-from .ai import cache_mode, require_bearer
+from .ai import cache_mode, require_bearer, user_of
 from .docs import SSE_RESPONSE, job_responses, stream_responses
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
@@ -39,7 +39,7 @@ CacheParam = Annotated[Mode, QueryParameter(description="default, no-cache (fres
 
 async def _stream(jobs: Jobs, task: str, data: Any, request: Request, cache: Mode) -> Stream:
     # The CRM check and the body's validation happen before the stream opens: they answer as problems.
-    job, x_cache = await jobs.start(task, data, request.headers["authorization"], cache)
+    job, x_cache = await jobs.start(task, data, request.headers["authorization"], cache, user_of(request))
     jobs.service.metrics.cache.labels(task, x_cache.lower()).inc()
     return _sse(job, jobs, 0, **{"X-Cache": x_cache})
 
@@ -76,7 +76,7 @@ async def create_job(data: JSONBody[JobRequest], request: Request, jobs: NamedDe
         message, _, where = str(exc).partition(" - at `$")
         field = "input" + where.rstrip("`") if where else "input"
         raise BadRequest(f"invalid request body: `{field}`: {message}", field=field) from None
-    job, x_cache = await jobs.start(data.task, body, request.headers["authorization"], cache_mode(request))
+    job, x_cache = await jobs.start(data.task, body, request.headers["authorization"], cache_mode(request), user_of(request))
     jobs.service.metrics.cache.labels(data.task, x_cache.lower()).inc()
     token, expires = tokens.issue(job.id)
     created = JobCreated(job_id=job.id, status=job.status, expires_at=expires,

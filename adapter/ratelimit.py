@@ -1,0 +1,115 @@
+"""Per-user token buckets for the AI routes: in Redis (shared by replicas) or per process.
+
+A bucket holds `limit` tokens and refills `limit` every `window` seconds; a
+request that would call the model takes one. Cache hits take none. The user is
+the JWT's `sub` when the signature was verified (CRM_JWT_SECRET), otherwise a
+hash of the bearer token: never an identity nobody checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from .errors import AdapterError
+from .redis_store import FAULTS, RedisStore
+
+# Redis's own clock: replicas with skewed clocks still share one bucket correctly.
+_TAKE = """
+local cap, rate, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local b = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens, ts = tonumber(b[1]), tonumber(b[2])
+if tokens == nil then tokens, ts = cap, now end
+tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
+local allowed = 0
+if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {allowed, tostring(tokens)}
+"""
+
+
+class RateLimited(AdapterError):
+    status, slug, title = 429, "rate-limited", "Too many AI requests"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    limit: int
+    window: float
+
+    @property
+    def rate(self) -> float:
+        return self.limit / self.window
+
+    @classmethod
+    def parse(cls, text: str) -> Policy | None:
+        if text.strip().lower() in {"off", "0", ""}:
+            return None
+        count, _, window = text.partition("/")
+        return cls(int(count), float(window))
+
+
+def user_key(authorization: str, verified_sub: str | None) -> str:
+    if verified_sub:
+        return f"sub:{verified_sub}"
+    token = authorization.partition(" ")[2].strip()
+    return "tok:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+class RateLimiter:
+    def __init__(self, policies: dict[str, Policy | None], *, prefix: str, store: RedisStore | None,
+                 clock: Callable[[], float] = time.monotonic, max_local: int = 100_000) -> None:
+        self.policies = policies
+        self._prefix = prefix
+        self._store = store
+        self._clock = clock
+        self._local: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._max_local = max_local
+
+    async def take(self, task: str, user: str) -> None:
+        """Spend one token, or raise `RateLimited` with the headers a client needs to back off."""
+        policy = self.policies.get(task)
+        if policy is None:
+            return
+        key = f"{self._prefix}:rl:{task}:{user}"
+        tokens = await self._redis_take(key, policy) if self._store is not None else None
+        if tokens is None:  # no Redis, or Redis is down: this process keeps its own buckets
+            tokens = self._local_take(key, policy)
+        allowed, left = tokens
+        if allowed:
+            return
+        wait = max(1, math.ceil((1 - left) / policy.rate))
+        raise RateLimited(
+            f"at most {policy.limit} {task} requests per {policy.window:g} s per user; retry in {wait} s",
+            headers={"Retry-After": str(wait), "RateLimit-Limit": str(policy.limit), "RateLimit-Remaining": "0",
+                     "RateLimit-Reset": str(wait), "RateLimit-Policy": f"{policy.limit};w={policy.window:g}"})
+
+    async def _redis_take(self, key: str, policy: Policy) -> tuple[bool, float] | None:
+        redis: Redis = self._store.redis  # type: ignore[union-attr]
+        try:
+            allowed, left = await redis.eval(_TAKE, 1, key, policy.limit, policy.rate, int(policy.window * 2000))
+        except FAULTS as exc:
+            self._store.fault(exc)  # type: ignore[union-attr]
+            return None
+        return bool(allowed), float(left)
+
+    def _local_take(self, key: str, policy: Policy) -> tuple[bool, float]:
+        now = self._clock()
+        tokens, ts = self._local.pop(key, (float(policy.limit), now))
+        tokens = min(policy.limit, tokens + max(0.0, now - ts) * policy.rate)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        self._local[key] = (tokens, now)
+        while len(self._local) > self._max_local:  # bounded: the least recently seen users go first
+            self._local.popitem(last=False)
+        return allowed, tokens

@@ -1,0 +1,116 @@
+"""Containment for the slow, costly, unreliable upstreams: retries, circuit breakers, a bulkhead."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypeVar
+
+import structlog
+
+log = structlog.get_logger("adapter.resilience")
+T = TypeVar("T")
+State = Literal["closed", "open", "half_open"]
+
+
+class NotSent(Exception):
+    """A failure that happened before the request left: retrying cannot double any work."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int, base: float, cap: float,
+                   retry_on: Callable[[Exception], bool], sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> T:
+    """`call`, again after failures `retry_on` accepts, with full-jitter exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except Exception as exc:
+            if attempt == attempts - 1 or not retry_on(exc):
+                raise
+            delay = random.uniform(0, min(cap, base * 2**attempt))
+            log.info("upstream.retry", attempt=attempt + 1, delay_ms=round(delay * 1000), error=type(exc).__name__)
+            await sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class CircuitBreaker:
+    """Closed, then open after `threshold` consecutive failures; after `reset` seconds one probe goes through."""
+
+    def __init__(self, name: str, *, threshold: int, reset: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.threshold = threshold
+        self.reset = reset
+        self._clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> State:
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if self._clock() - self.opened_at >= self.reset else "open"
+
+    def retry_after(self) -> int:
+        if self.opened_at is None:
+            return 0
+        return max(1, int(self.reset - (self._clock() - self.opened_at) + 0.999))
+
+    def admit(self) -> bool:
+        """May a call go through now? In half-open state only one probe at a time."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def succeeded(self) -> None:
+        if self.opened_at is not None:
+            log.info("circuit.closed", upstream=self.name)
+        self.failures, self.opened_at, self._probing = 0, None, False
+
+    def failed(self) -> None:
+        self.failures += 1
+        if self._probing or self.failures >= self.threshold:
+            if self.opened_at is None or self._probing:
+                log.warning("circuit.opened", upstream=self.name, failures=self.failures, cool_down_s=self.reset)
+            self.opened_at, self._probing = self._clock(), False
+
+    def released(self) -> None:
+        """The admitted call ended without a verdict (cancelled, or a refusal that says nothing of health)."""
+        self._probing = False
+
+
+class Bulkhead:
+    """At most `limit` calls in flight; the rest wait at most `wait` seconds."""
+
+    def __init__(self, limit: int, wait: float) -> None:
+        self.limit = limit
+        self.wait = wait
+        self._slots = asyncio.Semaphore(limit)
+        self.waiting = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.limit - self._slots._value  # noqa: SLF001 - the semaphore's count is the truth
+
+    async def acquire(self) -> bool:
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.wait):
+                await self._slots.acquire()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self._slots.release()
