@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from . import __version__, crm, gateway, problems
 from .agents import load_tasks
 from .cache import MemoryStore, ResultCache, Store
-from .context import add_request_id_header, current_request_id, elapsed_ms, request_id
+from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
 from .ratelimit import Policy, RateLimiter
 from .redis_store import RedisStore
 from .job_log import RedisJobLog
@@ -50,6 +50,7 @@ def request_context(app: ASGIApp) -> ASGIApp:
         token = current_request_id.set(rid)
         try:
             with structlog.contextvars.bound_contextvars(request_id=rid):
+                check_header_size(scope, scope["app"].state.settings.max_header_bytes)
                 await app(scope, receive, send)
         finally:
             current_request_id.reset(token)

@@ -129,10 +129,11 @@ class MemoryStore:
         return len(self._data)
 
 
-def cache_key(prefix: str, task: str, agent: str, version: str, agent_input: str) -> str:
-    # The prompt holds the record's content, so an edited record is a new key;
-    # hashing keeps keys short whatever the record's size.
-    digest = hashlib.sha256(f"{agent}\0{version}\0{agent_input}".encode()).hexdigest()[:40]
+def cache_key(prefix: str, task: str, agent: str, version: str, record_id: str, agent_input: str) -> str:
+    # The prompt holds the record's content, so an edited record is a new key. The record id
+    # is in it too: two leads with the same content must not share an answer that names one
+    # of them. Hashing keeps keys short whatever the record's size.
+    digest = hashlib.sha256(f"{agent}\0{version}\0{record_id}\0{agent_input}".encode()).hexdigest()[:40]
     return f"{prefix}:result:{task}:{digest}"
 
 

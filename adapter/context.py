@@ -27,6 +27,14 @@ def request_id(scope: Scope) -> str:
     return rid
 
 
+def check_header_size(scope: Scope, limit: int) -> None:
+    size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+    if size > limit:
+        from .errors import HeadersTooLarge
+
+        raise HeadersTooLarge(f"the request headers take {size} bytes, more than the {limit}-byte limit (MAX_HEADER_BYTES)")
+
+
 def elapsed_ms(scope: Scope) -> float:
     return round((time.perf_counter() - scope.get(_T0_KEY, time.perf_counter())) * 1000, 2)  # type: ignore[misc]
 

@@ -46,6 +46,10 @@ class Unauthenticated(AdapterError):
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+class HeadersTooLarge(AdapterError):
+    status, slug, title = 431, "headers-too-large", "Request headers too large"
+
+
 class CrmRefused(AdapterError):
     """The CRM backend's own 4xx answer, passed on with its status and detail."""
 

@@ -112,7 +112,7 @@ class Jobs:
     async def start(self, task_name: str, request: Any, authorization: str, mode: str, user: str = "") -> tuple[Job, str]:
         """A job for this question and the X-Cache it amounts to. The CRM check runs first."""
         task, record_id, agent_input = await self.service.prepare(task_name, request, authorization)
-        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, agent_input)
+        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, record_id, agent_input)
         self._purge()
         if mode == "default" and (entry := await self.service.cache.store.get(key)) is not None:
             if self._clock() - entry.stored_at < self.settings.ttl_for(task.name):

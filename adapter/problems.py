@@ -27,7 +27,7 @@ _HTTP_SLUGS = {
 }
 
 
-def problem_of(exc: Exception, method: str, path: str) -> tuple[Problem, dict[str, str]]:
+def problem_of(exc: Exception, method: str, path: str, max_body: int | None = None) -> tuple[Problem, dict[str, str]]:
     """Pure: what an exception says to the caller, and the headers that go with it."""
     if isinstance(exc, AdapterError):
         errors = [FieldError(message=e) for e in exc.errors] or None
@@ -46,6 +46,8 @@ def problem_of(exc: Exception, method: str, path: str) -> tuple[Problem, dict[st
             detail = f"no route for {method} {path}"
         elif status == 405:
             detail = f"{method} is not allowed on {path}"
+        elif status == 413 and max_body:
+            detail = f"the request body is larger than the {max_body}-byte limit (MAX_BODY_BYTES)"
         title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
         return Problem(type=TYPE_BASE + _HTTP_SLUGS.get(status, f"http-{status}"), title=title, status=status,
                        detail=detail), dict(exc.headers or {})
@@ -72,7 +74,8 @@ def handle(request: Request, exc: Exception) -> Response:
         from .proxy import Forward
 
         return Forward(proxy, request, handle)
-    problem, headers = problem_of(exc, request.method, request.url.path)
+    settings = getattr(request.app.state, "settings", None)
+    problem, headers = problem_of(exc, request.method, request.url.path, settings.max_body_bytes if settings else None)
     problem.request_id = request_id(request.scope)
     problem.instance = request.url.path
     if problem.status >= 500 and not isinstance(exc, (AdapterError, HTTPException)):

@@ -22,7 +22,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.response.streaming import ASGIStreamingResponse
 
-from .context import request_id
+from .context import check_header_size, request_id
 from .errors import BadRequest, CrmUnavailable, UpstreamTimeout
 
 # RFC 9110 §7.6.1, plus the names a Connection header lists.
@@ -64,6 +64,7 @@ class Proxy:
 
     async def forward(self, request: Request) -> ASGIStreamingResponse:
         scope = request.scope
+        check_header_size(scope, request.app.state.settings.max_header_bytes)
         url = self.target(scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""))
         has_body = "content-length" in request.headers and request.headers["content-length"] != "0" \
             or "transfer-encoding" in request.headers

@@ -62,7 +62,7 @@ class AiService:
     async def run(self, task_name: str, request: Any, authorization: str, mode: Mode, user: str = "") -> Outcome:
         # The cache is consulted only after the backend let this caller read the record.
         task, record_id, agent_input = await self.prepare(task_name, request, authorization)
-        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, agent_input)
+        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, record_id, agent_input)
 
         async def compute() -> bytes:
             return _encode(await self.ask_agent(task, record_id, agent_input))

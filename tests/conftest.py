@@ -215,3 +215,27 @@ def redis_process() -> Iterator[RedisProcess]:
     own.start()
     yield own
     own.stop()
+
+
+class Restartable:
+    """An upstream on a fixed port that a test can take down and bring back."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = None
+        self._task = None
+        self._sock = None
+
+    async def start(self) -> None:
+        self._sock = servers.bind("127.0.0.1", self.port)
+        self._server = servers.server(self.app, quiet=True, graceful=0.5)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._task
+            self._sock.close()
+            self._server = None

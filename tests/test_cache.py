@@ -264,7 +264,7 @@ async def test_waiter_takes_over_from_a_crashed_holder(make_client, redis_settin
     async with make_client(settings=settings) as client:
         await qualify(client, seed["leads"][0], auth, **{"Cache-Control": "no-store"})  # learn the rendered input
         task = load_tasks(settings.conductor_agents_dir)["lead.qualify"]
-        key = cache_key(cache_prefix, "lead.qualify", LEAD_AGENT, task.version, gateway.prompts[-1][1])
+        key = cache_key(cache_prefix, "lead.qualify", LEAD_AGENT, task.version, seed["leads"][0], gateway.prompts[-1][1])
         with redis_sync.Redis.from_url(redis_url) as r:
             # A replica took the lock and died: nobody renews it, nobody publishes an outcome.
             r.set(f"{cache_prefix}:lock:{key.rsplit(':', 1)[-1]}", "crashed-holder", px=300)
@@ -303,3 +303,11 @@ async def test_redis_killed_mid_run_then_restarted(make_client, redis_process, s
         assert (await qualify(client, seed["leads"][0], auth)).headers["x-cache"] == "HIT"
         assert decode(await client.get("/api/v1/ai/health"))["cache"]["status"] == "up"
     assert gateway.calls[LEAD_AGENT] == 5
+
+
+async def test_records_with_the_same_content_never_share_an_answer(client, crm, seed, auth, gateway):
+    twins = [crm.add_lead(seed["alice"], name="Twin", company="Same Co", job_title="CTO") for _ in range(2)]
+    first = await qualify(client, twins[0], auth)
+    second = await qualify(client, twins[1], auth)
+    assert second.headers["x-cache"] == "MISS" and decode(second)["lead_id"] == twins[1]
+    assert decode(first)["lead_id"] == twins[0] and gateway.calls[LEAD_AGENT] == 2

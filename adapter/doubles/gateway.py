@@ -13,6 +13,7 @@ Stream behaviours (for POST /api/v1/stream-execute, same queue):
   start_fails     - 200 with the body `[{"error": ...}, 500]` (the real handler returns a tuple)
   stream_error    - an `error` event
   never_ends      - a few events, then silence forever
+  cut             - a few tokens, then the connection drops mid-stream
   any sync behaviour (json, fenced, garbage, ...) - status events, then `result` with that text
 Set `delay` for a slow model, `gate` (an asyncio.Event) to hold calls until released,
 `unknown_agents` to make agents 404, `down` to make /health and /api/agents fail.
@@ -145,6 +146,8 @@ class GatewayDouble:
             agent_id = body.get("agent_id", "")
             prompt = body.get("input") or (body.get("textEntries") or [{}])[0].get("content") or body.get("command")
             behaviour = double._behaviour(agent_id)
+            if behaviour == "unavailable_503":
+                return _json({"detail": "MongoDB connection not available"}, 503)
             if behaviour == "start_fails" or not prompt or not double._known(agent_id):
                 reason = "agent_id and input are required" if not prompt else f"Agent '{agent_id}' not found"
                 # The real handler returns (dict, 500) from a FastAPI route: it goes out as a 200 list.
@@ -172,6 +175,8 @@ class GatewayDouble:
             async def events():
                 try:
                     while (envelope := await queue.get()) is not None:
+                        if envelope.get("event") == "__cut__":
+                            raise ConnectionAbortedError("the double drops the connection mid-stream")
                         # One `data:` line per message: no event names, ids, retry hints or heartbeats.
                         yield b"data: " + _encode(envelope) + b"\n\n"
                 finally:
@@ -199,6 +204,10 @@ class GatewayDouble:
         put("on_chain_start", {"name": "AgentExecutor"})  # unknown to the sidecar: must be ignored
         if behaviour == "stream_error":
             put("error", {"error": "Conductor API request failed: 500"})
+        elif behaviour == "cut":
+            put("on_llm_start", {})
+            put("on_llm_new_token", {"token": "{\"score\": "})
+            put("__cut__", {})
         elif behaviour == "never_ends":
             put("on_llm_start", {})
             await asyncio.Event().wait()

@@ -1,0 +1,214 @@
+"""Protection: input limits, early authentication, rate limits, breakers, bulkhead, retries."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import decode, make_settings
+from tests.test_routes import assert_problem
+
+QUALIFY, LEAD_AGENT = "/api/v1/ai/lead/qualify", "LeadQualifier_CRM_Agent"
+
+
+async def test_body_over_the_limit_is_413_naming_it(make_client, auth, crm):
+    async with make_client(settings=make_settings(max_body_bytes=2048)) as client:
+        r = await client.post("/api/v1/ai/email/generate", headers=auth,
+                              json={"lead_id": "65f1c0ffee0000000000a001", "context": "x" * 4000})
+    body = assert_problem(r, 413, "payload-too-large")
+    assert "2048-byte limit (MAX_BODY_BYTES)" in body["detail"] and crm.calls.total() == 0
+
+
+async def test_headers_over_the_limit_are_431_naming_it(make_client, auth, crm):
+    async with make_client(settings=make_settings(max_header_bytes=2048)) as client:
+        routed = await client.post(QUALIFY, json={"lead_id": "65f1c0ffee0000000000a001"}, headers={**auth, "X-Junk": "j" * 3000})
+        proxied = await client.get("/api/v1/leads", headers={**auth, "X-Junk": "j" * 3000})
+    for r in (routed, proxied):
+        assert "MAX_HEADER_BYTES" in assert_problem(r, 431, "headers-too-large")["detail"]
+    assert crm.calls.total() == 0
+
+
+@pytest.mark.parametrize(("case", "detail"), [("expired", "expired"), ("forged", "not valid"), ("garbage", "not valid")])
+async def test_early_authentication_refuses_bad_tokens_before_any_upstream(make_client, crm, seed, gateway, case, detail):
+    token = {"expired": crm.token(seed["alice"], expires_in=-5), "forged": crm.token(seed["alice"], secret="f" * 40),
+             "garbage": "not-a-jwt"}[case]
+    async with make_client(settings=make_settings(crm_jwt_secret=crm.secret)) as client:
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers={"Authorization": f"Bearer {token}"})
+        ok = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers={"Authorization": f"Bearer {seed['token']}"})
+    assert detail in assert_problem(r, 401, "unauthenticated")["detail"]
+    assert ok.status_code == 200 and crm.calls.total() == 2  # the good token's read and write-back only
+
+
+async def test_rate_limit_per_user_with_headers_and_free_hits(make_client, crm, seed, auth, gateway):
+    leads = [seed["leads"][0], seed["leads"][1], crm.add_lead(seed["alice"], name="Third")]
+    async with make_client(settings=make_settings(rate_limit_lead_qualify="2/60")) as client:
+        first = [await client.post(QUALIFY, json={"lead_id": lead}, headers=auth) for lead in leads[:2]]
+        hits = [await client.post(QUALIFY, json={"lead_id": leads[0]}, headers=auth) for _ in range(5)]
+        limited = await client.post(QUALIFY, json={"lead_id": leads[2]}, headers=auth)
+        bob = await client.post(QUALIFY, json={"lead_id": seed["bobs_lead"]}, headers={"Authorization": f"Bearer {seed['bob_token']}"})
+        deal = await client.post("/api/v1/ai/deal/predict", json={"deal_id": seed["deals"][0]}, headers=auth)
+    assert [r.status_code for r in first] == [200, 200]
+    assert {r.headers["x-cache"] for r in hits} == {"HIT"}  # hits spend nothing
+    body = assert_problem(limited, 429, "rate-limited")
+    assert "2 lead.qualify requests per 60 s" in body["detail"]
+    assert int(limited.headers["retry-after"]) >= 1 and limited.headers["ratelimit-limit"] == "2"
+    assert limited.headers["ratelimit-remaining"] == "0" and limited.headers["ratelimit-policy"] == "2;w=60"
+    assert bob.status_code == 200 and deal.status_code == 200  # other users, other tasks: other buckets
+    assert gateway.calls[LEAD_AGENT] == 3
+
+
+@pytest.mark.redis
+async def test_rate_limit_is_shared_by_replicas_through_redis(make_client, redis_url, cache_prefix, crm, seed, auth):
+    settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, rate_limit_deal_predict="3/60")
+    deals = [crm.add_deal(seed["alice"], title=f"Deal {i}") for i in range(4)]
+    async with make_client(settings=settings) as a, make_client(settings=settings) as b:
+        codes = [(await (a if i % 2 else b).post("/api/v1/ai/deal/predict", json={"deal_id": d}, headers=auth)).status_code
+                 for i, d in enumerate(deals)]
+    assert codes == [200, 200, 200, 429]
+
+
+async def test_jwt_sub_names_the_user_when_verified(make_client, crm, seed, gateway):
+    # Two different tokens of the same user share one bucket once the signature is checked.
+    other_token = crm.token(seed["alice"], expires_in=7200)
+    settings = make_settings(crm_jwt_secret=crm.secret, rate_limit_lead_qualify="1/60")
+    async with make_client(settings=settings) as client:
+        first = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers={"Authorization": f"Bearer {seed['token']}"})
+        second = await client.post(QUALIFY, json={"lead_id": seed["leads"][1]}, headers={"Authorization": f"Bearer {other_token}"})
+    assert first.status_code == 200 and second.status_code == 429
+
+
+async def test_streams_and_jobs_are_rate_limited_too(make_client, seed, auth):
+    async with make_client(settings=make_settings(rate_limit_lead_qualify="1/60")) as client:
+        first = await client.post("/api/v1/ai/jobs", json={"task": "lead.qualify", "input": {"lead_id": seed["leads"][0]}}, headers=auth)
+        second = await client.post("/api/v1/ai/lead/qualify/stream", json={"lead_id": seed["leads"][1]}, headers=auth)
+    assert first.status_code == 202
+    assert_problem(second, 429, "rate-limited")
+
+
+async def test_gateway_503_is_retried_then_succeeds(client, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "unavailable_503", "unavailable_503")
+    r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert r.status_code == 200 and gateway.calls[LEAD_AGENT] == 3
+
+
+async def test_gateway_500_is_never_retried(client, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "error_500")
+    r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert_problem(r, 503, "gateway-unavailable")
+    assert gateway.calls[LEAD_AGENT] == 1  # it may have started the agent: a retry could double the work
+
+
+async def test_read_timeout_is_never_retried(make_client, seed, auth, gateway):
+    gateway.delay = 30
+    async with make_client(settings=make_settings(gateway_call_timeout=0.2)) as client:
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert_problem(r, 504, "gateway-timeout")
+    assert gateway.calls[LEAD_AGENT] == 1
+
+
+async def test_persistent_503_gives_up_after_the_retries(make_client, seed, auth, gateway):
+    gateway.default = "unavailable_503"
+    async with make_client(settings=make_settings(upstream_retries=3)) as client:
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert_problem(r, 503, "gateway-unavailable")
+    assert gateway.calls[LEAD_AGENT] == 4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_gateway_circuit_opens_fails_fast_probes_and_closes(make_client, seed, auth, gateway):
+    clock = Clock()
+    settings = make_settings(circuit_failure_threshold=3, circuit_reset_seconds=30, upstream_retries=0)
+    async with make_client(settings=settings, clock=clock) as client:
+        gateway.default = "error_500"
+        for _ in range(3):
+            assert_problem(await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth), 503, "gateway-unavailable")
+        fast = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+        body = assert_problem(fast, 503, "gateway-circuit-open")
+        assert fast.headers["retry-after"] == "30" and gateway.calls[LEAD_AGENT] == 3  # failed fast: no call
+        health = decode(await client.get("/api/v1/ai/health"))
+        assert health["circuits"]["conductor-gateway"] == "open" and health["status"] == "degraded"
+        metrics = (await client.get("/metrics")).text
+        assert 'crm_ai_circuit_state{upstream="conductor-gateway"} 2.0' in metrics
+        clock.now += 31  # cool-down over: one probe goes through, and the gateway has recovered
+        gateway.default = "json"
+        probe = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+        assert probe.status_code == 200
+        assert decode(await client.get("/api/v1/ai/health"))["circuits"]["conductor-gateway"] == "closed"
+    assert "circuit" in body["title"].lower()
+
+
+async def test_stale_answer_is_served_while_the_circuit_is_open(make_client, seed, auth, gateway):
+    clock = Clock()
+    settings = make_settings(circuit_failure_threshold=1, circuit_reset_seconds=300, cache_ttl_deal_predict=10, upstream_retries=0)
+    async with make_client(settings=settings, clock=clock) as client:
+        fresh = await client.post("/api/v1/ai/deal/predict", json={"deal_id": seed["deals"][0]}, headers=auth)
+        clock.now += 11
+        gateway.default = "error_500"
+        await client.post("/api/v1/ai/deal/predict", json={"deal_id": seed["deals"][1]}, headers=auth)  # opens the circuit
+        calls = gateway.calls.total()
+        stale = await client.post("/api/v1/ai/deal/predict", json={"deal_id": seed["deals"][0]}, headers=auth)
+    assert stale.status_code == 200 and stale.headers["x-cache"] == "STALE" and stale.content == fresh.content
+    assert gateway.calls.total() == calls
+
+
+async def test_crm_circuit_opens_on_failures_but_not_on_refusals(make_client, crm, seed, auth):
+    settings = make_settings(circuit_failure_threshold=2, upstream_retries=0)
+    async with make_client(settings=settings) as client:
+        for _ in range(3):  # 403s are the backend working: they never open the circuit
+            await client.post(QUALIFY, json={"lead_id": seed["bobs_lead"]}, headers=auth)
+        crm.fail_status = 500
+        for _ in range(2):
+            assert_problem(await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth), 502, "crm-unavailable")
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert_problem(r, 503, "crm-circuit-open")
+    assert int(r.headers["retry-after"]) > 0 and crm.calls.total() == 5
+
+
+async def test_bulkhead_bounds_calls_in_flight(make_client, seed, crm, auth, gateway):
+    gateway.gate = asyncio.Event()
+    leads = [crm.add_lead(seed["alice"], name=f"Lead {i}") for i in range(3)]
+    settings = make_settings(gateway_max_concurrency=2, gateway_queue_timeout=0.2)
+    async with make_client(settings=settings) as client:
+        held = [asyncio.create_task(client.post(QUALIFY, json={"lead_id": lead}, headers=auth)) for lead in leads[:2]]
+        await gateway.calls.reach(2)
+        health = decode(await client.get("/api/v1/ai/health"))
+        excess = await client.post(QUALIFY, json={"lead_id": leads[2]}, headers=auth)
+        gateway.gate.set()
+        done = await asyncio.gather(*held)
+    assert health["gateway_calls_in_flight"] == 2
+    body = assert_problem(excess, 503, "gateway-busy")
+    assert "GATEWAY_MAX_CONCURRENCY" in body["detail"] and excess.headers["retry-after"]
+    assert [r.status_code for r in done] == [200, 200] and gateway.calls[LEAD_AGENT] == 2
+
+
+async def test_crm_connect_failures_are_retried(make_client, seed, auth):
+    import httpx
+
+    attempts = []
+
+    def refuse_twice(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.path)
+        if len(attempts) <= 2:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(404, json={"detail": "Lead not found"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse_twice), base_url="http://crm.test") as backend, \
+            make_client(crm_http=backend) as client:
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert_problem(r, 404, "not-found")
+    assert len(attempts) == 3
+
+
+async def test_settings_reject_a_malformed_rate():
+    from adapter.settings import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="RATE_LIMIT_LEAD_QUALIFY"):
+        Settings.from_env({"RATE_LIMIT_LEAD_QUALIFY": "lots"})
