@@ -33,7 +33,8 @@ def main() -> None:
         env = os.environ
         double = GatewayDouble(default=env.get("DOUBLE_DEFAULT", "json"), delay=float(env.get("DOUBLE_DELAY", "0")),
                                stream_tokens=int(env.get("DOUBLE_TOKENS", "0")),
-                               token_interval=float(env.get("DOUBLE_TOKEN_INTERVAL", "0")))
+                               token_interval=float(env.get("DOUBLE_TOKEN_INTERVAL", "0")),
+                               fault_rate=float(env.get("DOUBLE_FAULT_RATE", "0")), seed=int(env.get("DOUBLE_SEED", "7")))
         _serve(double.app, port)
     elif role == "crm":
         from adapter.doubles.crm import CrmDouble
@@ -41,8 +42,9 @@ def main() -> None:
         crm = CrmDouble(secret=SECRET)
         seed = crm.seed()
         extra = [crm.add_lead(seed["alice"], name=f"Lead {i}", company=f"Company {i}", job_title="VP Sales") for i in range(2000)]
+        deals = [crm.add_deal(seed["alice"], title=f"Deal {i}", value=1000.0 * i, stage="proposal") for i in range(300)]
         Path(sys.argv[3]).write_text(json.dumps({"token": crm.token(seed["alice"], expires_in=86400), "leads": seed["leads"] + extra,
-                                                  "deals": seed["deals"]}))
+                                                  "deals": seed["deals"] + deals}))
         _serve(crm.app, port)
     elif role == "sidecar":
         from adapter import logs

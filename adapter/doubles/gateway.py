@@ -22,6 +22,7 @@ Set `delay` for a slow model, `gate` (an asyncio.Event) to hold calls until rele
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections import defaultdict, deque
@@ -64,8 +65,15 @@ def model_text(behaviour: str, agent_id: str, prompt: str) -> str:
 
 
 class GatewayDouble:
-    def __init__(self, *, default: str = "fenced", delay: float = 0.0, stream_tokens: int = 0, token_interval: float = 0.0) -> None:
+    SYNC_FAULTS = ("error_500", "unavailable_503", "garbage", "task_error")
+    STREAM_FAULTS = ("start_fails", "no_result", "stream_error", "cut", "garbage")
+
+    def __init__(self, *, default: str = "fenced", delay: float = 0.0, stream_tokens: int = 0, token_interval: float = 0.0,
+                 fault_rate: float = 0.0, seed: int = 0) -> None:
         self.default = default
+        # Load runs: this share of calls (queued behaviours aside) gets a random fault, reproducibly.
+        self.fault_rate = fault_rate
+        self._rng = random.Random(seed)
         self.delay = delay
         # Benchmarks: `tokens` streams this many tokens, each its own send time, paced by `token_interval`.
         self.stream_tokens = stream_tokens
@@ -85,9 +93,13 @@ class GatewayDouble:
     def push(self, agent_id: str, *behaviours: str) -> None:
         self.script[agent_id].extend(behaviours)
 
-    def _behaviour(self, agent_id: str) -> str:
+    def _behaviour(self, agent_id: str, stream: bool = False) -> str:
         queue = self.script[agent_id]
-        return queue.popleft() if queue else self.default
+        if queue:
+            return queue.popleft()
+        if self.fault_rate and self._rng.random() < self.fault_rate:
+            return self._rng.choice(self.STREAM_FAULTS if stream else self.SYNC_FAULTS)
+        return self.default
 
     def _known(self, agent_id: str) -> bool:
         return agent_id in AGENT_IDS and agent_id not in self.unknown_agents
@@ -145,7 +157,7 @@ class GatewayDouble:
             body = msgspec.json.decode(await request.body())
             agent_id = body.get("agent_id", "")
             prompt = body.get("input") or (body.get("textEntries") or [{}])[0].get("content") or body.get("command")
-            behaviour = double._behaviour(agent_id)
+            behaviour = double._behaviour(agent_id, stream=True)
             if behaviour == "unavailable_503":
                 return _json({"detail": "MongoDB connection not available"}, 503)
             if behaviour == "start_fails" or not prompt or not double._known(agent_id):
