@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from . import __version__, crm, gateway, problems
+from . import __version__, contract, crm, gateway, problems
 from .agents import load_tasks
 from .cache import MemoryStore, ResultCache, Store
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
@@ -135,7 +135,7 @@ def create_app(
             stack.callback(cache.cancel_flights)
             yield
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[ai_router, streams_router, healthz, readyz, metrics_route],
         state=State({"metrics": metrics, "settings": settings}),
         request_max_body_size=settings.max_body_bytes,
@@ -151,3 +151,5 @@ def create_app(
             render_plugins=[JsonRenderPlugin()],
         ),
     )
+    contract.finish(app.openapi_schema)  # the generated document is cached: this is what gets served
+    return app

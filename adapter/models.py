@@ -95,6 +95,16 @@ class JobCreated(msgspec.Struct, kw_only=True):
     expires_at: dt.datetime
 
 
+class SseEvent(msgspec.Struct, kw_only=True):
+    """One server-sent event as it arrives: `data` is JSON text (see each event's description)."""
+
+    event: Annotated[Literal["status", "delta", "result", "error", "done"], Meta(
+        description="status {state, message}; delta {text}; result: the synchronous route's body; "
+                    "error: a problem object; done {status, cached}, always last")]
+    data: Annotated[str, Meta(description="the event's JSON payload")]
+    id: Annotated[str, Meta(pattern="^[1-9][0-9]*$", description="consecutive from 1; resume with Last-Event-ID")]
+
+
 class FieldError(msgspec.Struct, kw_only=True, omit_defaults=True):
     field: str | None = None
     message: str

@@ -24,6 +24,7 @@ from .tally import Tally
 
 _encode = msgspec.json.Encoder().encode
 _OBJECT_ID = re.compile(r"^[0-9a-fA-F]{24}$")
+EXAMPLE_LEAD_ID, EXAMPLE_DEAL_ID = "65f1c0ffee0000000000a001", "65f1c0ffee0000000000d001"
 
 
 def object_id() -> str:
@@ -61,8 +62,8 @@ class CrmDouble:
         exp = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_in)
         return jwt.encode({"sub": user_id, "exp": exp}, secret or self.secret, algorithm="HS256")
 
-    def add_lead(self, owner: str, **fields: Any) -> str:
-        lid = object_id()
+    def add_lead(self, owner: str, *, record_id: str | None = None, **fields: Any) -> str:
+        lid = record_id or object_id()
         now = _now()
         self.leads[lid] = {"_id": lid, "name": "Unnamed lead", "email": None, "phone": None, "company": None,
                            "job_title": None, "status": "new", "source": None, "score": None, "classification": None,
@@ -70,8 +71,8 @@ class CrmDouble:
                            "created_at": now, "updated_at": now, **fields}
         return lid
 
-    def add_deal(self, owner: str, **fields: Any) -> str:
-        did = object_id()
+    def add_deal(self, owner: str, *, record_id: str | None = None, **fields: Any) -> str:
+        did = record_id or object_id()
         now = _now()
         self.deals[did] = {"_id": did, "title": "Untitled deal", "value": 0.0, "currency": "BRL", "stage": "prospecting",
                            "probability": None, "expected_close_date": None, "lead_id": None, "company_id": None,
@@ -144,9 +145,15 @@ class CrmDouble:
 
         return Litestar([health, get_lead, get_deal, patch_lead, patch_deal], logging_config=None)
 
-    def seed(self) -> dict[str, Any]:
-        """Demo data: two users, each with leads and deals of their own."""
+    def seed(self, *, examples: bool = False) -> dict[str, Any]:
+        """Demo data: two users, each with leads and deals of their own.
+
+        With `examples`, the ids used in the OpenAPI examples exist too, owned by the first user.
+        """
         alice, bob = self.add_user(), self.add_user()
+        if examples:
+            self.add_lead(alice, record_id=EXAMPLE_LEAD_ID, name="Maria Silva", company="Acme Logistics", job_title="VP of Sales")
+            self.add_deal(alice, record_id=EXAMPLE_DEAL_ID, title="Acme fleet CRM rollout", value=120000.0, stage="proposal")
         leads = [
             self.add_lead(alice, name="Maria Silva", email="maria@acme.example", phone="+55 11 99999-0001",
                           company="Acme Logistics", job_title="VP of Sales", source="referral", tags=["enterprise"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
 
-from ..models import Problem
+from ..models import Problem, SseEvent
 
 PROBLEM = "application/problem+json"
 
@@ -32,8 +32,12 @@ def ai_responses(task: str) -> dict[int, ResponseSpec]:
         401: problem("No bearer token, or the CRM backend refused it"),
         403: problem(f"The CRM backend does not let the caller read this {record}"),
         404: problem(f"The CRM backend has no such {record}"),
+        413: problem("The body is larger than MAX_BODY_BYTES"),
+        429: problem("The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-*"),
+        431: problem("The request headers are larger than MAX_HEADER_BYTES"),
         502: problem("CRM backend unavailable, agent missing, agent failed, or invalid agent output after repair"),
-        503: problem("Conductor Gateway unavailable (see Retry-After)"),
+        503: problem("Conductor Gateway unavailable, its circuit open, too many agent calls in flight, "
+                     "or the CRM backend's circuit open (see Retry-After)"),
         504: problem("An upstream did not answer in time"),
     }
 
@@ -44,7 +48,7 @@ SSE_DESCRIPTION = (
     "`error` (a problem object), and `done` {status: succeeded|failed, cached} always last. "
     "A `: ping` comment is sent while nothing else is."
 )
-SSE_RESPONSE = ResponseSpec(str, description=SSE_DESCRIPTION, media_type="text/event-stream", generate_examples=False)
+SSE_RESPONSE = ResponseSpec(SseEvent, description=SSE_DESCRIPTION, media_type="text/event-stream", generate_examples=False)
 
 
 def stream_responses(task: str) -> dict[int, ResponseSpec]:
@@ -55,5 +59,9 @@ def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
     if create:
         return {400: problem("Invalid body or input (the field is named)"), 401: problem("No bearer token, or the CRM refused it"),
                 403: problem("The CRM backend does not let the caller read the record"),
-                404: problem("No such record"), 502: problem("CRM backend unavailable"), 504: problem("CRM backend timeout")}
+                404: problem("No such record"), 413: problem("The body is larger than MAX_BODY_BYTES"),
+                429: problem("The user's rate limit for this task is spent; see Retry-After and RateLimit-*"),
+                431: problem("The request headers are larger than MAX_HEADER_BYTES"),
+                502: problem("CRM backend unavailable"), 503: problem("A circuit is open (see Retry-After)"),
+                504: problem("CRM backend timeout")}
     return {403: problem("No valid token for this job (or another job's token)"), 404: problem("No such job, or it expired")}

@@ -1,0 +1,58 @@
+"""The committed contract, exercised by schemathesis in process against the app and its doubles."""
+
+from __future__ import annotations
+
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from adapter.app import create_app
+from adapter.doubles.crm import CrmDouble
+from adapter.doubles.gateway import GatewayDouble
+from tests.conftest import asgi_client, make_settings
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+          response_headers_conformance]
+
+gateway, crm = GatewayDouble(), CrmDouble()
+seed = crm.seed(examples=True)
+TOKEN = crm.token(seed["alice"], expires_in=86_400)
+app = create_app(make_settings(rate_limit_lead_qualify="off", rate_limit_email_generate="off", rate_limit_deal_predict="off"),
+                 gateway_http=asgi_client(gateway.app, "http://gateway.test"), crm_http=asgi_client(crm.app, "http://crm.test"))
+schema = schemathesis.openapi.from_asgi("/schema/openapi.json", app)
+
+
+@schema.parametrize()
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_operation_honours_the_contract(case):
+    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS)
+
+
+class JobWorkflow(schema.as_state_machine()):  # type: ignore[misc]
+    """Follows the links: POST /api/v1/ai/jobs, then the job's state and its events."""
+
+    seen: list[tuple[str, str, int]] = []
+
+    def get_call_kwargs(self, case):
+        return {"headers": {"Authorization": f"Bearer {TOKEN}"}}
+
+    def after_call(self, response, case):
+        super().after_call(response, case)
+        JobWorkflow.seen.append((case.method, case.operation.path, response.status_code))
+
+    def validate_response(self, response, case, additional_checks=None, **kwargs):
+        case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+
+
+def test_stateful_job_workflow_follows_the_links():
+    JobWorkflow.run(settings=settings(max_examples=30, stateful_step_count=5, deadline=None,
+                                      suppress_health_check=list(HealthCheck)))
+    followed = {(m, p) for m, p, status in JobWorkflow.seen if status == 200}
+    assert ("GET", "/api/v1/ai/jobs/{job_id}") in followed, JobWorkflow.seen[:20]
+    assert ("GET", "/api/v1/ai/jobs/{job_id}/events") in followed
