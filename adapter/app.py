@@ -26,6 +26,7 @@ from .redis_store import RedisStore
 from .job_log import RedisJobLog
 from .jobs import Jobs
 from .routes.ai import SERVICE, ai_router
+from .routes.demo import DemoSession, demo_router
 from .routes.streams import streams_router
 from .tokens import JobTokens
 from .metrics import Metrics
@@ -83,6 +84,7 @@ def create_app(
     proxy_http: httpx.AsyncClient | None = None,
     store: Store | None = None,
     clock: Callable[[], float] = time.time,
+    demo: DemoSession | None = None,
 ) -> Litestar:
     """Clients handed in are the caller's to close; the ones made here are closed at shutdown."""
     tasks = load_tasks(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
@@ -93,10 +95,12 @@ def create_app(
         async with AsyncExitStack() as stack:
             gw = gateway_http or await stack.enter_async_context(httpx.AsyncClient(
                 base_url=settings.conductor_gateway_url, timeout=gateway.client_timeout(settings),
-                limits=httpx.Limits(max_connections=settings.gateway_max_connections, max_keepalive_connections=100)))
+                limits=httpx.Limits(max_connections=settings.gateway_max_connections, max_keepalive_connections=100,
+                                    keepalive_expiry=settings.upstream_keepalive_expiry)))
             backend = crm_http or await stack.enter_async_context(httpx.AsyncClient(
                 base_url=settings.crm_backend_url, timeout=crm.client_timeout(settings),
-                limits=httpx.Limits(max_connections=settings.crm_max_connections, max_keepalive_connections=settings.crm_max_connections)))
+                limits=httpx.Limits(max_connections=settings.crm_max_connections, max_keepalive_connections=settings.crm_max_connections,
+                                    keepalive_expiry=settings.upstream_keepalive_expiry)))
             cache_store = store
             if cache_store is None:
                 cache_store = (
@@ -108,7 +112,8 @@ def create_app(
             passthrough = proxy_http or crm_http or await stack.enter_async_context(httpx.AsyncClient(
                 base_url=settings.crm_backend_url, follow_redirects=False,
                 timeout=httpx.Timeout(settings.crm_connect_timeout, read=settings.proxy_read_timeout, write=settings.proxy_read_timeout, pool=5.0),
-                limits=httpx.Limits(max_connections=settings.proxy_max_connections, max_keepalive_connections=100)))
+                limits=httpx.Limits(max_connections=settings.proxy_max_connections, max_keepalive_connections=100,
+                                    keepalive_expiry=settings.upstream_keepalive_expiry)))
             app.state.proxy = Proxy(passthrough) if settings.crm_proxy_fallthrough else None
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
                                 on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc())
@@ -136,8 +141,8 @@ def create_app(
             yield
 
     app = Litestar(
-        route_handlers=[ai_router, streams_router, healthz, readyz, metrics_route],
-        state=State({"metrics": metrics, "settings": settings}),
+        route_handlers=[ai_router, streams_router, healthz, readyz, metrics_route, *([demo_router] if demo else [])],
+        state=State({"metrics": metrics, "settings": settings, "demo": demo}),
         request_max_body_size=settings.max_body_bytes,
         dependencies=SERVICE,
         lifespan=[lifespan],

@@ -28,7 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
     uvicorn.run(app, host=settings.adapter_host, port=settings.adapter_port, access_log=False, log_config=None,
-                timeout_graceful_shutdown=settings.shutdown_grace_seconds, lifespan="on", proxy_headers=False)
+                timeout_graceful_shutdown=settings.shutdown_grace_seconds, lifespan="on", proxy_headers=False,
+                timeout_keep_alive=int(settings.keepalive_seconds))
     return 0
 
 

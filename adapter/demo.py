@@ -10,6 +10,7 @@ from . import logs, servers
 from .app import create_app
 from .doubles.crm import CrmDouble
 from .doubles.gateway import GatewayDouble
+from .routes.demo import DemoSession
 from .settings import Settings
 
 
@@ -31,20 +32,30 @@ def curls(base: str, token: str, seed: dict) -> list[tuple[str, str]]:
     ]
 
 
+def demo_session(crm: CrmDouble, gateway: GatewayDouble, seed: dict, token: str) -> DemoSession:
+    leads = [{"id": lid, "name": crm.leads[lid]["name"], "company": crm.leads[lid]["company"] or ""} for lid in seed["leads"]]
+    deals = [{"id": did, "title": crm.deals[did]["title"]} for did in seed["deals"]]
+    return DemoSession(token=token, leads=leads, deals=deals, gateway=gateway)
+
+
 async def run_demo(settings: Settings) -> int:
     logs.configure(settings.log_level, settings.log_format)
-    gateway, crm = GatewayDouble(), CrmDouble()
+    # The demo's model streams its answer token by token, at a pace a person can watch.
+    gateway, crm = GatewayDouble(default="tokens", token_interval=0.015), CrmDouble()
     seed = crm.seed()
     gw_sock, crm_sock = servers.bind("127.0.0.1", 0), servers.bind("127.0.0.1", 0)
     app_sock = servers.bind(settings.adapter_host, settings.adapter_port)
     settings = msgspec.structs.replace(
-        settings, conductor_gateway_url=servers.url_of(gw_sock), crm_backend_url=servers.url_of(crm_sock), redis_url=None)
-    main = servers.server(create_app(settings))
+        settings, conductor_gateway_url=servers.url_of(gw_sock), crm_backend_url=servers.url_of(crm_sock), redis_url=None,
+        sse_retry_ms=500, rate_limit_email_generate="off", rate_limit_lead_qualify="off", rate_limit_deal_predict="off")
+    token = crm.token(seed["alice"], expires_in=7 * 86400)
+    main = servers.server(create_app(settings, demo=demo_session(crm, gateway, seed, token)))
     doubles = [servers.server(gateway.app, quiet=True), servers.server(crm.app, quiet=True)]
     base = servers.url_of(app_sock)
     print(f"\nCRM AI sidecar demo on {base}  (gateway double {settings.conductor_gateway_url}, "
           f"CRM double {settings.crm_backend_url}, in-memory cache)\n")
-    for title, line in curls(base, crm.token(seed["alice"], expires_in=7 * 86400), seed):
+    print(f"Demo page: {base}/demo\n")
+    for title, line in curls(base, token, seed):
         print(f"# {title}\n{line}\n")
     print("Press Ctrl+C to stop.\n", flush=True)
     tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, sock in zip(doubles, (gw_sock, crm_sock), strict=True)]

@@ -24,11 +24,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def server(app: ASGIApp, *, quiet: bool = False, lifespan: str = "on", graceful: float = 10.0) -> uvicorn.Server:
+def server(app: ASGIApp, *, quiet: bool = False, lifespan: str = "on", graceful: float = 10.0, keepalive: float = 75.0) -> uvicorn.Server:
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from loopback peers;
     # the sidecar appends the real peer to the chain itself and trusts none of it.
     config = uvicorn.Config(app, lifespan=lifespan, access_log=False, log_config=None, loop="asyncio", proxy_headers=False,
-                            timeout_graceful_shutdown=graceful, log_level="warning" if quiet else "info")
+                            timeout_graceful_shutdown=graceful, log_level="warning" if quiet else "info",
+                            timeout_keep_alive=int(keepalive))
     return (QuietServer if quiet else uvicorn.Server)(config)
 
 

@@ -61,6 +61,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     proxy_max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 512
     proxy_read_timeout: Seconds = 60.0
     shutdown_grace_seconds: Seconds = 10.0
+    # Keep-alive races: a request sent on a connection the other side is closing is lost.
+    # Clients' idle connections must outlive theirs on our side, and ours to the upstreams
+    # (uvicorn/FastAPI close after 5 s) must expire first.
+    keepalive_seconds: Seconds = 75.0
+    upstream_keepalive_expiry: Seconds = 3.0
 
     # Retries only where they cannot double the model's work: connect failures and the gateway's 503.
     upstream_retries: Annotated[int, Meta(ge=0, le=10)] = 2

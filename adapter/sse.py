@@ -14,9 +14,14 @@ def frame(ev: Event) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (ev.id, ev.event.encode(), ev.data)
 
 
-async def job_events(job: Job, *, after: int, heartbeat: float, retry_ms: int, open_streams: Gauge) -> AsyncIterator[bytes]:
-    """Every event after `after`, live, through `done`. A client that leaves just stops reading."""
+async def job_events(job: Job, *, after: int, heartbeat: float, retry_ms: int, open_streams: Gauge,
+                     drop_after: int | None = None) -> AsyncIterator[bytes]:
+    """Every event after `after`, live, through `done`. A client that leaves just stops reading.
+
+    `drop_after` (demo only) hangs up after that many events, as a flaky network would.
+    """
     open_streams.inc()
+    sent = 0
     try:
         yield b"retry: %d\n\n" % retry_ms
         while True:
@@ -27,6 +32,9 @@ async def job_events(job: Job, *, after: int, heartbeat: float, retry_ms: int, o
             for ev in events:
                 yield frame(ev)
                 after = ev.id
+                sent += 1
+                if drop_after is not None and sent >= drop_after and ev.event != "done":
+                    return
             if job.finished and after >= len(job.events):
                 return
     finally:

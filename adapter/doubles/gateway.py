@@ -235,6 +235,8 @@ class GatewayDouble:
                 else:
                     for i in range(0, len(text), 16):
                         put("on_llm_new_token", {"token": text[i : i + 16]})
+                        if self.token_interval:
+                            await asyncio.sleep(self.token_interval)
                 put("on_llm_end", {})
             put("result", {"result": text, "exit_code": 0, "status": "completed", "duration": 0.01})
         queue.put_nowait(None)

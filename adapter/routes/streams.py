@@ -23,10 +23,10 @@ from .docs import SSE_RESPONSE, job_responses, stream_responses
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
 
 
-def _sse(job: Job, jobs: Jobs, after: int, **headers: str) -> Stream:
+def _sse(job: Job, jobs: Jobs, after: int, drop_after: int | None = None, **headers: str) -> Stream:
     s = jobs.settings
     events = job_events(job, after=after, heartbeat=s.sse_heartbeat_seconds, retry_ms=s.sse_retry_ms,
-                        open_streams=jobs.service.metrics.open_streams)
+                        open_streams=jobs.service.metrics.open_streams, drop_after=drop_after)
     return Stream(events,
                   media_type="text/event-stream", headers={**SSE_HEADERS, "X-Job-ID": job.id, **headers})
 
@@ -123,7 +123,10 @@ async def job_events_route(job_id: FromPath[str], request: Request, jobs: NamedD
                            tokens: NamedDependency[JobTokens]) -> Stream:
     job = await authorized_job(job_id, request, jobs, tokens)
     after = last_event_id(request.headers.get("last-event-id"), request.query_params.get("lastEventId"))
-    return _sse(job, jobs, after)
+    drop = request.query_params.get("drop_after")
+    # Demo only, and only on the first connection: the browser's reconnect then resumes for real.
+    drop_after = int(drop) if request.app.state.demo and drop and drop.isdigit() and not after else None
+    return _sse(job, jobs, after, drop_after)
 
 
 streams_router = Router(

@@ -1,0 +1,60 @@
+"""Routes of `adapter demo` only: the demo page, its session and fault injection. Never in `serve`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.params import FromPath, JSONBody
+
+from ..agents import TASKS
+from ..doubles.gateway import GatewayDouble
+from ..errors import NotFound
+
+PAGE = resources.files("adapter") / "demo_page"
+STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+
+
+@dataclass
+class DemoSession:
+    token: str
+    leads: list[dict[str, str]]
+    deals: list[dict[str, str]]
+    gateway: GatewayDouble = field(repr=False)
+
+
+class Fault(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    task: Literal["email.generate", "lead.qualify", "deal.predict"]
+    behaviour: Literal["wrong_shape", "start_fails", "garbage"]
+
+
+@get("/", media_type="text/html; charset=utf-8", include_in_schema=False)
+async def page() -> bytes:
+    return (PAGE / "index.html").read_bytes()
+
+
+@get("/static/{name:str}", include_in_schema=False)
+async def static(name: FromPath[str]) -> Response[bytes]:
+    if name not in STATIC:
+        raise NotFound(f"no demo asset {name}")
+    return Response((PAGE / name).read_bytes(), media_type=STATIC[name], headers={"Cache-Control": "no-cache"})
+
+
+@get("/session", include_in_schema=False)
+async def session(request: Request) -> dict[str, Any]:
+    demo: DemoSession = request.app.state.demo
+    return {"token": demo.token, "leads": demo.leads, "deals": demo.deals}
+
+
+@post("/fault", status_code=204, include_in_schema=False)
+async def fault(data: JSONBody[Fault], request: Request) -> None:
+    demo: DemoSession = request.app.state.demo
+    agent = TASKS[data.task].agent_id
+    # Invalid output must survive the repair call too; a failed start happens once.
+    demo.gateway.push(agent, *[data.behaviour] * (1 if data.behaviour == "start_fails" else 2))
+
+
+demo_router = Router(path="/demo", route_handlers=[page, static, session, fault], include_in_schema=False)
