@@ -140,5 +140,6 @@ def test_angular_types_match_the_committed_contract():
         assert {f for f, opt in fields.items() if not opt} == required, f"{name}: required fields differ"
         checked += 1
     assert checked >= 7  # results, their parts, Problem and JobCreated
-    events = set(re.findall(r"type: '(\w+)'", text))
+    ai_event = text.split("export type AiEvent", 1)[1].split("```", 1)[0]
+    events = set(re.findall(r"type: '(\w+)'", ai_event))
     assert events == set(schemas["SseEvent"]["properties"]["event"]["enum"])
