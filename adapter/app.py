@@ -95,7 +95,8 @@ def create_app(
         async with AsyncExitStack() as stack:
             gw = gateway_http or await stack.enter_async_context(httpx.AsyncClient(
                 base_url=settings.conductor_gateway_url, timeout=gateway.client_timeout(settings),
-                limits=httpx.Limits(max_connections=settings.gateway_max_connections, max_keepalive_connections=100,
+                limits=httpx.Limits(max_connections=settings.gateway_max_connections,
+                                    max_keepalive_connections=settings.gateway_keepalive_connections,
                                     keepalive_expiry=settings.upstream_keepalive_expiry)))
             backend = crm_http or await stack.enter_async_context(httpx.AsyncClient(
                 base_url=settings.crm_backend_url, timeout=crm.client_timeout(settings),

@@ -92,14 +92,17 @@ async def open_streams(stack: Stack, leads: list[str], auth: dict) -> tuple[int,
 def main() -> None:
     results = {}
     for label, tokens, interval in (("throughput", 20_000, 0.0), ("latency", 2_000, 0.002)):
-        with Stack(double_env={"DOUBLE_DEFAULT": "tokens", "DOUBLE_TOKENS": str(tokens), "DOUBLE_TOKEN_INTERVAL": str(interval)}) as stack:
+        with Stack(env={"RATE_LIMIT_LEAD_QUALIFY": "off"},
+                   double_env={"DOUBLE_DEFAULT": "tokens", "DOUBLE_TOKENS": str(tokens), "DOUBLE_TOKEN_INTERVAL": str(interval)}) as stack:
             auth = {"Authorization": f"Bearer {stack.seed['token']}"}
             lead = stack.seed["leads"][0]
             with httpx.Client() as c:
                 record = c.get(f"{stack.crm_url}/api/v1/leads/{lead}", headers=auth).json()
             body = {"agent_id": "LeadQualifier_CRM_Agent", "input": lead_qualify_input(record)}
             results[label] = (asyncio.run(direct(stack, body)), asyncio.run(through(stack, lead, auth)))
-    with Stack(double_env={"DOUBLE_DELAY": "600"}) as stack:
+    # One user opening 1,000 streams: lift the per-user rate limit and the bulkhead (defaults 60/min and 200).
+    with Stack(env={"RATE_LIMIT_LEAD_QUALIFY": "off", "GATEWAY_MAX_CONCURRENCY": "2000"},
+               double_env={"DOUBLE_DELAY": "600"}) as stack:
         auth = {"Authorization": f"Bearer {stack.seed['token']}"}
         baseline = stack.rss_kib()
         before, during = asyncio.run(open_streams(stack, stack.seed["leads"][:1000], auth))

@@ -37,8 +37,11 @@ log = structlog.get_logger("adapter.routes")
 from .docs import CACHE_HEADERS, WRITE_BACK_HEADER, ai_responses
 
 
-def require_bearer(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+async def require_bearer(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """A bearer token must be there; the CRM backend verifies it on every request.
+
+    Async on purpose: Litestar runs a sync guard in a worker thread, which cost a
+    cache hit more than a tenth of its time.
 
     With CRM_JWT_SECRET set, an expired or badly signed token is refused here, before
     any upstream call, and its verified `sub` names the user for rate limiting.
