@@ -130,13 +130,15 @@ class Jobs:
                 self.service.cache.note_coalesced(key)
                 return shared, "MISS"
             await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
-            return await self._launch(task, record_id, key, agent_input, mode)
+            return await self._launch(task, record_id, key, agent_input, mode, authorization)
 
-    async def _launch(self, task: Task, record_id: str, key: str, agent_input: str, mode: str) -> tuple[Job, str]:
+    async def _launch(self, task: Task, record_id: str, key: str, agent_input: str, mode: str,
+                      authorization: str) -> tuple[Job, str]:
         job = self._new(task, record_id, key)
         if mode != "no-store":
             self._by_key[key] = job
-        runner = asyncio.create_task(self._run(job, task, agent_input, store=mode != "no-store"), name=f"job {job.id}")
+        runner = asyncio.create_task(self._run(job, task, agent_input, authorization, store=mode != "no-store"),
+                                     name=f"job {job.id}")
         self._runners.add(runner)
         runner.add_done_callback(self._runners.discard)
         if self.mirror is not None:
@@ -177,7 +179,7 @@ class Jobs:
         if self._by_key.get(job.key) is job:
             del self._by_key[job.key]
 
-    async def _run(self, job: Job, task: Task, agent_input: str, *, store: bool) -> None:
+    async def _run(self, job: Job, task: Task, agent_input: str, authorization: str, *, store: bool) -> None:
         try:
             async with asyncio.timeout(self.settings.job_max_seconds):
                 body = await self._produce(job, task, agent_input)
@@ -194,6 +196,10 @@ class Jobs:
             if store:
                 ttl = self.settings.ttl_for(task.name) + self.settings.cache_stale_grace
                 await self.service.cache.store.put(job.key, Entry(self._clock(), body), ttl)
+            # A fresh qualification is written back as on the synchronous route, with the creator's
+            # token (held in this task only, never stored or logged); the outcome goes to the log.
+            if task.name == "lead.qualify" and self.settings.crm_write_back:
+                await self.service.write_back(job.record_id, authorization, body)
         log.info("job.done", job_id=job.id, task=job.task, status=job.status, events=len(job.events))
 
     def _fail(self, job: Job, exc: Exception) -> None:

@@ -79,7 +79,7 @@ async def test_metrics_move_for_hit_miss_repair_stream_and_write_back(client, se
     assert value(text, "crm_ai_agent_output_total", agent=LEAD_AGENT, outcome="repaired") == 1
     assert value(text, "crm_ai_gateway_calls_total", agent=LEAD_AGENT, outcome="ok") == 2
     assert value(text, "crm_ai_gateway_calls_total", agent=LEAD_AGENT, outcome="stream_started") == 1
-    assert value(text, "crm_ai_write_backs_total", outcome="ok") == 1
+    assert value(text, "crm_ai_write_backs_total", outcome="ok") == 2  # the sync miss and the stream
     assert value(text, "crm_ai_write_backs_total", outcome="skipped") == 1
     assert value(text, "crm_ai_http_requests_total", route="/api/v1/ai/lead/qualify", method="POST", status="200") == 2
     assert value(text, "crm_ai_http_request_duration_seconds_count", route="/api/v1/ai/lead/qualify") == 2
@@ -98,3 +98,12 @@ async def test_proxied_requests_are_labelled_proxy(client):
 async def test_ops_routes_are_ours(client, crm, path):
     r = await client.get(path)
     assert r.status_code == 200 and crm.calls.total() == 0
+
+
+async def test_streamed_qualification_is_written_back_too(client, crm, seed, auth):
+    r = await client.post("/api/v1/ai/lead/qualify/stream", json={"lead_id": seed["leads"][1]}, headers=auth)
+    assert r.status_code == 200 and b"event: done" in r.content
+    lead = crm.leads[seed["leads"][1]]
+    assert [p[0] for p in crm.patches] == [seed["leads"][1]] and lead["score"] is not None
+    hit = await client.post("/api/v1/ai/lead/qualify/stream", json={"lead_id": seed["leads"][1]}, headers=auth)
+    assert hit.headers["x-cache"] == "HIT" and len(crm.patches) == 1  # a cached answer is not written again
