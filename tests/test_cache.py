@@ -229,15 +229,23 @@ async def test_persona_change_invalidates(make_client, redis_settings, seed, aut
     assert gateway.calls[LEAD_AGENT] == 2
 
 
-@pytest.mark.redis
-async def test_hundred_requests_across_two_replicas_make_one_call(make_client, redis_settings, crm, seed, auth, gateway):
+async def across_two_replicas(make_client, settings, crm, gateway, lead, auth, n):
+    """`n` identical requests spread over two sidecars sharing one Redis, all in flight at once.
+
+    The model is held until every request has been authorized by the backend, then released.
+    """
     gateway.gate = asyncio.Event()
-    async with make_client(settings=redis_settings()) as a, make_client(settings=redis_settings()) as b:
-        requests = [asyncio.create_task(qualify(a if i % 2 else b, seed["leads"][0], auth)) for i in range(100)]
-        await crm.calls.reach(100)
+    async with make_client(settings=settings) as a, make_client(settings=settings) as b:
+        requests = [asyncio.create_task(qualify(a if i % 2 else b, lead, auth)) for i in range(n)]
+        await crm.calls.reach(n)
         await gateway.calls.reach(1)
         gateway.gate.set()
-        responses = await asyncio.gather(*requests)
+        return await asyncio.gather(*requests)
+
+
+@pytest.mark.redis
+async def test_hundred_requests_across_two_replicas_make_one_call(make_client, redis_settings, crm, seed, auth, gateway):
+    responses = await across_two_replicas(make_client, redis_settings(), crm, gateway, seed["leads"][0], auth, 100)
     assert gateway.calls[LEAD_AGENT] == 1
     assert {r.status_code for r in responses} == {200}
     assert len({r.content for r in responses}) == 1
@@ -245,14 +253,8 @@ async def test_hundred_requests_across_two_replicas_make_one_call(make_client, r
 
 @pytest.mark.redis
 async def test_replicas_share_the_error_of_the_one_call(make_client, redis_settings, crm, seed, auth, gateway):
-    gateway.gate = asyncio.Event()
     gateway.push(LEAD_AGENT, "error_500")  # not retried: the gateway may have started the agent
-    async with make_client(settings=redis_settings()) as a, make_client(settings=redis_settings()) as b:
-        requests = [asyncio.create_task(qualify(a if i % 2 else b, seed["leads"][0], auth)) for i in range(10)]
-        await crm.calls.reach(10)
-        await gateway.calls.reach(1)
-        gateway.gate.set()
-        responses = await asyncio.gather(*requests)
+    responses = await across_two_replicas(make_client, redis_settings(), crm, gateway, seed["leads"][0], auth, 10)
     assert gateway.calls[LEAD_AGENT] == 1
     assert {r.status_code for r in responses} == {503}
     assert all(decode(r)["type"].endswith("gateway-unavailable") for r in responses)
