@@ -43,7 +43,7 @@ async def measure(url: str, auth: dict, leads: list[str], concurrency: int) -> t
 
 def main(n: int, concurrency: int) -> None:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    with Stack(env={"REDIS_URL": REDIS, "CACHE_PREFIX": prefix, "RATE_LIMIT_LEAD_QUALIFY": "off"}) as stack:
+    with Stack(env={"REDIS_URL": REDIS, "CACHE_PREFIX": prefix, "RATE_LIMIT_LEAD_QUALIFY": "off", "CRM_WRITE_BACK": "false"}) as stack:
         auth = {"Authorization": f"Bearer {stack.seed['token']}"}
         leads = stack.seed["leads"][:n]
         hot = leads[0]

@@ -20,7 +20,8 @@ from bench.stack import Stack, percentile
 
 
 def run(n: int) -> dict[str, float]:
-    with Stack(env={"RATE_LIMIT_LEAD_QUALIFY": "off"}) as stack, httpx.Client() as client:
+    # Write-back off: the direct baseline makes no PATCH either.
+    with Stack(env={"RATE_LIMIT_LEAD_QUALIFY": "off", "CRM_WRITE_BACK": "false"}) as stack, httpx.Client() as client:
         token, lead = stack.seed["token"], stack.seed["leads"][0]
         auth = {"Authorization": f"Bearer {token}"}
         record = client.get(f"{stack.crm_url}/api/v1/leads/{lead}", headers=auth).json()
