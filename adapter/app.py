@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 import structlog
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
@@ -151,6 +152,12 @@ def create_app(
         before_send=[_before_send],
         exception_handlers={Exception: problems.handle},
         logging_config=None,
+        cors_config=CORSConfig(
+            allow_origins=settings.cors_origins, allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "Cache-Control", "Last-Event-ID", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Cache", "Age", "X-CRM-Write-Back", "X-Job-ID", "Location", "Retry-After",
+                            "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "RateLimit-Policy"],
+        ) if settings.cors_origins else None,
         openapi_config=OpenAPIConfig(
             title="CRM AI sidecar", version=__version__, path="/schema",
             description="CRM-shaped AI routes served by Conductor Gateway agents, with validated, cached results.",

@@ -80,8 +80,10 @@ class Proxy:
             raise CrmUnavailable(f"cannot reach the CRM backend: {type(exc).__name__}") from None
         # The backend's own answer, errors included, goes back as it came: raw bytes, same status,
         # every header line kept (several Set-Cookie lines stay several).
-        return ASGIStreamingResponse(iterator=_relay(response), status_code=response.status_code,
-                                     headers=_strip(response.headers, OWN),
+        # With CORS on, the sidecar answers for it: a second Access-Control-Allow-Origin makes browsers refuse.
+        cors = request.app.state.settings.cors_origins
+        headers = [(k, v) for k, v in _strip(response.headers, OWN) if not (cors and k.lower().startswith("access-control-"))]
+        return ASGIStreamingResponse(iterator=_relay(response), status_code=response.status_code, headers=headers,
                                      is_head_response=request.method == "HEAD", background=BackgroundTask(response.aclose))
 
 

@@ -59,6 +59,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     crm_max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 16
     gateway_keepalive_connections: Annotated[int, Meta(ge=0, le=10_000)] = 16
 
+    # Browser origins allowed to call the sidecar directly (the Angular dev server, say):
+    # comma-separated, "*" for any; unset means no CORS headers at all.
+    cors_allow_origins: str = ""
     crm_proxy_fallthrough: bool = True
     crm_write_back: bool = True
     proxy_max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 512
@@ -127,6 +130,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigError(_one_line(str(exc))) from None
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
     def ttl_for(self, task: str) -> float:
         return getattr(self, "cache_ttl_" + task.replace(".", "_"))

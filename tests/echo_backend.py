@@ -48,5 +48,6 @@ class EchoBackend:
                                     "size": size, "sha256": digest.hexdigest(), "headers": headers})
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"set-cookie", b"a=1; Path=/"), (b"set-cookie", b"b=2; Path=/"),
-            (b"connection", b"x-hop"), (b"x-hop", b"must-not-pass"), (b"keep-alive", b"timeout=5"), (b"x-backend", b"echo")]})
+            (b"connection", b"x-hop"), (b"x-hop", b"must-not-pass"), (b"keep-alive", b"timeout=5"), (b"x-backend", b"echo"),
+            (b"access-control-allow-origin", b"*")]})  # the backend's own CORS answer
         await send({"type": "http.response.body", "body": body})

@@ -158,3 +158,26 @@ async def test_sidecar_routes_are_not_proxied(sidecar, echo):
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.post("/api/v1/ai/lead/qualify", json={"lead_id": "0" * 24})).status_code == 401
     assert echo.seen == []
+
+
+async def test_cors_for_the_angular_dev_server(sidecar, echo):
+    origin = {"Origin": "http://localhost:4200"}
+    async with sidecar(cors_allow_origins="http://localhost:4200") as (client, _):
+        preflight = await client.options("/api/v1/ai/jobs", headers={
+            **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"})
+        ai = await client.post("/api/v1/ai/lead/qualify", json={"lead_id": "0" * 24}, headers=origin)
+        proxied = await client.get("/api/v1/leads", headers=origin)
+        stranger = await client.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert preflight.status_code in (200, 204)
+    assert preflight.headers["access-control-allow-origin"] == "http://localhost:4200"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert ai.headers["access-control-allow-origin"] == "http://localhost:4200"
+    assert "x-request-id" in ai.headers["access-control-expose-headers"].lower()
+    assert proxied.headers.get_list("access-control-allow-origin") == ["http://localhost:4200"]  # ours only, once
+    assert "access-control-allow-origin" not in stranger.headers
+
+
+async def test_no_cors_headers_unless_configured(sidecar):
+    async with sidecar() as (client, _):
+        r = await client.get("/healthz", headers={"Origin": "http://localhost:4200"})
+    assert "access-control-allow-origin" not in r.headers
