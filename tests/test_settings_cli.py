@@ -145,3 +145,11 @@ async def test_sigterm_lets_in_flight_requests_finish(gateway, crm, seed):
 
 def decode_json(raw: bytes) -> dict:
     return json.loads(raw)
+
+
+def test_readme_documents_every_setting():
+    import msgspec
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [f.encode_name for f in msgspec.structs.fields(Settings) if f"`{f.encode_name}`" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
