@@ -16,7 +16,7 @@ import time
 import structlog
 
 from .jobs import Job
-from .redis_store import FAULTS, RedisStore
+from .redis_store import _RELEASE, FAULTS, RedisStore
 
 log = structlog.get_logger("adapter.jobs")
 
@@ -68,6 +68,25 @@ class RedisJobLog:
             del self._writers[job.id]
             if job.finished and self._written.get(job.id, 0) >= len(job.events):
                 self._written.pop(job.id, None)
+
+    async def claim(self, key: str, job_id: str) -> str:
+        """The job answering this question across replicas: ours if nobody runs one, else theirs."""
+        claim = f"{self._s.prefix}:jobkey:{key.rsplit(':', 1)[-1]}"
+        try:
+            if await self._r.set(claim, job_id, nx=True, px=self._ttl_ms):
+                return job_id
+            holder = await self._r.get(claim)
+        except FAULTS as exc:
+            self._s.fault(exc)
+            return job_id  # no coordination possible: run it here
+        return holder.decode() if holder else job_id
+
+    async def unclaim(self, key: str, job_id: str) -> None:
+        claim = f"{self._s.prefix}:jobkey:{key.rsplit(':', 1)[-1]}"
+        try:
+            await self._r.eval(_RELEASE, 1, claim, job_id)
+        except FAULTS as exc:
+            self._s.fault(exc)
 
     async def load(self, job_id: str) -> Job | None:
         """A local copy of a job another replica runs, kept up to date until its `done`."""

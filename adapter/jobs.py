@@ -129,12 +129,19 @@ class Jobs:
             if shared is not None and not shared.finished:
                 self.service.cache.note_coalesced(key)
                 return shared, "MISS"
+            job_id = f"aijob_{uuid.uuid4().hex}"
+            if mode != "no-store" and self.mirror is not None:
+                # Another replica may already be asking the model this question: follow its job.
+                holder = await self.mirror.claim(key, job_id)
+                if holder != job_id and (remote := await self.find(holder)) is not None and not remote.finished:
+                    self.service.cache.note_coalesced(key)
+                    return remote, "MISS"
             await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
-            return await self._launch(task, record_id, key, agent_input, mode, authorization)
+            return await self._launch(task, record_id, key, agent_input, mode, authorization, job_id)
 
     async def _launch(self, task: Task, record_id: str, key: str, agent_input: str, mode: str,
-                      authorization: str) -> tuple[Job, str]:
-        job = self._new(task, record_id, key)
+                      authorization: str, job_id: str) -> tuple[Job, str]:
+        job = self._new(task, record_id, key, job_id)
         if mode != "no-store":
             self._by_key[key] = job
         runner = asyncio.create_task(self._run(job, task, agent_input, authorization, store=mode != "no-store"),
@@ -159,9 +166,9 @@ class Jobs:
             self._jobs[job.id] = job  # later readers on this replica share the one follower
         return job
 
-    def _new(self, task: Task, record_id: str, key: str) -> Job:
+    def _new(self, task: Task, record_id: str, key: str, job_id: str | None = None) -> Job:
         ttl = self.settings.job_max_seconds + self.settings.job_retention_seconds
-        job = Job(id=f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key, expires=self._clock() + ttl)
+        job = Job(id=job_id or f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key, expires=self._clock() + ttl)
         self._jobs[job.id] = job
         self._emit(job, "status", {"state": "queued", "message": "queued", "job_id": job.id})
         return job
@@ -200,6 +207,8 @@ class Jobs:
             # token (held in this task only, never stored or logged); the outcome goes to the log.
             if task.name == "lead.qualify" and self.settings.crm_write_back:
                 await self.service.write_back(job.record_id, authorization, body)
+        if store and self.mirror is not None:
+            await self.mirror.unclaim(job.key, job.id)
         log.info("job.done", job_id=job.id, task=job.task, status=job.status, events=len(job.events))
 
     def _fail(self, job: Job, exc: Exception) -> None:

@@ -315,3 +315,22 @@ async def test_another_replica_serves_the_job_from_the_redis_log(gateway, crm, s
     with redis_sync.Redis.from_url(redis_url) as r:
         log_key = f"{cache_prefix}:job:{job['job_id']}:log"
         assert r.xlen(log_key) == len(from_a) and 0 < r.pttl(log_key)
+
+
+@pytest.mark.redis
+async def test_identical_streams_on_two_replicas_share_one_job(gateway, crm, seed, auth, redis_url, cache_prefix):
+    settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, job_token_secret="s" * 40)
+    gateway.gate = asyncio.Event()
+    async with serving(gateway.app) as gw_url, httpx.AsyncClient(base_url=gw_url) as gw, \
+            asgi_client(crm.app, "http://crm.test") as backend:
+        replica_a = create_app(settings, gateway_http=gw, crm_http=backend)
+        replica_b = create_app(settings, gateway_http=gw, crm_http=backend)
+        async with serving(replica_a) as url_a, serving(replica_b) as url_b, \
+                httpx.AsyncClient(base_url=url_a) as a, httpx.AsyncClient(base_url=url_b) as b:
+            on_a = await create_job(a, seed, auth)
+            on_b = await create_job(b, seed, auth)
+            gateway.gate.set()
+            _, events = await read_all(b, "GET", on_b["events_url"])
+            after = await create_job(b, seed, auth)  # once finished, the answer is a cache hit
+    assert on_a["job_id"] == on_b["job_id"] and kinds(events)[-2:] == ["result", "done"]
+    assert gateway.calls[LEAD_AGENT] == 1 and after["status"] == "succeeded"
