@@ -221,7 +221,7 @@ class ResultCache:
     async def _fly(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]]) -> bytes:
         flight = self.store.flight(key)
         try:
-            while (leading := await flight.lead()) is False:
+            while await flight.lead() is False:
                 outcome = await flight.follow()
                 if isinstance(outcome, bytes):
                     self.note_coalesced(key)

@@ -44,7 +44,10 @@ def cmd_openapi(_: argparse.Namespace) -> int:
     from .app import create_app
 
     schema = create_app(Settings.from_env({})).openapi_schema.to_schema()
-    sys.stdout.write(msgspec.json.format(msgspec.json.encode(schema), indent=2).decode() + "\n")
+    # Sorted keys: Litestar orders some maps (response headers) differently from run to run,
+    # and the committed copy must not churn when nothing changed.
+    encoded = msgspec.json.Encoder(order="sorted").encode(schema)
+    sys.stdout.write(msgspec.json.format(encoded, indent=2).decode() + "\n")
     return 0
 
 

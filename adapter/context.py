@@ -9,6 +9,8 @@ from contextvars import ContextVar
 
 from litestar.types import Message, Scope
 
+from .errors import HeadersTooLarge
+
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ID_KEY, _T0_KEY = "adapter.request_id", "adapter.t0"
 
@@ -30,8 +32,6 @@ def request_id(scope: Scope) -> str:
 def check_header_size(scope: Scope, limit: int) -> None:
     size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
     if size > limit:
-        from .errors import HeadersTooLarge
-
         raise HeadersTooLarge(f"the request headers take {size} bytes, more than the {limit}-byte limit (MAX_HEADER_BYTES)")
 
 

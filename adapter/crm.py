@@ -12,9 +12,9 @@ import msgspec
 
 from .context import outbound_headers
 from .errors import CrmCircuitOpen, CrmRefused, CrmUnavailable, UpstreamTimeout
-from .gateway import detail_of
 from .resilience import CircuitBreaker, retrying
 from .settings import Settings
+from .upstream import detail_of, transport_error
 
 UPSTREAM = "CRM backend"
 _decode = msgspec.json.Decoder().decode
@@ -84,13 +84,9 @@ class CrmClient:
                 # Only failures to connect are retried: the request never reached the backend.
                 response = await retrying(send, attempts=1 + s.upstream_retries, base=s.retry_base_delay, cap=s.retry_max_delay,
                                           retry_on=lambda e: isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)))
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise CrmUnavailable(f"cannot connect to the {UPSTREAM}: connect timed out") from None
-            seconds = self._http.timeout.read if isinstance(exc, httpx.ReadTimeout) else self._settings.crm_call_timeout
-            raise UpstreamTimeout(UPSTREAM, seconds, "crm-timeout") from None
-        except httpx.TransportError as exc:
-            raise CrmUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None
+        except (TimeoutError, httpx.TransportError) as exc:
+            raise transport_error(exc, upstream=UPSTREAM, unavailable=CrmUnavailable, slug="crm-timeout",
+                                  read_timeout=self._http.timeout.read, call_timeout=s.crm_call_timeout) from None
         if response.status_code >= 500:
             raise CrmUnavailable(f"the {UPSTREAM} answered {response.status_code} to {method} {path}")
         return response

@@ -16,6 +16,7 @@ from httpx_sse import SSEError, aconnect_sse
 
 from .context import outbound_headers
 from .errors import (
+    AdapterError,
     AgentFailed,
     AgentMissing,
     GatewayBusy,
@@ -26,6 +27,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .resilience import Bulkhead, CircuitBreaker, retrying
+from .upstream import detail_of, transport_error
 from .settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
@@ -49,24 +51,9 @@ class _Execute(msgspec.Struct):
     detail: Any = None
 
 
-class _Detail(msgspec.Struct):
-    detail: Any = None
-
-
 _decode_execute = msgspec.json.Decoder(_Execute).decode
-_decode_detail = msgspec.json.Decoder(_Detail).decode
 _decode_any = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
-
-
-def detail_of(response: httpx.Response) -> str:
-    try:
-        detail = _decode_detail(response.content).detail
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        detail = None
-    if detail is None:
-        detail = response.text[:300] or response.reason_phrase
-    return detail if isinstance(detail, str) else _encode(detail).decode()[:300]
 
 
 def client_timeout(settings: Settings) -> httpx.Timeout:
@@ -132,6 +119,10 @@ class GatewayClient:
         except _Refused503 as refused:
             return refused.response
 
+    def _failure(self, exc: Exception) -> AdapterError:
+        return transport_error(exc, upstream=UPSTREAM, unavailable=GatewayUnavailable, slug="gateway-timeout",
+                               read_timeout=self._http.timeout.read, call_timeout=self._settings.gateway_call_timeout)
+
     def _body(self, **prompt: str) -> dict[str, Any]:
         # Stateless, with a fresh conversation each time: one answer must not leak
         # into the next lead's (newer gateways also refuse calls without these ids).
@@ -162,15 +153,9 @@ class GatewayClient:
                     headers={"Content-Type": "application/json", **outbound_headers()},
                 )
             outcome = "ok" if response.status_code == 200 else str(response.status_code)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            outcome = "timeout"
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise GatewayUnavailable(f"cannot connect to the {UPSTREAM}: connect timed out") from None
-            seconds = self._http.timeout.read if isinstance(exc, httpx.ReadTimeout) else self._settings.gateway_call_timeout
-            raise UpstreamTimeout(UPSTREAM, seconds, "gateway-timeout") from None
-        except httpx.TransportError as exc:
-            outcome = "unreachable"
-            raise GatewayUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None
+        except (TimeoutError, httpx.TransportError) as exc:
+            outcome = "timeout" if isinstance(exc, (TimeoutError, httpx.TimeoutException)) else "unreachable"
+            raise self._failure(exc) from None
         finally:
             seconds = time.perf_counter() - t0
             self._metrics.gateway_calls.labels(agent_id, outcome).inc()
@@ -185,10 +170,8 @@ class GatewayClient:
                 "POST", "/api/v1/stream-execute", content=_encode(self._body(agent_id=agent_id, input=input_text)),
                 headers={"Content-Type": "application/json", **outbound_headers()},
                 timeout=self._http.timeout.read if self._http.timeout.read else 30.0)
-        except httpx.TimeoutException:
-            raise UpstreamTimeout(UPSTREAM, self._http.timeout.read, "gateway-timeout") from None
         except httpx.TransportError as exc:
-            raise GatewayUnavailable(f"cannot reach the {UPSTREAM}: {type(exc).__name__}") from None
+            raise self._failure(exc) from None
         if response.status_code >= 500:
             raise GatewayUnavailable(f"the {UPSTREAM} answered {response.status_code}: {detail_of(response)}")
         try:

@@ -120,10 +120,6 @@ class Jobs:
                 self._emit(job, "result", entry.body)
                 self._finish(job, "succeeded", cached=True)
                 return job, "HIT"
-        shared = self._by_key.get(key) if mode != "no-store" else None
-        if shared is not None and not shared.finished:
-            self.service.cache.note_coalesced(key)
-            return shared, "MISS"
         async with key_lock(self._admitting, key):
             shared = self._by_key.get(key) if mode != "no-store" else None
             if shared is not None and not shared.finished:
@@ -252,9 +248,11 @@ class Jobs:
         return text
 
     def _purge(self) -> None:
+        # Jobs sit in creation order with one lifetime, so the expired ones are at the front:
+        # stop at the first live one instead of scanning them all on every start.
         now = self._clock()
-        for job in [j for j in self._jobs.values() if j.expires <= now]:
-            self._drop(job)
+        while self._jobs and (oldest := next(iter(self._jobs.values()))).expires <= now:
+            self._drop(oldest)
         # Bounded: past the cap, forget the oldest finished jobs first.
         if len(self._jobs) > self.settings.job_max_jobs:
             for job in [j for j in self._jobs.values() if j.finished][: len(self._jobs) - self.settings.job_max_jobs]:

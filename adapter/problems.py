@@ -13,6 +13,7 @@ from litestar.exceptions import HTTPException, NotFoundException, ValidationExce
 from .context import request_id
 from .errors import AdapterError, BadRequest
 from .models import FieldError, Problem
+from .proxy import Forward
 
 TYPE_BASE = "urn:problem:crm-ai:"
 MEDIA_TYPE = "application/problem+json"
@@ -71,8 +72,6 @@ def handle(request: Request, exc: Exception) -> Response:
     # No route of ours: the CRM backend answers, unless CRM_PROXY_FALLTHROUGH is off.
     if isinstance(exc, NotFoundException) and (proxy := getattr(request.app.state, "proxy", None)) is not None \
             and not request.scope.get("adapter.proxied"):
-        from .proxy import Forward
-
         return Forward(proxy, request, handle)
     settings = getattr(request.app.state, "settings", None)
     problem, headers = problem_of(exc, request.method, request.url.path, settings.max_body_bytes if settings else None)

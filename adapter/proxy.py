@@ -23,7 +23,8 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.response.streaming import ASGIStreamingResponse
 
 from .context import check_header_size, request_id
-from .errors import BadRequest, CrmUnavailable, UpstreamTimeout
+from .errors import BadRequest, CrmUnavailable
+from .upstream import transport_error
 
 # RFC 9110 §7.6.1, plus the names a Connection header lists.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
@@ -72,12 +73,9 @@ class Proxy:
                                            content=_body(request) if has_body else None)
         try:
             response = await self.http.send(upstream, stream=True)
-        except httpx.TimeoutException as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise CrmUnavailable("cannot connect to the CRM backend: connect timed out") from None
-            raise UpstreamTimeout("CRM backend", self.http.timeout.read, "crm-timeout") from None
         except httpx.TransportError as exc:
-            raise CrmUnavailable(f"cannot reach the CRM backend: {type(exc).__name__}") from None
+            raise transport_error(exc, upstream="CRM backend", unavailable=CrmUnavailable, slug="crm-timeout",
+                                  read_timeout=self.http.timeout.read) from None
         # The backend's own answer, errors included, goes back as it came: raw bytes, same status,
         # every header line kept (several Set-Cookie lines stay several).
         # With CORS on, the sidecar answers for it: a second Access-Control-Allow-Origin makes browsers refuse.

@@ -9,7 +9,7 @@ import pytest
 
 from adapter.doubles.crm import object_id
 from adapter.doubles.gateway import GatewayDouble
-from tests.conftest import asgi_client, closed_port_url, decode, make_settings, serving
+from tests.conftest import closed_port_url, decode, make_settings, serving
 
 LEAD_AGENT, EMAIL_AGENT, DEAL_AGENT = "LeadQualifier_CRM_Agent", "EmailAssistant_CRM_Agent", "DealPredictor_CRM_Agent"
 

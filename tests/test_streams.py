@@ -287,6 +287,18 @@ async def test_job_request_validation_names_the_field(client, auth, body, field)
     assert any(e["field"] == field for e in problem["errors"]), problem
 
 
+@asynccontextmanager
+async def two_replicas(gateway, crm, settings):
+    """Two sidecars over TCP sharing one Redis (through `settings`), one gateway double and one CRM double."""
+    async with serving(gateway.app) as gw_url, httpx.AsyncClient(base_url=gw_url) as gw, \
+            asgi_client(crm.app, "http://crm.test") as backend:
+        replica_a = create_app(settings, gateway_http=gw, crm_http=backend)
+        replica_b = create_app(settings, gateway_http=gw, crm_http=backend)
+        async with serving(replica_a) as url_a, serving(replica_b) as url_b, \
+                httpx.AsyncClient(base_url=url_a) as a, httpx.AsyncClient(base_url=url_b) as b:
+            yield a, b
+
+
 @pytest.mark.redis
 async def test_another_replica_serves_the_job_from_the_redis_log(gateway, crm, seed, auth, redis_url, cache_prefix):
     import redis as redis_sync
@@ -294,20 +306,15 @@ async def test_another_replica_serves_the_job_from_the_redis_log(gateway, crm, s
     settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, job_token_secret="s" * 40, sse_heartbeat_seconds=5)
     gateway.push(LEAD_AGENT, "tokens")
     gateway.gate = asyncio.Event()
-    async with serving(gateway.app) as gw_url, httpx.AsyncClient(base_url=gw_url) as gw, \
-            asgi_client(crm.app, "http://crm.test") as backend:
-        replica_a = create_app(settings, gateway_http=gw, crm_http=backend)
-        replica_b = create_app(settings, gateway_http=gw, crm_http=backend)
-        async with serving(replica_a) as url_a, serving(replica_b) as url_b, \
-                httpx.AsyncClient(base_url=url_a) as a, httpx.AsyncClient(base_url=url_b) as b:
-            job = await create_job(a, seed, auth)
-            on_b = asyncio.create_task(read_all(b, "GET", job["events_url"]))  # joins mid-job, on the other replica
-            await gateway.calls.reach(1)
-            gateway.gate.set()
-            _, from_b = await on_b
-            _, from_a = await read_all(a, "GET", job["events_url"])
-            _, resumed_b = await read_all(b, "GET", job["events_url"], headers={"Last-Event-ID": "3"})
-            polled_b = decode(await b.get(f"/api/v1/ai/jobs/{job['job_id']}", headers=auth))
+    async with two_replicas(gateway, crm, settings) as (a, b):
+        job = await create_job(a, seed, auth)
+        on_b = asyncio.create_task(read_all(b, "GET", job["events_url"]))  # joins mid-job, on the other replica
+        await gateway.calls.reach(1)
+        gateway.gate.set()
+        _, from_b = await on_b
+        _, from_a = await read_all(a, "GET", job["events_url"])
+        _, resumed_b = await read_all(b, "GET", job["events_url"], headers={"Last-Event-ID": "3"})
+        polled_b = decode(await b.get(f"/api/v1/ai/jobs/{job['job_id']}", headers=auth))
     assert [(e.id, e.event, e.data) for e in from_b] == [(e.id, e.event, e.data) for e in from_a]
     assert kinds(from_b)[-1] == "done" and "delta" in kinds(from_b)
     assert [e.id for e in resumed_b] == [e.id for e in from_a[3:]]
@@ -321,16 +328,11 @@ async def test_another_replica_serves_the_job_from_the_redis_log(gateway, crm, s
 async def test_identical_streams_on_two_replicas_share_one_job(gateway, crm, seed, auth, redis_url, cache_prefix):
     settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, job_token_secret="s" * 40)
     gateway.gate = asyncio.Event()
-    async with serving(gateway.app) as gw_url, httpx.AsyncClient(base_url=gw_url) as gw, \
-            asgi_client(crm.app, "http://crm.test") as backend:
-        replica_a = create_app(settings, gateway_http=gw, crm_http=backend)
-        replica_b = create_app(settings, gateway_http=gw, crm_http=backend)
-        async with serving(replica_a) as url_a, serving(replica_b) as url_b, \
-                httpx.AsyncClient(base_url=url_a) as a, httpx.AsyncClient(base_url=url_b) as b:
-            on_a = await create_job(a, seed, auth)
-            on_b = await create_job(b, seed, auth)
-            gateway.gate.set()
-            _, events = await read_all(b, "GET", on_b["events_url"])
-            after = await create_job(b, seed, auth)  # once finished, the answer is a cache hit
+    async with two_replicas(gateway, crm, settings) as (a, b):
+        on_a = await create_job(a, seed, auth)
+        on_b = await create_job(b, seed, auth)
+        gateway.gate.set()
+        _, events = await read_all(b, "GET", on_b["events_url"])
+        after = await create_job(b, seed, auth)  # once finished, the answer is a cache hit
     assert on_a["job_id"] == on_b["job_id"] and kinds(events)[-2:] == ["result", "done"]
     assert gateway.calls[LEAD_AGENT] == 1 and after["status"] == "succeeded"

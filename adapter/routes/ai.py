@@ -146,16 +146,13 @@ async def ai_health(service: NamedDependency[AiService]) -> AiHealth:
                     circuits=circuits, gateway_calls_in_flight=service.gateway.bulkhead.in_flight)
 
 
-def provide_service(state: State) -> AiService:
-    return state.service
+def from_state(name: str) -> Provide:
+    """A dependency on what the lifespan put in the app's state under `name`."""
 
+    def provide(state: State) -> Any:
+        return state[name]
 
-def provide_jobs(state: State) -> Any:
-    return state.jobs
-
-
-def provide_tokens(state: State) -> Any:
-    return state.tokens
+    return Provide(provide, sync_to_thread=False)
 
 
 ai_router = Router(
@@ -163,8 +160,4 @@ ai_router = Router(
     route_handlers=[email_generate, lead_qualify, deal_predict, ai_health],
     tags=["ai"],
 )
-SERVICE = {
-    "service": Provide(provide_service, sync_to_thread=False),
-    "jobs": Provide(provide_jobs, sync_to_thread=False),
-    "tokens": Provide(provide_tokens, sync_to_thread=False),
-}
+SERVICE = {name: from_state(name) for name in ("service", "jobs", "tokens")}
