@@ -23,14 +23,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from .errors import AdapterError, AgentFailed, GatewayUnavailable, InvalidAgentOutput, UpstreamTimeout
+from .errors import AdapterError, AgentFailed, GatewayRejected, GatewayUnavailable, InvalidAgentOutput, UpstreamTimeout
 from .models import DependencyState
 
 Mode = Literal["default", "no-cache", "no-store"]
 XCache = Literal["HIT", "MISS", "STALE", "BYPASS"]
 _STAMP = struct.Struct(">d")
 # Faults of the model's side, where an older answer beats none; never the CRM's refusals.
-STALE_ON = (GatewayUnavailable, UpstreamTimeout, InvalidAgentOutput, AgentFailed)
+STALE_ON = (GatewayUnavailable, GatewayRejected, UpstreamTimeout, InvalidAgentOutput, AgentFailed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 import httpx
 
+from .agent_sync import drift, local_agents
 from .agents import AGENT_IDS, load_tasks
 from .app import redis_client
+from .gateway import GatewayClient, listed_agents
 from .settings import ConfigError, Settings
 
 
@@ -25,8 +28,15 @@ async def run_checks(settings: Settings, out: TextIO = sys.stdout, err: TextIO =
     except ConfigError as exc:
         problems.append(str(exc))
 
+    # What the real gateway refuses without (checked when the settings were read; said here so an
+    # operator sees what every run carries).
+    ok(f"runs carry screenplay_id={settings.conductor_screenplay_id} (CONDUCTOR_SCREENPLAY_ID) and "
+       f"cwd={settings.conductor_cwd} (CONDUCTOR_CWD)")
+
     timeout = httpx.Timeout(settings.health_probe_timeout)
-    async with httpx.AsyncClient(timeout=timeout) as client:
+    gateway_url = settings.conductor_gateway_url.rstrip("/")
+    async with httpx.AsyncClient(timeout=timeout) as client, \
+            httpx.AsyncClient(base_url=gateway_url, timeout=timeout) as gateway_http:
         async def probe(name: str, url: str) -> httpx.Response | None:
             try:
                 response = await client.get(url)
@@ -39,23 +49,14 @@ async def run_checks(settings: Settings, out: TextIO = sys.stdout, err: TextIO =
             ok(f"{name} at {url}")
             return response
 
-        gateway = settings.conductor_gateway_url.rstrip("/")
+        gateway = GatewayClient(gateway_http, settings)
         health, crm, listing = await asyncio.gather(
-            probe("Conductor Gateway", f"{gateway}/health"),
+            probe("Conductor Gateway", f"{gateway_url}/health"),
             probe("CRM backend", f"{settings.crm_backend_url.rstrip('/')}/health"),
-            probe("Conductor Gateway agent list", f"{gateway}/api/agents"),
+            probe("Conductor Gateway agent list", f"{gateway_url}/api/agents"),
         )
-    if listing is not None:
-        try:
-            listed = {str(a.get(k)) for a in listing.json() for k in ("agent_id", "id", "name") if a.get(k)}
-        except (ValueError, AttributeError, TypeError):
-            listed = set()
-            problems.append(f"Conductor Gateway at {gateway}/api/agents did not answer a list of agents")
-        for agent in AGENT_IDS:
-            if agent in listed:
-                ok(f"the gateway knows agent {agent}")
-            elif listed:
-                problems.append(f"the gateway does not know agent {agent}: copy conductor-agents/{agent}/ into the Conductor's agents")
+        if listing is not None:
+            await _check_agents(gateway, settings, listing, ok, problems)
 
     if settings.redis_url:
         redis = redis_client(settings.redis_url)
@@ -72,3 +73,35 @@ async def run_checks(settings: Settings, out: TextIO = sys.stdout, err: TextIO =
     for line in problems:
         print(f"FAIL  {line}", file=err)
     return 1 if problems else 0
+
+
+async def _check_agents(gateway: GatewayClient, settings: Settings, listing: httpx.Response,
+                        ok: Callable[[str], None], problems: list[str]) -> None:
+    """Each agent listed by id (a listed `name` proves nothing: execute looks agents up by id),
+    with the persona the gateway holds compared to the one in CONDUCTOR_AGENTS_DIR."""
+    try:
+        listed = listed_agents(listing.json())
+    except ValueError:
+        problems.append("the Conductor Gateway's /api/agents did not answer a list of agents")
+        return
+    try:
+        local = {a.agent_id: a for a in local_agents(settings.conductor_agents_dir, AGENT_IDS)}
+    except ConfigError:
+        local = {}  # already reported with the definitions
+    for agent in AGENT_IDS:
+        if agent not in listed:
+            problems.append(f"the gateway does not know agent {agent}: run `adapter agents sync`")
+            continue
+        if agent not in local:
+            ok(f"the gateway knows agent {agent}")
+            continue
+        try:
+            differs = await drift(gateway, local[agent], listed[agent])
+        except httpx.HTTPError as exc:
+            problems.append(f"cannot read agent {agent}'s persona from the gateway: {type(exc).__name__} {exc}".strip())
+            continue
+        if differs:
+            problems.append(f"agent {agent} on the gateway differs from conductor-agents/{agent}/ "
+                            f"({', '.join(differs)}): run `adapter agents sync`")
+        else:
+            ok(f"the gateway knows agent {agent}, with the same persona")

@@ -1,4 +1,4 @@
-"""The `adapter` command: serve, demo, openapi."""
+"""The `adapter` command: serve, demo, openapi, check, agents sync."""
 
 from __future__ import annotations
 
@@ -57,6 +57,32 @@ def cmd_check(_: argparse.Namespace) -> int:
     return asyncio.run(run_checks(_settings()))
 
 
+def cmd_agents_sync(_: argparse.Namespace) -> int:
+    import httpx
+
+    from .agent_sync import local_agents, sync_agents
+    from .agents import AGENT_IDS
+    from .gateway import GatewayClient
+
+    settings = _settings()
+    agents = local_agents(settings.conductor_agents_dir, AGENT_IDS)
+
+    async def run() -> int:
+        async with httpx.AsyncClient(base_url=settings.conductor_gateway_url, timeout=30.0) as http:
+            try:
+                results = await sync_agents(GatewayClient(http, settings), agents)
+            except (httpx.HTTPError, ValueError) as exc:
+                print(f"adapter: cannot list the gateway's agents at {settings.conductor_gateway_url}: "
+                      f"{type(exc).__name__} {exc}".strip(), file=sys.stderr)
+                return 1
+        for r in results:
+            line = f"{r.outcome:<9} {r.agent_id}" + (f"  ({r.detail})" if r.detail else "")
+            print(line, file=sys.stderr if r.outcome in ("invalid", "failed") else sys.stdout)
+        return 1 if any(r.outcome in ("invalid", "failed") for r in results) else 0
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapter", description="CRM AI sidecar for the Conductor Gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, help="port for the sidecar (default 8080)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_openapi)
+    agents = sub.add_parser("agents", help="manage the agents on the Conductor Gateway")
+    agents_sub = agents.add_subparsers(dest="agents_command", required=True)
+    agents_sub.add_parser("sync", help="create or update the three agents on the gateway from CONDUCTOR_AGENTS_DIR "
+                          "(idempotent; prints created, updated or unchanged per agent)").set_defaults(func=cmd_agents_sync)
     sub.add_parser("check", help="validate the configuration and probe the gateway, the CRM backend and Redis"
                    ).set_defaults(func=cmd_check)
     return parser

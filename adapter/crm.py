@@ -17,6 +17,9 @@ from .settings import Settings
 from .upstream import detail_of, transport_error
 
 UPSTREAM = "CRM backend"
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+# How a request sent on a connection the server had already closed fails: before any response byte.
+STALE_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
@@ -67,6 +70,8 @@ class CrmClient:
         self.breaker.succeeded()
         if response.status_code >= 400:
             passed = {k: v for k, v in response.headers.items() if k.lower() == "www-authenticate"}
+            if response.status_code == 401 and not passed:
+                passed = {"WWW-Authenticate": "Bearer"}  # RFC 6750 wants it; the real backend's handler drops it
             raise CrmRefused(response.status_code, detail_of(response), passed)
         return response
 
@@ -79,11 +84,24 @@ class CrmClient:
             return await self._http.request(method, path, content=body, headers=headers)
 
         s = self._settings
+        budget = {"connect": s.upstream_retries, "stale": 1 if method in IDEMPOTENT else 0}
+
+        def retry_on(exc: Exception) -> bool:
+            # A failure to connect: the request never reached the backend. And the backend drops
+            # keep-alive connections after an unhandled 500 without saying so: a lookup sent on such
+            # a connection fails before any response byte. That one is retried once, like nginx's
+            # `proxy_next_upstream error`; the pool has already discarded the dead connection.
+            kind = "connect" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else \
+                "stale" if isinstance(exc, STALE_CONNECTION) else None
+            if kind is None or budget[kind] == 0:
+                return False
+            budget[kind] -= 1
+            return True
+
         try:
             async with asyncio.timeout(s.crm_call_timeout), self._slots:
-                # Only failures to connect are retried: the request never reached the backend.
-                response = await retrying(send, attempts=1 + s.upstream_retries, base=s.retry_base_delay, cap=s.retry_max_delay,
-                                          retry_on=lambda e: isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)))
+                response = await retrying(send, attempts=2 + s.upstream_retries, base=s.retry_base_delay, cap=s.retry_max_delay,
+                                          retry_on=retry_on)
         except (TimeoutError, httpx.TransportError) as exc:
             raise transport_error(exc, upstream=UPSTREAM, unavailable=CrmUnavailable, slug="crm-timeout",
                                   read_timeout=self._http.timeout.read, call_timeout=s.crm_call_timeout) from None

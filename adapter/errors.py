@@ -91,6 +91,17 @@ class CrmCircuitOpen(AdapterError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+class GatewayRejected(AdapterError):
+    """The gateway (or the Conductor API behind it) refused or failed the call for good.
+
+    A validation message inside a 500 or a 400 ("Campo 'screenplay_id' é obrigatório",
+    "CWD não configurado"): asking again gives the same answer, so it is no 503 and
+    carries no Retry-After.
+    """
+
+    status, slug, title = 502, "gateway-error", "The Conductor Gateway refused the call"
+
+
 class GatewayProtocolError(AdapterError):
     status, slug, title = 502, "gateway-protocol-error", "Unexpected answer from the Conductor Gateway"
 

@@ -1,12 +1,32 @@
-"""Client of the Conductor Gateway (synchronous agent calls, discovery, health)."""
+"""Client of the Conductor Gateway: agent runs (synchronous and streamed), discovery, the agent registry.
+
+What the real gateway does on the wire, and what this module does about it
+(measured against its code; see the README's "The real Conductor stack"):
+
+- Every run needs `input_text`, `instance_id`, `conversation_id` and `cwd`, and the
+  Conductor API behind it refuses a task without `screenplay_id`. All are sent.
+- The gateway retries the Conductor API itself (3 tries, 1 s and 3 s apart), so this
+  client retries only what cannot have started a model run: a refused connection, and
+  the gateway's 503 "MongoDB connection not available" (once). Anything else it answers
+  is final: a 500 carries the Conductor's own refusal and is a 502 here, never a 503.
+- A synchronous run leaves an `agent_instances` document behind; it is deleted after.
+- The real stream has no tokens: `task_started`, one `status_update`, then `result` or
+  `error`. A `result` whose status is error/failed, or whose exit code is not 0, is a
+  failed run, never model text.
+- A job's stream is readable once: after the run ends, or if our reader drops, the gateway
+  answers 404. A stream lost before its outcome is recovered by one synchronous run.
+- With several providers (`CONDUCTOR_AI_PROVIDER=claude,gemini`), a run that failed or
+  timed out is tried once more on the next one.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -22,6 +42,7 @@ from .errors import (
     GatewayBusy,
     GatewayCircuitOpen,
     GatewayProtocolError,
+    GatewayRejected,
     GatewayUnavailable,
     UpstreamTimeout,
 )
@@ -32,22 +53,29 @@ from .settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
 UPSTREAM = "Conductor Gateway"
+# The only 503 that means "nothing was started": the gateway could not even look the agent up.
+_DB_DOWN = "MongoDB connection not available"
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>)\]}]+", re.IGNORECASE)
+_FAILED = frozenset({"error", "failed"})
+
+OnEvent = Callable[[str, Any], None]
 
 
-class _Task(msgspec.Struct):
-    """The Conductor task document; every field optional, unknown ones ignored."""
+class _RunDocument(msgspec.Struct):
+    """The Conductor's run document inside an execute answer (or a stream's `result`); unknown keys ignored."""
 
     status: str | None = None
     result: Any = None
     stdout: str | None = None
     stderr: str | None = None
     error: str | None = None
+    message: str | None = None
     exit_code: int | None = None
 
 
 class _Execute(msgspec.Struct):
     status: str | None = None
-    result: _Task | None = None
+    result: _RunDocument | None = None
     detail: Any = None
 
 
@@ -60,16 +88,93 @@ def client_timeout(settings: Settings) -> httpx.Timeout:
     return httpx.Timeout(connect=settings.gateway_connect_timeout, read=settings.gateway_read_timeout, write=30.0, pool=10.0)
 
 
+class ProviderPlan:
+    """The providers one request's runs may use: the first listed and, once, the next.
+
+    Repair calls keep the provider that answered last. An empty plan sends no
+    `ai_provider`, leaving the choice to the gateway.
+    """
+
+    __slots__ = ("_providers", "_index")
+
+    def __init__(self, providers: Sequence[str] = ()) -> None:
+        self._providers = tuple(providers)
+        self._index = 0
+
+    @property
+    def current(self) -> str | None:
+        return self._providers[self._index] if self._providers else None
+
+    def advance(self) -> bool:
+        if self._index or len(self._providers) < 2:
+            return False
+        self._index = 1
+        return True
+
+
 class _Refused503(Exception):
-    """The gateway's 503 (its database is down): it did not start the agent, so a retry is safe."""
+    """The gateway's database is down: it did not start the agent, so one retry is safe."""
 
     def __init__(self, response: httpx.Response) -> None:
         super().__init__("503")
         self.response = response
 
 
-def _not_started(exc: Exception) -> bool:
-    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, _Refused503))
+class _StreamLost(Exception):
+    """The gateway's job stream is gone before its outcome (404, broken off, closed early)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def public_detail(response: httpx.Response) -> str:
+    """The gateway's `detail`, with the Conductor API's own words unwrapped and no internal URL."""
+    detail = detail_of(response)
+    # "Conductor API error: {\"detail\": \"... Campo 'screenplay_id' é obrigatório ...\"}"
+    head, brace, rest = detail.partition("{")
+    if brace:
+        try:
+            nested = _decode_any(("{" + rest).encode())
+        except msgspec.DecodeError:
+            nested = None
+        if isinstance(nested, dict) and nested.get("detail") is not None:
+            inner = nested["detail"]
+            detail = f"{head.strip()} {inner if isinstance(inner, str) else _encode(inner).decode()}".strip()
+    return _URL.sub("<internal URL>", detail)[:500]
+
+
+def run_text(agent_id: str, run: _RunDocument) -> str:
+    """The model's text from a finished run; a failed run raises AgentFailed."""
+    if (run.status or "").lower() in _FAILED or (run.exit_code or 0) != 0:
+        text = run.result if isinstance(run.result, str) else None
+        reason = run.error or run.stderr or text or run.message or "no reason given"
+        raise AgentFailed(f"agent {agent_id} failed (exit code {run.exit_code}): {_URL.sub('<internal URL>', reason)[:300]}")
+    text = run.result if run.result not in (None, "") else run.stdout
+    if isinstance(text, (dict, list)):  # some Conductor versions hand back parsed JSON
+        return _encode(text).decode()
+    return text if isinstance(text, str) else ""
+
+
+def listed_agents(answer: Any) -> dict[str, dict[str, Any]]:
+    """GET /api/agents by agent id, from either shape the gateway answers.
+
+    From its MongoDB: a list of `{"id": <agent_id>, "name": <definition name>, ...}`;
+    older gateways add `agent_id` (and then `id` is a Mongo ObjectId). When its MongoDB
+    is empty or down it relays the Conductor API's `{"total", "agents": [...]}`. Only
+    ids count: execute finds agents by id, and a listed `name` proves nothing.
+    """
+    if isinstance(answer, dict) and isinstance(answer.get("agents"), list):
+        answer = answer["agents"]
+    if not isinstance(answer, list):
+        raise ValueError("GET /api/agents answered neither a list nor {total, agents}")
+    agents = {}
+    for entry in answer:
+        if isinstance(entry, dict):
+            agent_id = entry.get("agent_id") if "agent_id" in entry else entry.get("id")
+            if isinstance(agent_id, str) and agent_id:
+                agents[agent_id] = entry
+    return agents
 
 
 class GatewayClient:
@@ -81,6 +186,9 @@ class GatewayClient:
         self.breaker = CircuitBreaker("conductor-gateway", threshold=settings.circuit_failure_threshold,
                                       reset=settings.circuit_reset_seconds, clock=clock)
         self.bulkhead = Bulkhead(settings.gateway_max_concurrency, settings.gateway_queue_timeout)
+
+    def plan(self) -> ProviderPlan:
+        return ProviderPlan(self._settings.providers)
 
     @asynccontextmanager
     async def guarded(self) -> AsyncIterator[None]:
@@ -95,7 +203,7 @@ class GatewayClient:
                               f"none finished within {self.bulkhead.wait:g} s (GATEWAY_QUEUE_TIMEOUT)")
         try:
             yield
-        except (GatewayUnavailable, UpstreamTimeout, GatewayProtocolError):
+        except (GatewayUnavailable, GatewayRejected, UpstreamTimeout, GatewayProtocolError):
             self.breaker.failed()
             raise
         except BaseException:
@@ -107,49 +215,81 @@ class GatewayClient:
             self.bulkhead.release()
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        refused = 0
+
         async def attempt() -> httpx.Response:
             response = await self._http.request(method, path, **kwargs)
-            if response.status_code == 503:
+            if response.status_code == 503 and _DB_DOWN in detail_of(response):
                 raise _Refused503(response)
             return response
 
+        def retry_on(exc: Exception) -> bool:
+            nonlocal refused
+            if isinstance(exc, _Refused503):
+                refused += 1
+                return refused == 1  # its database may be back; a second 503 is the answer
+            # Nothing reached the gateway: no model run can have started.
+            return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+
         try:
             return await retrying(attempt, attempts=1 + self._settings.upstream_retries, base=self._settings.retry_base_delay,
-                                  cap=self._settings.retry_max_delay, retry_on=_not_started)
-        except _Refused503 as refused:
-            return refused.response
+                                  cap=self._settings.retry_max_delay, retry_on=retry_on)
+        except _Refused503 as exc:
+            return exc.response
 
     def _failure(self, exc: Exception) -> AdapterError:
         return transport_error(exc, upstream=UPSTREAM, unavailable=GatewayUnavailable, slug="gateway-timeout",
                                read_timeout=self._http.timeout.read, call_timeout=self._settings.gateway_call_timeout)
 
-    def _body(self, **prompt: str) -> dict[str, Any]:
-        # Stateless, with a fresh conversation each time: one answer must not leak
-        # into the next lead's (newer gateways also refuse calls without these ids).
+    def _body(self, provider: str | None, **prompt: str) -> dict[str, Any]:
+        # Fresh instance and conversation ids per run: the Conductor replays a conversation's
+        # history whatever `context_mode` says, and one lead's answer must not leak into the next.
+        s = self._settings
         body: dict[str, Any] = {
             **prompt,
             "context_mode": "stateless",
             "instance_id": f"crm-ai-{uuid.uuid4().hex}",
             "conversation_id": f"crm-ai-{uuid.uuid4().hex}",
+            "screenplay_id": s.conductor_screenplay_id,
+            "cwd": s.conductor_cwd,
         }
-        if self._settings.conductor_cwd:
-            body["cwd"] = self._settings.conductor_cwd
-        if self._settings.conductor_ai_provider:
-            body["ai_provider"] = self._settings.conductor_ai_provider
+        if provider:
+            body["ai_provider"] = provider
         return body
 
-    async def execute(self, agent_id: str, input_text: str) -> str:
-        """Run the agent once and return the model's text."""
-        async with self.guarded():
-            return await self._execute(agent_id, input_text)
+    # --- synchronous runs ---------------------------------------------------------------
 
-    async def _execute(self, agent_id: str, input_text: str) -> str:
+    async def execute(self, agent_id: str, input_text: str, plan: ProviderPlan | None = None) -> str:
+        """Run the agent (guarded) and return the model's text."""
+        async with self.guarded():
+            return await self.run(agent_id, input_text, plan or self.plan())
+
+    async def run(self, agent_id: str, input_text: str, plan: ProviderPlan) -> str:
+        """Synchronous run(s) for a caller already inside `guarded()`, with the provider fallback."""
+        while True:
+            try:
+                return await self._execute(agent_id, input_text, plan.current)
+            except (AgentFailed, UpstreamTimeout) as exc:
+                if not self._fall_back(agent_id, plan, exc):
+                    raise
+
+    def _fall_back(self, agent_id: str, plan: ProviderPlan, exc: AdapterError) -> bool:
+        before = plan.current
+        if not plan.advance():
+            return False
+        self._metrics.provider_fallbacks.labels(agent_id, before, plan.current).inc()
+        log.warning("gateway.provider_fallback", agent=agent_id, from_provider=before, to_provider=plan.current,
+                    reason=exc.slug)
+        return True
+
+    async def _execute(self, agent_id: str, input_text: str, provider: str | None) -> str:
         t0 = time.perf_counter()
         outcome = "error"
+        body = self._body(provider, input_text=input_text)
         try:
             async with asyncio.timeout(self._settings.gateway_call_timeout):
                 response = await self._send(
-                    "POST", f"/api/agents/{agent_id}/execute", content=_encode(self._body(input_text=input_text)),
+                    "POST", f"/api/agents/{agent_id}/execute", content=_encode(body),
                     headers={"Content-Type": "application/json", **outbound_headers()},
                 )
             outcome = "ok" if response.status_code == 200 else str(response.status_code)
@@ -160,20 +300,79 @@ class GatewayClient:
             seconds = time.perf_counter() - t0
             self._metrics.gateway_calls.labels(agent_id, outcome).inc()
             self._metrics.gateway_seconds.labels(agent_id).observe(seconds)
-            log.info("gateway.call", agent=agent_id, outcome=outcome, ms=round(seconds * 1000, 1))
+            log.info("gateway.call", agent=agent_id, outcome=outcome, provider=provider, ms=round(seconds * 1000, 1))
+        if response.status_code == 200 and self._settings.conductor_cleanup_instances:
+            await self._forget_instance(body["instance_id"])
         return _text_of(agent_id, response)
 
-    async def start_stream(self, agent_id: str, input_text: str) -> str:
+    async def _forget_instance(self, instance_id: str) -> None:
+        """Delete the `agent_instances` document the run left; a failure is logged, never raised."""
+        try:
+            response = await self._http.delete(
+                f"/api/agents/instances/{instance_id}", params={"hard": "true", "cascade": "true"},
+                headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
+            outcome = "ok" if response.status_code < 300 else "failed"
+            reason = None if outcome == "ok" else f"{response.status_code}: {public_detail(response)}"
+        except httpx.HTTPError as exc:
+            outcome, reason = "failed", type(exc).__name__
+        self._metrics.instance_cleanups.labels(outcome).inc()
+        if reason:
+            log.warning("gateway.instance_cleanup", instance_id=instance_id, outcome=outcome, reason=reason)
+
+    # --- streamed runs --------------------------------------------------------------------
+
+    async def stream_run(self, agent_id: str, input_text: str, plan: ProviderPlan, on_event: OnEvent) -> str:
+        """A streamed run for a caller already inside `guarded()`; the model's text.
+
+        `on_event(name, data)` gets the progress worth showing: `status` {state, message},
+        and `delta` {text} from gateways that stream tokens (the real one does not).
+        """
+        while True:
+            try:
+                return await self._stream_once(agent_id, input_text, plan.current, on_event)
+            except (AgentFailed, UpstreamTimeout) as exc:
+                if not self._fall_back(agent_id, plan, exc):
+                    raise
+                on_event("status", {"state": "running", "message": f"the run failed; trying provider {plan.current}"})
+
+    async def _stream_once(self, agent_id: str, input_text: str, provider: str | None, on_event: OnEvent) -> str:
+        job = await self.start_stream(agent_id, input_text, provider)
+        try:
+            async with aclosing(self.stream_events(job)) as events:
+                async for name, data in events:
+                    if name == "result":
+                        return run_text(agent_id, _as_run(data))
+                    if name == "error":
+                        reason = data.get("error") if isinstance(data, dict) else data
+                        raise AgentFailed(f"agent {agent_id} failed: {_URL.sub('<internal URL>', str(reason))[:300]}")
+                    if name == "on_llm_new_token":
+                        if (piece := _token_text(data)) is not None:
+                            on_event("delta", {"text": piece})
+                    elif name in ("status_update", "task_started"):
+                        message = data.get("message") if isinstance(data, dict) else None
+                        on_event("status", {"state": "running", "message": str(message or "running")})
+                    # Every other event (on_chain_start, on_tool_end, ...) is noise to the browser.
+            reason = "the stream ended without a result"
+        except _StreamLost as lost:
+            reason = lost.reason
+        # The gateway forgets a job once its one reader is gone, so the outcome cannot be read
+        # again: one synchronous run learns it (documented in the README's model-run bound).
+        self._metrics.lost_streams.labels(agent_id).inc()
+        log.warning("gateway.stream_lost", agent=agent_id, gateway_job=job, reason=reason)
+        on_event("status", {"state": "running", "message": "the gateway lost the job's stream; asking the agent once more"})
+        return await self._execute(agent_id, input_text, provider)
+
+    async def start_stream(self, agent_id: str, input_text: str, provider: str | None = None) -> str:
         """Start a streamed run; the gateway's job id."""
         try:
             response = await self._send(
-                "POST", "/api/v1/stream-execute", content=_encode(self._body(agent_id=agent_id, input=input_text)),
+                "POST", "/api/v1/stream-execute", content=_encode(self._body(provider, agent_id=agent_id, input=input_text)),
                 headers={"Content-Type": "application/json", **outbound_headers()},
                 timeout=self._http.timeout.read if self._http.timeout.read else 30.0)
         except httpx.TransportError as exc:
             raise self._failure(exc) from None
         if response.status_code >= 500:
-            raise GatewayUnavailable(f"the {UPSTREAM} answered {response.status_code}: {detail_of(response)}")
+            raise _status_error(agent_id, response)
         try:
             answer = _decode_any(response.content)
         except msgspec.DecodeError:
@@ -183,7 +382,9 @@ class GatewayClient:
             self._metrics.gateway_calls.labels(agent_id, "stream_started").inc()
             return answer["job_id"]
         self._metrics.gateway_calls.labels(agent_id, "stream_start_failed").inc()
-        reason = _start_error(answer) or f"status {response.status_code}, no job id"
+        reason = _URL.sub("<internal URL>", _start_error(answer) or f"status {response.status_code}, no job id")
+        if reason.startswith(("400:", "404:")):  # its own validation (no cwd, unknown agent): final
+            raise GatewayRejected(f"the {UPSTREAM} refused to start the job: {reason}")
         raise GatewayUnavailable(f"the {UPSTREAM} could not start the job: {reason}")
 
     async def stream_events(self, job_id: str) -> AsyncIterator[tuple[str, Any]]:
@@ -197,8 +398,8 @@ class GatewayClient:
             async with aconnect_sse(self._http, "GET", f"/api/v1/stream/{job_id}", timeout=timeout,
                                     headers=outbound_headers()) as source:
                 status = source.response.status_code
-                if status == 404:  # someone else read the job, or it finished: it is gone for good
-                    raise GatewayProtocolError(f"the {UPSTREAM} no longer has job {job_id}")
+                if status == 404:  # the job ended, or another reader took it: gone for good
+                    raise _StreamLost(f"the {UPSTREAM} no longer has job {job_id} (404)")
                 if status != 200:
                     await source.response.aread()
                     raise GatewayUnavailable(f"the {UPSTREAM} answered {status} for the job's stream")
@@ -209,20 +410,64 @@ class GatewayClient:
                         continue
                     if isinstance(envelope, dict) and isinstance(envelope.get("event"), str):
                         yield envelope["event"], envelope.get("data")
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise self._failure(exc) from None
         except (httpx.TransportError, SSEError) as exc:
-            raise GatewayUnavailable(f"the {UPSTREAM}'s stream broke off: {type(exc).__name__}") from None
+            raise _StreamLost(f"the {UPSTREAM}'s stream broke off: {type(exc).__name__}") from None
 
-    async def agent_ids(self) -> set[str]:
+    # --- discovery and the agent registry ------------------------------------------------
+
+    async def agents(self) -> dict[str, dict[str, Any]]:
+        """The agents the gateway lists, by id."""
         response = await self._http.get("/api/agents", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
         response.raise_for_status()
-        listed = _decode_any(response.content)
-        if not isinstance(listed, list):
-            raise ValueError("GET /api/agents did not answer a list")
-        return {str(a.get(k)) for a in listed if isinstance(a, dict) for k in ("agent_id", "id", "name") if a.get(k)}
+        return listed_agents(_decode_any(response.content))
+
+    async def agent_ids(self) -> set[str]:
+        return set(await self.agents())
+
+    async def persona(self, agent_id: str) -> str | None:
+        """The persona the gateway holds for an agent; None when it has none."""
+        response = await self._http.get(f"/api/agents/{agent_id}/persona", headers=outbound_headers(),
+                                        timeout=self._settings.health_probe_timeout)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        answer = _decode_any(response.content)
+        content = answer.get("persona_content") if isinstance(answer, dict) else None
+        return content if isinstance(content, str) and content else None
+
+    async def create_agent(self, body: dict[str, Any]) -> httpx.Response:
+        return await self._http.post("/api/agents", content=_encode(body), timeout=30.0,
+                                     headers={"Content-Type": "application/json", **outbound_headers()})
+
+    async def update_agent(self, agent_id: str, body: dict[str, Any]) -> httpx.Response:
+        return await self._http.put(f"/api/agents/{agent_id}", content=_encode(body), timeout=30.0,
+                                    headers={"Content-Type": "application/json", **outbound_headers()})
 
     async def health(self) -> None:
         response = await self._http.get("/health", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
         response.raise_for_status()
+
+
+def _as_run(data: Any) -> _RunDocument:
+    if isinstance(data, dict):
+        try:
+            return msgspec.convert(data, _RunDocument, strict=False)
+        except msgspec.ValidationError:
+            pass
+    return _RunDocument(result=data)
+
+
+def _token_text(data: Any) -> str | None:
+    # Gateway versions put the token in `data` itself or under one of these keys.
+    if isinstance(data, str):
+        return data
+    if isinstance(data, dict):
+        for k in ("token", "text", "chunk", "content"):
+            if isinstance(data.get(k), str):
+                return data[k]
+    return None
 
 
 def _start_error(answer: Any) -> str | None:
@@ -233,25 +478,29 @@ def _start_error(answer: Any) -> str | None:
     return None
 
 
-def _text_of(agent_id: str, response: httpx.Response) -> str:
-    status = response.status_code
+def _status_error(agent_id: str, response: httpx.Response) -> AdapterError:
+    status, detail = response.status_code, public_detail(response)
     if status == 404:
-        raise AgentMissing(agent_id)
+        return AgentMissing(agent_id)
+    if status == 500 or status in (400, 422):
+        # Its own validation, or the Conductor API's refusal relayed inside a 500: asking again
+        # gives the same answer. (A 502/504 from a proxy in front of it is transient.)
+        return GatewayRejected(f"the {UPSTREAM} answered {status}: {detail}")
     if status >= 500:
-        raise GatewayUnavailable(f"the {UPSTREAM} answered {status}: {detail_of(response)}")
-    if status != 200:
-        raise GatewayProtocolError(f"the {UPSTREAM} refused the call with {status}: {detail_of(response)}")
+        return GatewayUnavailable(f"the {UPSTREAM} answered {status}: {detail}")
+    return GatewayProtocolError(f"the {UPSTREAM} refused the call with {status}: {detail}")
+
+
+def _text_of(agent_id: str, response: httpx.Response) -> str:
+    if response.status_code != 200:
+        raise _status_error(agent_id, response)
     try:
         answer = _decode_execute(response.content)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise GatewayProtocolError(f"the {UPSTREAM} answered 200 with a body that is not its execute document") from None
-    task = answer.result
-    if task is None:
-        raise GatewayProtocolError(f"the {UPSTREAM} answered 200 without a task document")
-    if answer.status == "error" or task.status in {"error", "failed"} or (task.exit_code or 0) != 0:
-        reason = task.error or task.stderr or (task.result if isinstance(task.result, str) else None) or "no reason given"
-        raise AgentFailed(f"agent {agent_id} failed: {reason[:300]}")
-    text = task.result if task.result not in (None, "") else task.stdout
-    if isinstance(text, (dict, list)):  # some Conductor versions hand back parsed JSON
-        return _encode(text).decode()
-    return text if isinstance(text, str) else ""
+    if answer.result is None:
+        raise GatewayProtocolError(f"the {UPSTREAM} answered 200 without a run document")
+    run = answer.result
+    if answer.status == "error" and (run.status or "").lower() not in _FAILED and not run.exit_code:
+        run.status = "error"
+    return run_text(agent_id, run)

@@ -20,7 +20,7 @@ import structlog
 
 from .agents import Task
 from .cache import Entry, cache_key, key_lock
-from .errors import AdapterError, AgentFailed, GatewayProtocolError, UpstreamTimeout
+from .errors import AdapterError, UpstreamTimeout
 from .problems import problem_of
 from .service import AiService
 
@@ -78,17 +78,6 @@ class Job:
         except TimeoutError:
             return None
         return self.events[last_id:]
-
-
-def _token_text(data: Any) -> str | None:
-    # Gateway versions put the token in `data` itself or under one of these keys.
-    if isinstance(data, str):
-        return data
-    if isinstance(data, dict):
-        for k in ("token", "text", "chunk", "content"):
-            if isinstance(data.get(k), str):
-                return data[k]
-    return None
 
 
 class Jobs:
@@ -215,37 +204,17 @@ class Jobs:
 
     async def _produce(self, job: Job, task: Task, agent_input: str) -> bytes:
         gateway = self.service.gateway
+        plan = gateway.plan()
         async with gateway.guarded():
             self._emit(job, "status", {"state": "running", "message": "starting the agent"})
-            text = await self._read_model(job, task, await gateway.start_stream(task.agent_id, agent_input))
+            text = await gateway.stream_run(task.agent_id, agent_input, plan, lambda name, data: self._emit(job, name, data))
         self._emit(job, "status", {"state": "validating", "message": "validating the agent's answer"})
 
         def repairing(attempt: int) -> None:
             self._emit(job, "status", {"state": "running", "message": f"repairing invalid output (attempt {attempt + 1})"})
 
-        result = await self.service.validated(task, job.record_id, agent_input, text, on_repair=repairing)
+        result = await self.service.validated(task, job.record_id, agent_input, text, on_repair=repairing, plan=plan)
         return _encode(result)
-
-    async def _read_model(self, job: Job, task: Task, gateway_job: str) -> str:
-        """Map the gateway's events onto ours; the model's final text."""
-        text: str | None = None
-        async for name, data in self.service.gateway.stream_events(gateway_job):
-            if name == "on_llm_new_token":
-                if (piece := _token_text(data)) is not None:
-                    self._emit(job, "delta", {"text": piece})
-            elif name == "status_update":
-                message = data.get("message") if isinstance(data, dict) else None
-                self._emit(job, "status", {"state": "running", "message": str(message or "running")})
-            elif name == "result":
-                value = data.get("result") if isinstance(data, dict) else data
-                text = value if isinstance(value, str) else _encode(value).decode()
-            elif name == "error":
-                reason = data.get("error") if isinstance(data, dict) else data
-                raise AgentFailed(f"agent {task.agent_id} failed: {str(reason)[:300]}")
-            # Every other gateway event (on_chain_start, on_tool_end, ...) is noise to the browser.
-        if text is None:
-            raise GatewayProtocolError(f"the gateway's stream for agent {task.agent_id} ended without a result")
-        return text
 
     def _purge(self) -> None:
         # Jobs sit in creation order with one lifetime, so the expired ones are at the front:

@@ -25,6 +25,12 @@ class Metrics:
         self.running_jobs = Gauge("crm_ai_running_jobs", "Streamed jobs still running", registry=r)
         self.circuit = Gauge("crm_ai_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open", ["upstream"], registry=r)
         self.gateway_in_flight = Gauge("crm_ai_gateway_calls_in_flight", "Agent runs holding a bulkhead slot", registry=r)
+        self.provider_fallbacks = Counter("crm_ai_provider_fallbacks", "Runs retried on the next CONDUCTOR_AI_PROVIDER",
+                                          ["agent", "from_provider", "to_provider"], registry=r)
+        self.instance_cleanups = Counter("crm_ai_gateway_instance_cleanups", "Removal of the gateway's agent_instances "
+                                         "document after a synchronous run: ok, failed", ["outcome"], registry=r)
+        self.lost_streams = Counter("crm_ai_gateway_lost_streams", "Gateway jobs whose stream was lost before the outcome "
+                                    "(404, broken off, ended without a result): recovered by one synchronous run", ["agent"], registry=r)
         self.rate_limited = Counter("crm_ai_rate_limited", "Requests refused by the per-user rate limit", ["task"], registry=r)
 
     def watch_jobs(self, running: Callable[[], int]) -> None:

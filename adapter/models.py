@@ -45,10 +45,15 @@ class EmailVariation(msgspec.Struct, kw_only=True):
     tone: Annotated[str, Meta(min_length=1)]
 
 
+Provider = Annotated[str | None, Meta(description="The AI provider that produced the answer (one of CONDUCTOR_AI_PROVIDER); "
+                                                  "null when the gateway chose its default")]
+
+
 class EmailGenerateResult(msgspec.Struct, kw_only=True):
     lead_id: str
     agent: str
     variations: Annotated[list[EmailVariation], Meta(min_length=3, max_length=3)]
+    provider: Provider = None
 
 
 class Bant(msgspec.Struct, kw_only=True):
@@ -66,6 +71,7 @@ class LeadQualifyResult(msgspec.Struct, kw_only=True):
     reasoning: str
     next_actions: list[str]
     bant: Bant
+    provider: Provider = None
 
 
 class DealPredictResult(msgspec.Struct, kw_only=True):
@@ -77,6 +83,7 @@ class DealPredictResult(msgspec.Struct, kw_only=True):
     risk_factors: list[str]
     recommended_actions: list[str]
     reasoning: str
+    provider: Provider = None
 
 
 TaskName = Literal["email.generate", "lead.qualify", "deal.predict"]

@@ -24,6 +24,7 @@ from litestar.response.streaming import ASGIStreamingResponse
 
 from .context import check_header_size, request_id
 from .errors import BadRequest, CrmUnavailable
+from .crm import IDEMPOTENT, STALE_CONNECTION
 from .upstream import transport_error
 
 # RFC 9110 §7.6.1, plus the names a Connection header lists.
@@ -43,6 +44,8 @@ class Proxy:
     def __init__(self, http: httpx.AsyncClient) -> None:
         self.http = http
         self.base = http.base_url
+        # How the backend names itself in absolute redirects: scheme://host[:port], as httpx sends Host.
+        self.origin = f"{self.base.scheme}://{self.base.netloc.decode('ascii')}"
 
     def target(self, raw_path: bytes, query: bytes) -> httpx.URL:
         if not raw_path.startswith(b"/"):
@@ -63,16 +66,40 @@ class Proxy:
         headers.append(("X-Request-ID", request_id(scope)))  # middleware does not run for unrouted paths
         return headers
 
+    def public_location(self, location: str, request: Request) -> str:
+        """A redirect to the backend's own address, pointed at the sidecar's public origin instead.
+
+        The backend builds absolute `Location`s from the Host it was sent (its internal name).
+        As nginx's `proxy_redirect default`: the public origin is the caller's, from
+        `X-Forwarded-Proto`/`-Host` when an ingress set them, else the request's scheme and Host.
+        """
+        if not location.startswith(self.origin) or location[len(self.origin):][:1] not in ("/", "?", ""):
+            return location
+        proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip() or request.scope.get("scheme", "http")
+        host = request.headers.get("x-forwarded-host", "").split(",")[0].strip() or request.headers.get("host", "")
+        if not host or proto not in ("http", "https"):
+            return location[len(self.origin):] or "/"  # no usable origin: a relative reference works as well
+        return f"{proto}://{host}{location[len(self.origin):] or '/'}"
+
     async def forward(self, request: Request) -> ASGIStreamingResponse:
         scope = request.scope
         check_header_size(scope, request.app.state.settings.max_header_bytes)
         url = self.target(scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""))
         has_body = "content-length" in request.headers and request.headers["content-length"] != "0" \
             or "transfer-encoding" in request.headers
-        upstream = self.http.build_request(request.method, url, headers=self.request_headers(request),
-                                           content=_body(request) if has_body else None)
+        headers = self.request_headers(request)
+        upstream = self.http.build_request(request.method, url, headers=headers, content=_body(request) if has_body else None)
         try:
-            response = await self.http.send(upstream, stream=True)
+            try:
+                response = await self.http.send(upstream, stream=True)
+            except STALE_CONNECTION:
+                # The backend drops a keep-alive connection after an unhandled 500 without saying so.
+                # A bodiless idempotent request that died before any response byte goes once more,
+                # as nginx's `proxy_next_upstream error` does; the pool discarded the dead connection.
+                if has_body or request.method not in IDEMPOTENT:
+                    raise
+                retry = self.http.build_request(request.method, url, headers=headers)
+                response = await self.http.send(retry, stream=True)
         except httpx.TransportError as exc:
             raise transport_error(exc, upstream="CRM backend", unavailable=CrmUnavailable, slug="crm-timeout",
                                   read_timeout=self.http.timeout.read) from None
@@ -81,6 +108,7 @@ class Proxy:
         # With CORS on, the sidecar answers for it: a second Access-Control-Allow-Origin makes browsers refuse.
         cors = request.app.state.settings.cors_origins
         headers = [(k, v) for k, v in _strip(response.headers, OWN) if not (cors and k.lower().startswith("access-control-"))]
+        headers = [(k, self.public_location(v, request) if k.lower() == "location" else v) for k, v in headers]
         return ASGIStreamingResponse(iterator=_relay(response), status_code=response.status_code, headers=headers,
                                      is_head_response=request.method == "HEAD", background=BackgroundTask(response.aclose))
 

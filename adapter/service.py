@@ -13,7 +13,7 @@ from .agents import Task
 from .cache import Mode, Outcome, ResultCache, cache_key
 from .crm import CrmClient
 from .errors import AdapterError, InvalidAgentOutput
-from .gateway import GatewayClient
+from .gateway import GatewayClient, ProviderPlan
 from .metrics import Metrics
 from .models import LeadQualifyResult
 from .prompts import repair_input
@@ -97,16 +97,23 @@ class AiService:
 
     async def ask_agent(self, task: Task, record_id: str, agent_input: str) -> Any:
         """The validated result of one synchronous run (repairs included)."""
-        return await self.validated(task, record_id, agent_input, await self.gateway.execute(task.agent_id, agent_input))
+        plan = self.gateway.plan()
+        text = await self.gateway.execute(task.agent_id, agent_input, plan)
+        return await self.validated(task, record_id, agent_input, text, plan=plan)
 
-    async def validated(self, task: Task, record_id: str, agent_input: str, text: str, on_repair: Callable[[int], None] | None = None) -> Any:
-        """Validate the model's text; invalid output gets `agent_repair_attempts` repair calls."""
+    async def validated(self, task: Task, record_id: str, agent_input: str, text: str,
+                        on_repair: Callable[[int], None] | None = None, *, plan: ProviderPlan | None = None) -> Any:
+        """Validate the model's text; invalid output gets `agent_repair_attempts` repair calls.
+
+        Repairs use the provider that answered (`plan`), and the result names it.
+        """
+        plan = plan or self.gateway.plan()
         errors: list[str] = []
         for attempt in range(1 + self.settings.agent_repair_attempts):
             if attempt:
                 if on_repair is not None:
                     on_repair(attempt)
-                text = await self.gateway.execute(task.agent_id, repair_input(agent_input, text, errors))
+                text = await self.gateway.execute(task.agent_id, repair_input(agent_input, text, errors), plan)
             try:
                 result, corrected = task.validate(text, record_id, task.agent_id)
             except OutputInvalid as exc:
@@ -120,6 +127,7 @@ class AiService:
             if attempt:
                 log.info("agent.output_repaired", agent=task.agent_id, attempts=attempt + 1)
             self.metrics.agent_output.labels(task.agent_id, "repaired" if attempt else "valid").inc()
+            result.provider = plan.current
             return result
         attempts = 1 + self.settings.agent_repair_attempts
         self.metrics.agent_output.labels(task.agent_id, "failed").inc()

@@ -18,6 +18,7 @@ from msgspec import Meta
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 RATE = r"^(off|[1-9][0-9]{0,6}/[0-9]+(\.[0-9]+)?)$"
+PROVIDERS = r"^[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*$"
 Port = Annotated[int, Meta(ge=0, le=65_535)]
 
 
@@ -25,7 +26,7 @@ class ConfigError(Exception):
     """Invalid configuration; the message is one line naming the variable."""
 
 
-def _default_agents_dir() -> str:
+def default_agents_dir() -> str:
     here = Path(__file__).resolve().parent
     packaged = here / "_agents"  # wheel installs carry the folder inside the package
     return str(packaged if packaged.is_dir() else here.parent / "conductor-agents")
@@ -37,9 +38,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     conductor_gateway_url: str = "http://localhost:5006"
     crm_backend_url: str = "http://localhost:8001"
     redis_url: str | None = None
-    conductor_ai_provider: str | None = None
-    conductor_cwd: str | None = None
-    conductor_agents_dir: str = msgspec.field(default_factory=_default_agents_dir)
+    # One provider, or several in order of preference (`claude,gemini`): a run that fails in a
+    # way another provider could fix is tried once more on the next one.
+    conductor_ai_provider: Annotated[str, Meta(pattern=PROVIDERS)] | None = None
+    # The real Conductor API refuses every task without a screenplay id, and current gateways
+    # refuse calls without a working directory. Any screenplay id is accepted (an unknown one
+    # is only logged); a real one's `working_directory` is what the agent would otherwise get.
+    conductor_screenplay_id: Annotated[str, Meta(min_length=1, max_length=200)] = "crm-ai-sidecar"
+    conductor_cwd: Annotated[str, Meta(min_length=1, max_length=4096)] = "/tmp"
+    # Every synchronous execute leaves an `agent_instances` document on the gateway: remove it.
+    conductor_cleanup_instances: bool = True
+    conductor_agents_dir: str = msgspec.field(default_factory=default_agents_dir)
 
     # The gateway's own client waits up to 600 s for the model, so ours must too;
     # the whole-call deadline bounds retries of the repair loop as a whole.
@@ -117,6 +126,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     def __post_init__(self) -> None:
         for name in ("conductor_gateway_url", "crm_backend_url"):
             _check_base_url(name.upper(), getattr(self, name))
+        if not self.conductor_cwd.startswith("/"):
+            raise ValueError("CONDUCTOR_CWD must be an absolute path on the Conductor's machine "
+                             "(current gateways refuse runs without a working directory)")
         if self.redis_url is not None and urlsplit(self.redis_url).scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
 
@@ -130,6 +142,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigError(_one_line(str(exc))) from None
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """CONDUCTOR_AI_PROVIDER as a list; empty means the gateway's default provider."""
+        return tuple(p.strip() for p in (self.conductor_ai_provider or "").split(",") if p.strip())
 
     @property
     def cors_origins(self) -> list[str]:

@@ -109,7 +109,7 @@ async def test_no_store_neither_reads_nor_writes(client, seed, auth, gateway):
 
 async def test_errors_are_never_cached(client, seed, auth, gateway):
     gateway.push(LEAD_AGENT, "error_500")
-    assert_problem(await qualify(client, seed["leads"][0], auth), 503, "gateway-unavailable")
+    assert_problem(await qualify(client, seed["leads"][0], auth), 502, "gateway-error")
     ok = await qualify(client, seed["leads"][0], auth)
     assert ok.status_code == 200 and ok.headers["x-cache"] == "MISS"
 
@@ -169,7 +169,7 @@ async def test_single_flight_shares_the_error(client, crm, seed, auth, gateway):
     gateway.gate.set()
     responses = await asyncio.gather(*requests)
     assert gateway.calls[LEAD_AGENT] == 1
-    assert {r.status_code for r in responses} == {503}
+    assert {r.status_code for r in responses} == {502}
 
 
 async def test_memory_store_is_bounded_lru(make_client, seed, crm, auth, gateway):
@@ -209,10 +209,10 @@ async def test_redis_ttl_expiry_and_stale(make_client, redis_settings, seed, aut
     async with make_client(settings=redis_settings(cache_ttl_lead_qualify=60), clock=clock) as client:
         await qualify(client, seed["leads"][0], auth)
         clock.now += 61
-        gateway.push(LEAD_AGENT, *["unavailable_503"] * 3)  # the call and its two retries
+        gateway.push(LEAD_AGENT, *["unavailable_503"] * 2)  # the call and its one retry; no model ran
         assert (await qualify(client, seed["leads"][0], auth)).headers["x-cache"] == "STALE"
         assert (await qualify(client, seed["leads"][0], auth)).headers["x-cache"] == "MISS"
-    assert gateway.calls[LEAD_AGENT] == 5
+    assert gateway.calls[LEAD_AGENT] == 2
 
 
 @pytest.mark.redis
@@ -256,8 +256,8 @@ async def test_replicas_share_the_error_of_the_one_call(make_client, redis_setti
     gateway.push(LEAD_AGENT, "error_500")  # not retried: the gateway may have started the agent
     responses = await across_two_replicas(make_client, redis_settings(), crm, gateway, seed["leads"][0], auth, 10)
     assert gateway.calls[LEAD_AGENT] == 1
-    assert {r.status_code for r in responses} == {503}
-    assert all(decode(r)["type"].endswith("gateway-unavailable") for r in responses)
+    assert {r.status_code for r in responses} == {502}
+    assert all(decode(r)["type"].endswith("gateway-error") for r in responses)
 
 
 @pytest.mark.redis

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from adapter.doubles.gateway import DB_DOWN
 from tests.conftest import decode, make_settings
 from tests.test_routes import assert_problem
 
@@ -86,17 +87,38 @@ async def test_streams_and_jobs_are_rate_limited_too(make_client, seed, auth):
     assert_problem(second, 429, "rate-limited")
 
 
-async def test_gateway_503_is_retried_then_succeeds(client, seed, auth, gateway):
-    gateway.push(LEAD_AGENT, "unavailable_503", "unavailable_503")
+async def test_gateway_database_503_is_retried_once_then_succeeds(client, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "unavailable_503")
     r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
-    assert r.status_code == 200 and gateway.calls[LEAD_AGENT] == 3
+    assert r.status_code == 200
+    assert gateway.refused == [(503, DB_DOWN)] and gateway.calls[LEAD_AGENT] == 1
 
 
-async def test_gateway_500_is_never_retried(client, seed, auth, gateway):
+async def test_a_second_database_503_is_the_answer(make_client, seed, auth, gateway):
+    gateway.default = "unavailable_503"
+    async with make_client(settings=make_settings(upstream_retries=3)) as client:
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert_problem(r, 503, "gateway-unavailable")
+    assert len(gateway.refused) == 2 and gateway.calls[LEAD_AGENT] == 0  # one retry, whatever UPSTREAM_RETRIES says
+
+
+async def test_conductor_unreachable_503_is_never_retried(client, seed, auth, gateway):
+    # The gateway already tried the Conductor API three times: a retry here would make it six.
+    gateway.push(LEAD_AGENT, "conductor_down")
+    r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    body = assert_problem(r, 503, "gateway-unavailable")
+    assert len(gateway.refused) == 1 and "after 3 attempts" in body["detail"]
+    assert "conductor-api" not in body["detail"] and "://" not in body["detail"]  # no internal URL leaks
+
+
+async def test_gateway_500_is_a_final_502_never_retried(client, seed, auth, gateway):
     gateway.push(LEAD_AGENT, "error_500")
     r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
-    assert_problem(r, 503, "gateway-unavailable")
+    body = assert_problem(r, 502, "gateway-error")
     assert gateway.calls[LEAD_AGENT] == 1  # it may have started the agent: a retry could double the work
+    assert "retry-after" not in r.headers
+    # The Conductor's own words, unwrapped from the gateway's "Conductor API error: {json}", without its URL.
+    assert "Tempo de espera excedido" in body["detail"] and "://" not in body["detail"] and "{" not in body["detail"]
 
 
 async def test_read_timeout_is_never_retried(make_client, seed, auth, gateway):
@@ -105,14 +127,6 @@ async def test_read_timeout_is_never_retried(make_client, seed, auth, gateway):
         r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
     assert_problem(r, 504, "gateway-timeout")
     assert gateway.calls[LEAD_AGENT] == 1
-
-
-async def test_persistent_503_gives_up_after_the_retries(make_client, seed, auth, gateway):
-    gateway.default = "unavailable_503"
-    async with make_client(settings=make_settings(upstream_retries=3)) as client:
-        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
-    assert_problem(r, 503, "gateway-unavailable")
-    assert gateway.calls[LEAD_AGENT] == 4
 
 
 class Clock:
@@ -129,7 +143,7 @@ async def test_gateway_circuit_opens_fails_fast_probes_and_closes(make_client, s
     async with make_client(settings=settings, clock=clock) as client:
         gateway.default = "error_500"
         for _ in range(3):
-            assert_problem(await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth), 503, "gateway-unavailable")
+            assert_problem(await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth), 502, "gateway-error")
         fast = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
         body = assert_problem(fast, 503, "gateway-circuit-open")
         assert fast.headers["retry-after"] == "30" and gateway.calls[LEAD_AGENT] == 3  # failed fast: no call

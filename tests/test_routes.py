@@ -184,7 +184,7 @@ async def test_gateway_down_is_503_with_retry_after(make_client, seed, auth):
 
 
 @pytest.mark.parametrize(("behaviour", "status", "slug"), [
-    ("error_500", 503, "gateway-unavailable"),
+    ("error_500", 502, "gateway-error"),
     ("task_error", 502, "agent-failed"),
 ])
 async def test_gateway_failures_map_to_problems(client, seed, auth, gateway, behaviour, status, slug):
@@ -287,7 +287,7 @@ async def test_healthz_makes_no_upstream_call(make_client, seed):
 async def test_readyz(make_client, gateway):
     async with make_client() as client:
         assert (await client.get("/readyz")).status_code == 200
-        gateway.down = True
+    async with httpx.AsyncClient(base_url=closed_port_url()) as dead, make_client(gateway_http=dead) as client:
         body = assert_problem(await client.get("/readyz"), 503, "not-ready")
     assert "conductor-gateway" in body["detail"]
 

@@ -35,6 +35,8 @@ def test_values_are_typed_and_empty_means_unset():
     ({"REDIS_URL": "http://redis"}, "REDIS_URL"),
     ({"GATEWAY_READ_TIMEOUT": "0"}, "GATEWAY_READ_TIMEOUT"),
     ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ({"CONDUCTOR_CWD": "relative/dir"}, "CONDUCTOR_CWD"),  # the gateway would refuse every run
+    ({"CONDUCTOR_AI_PROVIDER": "claude;gemini"}, "CONDUCTOR_AI_PROVIDER"),
 ])
 def test_invalid_values_name_the_variable_in_one_line(env, variable):
     with pytest.raises(ConfigError) as info:

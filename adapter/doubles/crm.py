@@ -1,9 +1,17 @@
-"""A CRM backend double: the real routes, status codes and `detail` texts.
+"""A CRM backend double: the real routes, status codes and `detail` texts (upstreams.md §2 and §5).
 
 HS256 bearer tokens with the user's id in `sub`; leads and deals owned by
 users; ids must be 24 hex characters or the backend answers 500, as the real
-one does (bson's InvalidId escapes its handlers). Set `fail_status` to make
-every /api route answer that status, `fail_patch` for PATCH only, `delay` to make it slow.
+one does (bson's InvalidId escapes its handlers). Also as the real one:
+- a 401 carries no `WWW-Authenticate` (its error handler drops it);
+- PATCH keeps only the fields of its update models and drops the rest silently
+  (a lead's `qualification_reasoning`, `next_actions`, `qualified_at` are lost);
+- a collection path without its trailing slash answers 307 with an absolute
+  `Location` naming the backend's own address;
+- after an unhandled 500 its server drops the keep-alive connection without saying
+  so: serve the double over TCP with `StaleAfter500` to get that.
+Set `fail_status` to make every /api route answer that status, `fail_patch` for PATCH
+only, `delay` to make it slow.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ from .tally import Tally
 
 _encode = msgspec.json.Encoder().encode
 _OBJECT_ID = re.compile(r"^[0-9a-fA-F]{24}$")
+# The backend's LeadUpdate and DealUpdate models: PATCH keeps these fields and silently drops the rest.
+LEAD_UPDATE = frozenset({"name", "email", "phone", "company", "job_title", "status", "source", "score", "classification",
+                         "tags", "custom_fields"})
+DEAL_UPDATE = frozenset({"title", "value", "stage", "probability", "expected_close_date", "tags", "lost_reason"})
 EXAMPLE_LEAD_ID, EXAMPLE_DEAL_ID = "65f1c0ffee0000000000a001", "65f1c0ffee0000000000d001"
 
 
@@ -87,9 +99,9 @@ class CrmDouble:
         try:
             sub = jwt.decode(token, self.secret, algorithms=["HS256"])["sub"]
         except (jwt.PyJWTError, KeyError):
-            return _json({"detail": "Could not validate credentials"}, 401, {"WWW-Authenticate": "Bearer"})
+            return _json({"detail": "Could not validate credentials"}, 401)
         if sub not in self.users:
-            return _json({"detail": "Could not validate credentials"}, 401, {"WWW-Authenticate": "Bearer"})
+            return _json({"detail": "Could not validate credentials"}, 401)
         if not self.users[sub]:
             return _json({"detail": "Inactive user"}, 403)
         return sub
@@ -114,7 +126,15 @@ class CrmDouble:
         if record["owner_id"] != user:
             return _json({"detail": "Not authorized to access this lead" if kind == "lead" else "Not authorized"}, 403)
         if changes is not None:
-            record.update({k: v for k, v in changes.items() if k not in {"_id", "id", "owner_id", "created_at"}})
+            kept = {k: v for k, v in changes.items() if k in (LEAD_UPDATE if kind == "lead" else DEAL_UPDATE)}
+            for field in ("score", "probability"):
+                if field in kept and not (isinstance(kept[field], int) and 0 <= kept[field] <= 100):
+                    return _json({"detail": [{"type": "less_than_equal", "loc": ["body", field],
+                                              "msg": "Input should be less than or equal to 100"}]}, 422)
+            if kind == "deal" and kept.get("expected_close_date"):
+                # pymongo cannot encode the parsed `date`: the real backend fails after validation.
+                return _json({"detail": "Internal server error", "message": "cannot encode object: datetime.date"}, 500)
+            record.update(kept)
             record["updated_at"] = _now()
             self.patches.append((record_id, changes))
         return _json(record)
@@ -143,7 +163,24 @@ class CrmDouble:
         async def patch_deal(record_id: FromPath[str], request: Request) -> Response[bytes]:
             return await double._record(request, "deal", record_id, msgspec.json.decode(await request.body()))
 
-        return Litestar([health, get_lead, get_deal, patch_lead, patch_deal], logging_config=None)
+        @get(["/api/v1/leads", "/api/v1/deals"])
+        async def collection(request: Request) -> Response[bytes]:
+            # Litestar drops a trailing slash from `path` before routing; the raw path keeps it.
+            path = (request.scope.get("raw_path") or request.scope["path"].encode()).decode("latin-1")
+            if not path.endswith("/"):
+                # Starlette's redirect_slashes: absolute, built from the Host the backend was sent.
+                url = request.url
+                query = f"?{url.query}" if url.query else ""
+                host = request.headers.get("host", url.netloc)
+                return Response(b"", status_code=307, headers={"location": f"{url.scheme}://{host}{path}/{query}"})
+            user = double._user(request)
+            if isinstance(user, Response):
+                return user
+            store = double.leads if path.startswith("/api/v1/leads") else double.deals
+            items = [r for r in store.values() if r["owner_id"] == user]
+            return _json({"items": items, "total": len(items), "page": 1, "page_size": 20})
+
+        return Litestar([health, get_lead, get_deal, patch_lead, patch_deal, collection], logging_config=None)
 
     def seed(self, *, examples: bool = False) -> dict[str, Any]:
         """Demo data: two users, each with leads and deals of their own.
@@ -172,3 +209,73 @@ class CrmDouble:
         ]
         bobs_lead = self.add_lead(bob, name="Carla Bob-Owned", company="Other Co", job_title="CEO")
         return {"alice": alice, "bob": bob, "leads": leads, "deals": deals, "bobs_lead": bobs_lead}
+
+
+class StaleAfter500:
+    """A TCP front for a backend that drops a keep-alive connection after an unhandled 500.
+
+    The real backend's server closes the connection once a 500 has been sent, without a
+    `Connection: close`; a client that reuses it sends its next request into a dead socket
+    (4 to 21 of 40 requests failed through a proxy). Here the worst case is made certain:
+    after relaying a 500 on a connection, the next request on it gets no byte back, only
+    the connection closing.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self._upstream = (upstream_host, upstream_port)
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+        self.dropped = 0  # requests that got nothing but a closed connection
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        bound = self._server.sockets[0].getsockname()
+        return f"http://{bound[0]}:{bound[1]}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._pumps):
+                task.cancel()
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+            await self._server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._pumps.add(task)
+        try:
+            up_r, up_w = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            client_w.close()
+            self._pumps.discard(task)
+            return
+        poisoned = asyncio.Event()
+        # HTTP/1.1 without pipelining: a response starts with the first upstream bytes after a request.
+        awaiting_response = [False]
+
+        async def responses() -> None:
+            while chunk := await up_r.read(65536):
+                if awaiting_response[0] and chunk.startswith((b"HTTP/1.1 500", b"HTTP/1.0 500")):
+                    poisoned.set()
+                awaiting_response[0] = False
+                client_w.write(chunk)
+                await client_w.drain()
+
+        relay = asyncio.create_task(responses())
+        try:
+            while chunk := await client_r.read(65536):
+                if poisoned.is_set():
+                    self.dropped += 1
+                    break
+                awaiting_response[0] = True
+                up_w.write(chunk)
+                await up_w.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            relay.cancel()
+            await asyncio.gather(relay, return_exceptions=True)
+            for writer in (client_w, up_w):
+                writer.close()
+            self._pumps.discard(task)

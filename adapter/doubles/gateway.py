@@ -1,45 +1,76 @@
-"""A Conductor Gateway double with the real wire format and its quirks.
+"""A Conductor Gateway double with the real wire format and its quirks (upstreams.md §5).
+
+What it reproduces of the real gateway and the Conductor API behind it:
+- execute requires `input_text`, `instance_id`, `conversation_id` and `cwd` (400, with the
+  real texts); the Conductor API refuses a task without `screenplay_id`, relayed as a
+  500 whose detail wraps the Conductor's JSON (`require_screenplay`, on by default);
+- the answer is `{status, result: {result, exit_code, status}, instance_id, context_mode,
+  execution_id, task_id, duration_ms}` (no `stdout`), and each run leaves an
+  `agent_instances` document that `DELETE /api/agents/instances/{id}` removes;
+- the stream carries no tokens: `task_started`, one `status_update`, then `result` (a
+  failed run is a `result` with status `error` and exit code 1) or `error`; a job's
+  stream can be read once, and the job is gone `job_linger` seconds after it ends (404,
+  text/plain);
+- `GET /api/agents` lists `{"id": <agent_id>, "name": <definition name>, ...}` from its
+  database, or the Conductor API's `{"total", "agents"}` while that database is down;
+- agents live in its database: `POST /api/agents` and `PUT /api/agents/{id}` with the
+  real validation rules, `GET /api/agents/{id}/persona`.
 
 Behaviours (queue them per agent with `push`, or set `default`):
   json, fenced, prose, trailing_comma  - valid output, wrapped the ways real models wrap it
   garbage                              - prose with no JSON at all
   wrong_shape                          - JSON, but not the persona's shape
   misclassified                        - a lead classification that contradicts the score
-  task_error                           - 200, but the Conductor task document says "error"
-  error_500, unavailable_503           - the gateway's own failures, with FastAPI `detail` bodies
+  task_error                           - the run failed: status "error", exit code 1
+  error_500                            - the run started, then the Conductor API failed it (a 500 with its detail)
+  unavailable_503                      - the gateway's database is down (503, nothing started)
+  conductor_down                       - 503 after the gateway's own 3 tries to reach the Conductor API
 Stream behaviours (for POST /api/v1/stream-execute, same queue):
-  tokens          - the answer as on_llm_new_token events, then `result`
+  tokens          - a gateway that does stream tokens: on_llm_new_token events, then `result`
   no_result       - events, then the stream closes without a `result`
   start_fails     - 200 with the body `[{"error": ...}, 500]` (the real handler returns a tuple)
-  stream_error    - an `error` event
+  stream_error    - an `error` event (the gateway's call to the Conductor API failed)
   never_ends      - a few events, then silence forever
-  cut             - a few tokens, then the connection drops mid-stream
-  any sync behaviour (json, fenced, garbage, ...) - status events, then `result` with that text
+  cut             - the connection drops mid-stream
+  vanished        - the run happens, but the job is gone (404) before the first read
+  any sync behaviour (json, fenced, garbage, task_error, ...) - the real event sequence with that outcome
 Set `delay` for a slow model, `gate` (an asyncio.Event) to hold calls until released,
-`unknown_agents` to make agents 404, `down` to make /health and /api/agents fail.
+`unknown_agents` to hide agents, `down` for a gateway whose database is unavailable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 import time
 import uuid
 from collections import defaultdict, deque
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, get, post
+import yaml
+from litestar import Litestar, Request, Response, delete, get, post, put
+from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
-from litestar.params import FromPath
 
 from ..agents import AGENT_IDS
+from ..settings import default_agents_dir
 from .answers import answer_for
 from .tally import Tally
 
 _encode = msgspec.json.Encoder().encode
 VALID = ("json", "fenced", "prose", "trailing_comma")
+DB_DOWN = "MongoDB connection not available"
+NO_CWD = ("Diretório de trabalho (CWD) não configurado. Configure o CWD nas propriedades do Roteiro antes de "
+          "executar o agente.")
+NO_SCREENPLAY = ("🚨 ERRO: Tentativa de inserir task na coleção MongoDB com campos obrigatórios faltando:\n❌ Campo "
+                 "'screenplay_id' é obrigatório e não pode ser None. Cada execução deve estar associada a um screenplay "
+                 "(contexto do projeto).")
+CONDUCTOR_URL = "http://conductor-api:8000"  # what leaks into the real gateway's error texts
+SQUADS = {"development", "crm", "content", "documentation", "devops", "orchestration", "testing", "career", "other"}
 
 
 def _json(body: Any, status: int = 200) -> Response[bytes]:
@@ -64,12 +95,25 @@ def model_text(behaviour: str, agent_id: str, prompt: str) -> str:
     return text
 
 
+def agent_document(folder: Path) -> dict[str, Any]:
+    """An agent as the Conductor stores it: `{agent_id, definition, persona: {content}}`."""
+    definition = yaml.safe_load((folder / "definition.yaml").read_text()) or {}
+    return {"agent_id": folder.name, "definition": {**definition, "name": definition.get("name", folder.name)},
+            "persona": {"content": (folder / "persona.md").read_text()}, "created_at": None}
+
+
+def default_registry() -> dict[str, dict[str, Any]]:
+    root = Path(default_agents_dir())
+    return {a: agent_document(root / a) for a in AGENT_IDS}
+
+
 class GatewayDouble:
     SYNC_FAULTS = ("error_500", "unavailable_503", "garbage", "task_error")
     STREAM_FAULTS = ("start_fails", "no_result", "stream_error", "cut", "garbage")
 
     def __init__(self, *, default: str = "fenced", delay: float = 0.0, stream_tokens: int = 0, token_interval: float = 0.0,
-                 fault_rate: float = 0.0, seed: int = 0) -> None:
+                 fault_rate: float = 0.0, seed: int = 0, require_screenplay: bool = True, job_linger: float = 2.0,
+                 registry: dict[str, dict[str, Any]] | None = None) -> None:
         self.default = default
         # Load runs: this share of calls (queued behaviours aside) gets a random fault, reproducibly.
         self.fault_rate = fault_rate
@@ -78,17 +122,25 @@ class GatewayDouble:
         # Benchmarks: `tokens` streams this many tokens, each its own send time, paced by `token_interval`.
         self.stream_tokens = stream_tokens
         self.token_interval = token_interval
+        self.require_screenplay = require_screenplay
+        # The real gateway drops a finished job a few seconds after its task ends.
+        self.job_linger = job_linger
         self.gate: asyncio.Event | None = None
         self.down = False
         self.unknown_agents: set[str] = set()
+        self.registry = default_registry() if registry is None else registry
+        self.instances: dict[str, dict[str, Any]] = {}
+        self.deleted_instances: list[str] = []
         self.script: defaultdict[str, deque[str]] = defaultdict(deque)
-        self.calls = Tally()
+        self.calls = Tally()  # model runs started, per agent
         self.prompts: list[tuple[str, str]] = []
         self.request_ids: list[str | None] = []
         self.bodies: list[dict[str, Any]] = []
+        self.refused: list[tuple[int, str]] = []  # (status, detail) of every execute the double refused
         self.jobs: dict[str, asyncio.Queue[dict[str, Any] | None]] = {}
         self.stream_reads: Tally = Tally()
         self._producers: set[asyncio.Task[None]] = set()
+        self._attached: dict[str, asyncio.Event] = {}
 
     def push(self, agent_id: str, *behaviours: str) -> None:
         self.script[agent_id].extend(behaviours)
@@ -102,7 +154,18 @@ class GatewayDouble:
         return self.default
 
     def _known(self, agent_id: str) -> bool:
-        return agent_id in AGENT_IDS and agent_id not in self.unknown_agents
+        return agent_id in self.registry and agent_id not in self.unknown_agents
+
+    def _refuse(self, status: int, detail: Any) -> Response[bytes]:
+        self.refused.append((status, detail if isinstance(detail, str) else _encode(detail).decode()))
+        return _json({"detail": detail}, status)
+
+    def _listing(self) -> list[dict[str, Any]]:
+        return [{"id": a, "name": doc["definition"].get("name", a), "emoji": doc["definition"].get("emoji", "🤖"),
+                 "description": doc["definition"].get("description", ""), "prompt": "", "model": "",
+                 "is_councilor": False, "mcp_configs": [], "created_at": doc.get("created_at"),
+                 "group": doc["definition"].get("group", "other"), "tags": doc["definition"].get("tags", [])}
+                for a, doc in self.registry.items() if self._known(a)]
 
     @cached_property
     def app(self) -> Litestar:
@@ -110,47 +173,127 @@ class GatewayDouble:
 
         @get("/health")
         async def health() -> Response[bytes]:
-            if double.down:
-                return _json({"detail": "MongoDB connection not available"}, 503)
+            # The real /health touches no database: it says healthy even while MongoDB is down.
             return _json({"status": "healthy", "service": "conductor_gateway", "version": "3.1.0", "timestamp": time.time()})
 
         @get("/api/agents")
         async def agents() -> Response[bytes]:
+            if double.down:  # its MongoDB is down: the Conductor API's own listing comes back instead
+                listed = [{"id": a["id"], "name": a["name"], "emoji": "🤖", "description": a["description"],
+                           "group": "other", "squads": ["other"], "tags": a["tags"], "created_at": None}
+                          for a in double._listing()]
+                return _json({"total": len(listed), "agents": listed})
+            return _json(double._listing())
+
+        @post("/api/agents", status_code=200)
+        async def create_agent(request: Request) -> Response[bytes]:
+            body = msgspec.json.decode(await request.body())
+            problems = []
+            for name, low, high in (("name", 1, None), ("description", 10, 200), ("persona_content", 50, None)):
+                value = body.get(name)
+                if not isinstance(value, str) or len(value) < low or (high and len(value) > high):
+                    problems.append({"type": "string_too_short" if isinstance(value, str) else "missing", "loc": ["body", name]})
+            if problems:  # the gateway's own pydantic model
+                return _json({"detail": problems}, 422)
+            name, persona = body["name"], body["persona_content"]
+            # The Conductor API's rules, relayed by the gateway inside a 500 (a 409 stays a 409).
+            if not name.endswith("_Agent"):
+                return _json({"detail": f"Failed to create agent: Client error '400 Bad Request': name must end with _Agent"}, 500)
+            if not persona.lstrip().startswith("#"):
+                return _json({"detail": "Failed to create agent: Client error '400 Bad Request': persona must start with #"}, 500)
+            if body.get("squads") and not set(body["squads"]) <= SQUADS:
+                return _json({"detail": "Failed to create agent: Client error '400 Bad Request': unknown squad"}, 500)
+            if name in double.registry:
+                return _json({"detail": f"Agent already exists: {name}"}, 409)
             if double.down:
-                return _json({"detail": "MongoDB connection not available"}, 503)
-            return _json([
-                {"id": a, "agent_id": a, "name": a, "emoji": "🤖", "description": f"{a} (double)", "model": "double", "tags": ["crm"]}
-                for a in AGENT_IDS if double._known(a)
-            ])
+                return _json({"detail": DB_DOWN}, 503)
+            double.registry[name] = {
+                "agent_id": name, "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                "definition": {"name": name, "description": body["description"], "emoji": body.get("emoji", "🤖"),
+                               "tags": body.get("tags") or [], "mcp_configs": body.get("mcp_configs") or []},
+                "persona": {"content": persona}}
+            return _json({"status": "success", "agent_id": name, "message": f"Agent '{name}' created successfully"})
+
+        @put("/api/agents/{agent_id:str}", status_code=200)
+        async def update_agent(agent_id: FromPath[str], request: Request) -> Response[bytes]:
+            if double.down:
+                return _json({"detail": DB_DOWN}, 503)
+            doc = double.registry.get(agent_id)
+            if doc is None:
+                return _json({"detail": f"Agent not found: {agent_id}"}, 404)
+            body = msgspec.json.decode(await request.body())
+            updated = []
+            for field in ("name", "description", "group", "emoji", "tags", "mcp_configs"):
+                if body.get(field) is not None:
+                    doc["definition"][field] = body[field]
+                    updated.append(field)
+            if body.get("persona_content") is not None:
+                doc["persona"] = {"content": body["persona_content"], "updated_at": dt.datetime.now(dt.UTC).isoformat()}
+                updated.append("persona_content")
+            return _json({"status": "success", "agent_id": agent_id, "updated_fields": updated,
+                          "message": f"Agent '{agent_id}' updated successfully" if updated else "No fields to update"})
+
+        @get("/api/agents/{agent_id:str}/persona")
+        async def persona(agent_id: FromPath[str]) -> Response[bytes]:
+            doc = double.registry.get(agent_id)
+            if doc is None:
+                return _json({"detail": f"Agente '{agent_id}' não encontrado"}, 404)
+            content = (doc.get("persona") or {}).get("content", "")
+            return _json({"agent_id": agent_id, "persona_content": content, "has_persona": bool(content)})
+
+        @delete("/api/agents/instances/{instance_id:str}", status_code=200)
+        async def delete_instance(instance_id: FromPath[str], hard: FromQuery[bool] = False, cascade: FromQuery[bool] = False) -> Response[bytes]:
+            if double.down:
+                return _json({"detail": DB_DOWN}, 503)
+            if instance_id not in double.instances:
+                return _json({"detail": {"success": False, "error": "Instance not found", "instance_id": instance_id}}, 404)
+            if hard:
+                del double.instances[instance_id]
+                double.deleted_instances.append(instance_id)
+            else:
+                double.instances[instance_id]["isDeleted"] = True
+            return _json({"success": True, "instance_id": instance_id, "deletion_type": "hard" if hard else "soft"})
 
         @post("/api/agents/{agent_id:str}/execute", status_code=200)
         async def execute(agent_id: FromPath[str], request: Request) -> Response[bytes]:
             body = msgspec.json.decode(await request.body())
+            behaviour = double._behaviour(agent_id)
+            if double.down or behaviour == "unavailable_503":
+                return double._refuse(503, DB_DOWN)
             if not isinstance(body, dict) or not body.get("input_text"):
-                return _json({"detail": "input_text is required"}, 400)
+                return double._refuse(400, "input_text is required")
+            if not body.get("instance_id"):
+                return double._refuse(400, "instance_id is required. Cannot execute agent without instance context.")
+            if not body.get("conversation_id"):
+                return double._refuse(400, "conversation_id is required. Cannot execute agent without conversation context.")
             if not double._known(agent_id):
-                return _json({"detail": f"Agent '{agent_id}' not found"}, 404)
+                return double._refuse(404, f"Agent '{agent_id}' not found")
+            if not body.get("cwd"):  # the gateway does not check that the directory exists
+                return double._refuse(400, NO_CWD)
+            if behaviour == "conductor_down":
+                return double._refuse(503, f"Cannot connect to Conductor API after 3 attempts: All connection attempts "
+                                      f"failed ({CONDUCTOR_URL})")
+            if double.require_screenplay and not (body.get("screenplay_id") or body.get("document_id")):
+                return double._refuse(500, "Conductor API error: " + _encode({"detail": NO_SCREENPLAY}).decode())
             double.calls.hit(agent_id)
             double.prompts.append((agent_id, body["input_text"]))
             double.bodies.append(body)
             double.request_ids.append(request.headers.get("x-request-id"))
-            behaviour = double._behaviour(agent_id)
             if double.gate is not None:
                 await double.gate.wait()
             if double.delay:
                 await asyncio.sleep(double.delay)
-            if behaviour == "error_500":
-                return _json({"detail": "Conductor API request failed: 502 Bad Gateway"}, 500)
-            if behaviour == "unavailable_503":
-                return _json({"detail": "MongoDB connection not available"}, 503)
-            task: dict[str, Any] = {"task_id": uuid.uuid4().hex, "status": "completed", "exit_code": 0, "duration": 0.01}
-            if behaviour == "task_error":
-                task.update(status="error", exit_code=1, result="", stderr="claude: rate limit exceeded")
-            else:
-                text = model_text(behaviour, agent_id, body["input_text"])
-                task.update(result=text, stdout=text)
-            return _json({"status": "success", "result": task, "instance_id": body.get("instance_id"),
-                          "context_mode": body.get("context_mode", "stateless")})
+            if behaviour == "error_500":  # the run started, then the Conductor API gave up on it
+                return double._refuse(500, "Conductor API error: " + _encode(
+                    {"detail": f"⏰ Tempo de espera excedido para a tarefa (task watcher at {CONDUCTOR_URL})"}).decode())
+            run = double._run_document(behaviour, agent_id, body["input_text"])
+            double.instances[body["instance_id"]] = {"instance_id": body["instance_id"], "agent_id": agent_id,
+                                                     "screenplay_id": body.get("screenplay_id")}
+            return _json({"status": "success" if run["exit_code"] == 0 else "error",
+                          "result": {k: run[k] for k in ("result", "exit_code", "status")},
+                          "instance_id": body["instance_id"], "context_mode": body.get("context_mode", "stateless"),
+                          "execution_id": f"exec_{agent_id}_{int(time.time() * 1000)}", "task_id": uuid.uuid4().hex[:24],
+                          "duration_ms": int(run["duration"] * 1000)})
 
         @post("/api/v1/stream-execute", status_code=200)
         async def stream_execute(request: Request) -> Response[bytes]:
@@ -158,20 +301,22 @@ class GatewayDouble:
             agent_id = body.get("agent_id", "")
             prompt = body.get("input") or (body.get("textEntries") or [{}])[0].get("content") or body.get("command")
             behaviour = double._behaviour(agent_id, stream=True)
-            if behaviour == "unavailable_503":
-                return _json({"detail": "MongoDB connection not available"}, 503)
-            if behaviour == "start_fails" or not prompt or not double._known(agent_id):
-                reason = "agent_id and input are required" if not prompt else f"Agent '{agent_id}' not found"
-                # The real handler returns (dict, 500) from a FastAPI route: it goes out as a 200 list.
-                return _json([{"error": reason if behaviour != "start_fails" else "Failed to start job: queue full"}, 500])
-            double.calls.hit(agent_id)
-            double.prompts.append((agent_id, prompt))
-            double.bodies.append(body)
-            double.request_ids.append(request.headers.get("x-request-id"))
+            # The real handler returns (dict, 500) from a FastAPI route: it goes out as a 200 list.
+            if behaviour == "start_fails":
+                return _json([{"error": "Failed to start job: queue full"}, 500])
+            if not agent_id or not prompt:
+                return _json([{"error": "400: agent_id and input are required"}, 500])
+            if not body.get("cwd"):
+                return _json([{"error": f"400: {NO_CWD}"}, 500])
             job_id = f"job_{uuid.uuid4()}"
+            if behaviour == "vanished":  # the run goes on, but the job is gone before anyone reads it
+                double.calls.hit(agent_id)
+                double.bodies.append(body)
+                return _json({"job_id": job_id, "status": "started", "stream_url": f"/api/v1/stream/{job_id}"})
             queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
             double.jobs[job_id] = queue
-            task = asyncio.create_task(double._produce(job_id, queue, agent_id, prompt, behaviour))
+            double._attached[job_id] = asyncio.Event()
+            task = asyncio.create_task(double._produce(job_id, queue, agent_id, prompt, behaviour, body))
             double._producers.add(task)
             task.add_done_callback(double._producers.discard)
             return _json({"job_id": job_id, "status": "started", "stream_url": f"/api/v1/stream/{job_id}"})
@@ -183,6 +328,7 @@ class GatewayDouble:
                 return Response(f"Job ID '{job_id}' not found or already completed.".encode(), status_code=404,
                                 media_type="text/plain")
             double.stream_reads.hit(job_id)
+            double._attached.setdefault(job_id, asyncio.Event()).set()
 
             async def events():
                 try:
@@ -196,36 +342,70 @@ class GatewayDouble:
 
             return Stream(events(), media_type="text/event-stream")
 
-        return Litestar([health, agents, execute, stream_execute, stream], logging_config=None)
+        return Litestar([health, agents, create_agent, update_agent, persona, delete_instance, execute, stream_execute,
+                         stream], logging_config=None)
+
+    def _run_document(self, behaviour: str, agent_id: str, prompt: str) -> dict[str, Any]:
+        if behaviour == "task_error":
+            return {"result": "Error: claude exited with code 1: rate limit exceeded", "exit_code": 1, "status": "error",
+                    "duration": 0.01, "message": "Tarefa falhou"}
+        return {"result": model_text(behaviour, agent_id, prompt), "exit_code": 0, "status": "completed", "duration": 0.01,
+                "message": "Tarefa concluída com sucesso"}
 
     def stop(self) -> None:
         """Cancel the model runs still producing events (e.g. `never_ends`)."""
         for task in list(self._producers):
             task.cancel()
 
-    async def _produce(self, job_id: str, queue: asyncio.Queue, agent_id: str, prompt: str, behaviour: str) -> None:
-        def put(event: str, data: Any) -> None:
-            queue.put_nowait({"event": event, "data": data, "timestamp": time.time(), "job_id": job_id})
+    async def _produce(self, job_id: str, queue: asyncio.Queue, agent_id: str, prompt: str, behaviour: str,
+                       body: dict[str, Any]) -> None:
+        try:
+            await self._run_job(job_id, queue, agent_id, prompt, behaviour, body)
+        finally:
+            self._attached.pop(job_id, None)
 
-        put("job_started", {"agent_id": agent_id})
-        put("status_update", {"message": "Executando agente..."})
+    async def _run_job(self, job_id: str, queue: asyncio.Queue, agent_id: str, prompt: str, behaviour: str,
+                       body: dict[str, Any]) -> None:
+        task_id = uuid.uuid4().hex[:24]
+
+        def put(event: str, data: Any) -> None:
+            queue.put_nowait({"event": event, "data": data, "timestamp": time.time(), "job_id": job_id, "task_id": task_id})
+
+        # The gateway's background call to the Conductor API: its refusals become an `error` event,
+        # and the job is dropped at once (a reader that comes later gets 404).
+        refusal = None
+        if not self._known(agent_id):
+            refusal = f"Server error '500 Internal Server Error' for url '{CONDUCTOR_URL}/agents/{agent_id}/execute'"
+        elif self.require_screenplay and not body.get("screenplay_id"):
+            refusal = f"Server error '500 Internal Server Error' for url '{CONDUCTOR_URL}/agents/{agent_id}/execute'"
+        elif behaviour == "stream_error":
+            refusal = "Conductor API request failed: 500"
+        if refusal is not None:
+            # Its call to the Conductor API takes a moment, so its reader is usually there by then.
+            try:
+                await asyncio.wait_for(self._attached[job_id].wait(), 1.0)
+            except TimeoutError:
+                pass
+            put("error", {"error": refusal})
+            queue.put_nowait(None)
+            self.jobs.pop(job_id, None)
+            return
+        self.calls.hit(agent_id)
+        self.prompts.append((agent_id, prompt))
+        self.bodies.append(body)
+        put("task_started", {"message": "Tarefa submetida ao Conductor, aguardando processamento..."})
+        put("status_update", {"message": "Agente processando a tarefa..."})
         if self.gate is not None:
             await self.gate.wait()
         if self.delay:
             await asyncio.sleep(self.delay)
-        put("on_chain_start", {"name": "AgentExecutor"})  # unknown to the sidecar: must be ignored
-        if behaviour == "stream_error":
-            put("error", {"error": "Conductor API request failed: 500"})
-        elif behaviour == "cut":
-            put("on_llm_start", {})
-            put("on_llm_new_token", {"token": "{\"score\": "})
+        if behaviour == "cut":
             put("__cut__", {})
         elif behaviour == "never_ends":
-            put("on_llm_start", {})
             await asyncio.Event().wait()
         elif behaviour != "no_result":
-            text = model_text("json" if behaviour == "tokens" else behaviour, agent_id, prompt)
             if behaviour == "tokens":
+                text = model_text("json", agent_id, prompt)
                 put("on_llm_start", {})
                 if self.stream_tokens:
                     for _ in range(self.stream_tokens):
@@ -238,5 +418,12 @@ class GatewayDouble:
                         if self.token_interval:
                             await asyncio.sleep(self.token_interval)
                 put("on_llm_end", {})
-            put("result", {"result": text, "exit_code": 0, "status": "completed", "duration": 0.01})
+                run = {"result": text, "exit_code": 0, "status": "completed", "duration": 0.01,
+                       "message": "Tarefa concluída com sucesso"}
+            else:
+                run = self._run_document(behaviour, agent_id, prompt)
+            put("result", run)
         queue.put_nowait(None)
+        # The gateway forgets a finished job a few seconds after its task ends.
+        await asyncio.sleep(self.job_linger)
+        self.jobs.pop(job_id, None)

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import jwt
+import msgspec
 import structlog
 from collections.abc import Awaitable
 from typing import Any
@@ -76,8 +77,17 @@ def cache_mode(request: Request) -> Mode:
     return "default"
 
 
+class _Provider(msgspec.Struct):
+    provider: str | None = None
+
+
+_provider_of = msgspec.json.Decoder(_Provider).decode
+
+
 def respond(outcome: Outcome, **extra: str) -> Response[Any]:
     headers = {"X-Cache": outcome.x_cache, **extra}
+    if provider := _provider_of(outcome.body).provider:
+        headers["X-AI-Provider"] = provider
     if outcome.age is not None:
         headers["Age"] = str(outcome.age)
     return Response(outcome.body, media_type="application/json", headers=headers)

@@ -14,6 +14,9 @@ CACHE_HEADERS = [
                    description="HIT, MISS, STALE (served because the agent failed) or BYPASS (Cache-Control: no-store)"),
     ResponseHeader(name="Age", documentation_only=True, required=False,
                    description="Seconds since the cached answer was produced (HIT and STALE only)"),
+    ResponseHeader(name="X-AI-Provider", documentation_only=True, required=False,
+                   description="The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more "
+                               "(after a fallback, the second); the same as the body's `provider`"),
 ]
 WRITE_BACK_HEADER = ResponseHeader(
     name="X-CRM-Write-Back", documentation_only=True, required=False,
@@ -35,7 +38,8 @@ def ai_responses(task: str) -> dict[int, ResponseSpec]:
         413: problem("The body is larger than MAX_BODY_BYTES"),
         429: problem("The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-*"),
         431: problem("The request headers are larger than MAX_HEADER_BYTES"),
-        502: problem("CRM backend unavailable, agent missing, agent failed, or invalid agent output after repair"),
+        502: problem("CRM backend unavailable, agent missing, agent failed, the gateway refused the call "
+                     "(gateway-error: its own or the Conductor API's validation message), or invalid agent output after repair"),
         503: problem("Conductor Gateway unavailable, its circuit open, too many agent calls in flight, "
                      "or the CRM backend's circuit open (see Retry-After)"),
         504: problem("An upstream did not answer in time"),
