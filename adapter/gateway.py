@@ -55,7 +55,10 @@ log = structlog.get_logger("adapter.gateway")
 UPSTREAM = "Conductor Gateway"
 # The only 503 that means "nothing was started": the gateway could not even look the agent up.
 _DB_DOWN = "MongoDB connection not available"
-_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>)\]}]+", re.IGNORECASE)
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>)\]}]+|\b\d{1,3}(?:\.\d{1,3}){3}:\d{2,5}\b", re.IGNORECASE)
+# A 500 that is the gateway's own database (pymongo gave up after 30 s), not a refusal: it passes.
+_DB_FAULT = re.compile(r"ServerSelectionTimeout|Topology Description|Connection refused|No servers found|"
+                       r"connection closed|timed out", re.IGNORECASE)
 _FAILED = frozenset({"error", "failed"})
 
 OnEvent = Callable[[str, Any], None]
@@ -482,6 +485,8 @@ def _status_error(agent_id: str, response: httpx.Response) -> AdapterError:
     status, detail = response.status_code, public_detail(response)
     if status == 404:
         return AgentMissing(agent_id)
+    if status == 500 and _DB_FAULT.search(detail) and not detail.startswith("Conductor API error"):
+        return GatewayUnavailable(f"the {UPSTREAM} answered 500: its database is unavailable ({detail[:160]})")
     if status == 500 or status in (400, 422):
         # Its own validation, or the Conductor API's refusal relayed inside a 500: asking again
         # gives the same answer. (A 502/504 from a proxy in front of it is transient.)

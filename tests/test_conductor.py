@@ -73,6 +73,14 @@ def test_a_refusal_inside_a_500_is_a_final_502_with_the_conductors_words():
     assert "Campo 'screenplay_id' é obrigatório" in error.detail and "{" not in error.detail
 
 
+def test_a_500_from_the_gateways_own_database_is_unavailable_not_final():
+    # Measured: with its MongoDB gone, the real gateway blocks 30 s, then answers this 500.
+    response = httpx.Response(500, json={"detail": "127.0.0.1:27027: [Errno 111] Connection refused (configured timeouts: "
+                                                   "socketTimeoutMS: 20000.0ms), Timeout: 30s, Topology Description: <...>"})
+    error = _status_error(LEAD_AGENT, response)
+    assert error.status == 503 and error.slug == "gateway-unavailable" and "127.0.0.1" not in error.detail
+
+
 def test_internal_urls_never_leak_from_upstream_details():
     response = httpx.Response(503, json={"detail": "Cannot connect to Conductor API after 3 attempts: "
                                                    "[Errno 111] http://10.0.3.7:8000/agents/x/execute"})

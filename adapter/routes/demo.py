@@ -28,7 +28,7 @@ class DemoSession:
 
 class Fault(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     task: Literal["email.generate", "lead.qualify", "deal.predict"]
-    behaviour: Literal["wrong_shape", "start_fails", "garbage"]
+    behaviour: Literal["wrong_shape", "start_fails", "garbage", "fenced", "task_error"]
 
 
 @get("/", media_type="text/html; charset=utf-8", include_in_schema=False)
@@ -53,8 +53,8 @@ async def session(request: Request) -> dict[str, Any]:
 async def fault(data: JSONBody[Fault], request: Request) -> None:
     demo: DemoSession = request.app.state.demo
     agent = TASKS[data.task].agent_id
-    # Invalid output must survive the repair call too; a failed start happens once.
-    demo.gateway.push(agent, *[data.behaviour] * (1 if data.behaviour == "start_fails" else 2))
+    # Invalid output must survive the repair call too; the others happen once.
+    demo.gateway.push(agent, *[data.behaviour] * (2 if data.behaviour in ("wrong_shape", "garbage") else 1))
 
 
 demo_router = Router(path="/demo", route_handlers=[page, static, session, fault], include_in_schema=False)
