@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from adapter.agents import TASKS, load_tasks
-from adapter.extract import MAX_TEXT, NoJsonObject, extract_object
+from adapter.extract import MAX_TEXT, REPAIR_MAX, NoJsonObject, extract_object, objects
 from adapter.settings import ConfigError, Settings
 from adapter.validation import OutputInvalid, classify, deal_result, email_result, lead_result
 
@@ -45,7 +45,7 @@ def test_first_object_that_parses_wins_after_a_broken_one():
 
 @pytest.mark.parametrize(("answer", "reason"), [
     ("I cannot help with that.", "plain prose"),
-    ('{"unterminated": ', "no parseable JSON object"),
+    ('{"unterminated": ', "truncated"),
     ("[1, 2, 3]", "no JSON object"),
 ])
 def test_no_object_is_reported(answer, reason):
@@ -56,6 +56,49 @@ def test_no_object_is_reported(answer, reason):
 def test_oversized_answers_are_refused():
     with pytest.raises(NoJsonObject, match="characters long"):
         extract_object("{" * (MAX_TEXT + 1))
+
+
+@pytest.mark.parametrize("broken", [
+    "{'a': 1, 'b': 'it''s'}",
+    '{a: 1, b: "x"}',
+    '{"a": 1, // why\n "b": "x"}',
+    '{"a": 1, /* why */ "b": "x"}',
+    '{"a": 1, "b": "x", "c": True, "d": None}',
+    '{"a": 1, "b": "two\nlines"}',
+])
+def test_broken_json_is_repaired_and_says_so(broken):
+    found = next(objects(broken))
+    assert found.value["a"] == 1 and found.repaired
+
+
+def test_valid_json_is_never_handed_to_json_repair(monkeypatch):
+    import adapter.extract as extract
+
+    monkeypatch.setattr(extract.json_repair, "loads", lambda *a, **k: pytest.fail("json-repair called on valid JSON"))
+    assert [f.value for f in objects('Sure:\n```json\n{"a": 1}\n```')] == [{"a": 1}]
+
+
+@pytest.mark.parametrize("cut", [
+    '{"score": 78, "reasoning": "Maria is VP',
+    '```json\n{"score": 78, "bant": {"budget": "x"}\n```',
+    'Here it is: {"variations": [{"type": "formal", "subject": "Hi"}',
+])
+def test_a_truncated_answer_is_never_completed(cut):
+    # json-repair would close what is open and invent the rest; a nested complete object is no answer either.
+    with pytest.raises(NoJsonObject, match="truncated"):
+        list(objects(cut))
+
+
+def test_only_a_bounded_broken_object_is_handed_to_json_repair():
+    # json-repair holds the event loop for the length of its work: a huge broken object goes to repair.
+    huge = "{'reasoning': '" + "word " * (REPAIR_MAX // 5) + "'}"
+    with pytest.raises(NoJsonObject, match=f"too long to be read as such \\(at most {REPAIR_MAX}\\)"):
+        list(objects(huge))
+    assert next(objects(huge[: REPAIR_MAX - 100] + "'}")).repaired
+
+
+def test_ansi_colour_codes_from_stdout_are_ignored():
+    assert extract_object('\x1b[32m{"a": "\x1b[1mb"}\x1b[0m') == {"a": "b"}
 
 
 @pytest.mark.parametrize(("score", "expected"), [(0, "Cold"), (39, "Cold"), (40, "Warm"), (69, "Warm"), (70, "Hot"), (100, "Hot")])
