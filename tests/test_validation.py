@@ -9,6 +9,9 @@ from pathlib import Path
 import msgspec
 import pytest
 import yaml
+from httpx_sse import aconnect_sse
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from adapter.agents import TASKS, load_tasks
 from adapter.extract import MAX_TEXT, REPAIR_MAX, NoJsonObject, extract_object, objects
@@ -16,6 +19,7 @@ from adapter.models import LeadQualifyResult
 from adapter.prompts import repair_input
 from adapter.settings import ConfigError, Settings
 from adapter.validation import OutputInvalid, classify, deal_result, email_result, lead_result, rules, warnings_in
+from tests.conftest import decode, make_settings
 
 AGENTS_DIR = Path(Settings.from_env({}).conductor_agents_dir)
 LEAD = {"score": 55, "classification": "Warm", "reasoning": " ".join(["word"] * 50),
@@ -254,6 +258,75 @@ def test_repair_prompt_quotes_contract_errors_only():
     prompt = repair_input("TASK: deal.predict", answer, caught.value.errors)
     assert "`win_probability` 0.55 looks like a fraction; answer a percentage 0-100" in prompt
     assert "words" not in prompt.split("<previous_answer>")[0]
+
+
+# --- guidance reaches the caller, the log and the metrics; never a repair call ----------------
+
+EMAIL, EMAIL_AGENT = "/api/v1/ai/email/generate", "EmailAssistant_CRM_Agent"
+# The gateway double writes the request's context into every email: a salesperson's "free pilot"
+# becomes a spam-trigger word in the model's answer, as it would with a real model.
+FREE = "our free pilot programme"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+async def test_guidance_breach_is_served_with_warnings_logged_and_counted_once(client, seed, auth, gateway):
+    request = {"lead_id": seed["leads"][0], "context": FREE}
+    with capture_logs() as logs:
+        r = await client.post(EMAIL, json=request, headers=auth)
+    assert r.status_code == 200 and r.headers["x-agent-warnings"] == "email-spam-words"
+    assert gateway.calls[EMAIL_AGENT] == 1  # accepted as it was: no repair call
+    [event] = [e for e in logs if e["event"] == "agent.guidance"]
+    assert event["agent"] == EMAIL_AGENT and event["rules"] == ["email-spam-words"] and len(event["details"]) == 3
+    assert not [e for e in logs if e["event"] == "agent.output_invalid"]
+
+    hit = await client.post(EMAIL, json=request, headers=auth)  # recomputed from the cached body
+    assert hit.headers["x-cache"] == "HIT" and hit.headers["x-agent-warnings"] == "email-spam-words"
+    assert hit.content == r.content and "warnings" not in decode(hit)  # the body is the contract's, nothing more
+    metrics = (await client.get("/metrics")).text
+    assert metric(metrics, "crm_ai_agent_guidance_total", agent=EMAIL_AGENT, rule="email-spam-words") == 1  # one answer
+    assert metric(metrics, "crm_ai_agent_output_total", agent=EMAIL_AGENT, outcome="valid") == 1
+
+
+async def test_a_browser_may_read_the_warnings(make_client, seed, auth):
+    origin = "http://localhost:4200"
+    async with make_client(settings=make_settings(cors_allow_origins=origin)) as client:
+        r = await client.post(EMAIL, json={"lead_id": seed["leads"][0], "context": FREE}, headers={**auth, "Origin": origin})
+    assert "x-agent-warnings" in r.headers["access-control-expose-headers"].lower()
+
+
+async def test_an_answer_within_guidance_has_no_warnings_header(client, seed, auth):
+    r = await client.post(EMAIL, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert r.status_code == 200 and "x-agent-warnings" not in r.headers
+
+
+async def test_short_reasoning_is_served_not_repaired(client, seed, auth, gateway, monkeypatch):
+    # The case: 36 words of reasoning used to cost a repair call and then a 502.
+    import adapter.doubles.gateway as double
+
+    terse = {**LEAD, "score": 72, "classification": "Hot", "reasoning": " ".join(["word"] * 36)}
+    monkeypatch.setattr(double, "answer_for", lambda agent, prompt: terse)
+    r = await client.post("/api/v1/ai/lead/qualify", json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert r.status_code == 200 and r.headers["x-agent-warnings"] == "reasoning-length"
+    assert gateway.calls["LeadQualifier_CRM_Agent"] == 1 and decode(r)["score"] == 72
+
+
+async def test_stream_result_carries_the_same_warnings(client, seed, auth):
+    async def result_of(body: dict) -> dict:
+        async with aconnect_sse(client, "POST", EMAIL + "/stream", json=body, headers=dict(auth)) as source:
+            events = [e async for e in source.aiter_sse() if e.event == "result"]
+        return msgspec.json.decode(events[0].data)
+
+    fresh = await result_of({"lead_id": seed["leads"][0], "context": FREE})
+    cached = await result_of({"lead_id": seed["leads"][0], "context": FREE})
+    assert fresh["warnings"] == cached["warnings"] == ["email-spam-words"] and fresh["variations"]
+    assert "warnings" not in await result_of({"lead_id": seed["leads"][0]})
 
 
 # --- personas and validators cannot drift apart ---------------------------------------------
