@@ -18,6 +18,7 @@ from adapter.extract import MAX_TEXT, REPAIR_MAX, NoJsonObject, extract_object, 
 from adapter.models import LeadQualifyResult
 from adapter.prompts import repair_input
 from adapter.settings import ConfigError, Settings
+from adapter import validation
 from adapter.validation import OutputInvalid, classify, deal_result, email_result, lead_result, rules, warnings_in
 from tests.conftest import decode, make_settings
 
@@ -330,6 +331,27 @@ async def test_stream_result_carries_the_same_warnings(client, seed, auth):
 
 
 # --- personas and validators cannot drift apart ---------------------------------------------
+
+@pytest.mark.parametrize(("task", "guidance", "contract"), [
+    ("lead.qualify", [f"at least {validation.LEAD_REASONING_WORDS} words", f"{validation.NEXT_ACTIONS[0]} to {validation.NEXT_ACTIONS[1]} specific"],
+     ["0 to 100", "never a fraction", "must agree with the score", "at least one non-empty action"]),
+    ("deal.predict", [f"at least {validation.DEAL_REASONING_WORDS} words", "no earlier than `today`"],
+     ["never a fraction", "`YYYY-MM-DD`, or null", "at least one non-empty action"]),
+    ("email.generate", [f"{validation.PARAGRAPHS[0]} to {validation.PARAGRAPHS[1]} paragraphs", "no spam-trigger words", "no pricing"],
+     ["exactly three items", f"at most {validation.SUBJECT_MAX} characters"]),
+])
+def test_personas_say_which_rules_are_contract_and_which_guidance(task, guidance, contract):
+    persona = (AGENTS_DIR / TASKS[task].agent_id / "persona.md").read_text()
+    table = persona.split("## Output format", 1)[1].split("## Example output", 1)[0]
+    assert "**contract**" in table and "**guidance**" in table
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| `")]
+    contract_cells = " ".join(r[-3] for r in rows) + " " + " ".join(l for l in table.splitlines() if l.startswith("- Contract"))
+    guidance_cells = " ".join(r[-2] for r in rows) + " " + " ".join(l for l in table.splitlines() if l.startswith("- Guidance"))
+    for rule in guidance:
+        assert rule in guidance_cells and rule not in contract_cells, f"{rule!r} is guidance in adapter/validation.py"
+    for rule in contract:
+        assert rule in contract_cells and rule not in guidance_cells, f"{rule!r} is contract in adapter/validation.py"
+
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_persona_documents_the_input_the_sidecar_renders(task):
