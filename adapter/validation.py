@@ -449,4 +449,8 @@ _RESULT_DECODERS = {t: msgspec.json.Decoder(t) for t in (EmailGenerateResult, Le
 
 def warnings_in(body: bytes, result_type: type) -> list[str]:
     """The guidance warnings of a result already served once (cached): recomputed, not stored."""
-    return rules(guidance(_RESULT_DECODERS[result_type].decode(body)))
+    try:
+        result = _RESULT_DECODERS[result_type].decode(body)
+    except msgspec.DecodeError:  # ValidationError included: a body the cache kept from another shape
+        return []  # warnings are a courtesy; a body we cannot re-read must not fail its response
+    return rules(guidance(result))

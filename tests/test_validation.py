@@ -252,6 +252,10 @@ def test_guidance_is_recomputed_from_a_served_body():
     assert warnings_in(body, LeadQualifyResult) == rules(verdict.warnings) == ["reasoning-length", "next-actions-count"]
 
 
+def test_a_body_that_cannot_be_reread_has_no_warnings_rather_than_an_error():
+    assert warnings_in(b'{"lead_id": "l1"}', LeadQualifyResult) == []
+
+
 def test_repair_prompt_quotes_contract_errors_only():
     answer = text({**DEAL, "win_probability": 0.55, "reasoning": "short"})  # a contract error and a guidance breach
     with pytest.raises(OutputInvalid) as caught:
