@@ -56,22 +56,26 @@ def objects(text: str) -> Iterator[Found]:
         text = _ANSI.sub("", text)
     candidates = list(_candidates(text))
     broken = []
+    found = False
     for candidate in candidates:
         try:
             value = _decode(candidate)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # msgspec raises the latter for absurd nesting
             broken.append(candidate)
             continue
         if isinstance(value, dict):
+            found = True
             yield Found(value, repaired=False)
     # The answer itself is most often the longest span; a `{name}` in the prose is not.
-    found = len(candidates) > len(broken)
     too_long = 0
     for candidate in sorted(broken, key=len, reverse=True):
         if len(candidate) > REPAIR_MAX:
             too_long = too_long or len(candidate)
             continue
-        value = json_repair.loads(candidate, skip_json_loads=True)
+        try:
+            value = json_repair.loads(candidate, skip_json_loads=True)
+        except (RecursionError, ValueError):  # it recurses per nesting level, and says so with a ValueError
+            continue
         if isinstance(value, dict) and value:
             found = True
             yield Found(value, repaired=True)
