@@ -74,7 +74,13 @@ _PRICING = re.compile(
 _SPAM = re.compile(
     r"\b(?:free|grátis|gratuito|guarantee[ds]?|garantia|garantido|act now|aja agora|risk[- ]free|limited time|"
     r"no obligation|click here|clique aqui|buy now|compre já)\b", re.IGNORECASE)
-_NOT_SPAM = re.compile(r"\bfeel free\b|\bfree to\b|\bsinta-se à vontade\b", re.IGNORECASE)
+_NOT_SPAM = re.compile(r"\bfeel free\b|\bfree to\b", re.IGNORECASE)
+# Cheap substring tests that every match of the patterns above contains: most emails contain none,
+# and these checks run on every cache hit (the warnings are recomputed), so the regexes run rarely.
+_PRICING_HINTS = ("$", "€", "£", "%", "discount", "desconto", "pric", "preço", "orçamento de", "per seat", "per user",
+                  "por usuário")
+_SPAM_HINTS = ("free", "grátis", "gratuito", "guarant", "garanti", "act now", "aja agora", "limited time",
+               "no obligation", "click here", "clique aqui", "buy now", "compre já")
 
 
 class OutputInvalid(ValueError):
@@ -416,9 +422,10 @@ def _email_breaches(v: EmailVariation) -> list[Breach]:
         out.append(Breach("email-paragraphs", f"the {v.type} email has {len(paragraphs)} paragraph(s); the persona asks "
                                               f"for {PARAGRAPHS[0]} to {PARAGRAPHS[1]}"))
     text = f"{v.subject}\n{v.body}"
-    if m := _PRICING.search(text):
+    lower = text.lower()
+    if any(h in lower for h in _PRICING_HINTS) and (m := _PRICING.search(text)):
         out.append(Breach("email-pricing", f"the {v.type} email mentions pricing ({m.group(0)!r})"))
-    if m := _SPAM.search(_NOT_SPAM.sub(" ", text)):
+    if any(h in lower for h in _SPAM_HINTS) and (m := _SPAM.search(_NOT_SPAM.sub(" ", text))):
         out.append(Breach("email-spam-words", f"the {v.type} email uses the spam-trigger word {m.group(0)!r}"))
     return out
 

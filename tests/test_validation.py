@@ -201,6 +201,20 @@ def test_email_guidance_breaches_are_accepted_and_reported(body, rule):
     assert rules(verdict.warnings) == [rule] and len(verdict.warnings) == 3  # one per email, one rule id
 
 
+@pytest.mark.parametrize(("phrase", "rule"), [
+    *[(w, "email-spam-words") for w in ("FREE", "grátis", "gratuito", "guaranteed", "Garantia", "garantido", "act now",
+                                         "aja agora", "risk-free", "limited time", "no obligation", "click here",
+                                         "clique aqui", "buy now", "compre já")],
+    *[(w, "email-pricing") for w in ("R$ 99", "US$ 10", "$49", "€20", "£5", "20% off", "15% de desconto", "Discounted",
+                                      "descontos", "our pricing", "prices", "PREÇO", "orçamento de 5 mil", "per seat",
+                                      "per user", "por usuário")],
+])
+def test_every_word_the_guidance_knows_is_caught(phrase, rule):
+    # The substring pre-checks in front of the regexes must never hide a match.
+    body = f"Hi,\n\nA line with {phrase} in it.\n\nBest"
+    assert rules(email_result(text(_variations("formal", "casual", "direct", body=body)), "l1", "A").warnings) == [rule]
+
+
 def test_email_without_style_problems_has_no_warnings():
     body = "Hi Maria,\n\nFeel free to reply with a time that suits you.\n\nBest"
     assert email_result(text(_variations("formal", "casual", "direct", body=body)), "l1", "A").warnings == ()
