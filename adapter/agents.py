@@ -22,7 +22,9 @@ from .models import (
 )
 from .settings import ConfigError
 
-Validate = Callable[[str, str, str], tuple[Any, bool]]
+# (model text, record id, agent id) -> the normalised result with its guidance breaches; raises
+# validation.OutputInvalid when the contract is broken.
+Validate = Callable[[str, str, str], validation.Verdict]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +53,7 @@ TASKS: dict[str, Task] = {
         Task(
             "email.generate", "EmailAssistant_CRM_Agent", "lead",
             EmailGenerateRequest, EmailGenerateResult, _email_render,
-            lambda text, rid, agent: (validation.email_result(text, rid, agent), False),
+            validation.email_result,
         ),
         Task(
             "lead.qualify", "LeadQualifier_CRM_Agent", "lead",
@@ -63,7 +65,7 @@ TASKS: dict[str, Task] = {
             "deal.predict", "DealPredictor_CRM_Agent", "deal",
             DealPredictRequest, DealPredictResult,
             lambda deal, _req, today: prompts.deal_predict_input(deal, today),
-            lambda text, rid, agent: (validation.deal_result(text, rid, agent), False),
+            validation.deal_result,
         ),
     )
 }

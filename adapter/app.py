@@ -155,7 +155,7 @@ def create_app(
         cors_config=CORSConfig(
             allow_origins=settings.cors_origins, allow_methods=["*"],
             allow_headers=["Authorization", "Content-Type", "Cache-Control", "Last-Event-ID", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "X-Cache", "Age", "X-AI-Provider", "X-CRM-Write-Back", "X-Job-ID", "Location", "Retry-After",
+            expose_headers=["X-Request-ID", "X-Cache", "Age", "X-AI-Provider", "X-CRM-Write-Back", "X-Agent-Warnings", "X-Job-ID", "Location", "Retry-After",
                             "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "RateLimit-Policy"],
         ) if settings.cors_origins else None,
         openapi_config=OpenAPIConfig(

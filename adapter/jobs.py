@@ -106,7 +106,7 @@ class Jobs:
         if mode == "default" and (entry := await self.service.cache.store.get(key)) is not None:
             if self._clock() - entry.stored_at < self.settings.ttl_for(task.name):
                 job = self._new(task, record_id, key)
-                self._emit(job, "result", entry.body)
+                self._emit(job, "result", self.service.result_event(task.name, entry.body))
                 self._finish(job, "succeeded", cached=True)
                 return job, "HIT"
         async with key_lock(self._admitting, key):
@@ -183,7 +183,7 @@ class Jobs:
             log.error("job.crashed", job_id=job.id, exc_info=exc)
             self._fail(job, exc)
         else:
-            self._emit(job, "result", body)
+            self._emit(job, "result", self.service.result_event(task.name, body))
             self._finish(job, "succeeded")
             if store:
                 ttl = self.settings.ttl_for(task.name) + self.settings.cache_stale_grace

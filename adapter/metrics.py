@@ -19,7 +19,11 @@ class Metrics:
         self.gateway_seconds = Histogram("crm_ai_gateway_call_duration_seconds", "Conductor Gateway call latency by agent", ["agent"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.cache = Counter("crm_ai_cache_events", "Result cache: hit, miss, stale, bypass, coalesced", ["task", "result"], registry=r)
-        self.agent_output = Counter("crm_ai_agent_output", "Agent answers: valid, invalid, repaired, corrected, failed", ["agent", "outcome"], registry=r)
+        self.agent_output = Counter("crm_ai_agent_output", "Agent answers: valid, normalised, invalid, repaired, corrected, failed",
+                                    ["agent", "outcome"], registry=r)
+        # Guidance breaches (validation.GUIDANCE): accepted answers that did not follow a persona's style rule.
+        self.agent_guidance = Counter("crm_ai_agent_guidance", "Accepted agent answers breaching a persona's guidance rule",
+                                      ["agent", "rule"], registry=r)
         self.write_backs = Counter("crm_ai_write_backs", "Lead write-backs to the CRM: ok, failed, skipped", ["outcome"], registry=r)
         self.open_streams = Gauge("crm_ai_open_streams", "SSE connections open to clients", registry=r)
         self.running_jobs = Gauge("crm_ai_running_jobs", "Streamed jobs still running", registry=r)

@@ -106,7 +106,8 @@ class SseEvent(msgspec.Struct, kw_only=True):
     """One server-sent event as it arrives: `data` is JSON text (see each event's description)."""
 
     event: Annotated[Literal["status", "delta", "result", "error", "done"], Meta(
-        description="status {state, message}; delta {text}; result: the synchronous route's body; "
+        description="status {state, message}; delta {text}; result: the synchronous route's body "
+                    "(plus `warnings`, the X-Agent-Warnings list, when there are any); "
                     "error: a problem object; done {status, cached}, always last")]
     data: Annotated[str, Meta(description="the event's JSON payload")]
     id: Annotated[str, Meta(pattern="^[1-9][0-9]*$", description="consecutive from 1; resume with Last-Event-ID")]

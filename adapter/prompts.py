@@ -64,10 +64,15 @@ def deal_predict_input(deal: dict, today: dt.date) -> str:
 
 
 def repair_input(original: str, answer: str, errors: list[str], limit: int = 4000) -> str:
+    """The task again, the contract errors and the rejected answer.
+
+    `errors` are contract errors only (validation.OutputInvalid): guidance (reasoning length, style)
+    never reaches this prompt, so a repair call is spent on what the CRM needs and nothing else.
+    """
     quoted = answer if len(answer) <= limit else answer[:limit] + " [...]"
     problems = "\n".join(f"- {e}" for e in errors)
     return (
-        f"{original}\n\nYour previous answer was rejected by the validator:\n{problems}\n"
+        f"{original}\n\nYour previous answer was rejected by the validator; it breaks the output contract:\n{problems}\n"
         f"{block('previous_answer', quoted)}\n"
         "Answer again with only the corrected JSON object."
     )

@@ -19,7 +19,7 @@ from .models import LeadQualifyResult
 from .prompts import repair_input
 from .ratelimit import RateLimiter
 from .settings import Settings
-from .validation import OutputInvalid
+from .validation import OutputInvalid, rules, warnings_in
 
 log = structlog.get_logger("adapter.service")
 _encode = msgspec.json.Encoder().encode
@@ -101,10 +101,27 @@ class AiService:
         text = await self.gateway.execute(task.agent_id, agent_input, plan)
         return await self.validated(task, record_id, agent_input, text, plan=plan)
 
+    def warnings(self, task_name: str, body: bytes) -> list[str]:
+        """The guidance rules a served body breaches (`X-Agent-Warnings`).
+
+        Recomputed from the body rather than stored beside it: guidance is a pure function of the
+        result, so a hit, a stale answer, a coalesced follower and another replica's job all get
+        the same list without the cache's format (or entries stored before) changing.
+        """
+        return warnings_in(body, self.tasks[task_name].result_type)
+
+    def result_event(self, task_name: str, body: bytes) -> bytes:
+        """A stream's `result` data: the body, plus `warnings` (the X-Agent-Warnings list) when there are any."""
+        if not (warnings := self.warnings(task_name, body)):
+            return body
+        # The body is a JSON object we encoded: close it with one more member instead of re-encoding it.
+        return body[:-1] + b',"warnings":' + _encode(warnings) + b"}"
+
     async def validated(self, task: Task, record_id: str, agent_input: str, text: str,
                         on_repair: Callable[[int], None] | None = None, *, plan: ProviderPlan | None = None) -> Any:
-        """Validate the model's text; invalid output gets `agent_repair_attempts` repair calls.
+        """Validate the model's text; output breaking the contract gets `agent_repair_attempts` repair calls.
 
+        Guidance breaches are logged and counted here, once per answer the model gave; never repaired.
         Repairs use the provider that answered (`plan`), and the result names it.
         """
         plan = plan or self.gateway.plan()
@@ -113,22 +130,31 @@ class AiService:
             if attempt:
                 if on_repair is not None:
                     on_repair(attempt)
+                # Contract errors only: guidance never reaches the repair prompt (OutputInvalid has none).
                 text = await self.gateway.execute(task.agent_id, repair_input(agent_input, text, errors), plan)
             try:
-                result, corrected = task.validate(text, record_id, task.agent_id)
+                verdict = task.validate(text, record_id, task.agent_id)
             except OutputInvalid as exc:
                 errors = exc.errors
                 self.metrics.agent_output.labels(task.agent_id, "invalid").inc()
                 log.warning("agent.output_invalid", agent=task.agent_id, attempt=attempt + 1, errors=errors)
                 continue
-            if corrected:
+            if verdict.corrected:
                 self.metrics.agent_output.labels(task.agent_id, "corrected").inc()
                 log.info("agent.classification_corrected", agent=task.agent_id)
+            if verdict.normalised:
+                self.metrics.agent_output.labels(task.agent_id, "normalised").inc()
+                log.info("agent.output_normalised", agent=task.agent_id, changes=list(verdict.normalised))
+            if verdict.warnings:
+                for rule in rules(verdict.warnings):
+                    self.metrics.agent_guidance.labels(task.agent_id, rule).inc()
+                log.info("agent.guidance", agent=task.agent_id, rules=rules(verdict.warnings),
+                         details=[b.detail for b in verdict.warnings])
             if attempt:
                 log.info("agent.output_repaired", agent=task.agent_id, attempts=attempt + 1)
             self.metrics.agent_output.labels(task.agent_id, "repaired" if attempt else "valid").inc()
-            result.provider = plan.current
-            return result
+            verdict.result.provider = plan.current
+            return verdict.result
         attempts = 1 + self.settings.agent_repair_attempts
         self.metrics.agent_output.labels(task.agent_id, "failed").inc()
         raise InvalidAgentOutput(

@@ -35,7 +35,7 @@ from ..ratelimit import user_key
 from ..service import AiService
 
 log = structlog.get_logger("adapter.routes")
-from .docs import CACHE_HEADERS, WRITE_BACK_HEADER, ai_responses
+from .docs import CACHE_HEADERS, WARNINGS_HEADER, WRITE_BACK_HEADER, ai_responses
 
 
 async def require_bearer(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -97,8 +97,9 @@ async def _run(service: AiService, task: str, data: Any, request: Request) -> Re
     authorization = request.headers["authorization"]
     outcome = await service.run(task, data, authorization, cache_mode(request), user_of(request))
     service.metrics.cache.labels(task, outcome.x_cache.lower()).inc()
+    warned = {"X-Agent-Warnings": ", ".join(w)} if (w := service.warnings(task, outcome.body)) else {}
     if task != "lead.qualify":
-        return respond(outcome)
+        return respond(outcome, **warned)
     # Only a fresh answer is written back: a cached one was written when it was made,
     # and a stale one must not overwrite what the CRM holds now.
     if not service.settings.crm_write_back:
@@ -110,20 +111,20 @@ async def _run(service: AiService, task: str, data: Any, request: Request) -> Re
     if reason:
         service.metrics.write_backs.labels("skipped").inc()
         log.info("crm.write_back", lead_id=data.lead_id, outcome="skipped", reason=reason)
-    return respond(outcome, **{"X-CRM-Write-Back": write_back})
+    return respond(outcome, **{"X-CRM-Write-Back": write_back}, **warned)
 
 
-@post("/email/generate", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("email.generate"), summary="Generate three sales-email variations for a lead")
+@post("/email/generate", status_code=200, guards=[require_bearer], response_headers=[*CACHE_HEADERS, WARNINGS_HEADER], responses=ai_responses("email.generate"), summary="Generate three sales-email variations for a lead")
 async def email_generate(data: JSONBody[EmailGenerateRequest], request: Request, service: NamedDependency[AiService]) -> Response[EmailGenerateResult]:
     return await _run(service, "email.generate", data, request)
 
 
-@post("/lead/qualify", status_code=200, guards=[require_bearer], response_headers=[*CACHE_HEADERS, WRITE_BACK_HEADER], responses=ai_responses("lead.qualify"), summary="Qualify a lead (BANT score and classification)")
+@post("/lead/qualify", status_code=200, guards=[require_bearer], response_headers=[*CACHE_HEADERS, WARNINGS_HEADER, WRITE_BACK_HEADER], responses=ai_responses("lead.qualify"), summary="Qualify a lead (BANT score and classification)")
 async def lead_qualify(data: JSONBody[LeadQualifyRequest], request: Request, service: NamedDependency[AiService]) -> Response[LeadQualifyResult]:
     return await _run(service, "lead.qualify", data, request)
 
 
-@post("/deal/predict", status_code=200, guards=[require_bearer], response_headers=CACHE_HEADERS, responses=ai_responses("deal.predict"), summary="Predict a deal's outcome and health")
+@post("/deal/predict", status_code=200, guards=[require_bearer], response_headers=[*CACHE_HEADERS, WARNINGS_HEADER], responses=ai_responses("deal.predict"), summary="Predict a deal's outcome and health")
 async def deal_predict(data: JSONBody[DealPredictRequest], request: Request, service: NamedDependency[AiService]) -> Response[DealPredictResult]:
     return await _run(service, "deal.predict", data, request)
 

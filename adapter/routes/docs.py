@@ -18,6 +18,11 @@ CACHE_HEADERS = [
                    description="The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more "
                                "(after a fallback, the second); the same as the body's `provider`"),
 ]
+WARNINGS_HEADER = ResponseHeader(
+    name="X-Agent-Warnings", documentation_only=True, required=False,
+    description="The persona guidance rules the answer does not follow, comma-separated (reasoning-length, "
+                "next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the "
+                "contract and stands; absent when there are none")
 WRITE_BACK_HEADER = ResponseHeader(
     name="X-CRM-Write-Back", documentation_only=True, required=False,
     description="ok: score and classification were PATCHed onto the lead; failed: that PATCH failed (the answer stands); "
@@ -48,7 +53,8 @@ def ai_responses(task: str) -> dict[int, ResponseSpec]:
 
 SSE_DESCRIPTION = (
     "Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: "
-    "`status` {state: queued|running|validating, message}, `delta` {text}, `result` (the synchronous route's body), "
+    "`status` {state: queued|running|validating, message}, `delta` {text}, `result` (the synchronous route's body, "
+    "plus `warnings`: the X-Agent-Warnings list, when there are any), "
     "`error` (a problem object), and `done` {status: succeeded|failed, cached} always last. "
     "A `: ping` comment is sent while nothing else is."
 )
