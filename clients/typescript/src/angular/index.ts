@@ -109,5 +109,8 @@ export function provideConductorAi(options: SidecarClientOptions | (() => Sideca
   }];
 }
 
-export type * from "../types.js";
+export type {
+  AiHealth, DealPredictRequest, DealPredictResult, EmailGenerateRequest, EmailGenerateResult, JobCreated, JobEvent,
+  JobView, LeadQualifyRequest, LeadQualifyResult, Problem, StartedJob, Task, TaskInput, TaskResult,
+} from "../types.js";
 export { SidecarProblem, SidecarStreamError } from "../errors.js";
