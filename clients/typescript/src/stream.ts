@@ -102,6 +102,7 @@ class EventStream<R> implements JobStream<R> {
   }
 
   close(): void {
+    this.#started = true; // a stream closed before its first next() never connects
     this.#ended = true;
     this.#queue.length = 0;
     this.#failure = null;

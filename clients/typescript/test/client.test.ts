@@ -190,6 +190,16 @@ describe("streamed jobs", () => {
     expect(events.at(-1)).toMatchObject({ type: "done", status: "succeeded" });
   });
 
+  it("never connect when closed before the first event is asked for", async () => {
+    const { opened, EventSource: Recording } = recordingEventSource();
+    const idle = createSidecarClient({ baseUrl: sidecar.baseUrl, getToken: () => sidecar.token, EventSource: Recording });
+    const job = await idle.startJob("lead.qualify", { lead_id: lead });
+    const stream = idle.streamJob(job);
+    stream.close();
+    expect(await stream.next()).toEqual({ value: undefined, done: true });
+    expect(opened).toHaveLength(0);
+  });
+
   it("stop when the signal aborts, rejecting with its reason", async () => {
     const { opened, EventSource: Recording } = recordingEventSource();
     const aborting = createSidecarClient({ baseUrl: sidecar.baseUrl, getToken: () => sidecar.token, EventSource: Recording });
