@@ -61,6 +61,12 @@ describe("synchronous calls", () => {
     expect(predicted.win_probability).toBeLessThanOrEqual(100);
   });
 
+  it("report the sidecar's health, with the three agents the gateway knows", async () => {
+    const health = await client.health();
+    expect(health.status).toBe("ok");
+    expect(Object.values(health.agents)).toEqual([true, true, true]);
+  });
+
   it("ask the auth hook for the token on every request, and wait for an async one", async () => {
     let asked = 0;
     const hooked = createSidecarClient({
