@@ -1,7 +1,9 @@
 # The two set-up commands of the README: `make demo` and `make test`.
-# Each creates .venv (Python >= 3.11) and installs the project into it on first use.
+# Each creates .venv (Python >= 3.11) and installs the project into it on first use;
+# `make test` also installs the TypeScript client's locked dependencies (Node >= 18, npm).
 PYTHON ?= python3
 VENV ?= .venv
+CLIENT := clients/typescript
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -9,12 +11,23 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: demo test openapi
+# npm ci writes node_modules/.package-lock.json: reinstall only when the lock file changes.
+$(CLIENT)/node_modules/.package-lock.json: $(CLIENT)/package-lock.json $(CLIENT)/package.json
+	cd $(CLIENT) && npm ci --no-audit --no-fund
+
+.PHONY: demo test test-python test-client openapi
 demo: $(VENV)/.installed
 	$(VENV)/bin/adapter demo
 
-test: $(VENV)/.installed
+test: test-python test-client
+
+test-python: $(VENV)/.installed
 	$(VENV)/bin/pytest
+
+# The client's drift check, type check, docs check, build, and vitest against `adapter demo`
+# (from this .venv), including the Chromium test.
+test-client: $(VENV)/.installed $(CLIENT)/node_modules/.package-lock.json
+	cd $(CLIENT) && ADAPTER=$(abspath $(VENV))/bin/adapter npm test
 
 openapi: $(VENV)/.installed
 	$(VENV)/bin/adapter openapi > openapi/openapi.json

@@ -1,0 +1,114 @@
+import createClient, { type Client } from "openapi-fetch";
+
+import { SidecarProblem, problemOf } from "./errors.js";
+import { openJobStream, type EventSourceConstructor, type JobStream, type StreamOptions } from "./stream.js";
+import type {
+  AiHealth, DealPredictRequest, DealPredictResult, EmailGenerateRequest, EmailGenerateResult, JobCreated, JobView,
+  LeadQualifyRequest, LeadQualifyResult, StartedJob, Task, TaskInput, TaskResult, paths,
+} from "./types.js";
+
+/** The bearer token of the signed-in CRM user, or nothing (the sidecar then answers 401). */
+export type TokenProvider = () => string | null | undefined | Promise<string | null | undefined>;
+
+export interface SidecarClientOptions {
+  /**
+   * Where the sidecar is. `""` (the default) means the page's own origin: the sidecar in front of
+   * the CRM backend, or behind the same ingress. In Node it must be absolute.
+   */
+  baseUrl?: string;
+  /** Called before every request; its token goes out as `Authorization: Bearer <token>`. */
+  getToken?: TokenProvider;
+  /** Headers for every request (an `X-Request-ID` of your own, for instance). */
+  headers?: Record<string, string>;
+  /** The `fetch` to use (default: the global one). */
+  fetch?: typeof fetch;
+  /**
+   * The `EventSource` to stream with (default: the global one, which every browser has). Node has
+   * none: pass the `eventsource` package's.
+   */
+  EventSource?: EventSourceConstructor;
+}
+
+export interface CallOptions {
+  /**
+   * The result cache: `no-cache` asks for a fresh answer (and stores it), `no-store` for a fresh one
+   * that is not stored. The default may answer from the cache.
+   */
+  cache?: "default" | "no-cache" | "no-store";
+  signal?: AbortSignal;
+}
+
+export interface SidecarClient {
+  /** `POST /api/v1/ai/lead/qualify`: score, classification, BANT, next actions. */
+  qualifyLead(body: LeadQualifyRequest, options?: CallOptions): Promise<LeadQualifyResult>;
+  /** `POST /api/v1/ai/email/generate`: three variations (formal, casual, direct). */
+  generateEmail(body: EmailGenerateRequest, options?: CallOptions): Promise<EmailGenerateResult>;
+  /** `POST /api/v1/ai/deal/predict`: win probability, health, risks, actions. */
+  predictDeal(body: DealPredictRequest, options?: CallOptions): Promise<DealPredictResult>;
+  /** `GET /api/v1/ai/health`: the gateway, CRM backend and cache, and which agents the gateway knows. */
+  health(options?: Pick<CallOptions, "signal">): Promise<AiHealth>;
+  /** `POST /api/v1/ai/jobs`: starts `task`; follow it with `streamJob`. */
+  startJob<T extends Task>(task: T, input: TaskInput<T>, options?: CallOptions): Promise<StartedJob<T>>;
+  /** `GET /api/v1/ai/jobs/{job_id}`: the job's state and, once finished, its result or problem (polling). */
+  getJob(job: Pick<JobCreated, "job_id">, options?: Pick<CallOptions, "signal">): Promise<JobView>;
+  /**
+   * The job's events over EventSource, typed by the job's task, in order and ending after `done`.
+   * A dropped connection resumes after the last event received (`Last-Event-ID`).
+   */
+  streamJob<T extends Task = Task>(job: JobCreated & { readonly task?: T }, options?: StreamOptions): JobStream<TaskResult<T>>;
+  /** The underlying openapi-fetch client, typed by the contract, for anything else (response headers, `/readyz`). */
+  readonly api: Client<paths>;
+}
+
+export function createSidecarClient(options: SidecarClientOptions = {}): SidecarClient {
+  const baseUrl = (options.baseUrl ?? "").replace(/\/+$/, "");
+  // Looked up per call, not captured: tests and apps may install a fetch after creating the client.
+  const fetchFn: typeof fetch = (input, init) => (options.fetch ?? globalThis.fetch)(input, init);
+  const api = createClient<paths>({ baseUrl, headers: options.headers, fetch: (request) => fetchFn(request) });
+  const { getToken } = options;
+  if (getToken) {
+    api.use({
+      async onRequest({ request }) {
+        const token = await getToken();
+        if (token) request.headers.set("Authorization", `Bearer ${token}`);
+        return request;
+      },
+    });
+  }
+
+  const cacheHeaders = (o?: CallOptions) => (o?.cache && o.cache !== "default" ? { "Cache-Control": o.cache } : {});
+
+  // openapi-fetch resolves failed responses to `{ error, response }`; this client throws them instead.
+  async function unwrap<D>(call: Promise<{ data?: D; error?: unknown; response: Response }>): Promise<D> {
+    const { data, error, response } = await call;
+    if (!response.ok || data === undefined) throw new SidecarProblem(problemOf(error, response), response);
+    return data;
+  }
+
+  return {
+    api,
+    qualifyLead: (body, o) =>
+      unwrap(api.POST("/api/v1/ai/lead/qualify", { body, headers: cacheHeaders(o), signal: o?.signal })),
+    generateEmail: (body, o) =>
+      unwrap(api.POST("/api/v1/ai/email/generate", { body, headers: cacheHeaders(o), signal: o?.signal })),
+    predictDeal: (body, o) =>
+      unwrap(api.POST("/api/v1/ai/deal/predict", { body, headers: cacheHeaders(o), signal: o?.signal })),
+    health: (o) => unwrap(api.GET("/api/v1/ai/health", { signal: o?.signal })),
+    async startJob(task, input, o) {
+      const body = { task, input: input as { [key: string]: unknown } };
+      const created = await unwrap(api.POST("/api/v1/ai/jobs", { body, headers: cacheHeaders(o), signal: o?.signal }));
+      return { ...created, task };
+    },
+    getJob: (job, o) =>
+      unwrap(api.GET("/api/v1/ai/jobs/{job_id}", { params: { path: { job_id: job.job_id } }, signal: o?.signal })),
+    streamJob(job, streamOptions) {
+      const EventSourceImpl = options.EventSource ?? (globalThis as { EventSource?: EventSourceConstructor }).EventSource;
+      if (!EventSourceImpl) {
+        throw new TypeError("no EventSource here: pass one in the options (in Node: `import { EventSource } from 'eventsource'`)");
+      }
+      // `events_url` is the sidecar's own absolute path, carrying the job token; no bearer token goes with it.
+      const url = /^https?:\/\//.test(job.events_url) ? job.events_url : `${baseUrl}${job.events_url}`;
+      return openJobStream(url, { EventSource: EventSourceImpl, fetch: fetchFn }, streamOptions);
+    },
+  } satisfies SidecarClient;
+}

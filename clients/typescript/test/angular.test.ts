@@ -1,0 +1,99 @@
+// The Angular entry point against the real sidecar: resolved from an Angular injector, callbacks in
+// Angular's zone (zone.js loaded as in an app), unsubscribing closes the EventSource.
+import "zone.js";
+
+import { InjectionToken, Injector, NgZone, inject as ngInject } from "@angular/core";
+import { EventSource } from "eventsource";
+import { firstValueFrom } from "rxjs";
+import { describe, expect, inject, it } from "vitest";
+
+import { ConductorAiService, SidecarProblem, provideConductorAi, type JobEvent, type LeadQualifyResult } from "../src/angular/index.js";
+import type { EventSourceConstructor } from "../src/index.js";
+
+const sidecar = inject("sidecar");
+const [lead] = sidecar.leads;
+
+/** Where an app's auth service would hand out the signed-in user's token. */
+const TOKEN = new InjectionToken<() => string>("token");
+
+function service(EventSourceImpl: EventSourceConstructor = EventSource) {
+  const injector = Injector.create({
+    providers: [
+      { provide: NgZone, useFactory: () => new NgZone({ enableLongStackTrace: false }) },
+      { provide: TOKEN, useValue: () => sidecar.token },
+      // The options factory runs in an injection context, as an app's would to reach its auth service.
+      provideConductorAi(() => ({ baseUrl: sidecar.baseUrl, getToken: ngInject(TOKEN), EventSource: EventSourceImpl })),
+    ],
+  });
+  return { ai: injector.get(ConductorAiService), zone: injector.get(NgZone) };
+}
+
+describe("ConductorAiService", () => {
+  it("answers the synchronous calls inside Angular's zone, then completes", async () => {
+    const { ai, zone } = service();
+    const outcome = await new Promise<{ values: unknown[]; inZone: boolean[] }>((resolve, reject) => {
+      const values: unknown[] = [];
+      const inZone: boolean[] = [];
+      zone.runOutsideAngular(() => ai.qualifyLead({ lead_id: lead }).subscribe({
+        next: (value) => { values.push(value); inZone.push(NgZone.isInAngularZone()); },
+        error: reject,
+        complete: () => { inZone.push(NgZone.isInAngularZone()); resolve({ values, inZone }); },
+      }));
+    });
+    expect(outcome.values).toHaveLength(1);
+    expect(outcome.values[0]).toMatchObject({ lead_id: lead, agent: "LeadQualifier_CRM_Agent" });
+    expect(outcome.inZone).toEqual([true, true]); // the value, then the completion
+  });
+
+  it("runs a job as typed events, every one delivered inside the zone, completing after done", async () => {
+    const { ai, zone } = service();
+    const seen: { event: JobEvent<LeadQualifyResult>; inZone: boolean }[] = [];
+    let completedInZone = false;
+    // Subscribed from outside the zone, as a timer callback might: delivery still enters it.
+    await new Promise<void>((resolve, reject) => zone.runOutsideAngular(() => {
+      ai.run("lead.qualify", { lead_id: lead }, { cache: "no-cache" }).subscribe({
+        next: (event) => seen.push({ event, inZone: NgZone.isInAngularZone() }),
+        error: reject,
+        complete: () => { completedInZone = NgZone.isInAngularZone(); resolve(); },
+      });
+    }));
+    expect(seen.map((s) => s.event.id)).toEqual(seen.map((_, i) => i + 1));
+    expect(seen.every((s) => s.inZone)).toBe(true);
+    expect(completedInZone).toBe(true);
+    const result = seen.find((s) => s.event.type === "result")?.event;
+    expect(result?.type === "result" && result.result.lead_id).toBe(lead);
+    expect(seen.at(-1)!.event).toMatchObject({ type: "done", status: "succeeded" });
+  });
+
+  it("closes the EventSource when the subscriber unsubscribes", async () => {
+    const opened: EventSource[] = [];
+    class Recording extends EventSource {
+      constructor(url: string | URL, init?: EventSourceInit) {
+        super(url, init);
+        opened.push(this);
+      }
+    }
+    const { ai } = service(Recording as EventSourceConstructor);
+    const job = await firstValueFrom(ai.startJob("lead.qualify", { lead_id: lead }, { cache: "no-cache" }));
+    await new Promise<void>((resolve) => {
+      const subscription = ai.streamJob(job).subscribe((event) => {
+        if (event.type === "delta") {
+          subscription.unsubscribe();
+          resolve();
+        }
+      });
+    });
+    expect(opened).toHaveLength(1);
+    expect(opened[0]!.readyState).toBe(EventSource.CLOSED);
+  });
+
+  it("errors with the SidecarProblem, inside the zone", async () => {
+    const { ai } = service();
+    const failure = await new Promise<{ error: unknown; inZone: boolean }>((resolve) => {
+      ai.predictDeal({ deal_id: "not-an-id" }).subscribe({ error: (error) => resolve({ error, inZone: NgZone.isInAngularZone() }) });
+    });
+    expect(failure.inZone).toBe(true);
+    expect(failure.error).toBeInstanceOf(SidecarProblem);
+    expect((failure.error as SidecarProblem).status).toBe(400);
+  });
+});
