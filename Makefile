@@ -19,7 +19,8 @@ $(CLIENT)/node_modules/.package-lock.json: $(CLIENT)/package-lock.json $(CLIENT)
 demo: $(VENV)/.installed
 	$(VENV)/bin/adapter demo
 
-test: test-python test-client
+# The client first, so that the run closes on pytest's summary line.
+test: test-client test-python
 
 test-python: $(VENV)/.installed
 	$(VENV)/bin/pytest
