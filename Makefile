@@ -10,8 +10,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: demo test openapi
+# `make demo PORT=8090` when 8080 is taken.
 demo: $(VENV)/.installed
-	$(VENV)/bin/adapter demo
+	$(VENV)/bin/adapter demo $(if $(PORT),--port $(PORT))
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest

@@ -139,6 +139,8 @@ def create_app(
             app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl)
             stack.callback(app.state.jobs.cancel_all)
             log.info("startup", gateway=settings.conductor_gateway_url, crm=settings.crm_backend_url, cache=cache_store.backend)
+            if isinstance(cache_store, RedisStore):
+                await cache_store.state()  # a Redis that is not there is one warning now, not a surprise at the first request
             stack.callback(cache.cancel_flights)
             yield
 
