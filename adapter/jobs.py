@@ -140,8 +140,8 @@ class Jobs:
         job = self._new(task, record_id, key, job_id)
         if mode != "no-store":
             self._by_key[key] = job
-        runner = asyncio.create_task(self._run(job, task, agent_input, authorization, store=mode != "no-store"),
-                                     name=f"job {job.id}")
+        runner = asyncio.create_task(self.service.tracing.run("job.run", self._run(job, task, agent_input, authorization, store=mode != "no-store"),
+                                                             **{"job.id": job.id, "job.task": task.name}), name=f"job {job.id}")
         self._runners.add(runner)
         runner.add_done_callback(self._runners.discard)
         if self.mirror is not None:
@@ -217,7 +217,8 @@ class Jobs:
         gateway = self.service.gateway
         async with gateway.guarded():
             self._emit(job, "status", {"state": "running", "message": "starting the agent"})
-            text = await self._read_model(job, task, await gateway.start_stream(task.agent_id, agent_input))
+            with self.service.gateway_span(task, 1, stream=True):
+                text = await self._read_model(job, task, await gateway.start_stream(task.agent_id, agent_input))
         self._emit(job, "status", {"state": "validating", "message": "validating the agent's answer"})
 
         def repairing(attempt: int) -> None:
