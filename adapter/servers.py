@@ -81,24 +81,27 @@ def _problem(status: int, slug: str, title: str, detail: str) -> bytes:
 
 
 def bounded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a header deadline and a header size limit enforced while parsing."""
+    """uvicorn's httptools protocol with a header deadline, and a header size bound enforced while they arrive.
+
+    The size is counted per read, not per header: a parser callback of our own on every header
+    cost more than the rest of the bound. Reads while a request's headers are incomplete add up;
+    past MAX_HEADER_BYTES the 431 goes out, so at most one read beyond the limit is ever held.
+    (The app's own check, context.check_header_size, still applies the exact per-header measure.)
+    """
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _timer: asyncio.TimerHandle | None = None
         _header_bytes = 0
+        _in_headers = True
         _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm()
+            self._timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            if self._timer is None:
-                self._timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
 
         def _disarm(self) -> None:
             if self._timer is not None:
@@ -120,52 +123,35 @@ def bounded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
             else:
                 self.transport.close()
 
-        def data_received(self, data: bytes) -> None:
-            if not self._refused:
-                super().data_received(data)
-
         def _headers_too_slow(self) -> None:
             self._timer = None
             self._refuse(_problem(408, "request-timeout", "Request Timeout",
                                   f"the request headers did not arrive within {limits.header_timeout:g} s (HEADER_TIMEOUT_SECONDS)"))
 
-        def _count(self, size: int) -> bool:
-            self._header_bytes += size
-            if self._header_bytes > limits.max_header_bytes and not self._refused:
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # lingering: read and dropped
+            if self._in_headers:
+                self._header_bytes += len(data)
+            super().data_received(data)
+            if self._in_headers and self._header_bytes > limits.max_header_bytes and not self._refused:
                 self._refuse(_problem(431, "headers-too-large", "Request Header Fields Too Large",
                                       f"the request headers take more than the {limits.max_header_bytes}-byte limit (MAX_HEADER_BYTES)"))
-            return not self._refused
 
-        # Parser callbacks. After a refusal the rest of the read buffer is parsed and ignored.
+        # Parser callbacks: a request's headers start with its first byte and end here.
         def on_message_begin(self) -> None:
-            if self._refused:
-                return
             super().on_message_begin()
-            self._header_bytes = 0
-            self._arm()
-
-        def on_url(self, url: bytes) -> None:
-            if self._count(len(url)):
-                super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            # Same measure as the app's own check (context.check_header_size).
-            if self._count(len(name) + len(value) + 4):
-                super().on_header(name, value)
+            if self._timer is None:  # a kept-alive connection's next request
+                self._timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
 
         def on_headers_complete(self) -> None:
-            if self._refused:
-                return
+            self._in_headers = False
             self._disarm()
             super().on_headers_complete()
 
-        def on_body(self, body: bytes) -> None:
-            if not self._refused:
-                super().on_body(body)
-
         def on_message_complete(self) -> None:
-            if not self._refused:
-                super().on_message_complete()
+            self._in_headers, self._header_bytes = True, 0
+            super().on_message_complete()
 
     return BoundedHttpToolsProtocol
 
