@@ -4,7 +4,7 @@ The sidecar's server bounds what a slow or hostile client can hold:
 
 - the request line and headers must arrive within HEADER_TIMEOUT_SECONDS of the connection
   (or of the request's first byte on a kept-alive one), else 408 and the connection closes;
-- they may not exceed MAX_HEADER_BYTES: counted as httptools hands them over, so the 431 goes
+- they may not exceed MAX_HEADER_BYTES: counted read by read as they arrive, so the 431 goes
   out while parsing and nothing beyond one read buffer is held (uvicorn itself has no limit);
 - the body must arrive within BODY_TIMEOUT_SECONDS of the headers, else 408 (from the app, so it
   is the usual problem document; a proxied upload gives its pool connection back then).
