@@ -25,7 +25,7 @@ from .agents import load_tasks
 from .cache import MemoryStore, ResultCache, Store
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
 from .ratelimit import Policy, RateLimiter
-from .redis_store import RedisStore
+from .redis_store import FAULTS, RedisStore
 from .job_log import RedisJobLog
 from .jobs import Jobs
 from .routes.ai import SERVICE, ai_router
@@ -50,6 +50,20 @@ def redis_client(url: str) -> Redis:
     # No client-side retries: a dead Redis must cost a request microseconds, not
     # seconds of backoff. The next command reconnects by itself.
     return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
+
+
+async def _probe_redis(store: RedisStore, url: str) -> None:
+    """A Redis that is not there is one warning at start-up, not a surprise at the first request.
+
+    On a connection of its own: the store's pool starts as it would without the probe.
+    """
+    probe = redis_client(url)
+    try:
+        await probe.ping()
+    except FAULTS as exc:
+        store.fault(exc)
+    finally:
+        await probe.aclose()
 
 
 def request_context(app: ASGIApp) -> ASGIApp:
@@ -159,8 +173,8 @@ def create_app(
             app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl)
             stack.callback(app.state.jobs.cancel_all)
             log.info("startup", gateway=settings.conductor_gateway_url, crm=settings.crm_backend_url, cache=cache_store.backend)
-            if isinstance(cache_store, RedisStore):
-                await cache_store.state()  # a Redis that is not there is one warning now, not a surprise at the first request
+            if isinstance(cache_store, RedisStore) and settings.redis_url:
+                await _probe_redis(cache_store, settings.redis_url)
             stack.callback(cache.cancel_flights)
             yield
 
