@@ -16,8 +16,9 @@ $(CLIENT)/node_modules/.package-lock.json: $(CLIENT)/package-lock.json $(CLIENT)
 	cd $(CLIENT) && npm ci --no-audit --no-fund
 
 .PHONY: demo test test-python test-client openapi
+# `make demo PORT=8090` when 8080 is taken.
 demo: $(VENV)/.installed
-	$(VENV)/bin/adapter demo
+	$(VENV)/bin/adapter demo $(if $(PORT),--port $(PORT))
 
 # The client first, so that the run closes on pytest's summary line.
 test: test-client test-python

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
 
 import httpx
 import structlog
@@ -23,7 +25,7 @@ from .agents import load_tasks
 from .cache import MemoryStore, ResultCache, Store
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
 from .ratelimit import Policy, RateLimiter
-from .redis_store import RedisStore
+from .redis_store import FAULTS, RedisStore
 from .job_log import RedisJobLog
 from .jobs import Jobs
 from .routes.ai import SERVICE, ai_router
@@ -36,6 +38,10 @@ from .routes.ops import healthz, readyz
 from .routes.ops import metrics as metrics_route
 from .service import AiService
 from .settings import Settings
+from .tracing import Tracing, name_after_route
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = structlog.get_logger("adapter.http")
 
@@ -44,6 +50,20 @@ def redis_client(url: str) -> Redis:
     # No client-side retries: a dead Redis must cost a request microseconds, not
     # seconds of backoff. The next command reconnects by itself.
     return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
+
+
+async def _probe_redis(store: RedisStore, url: str) -> None:
+    """A Redis that is not there is one warning at start-up, not a surprise at the first request.
+
+    On a connection of its own: the store's pool starts as it would without the probe.
+    """
+    probe = redis_client(url)
+    try:
+        await probe.ping()
+    except FAULTS as exc:
+        store.fault(exc)
+    finally:
+        await probe.aclose()
 
 
 def request_context(app: ASGIApp) -> ASGIApp:
@@ -77,6 +97,11 @@ async def _before_send(message: Message, scope: Scope) -> None:
                  request_id=request_id(scope))
 
 
+async def _name_span(message: Message, scope: Scope) -> None:
+    if message["type"] == "http.response.start":
+        name_after_route(scope)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -86,10 +111,15 @@ def create_app(
     store: Store | None = None,
     clock: Callable[[], float] = time.time,
     demo: DemoSession | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> Litestar:
-    """Clients handed in are the caller's to close; the ones made here are closed at shutdown."""
+    """Clients handed in are the caller's to close; the ones made here are closed at shutdown.
+
+    Traces: the tracer provider handed in, else what the OTEL_* variables ask for (off when none is set).
+    """
     tasks = load_tasks(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
     metrics = Metrics()
+    tracing = Tracing(tracer_provider) if tracer_provider is not None else Tracing.from_env(os.environ)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -116,6 +146,10 @@ def create_app(
                 timeout=httpx.Timeout(settings.crm_connect_timeout, read=settings.proxy_read_timeout, write=settings.proxy_read_timeout, pool=5.0),
                 limits=httpx.Limits(max_connections=settings.proxy_max_connections, max_keepalive_connections=100,
                                     keepalive_expiry=settings.upstream_keepalive_expiry)))
+            stack.callback(tracing.shutdown)
+            for client in {gw, backend, passthrough}:  # client spans and traceparent to both upstreams
+                tracing.instrument(client)
+                stack.callback(tracing.uninstrument, client)
             app.state.proxy = Proxy(passthrough) if settings.crm_proxy_fallthrough else None
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
                                 on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc())
@@ -125,7 +159,7 @@ def create_app(
             service = AiService(
                 tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics, clock=clock),
                 crm=crm.CrmClient(backend, settings, clock=clock),
-                cache=cache, settings=settings, metrics=metrics, limiter=limiter,
+                cache=cache, settings=settings, metrics=metrics, limiter=limiter, tracing=tracing,
             )
             app.state.service = service
             mirror = None
@@ -139,6 +173,8 @@ def create_app(
             app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl)
             stack.callback(app.state.jobs.cancel_all)
             log.info("startup", gateway=settings.conductor_gateway_url, crm=settings.crm_backend_url, cache=cache_store.backend)
+            if isinstance(cache_store, RedisStore) and settings.redis_url:
+                await _probe_redis(cache_store, settings.redis_url)
             stack.callback(cache.cancel_flights)
             yield
 
@@ -149,7 +185,8 @@ def create_app(
         dependencies=SERVICE,
         lifespan=[lifespan],
         middleware=[request_context],
-        before_send=[_before_send],
+        before_send=[_before_send, *([_name_span] if tracing.on else [])],
+        plugins=tracing.plugins(),
         exception_handlers={Exception: problems.handle},
         logging_config=None,
         cors_config=CORSConfig(

@@ -9,6 +9,7 @@ import sys
 
 import msgspec
 
+from .servers import CannotListen
 from .settings import ConfigError, Settings
 
 
@@ -19,17 +20,15 @@ def _settings(**overrides: object) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from . import logs
+    from . import logs, servers
     from .app import create_app
 
     settings = _settings(ADAPTER_HOST=args.host, ADAPTER_PORT=args.port)
     logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.adapter_host, port=settings.adapter_port, access_log=False, log_config=None,
-                timeout_graceful_shutdown=settings.shutdown_grace_seconds, lifespan="on", proxy_headers=False,
-                timeout_keep_alive=int(settings.keepalive_seconds))
+    # Bound before uvicorn starts: a taken port is one line naming --port, not a logged traceback.
+    sock = servers.bind(settings.adapter_host, settings.adapter_port)
+    servers.server(app, graceful=settings.shutdown_grace_seconds, keepalive=settings.keepalive_seconds, loop="auto").run(sockets=[sock])
     return 0
 
 
@@ -111,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"adapter: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # typically the port is taken
+    except CannotListen as exc:
+        print(f"adapter: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
         print(f"adapter: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

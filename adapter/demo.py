@@ -19,13 +19,19 @@ def curls(base: str, token: str, seed: dict) -> list[tuple[str, str]]:
     json = "-H 'Content-Type: application/json'"
     lead, deal = seed["leads"][0], seed["deals"][0]
 
-    def post(path: str, body: dict) -> str:
-        return f"curl -s -X POST {base}{path} {auth} {json} -d '{msgspec.json.encode(body).decode()}'"
+    def post(path: str, body: dict, flags: str = "-s") -> str:
+        return f"curl {flags} -X POST {base}{path} {auth} {json} -d '{msgspec.json.encode(body).decode()}'"
 
+    # The jobs flow as a browser does it: create the job, then follow events_url (a job token, no JWT).
+    events_url = "python3 -c 'import json, sys; print(json.load(sys.stdin)[\"events_url\"])'"
+    job = post("/api/v1/ai/jobs", {"task": "deal.predict", "input": {"deal_id": deal}})
     return [
         ("Qualify a lead", post("/api/v1/ai/lead/qualify", {"lead_id": lead})),
         ("Generate sales emails", post("/api/v1/ai/email/generate", {"lead_id": lead, "context": "follow-up after the demo", "tone": "casual"})),
         ("Predict a deal", post("/api/v1/ai/deal/predict", {"deal_id": deal})),
+        ("Stream a lead qualification (server-sent events)", post("/api/v1/ai/lead/qualify/stream", {"lead_id": lead}, "-sN")),
+        ("Start a job, then follow its events as a browser's EventSource would",
+         f'EVENTS=$({job} | {events_url}) && curl -sN "{base}$EVENTS"'),
         ("A lead with a prompt injection in its notes", post("/api/v1/ai/lead/qualify", {"lead_id": seed["leads"][2]})),
         ("Another user's lead (the CRM says 403)", post("/api/v1/ai/lead/qualify", {"lead_id": seed["bobs_lead"]})),
         ("AI health", f"curl -s {base}/api/v1/ai/health"),
@@ -57,6 +63,7 @@ async def run_demo(settings: Settings) -> int:
     print(f"Demo page: {base}/demo\n")
     for title, line in curls(base, token, seed):
         print(f"# {title}\n{line}\n")
+    print(f"# The README's examples use $TOKEN, $LEAD and $DEAL: set them for this run\neval \"$(curl -s {base}/demo/env)\"\n")
     print("Press Ctrl+C to stop.\n", flush=True)
     tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, sock in zip(doubles, (gw_sock, crm_sock), strict=True)]
     try:

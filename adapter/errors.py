@@ -50,6 +50,19 @@ class HeadersTooLarge(AdapterError):
     status, slug, title = 431, "headers-too-large", "Request headers too large"
 
 
+class UnsupportedMediaType(AdapterError):
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class RequestTimeout(AdapterError):
+    """The client did not send its request (headers or body) in time; the connection is closed after the answer."""
+
+    status, slug, title = 408, "request-timeout", "Request timeout"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Connection": "close"})
+
+
 class CrmRefused(AdapterError):
     """The CRM backend's own 4xx answer, passed on with its status and detail."""
 
@@ -82,6 +95,15 @@ class GatewayCircuitOpen(GatewayUnavailable):
 
 class GatewayBusy(GatewayUnavailable):
     slug, title = "gateway-busy", "Too many agent calls in flight"
+
+
+class CrmBusy(AdapterError):
+    """Every pass-through connection to the CRM backend stayed in use while this request waited for one."""
+
+    status, slug, title = 503, "crm-busy", "CRM backend connections busy"
+
+    def __init__(self, detail: str, *, retry_after: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
 class CrmCircuitOpen(AdapterError):

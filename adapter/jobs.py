@@ -129,8 +129,8 @@ class Jobs:
         job = self._new(task, record_id, key, job_id)
         if mode != "no-store":
             self._by_key[key] = job
-        runner = asyncio.create_task(self._run(job, task, agent_input, authorization, store=mode != "no-store"),
-                                     name=f"job {job.id}")
+        runner = asyncio.create_task(self.service.tracing.run("job.run", self._run(job, task, agent_input, authorization, store=mode != "no-store"),
+                                                             **{"job.id": job.id, "job.task": task.name}), name=f"job {job.id}")
         self._runners.add(runner)
         runner.add_done_callback(self._runners.discard)
         if self.mirror is not None:
@@ -207,7 +207,8 @@ class Jobs:
         plan = gateway.plan()
         async with gateway.guarded():
             self._emit(job, "status", {"state": "running", "message": "starting the agent"})
-            text = await gateway.stream_run(task.agent_id, agent_input, plan, lambda name, data: self._emit(job, name, data))
+            with self.service.gateway_span(task, 1, plan, stream=True):
+                text = await gateway.stream_run(task.agent_id, agent_input, plan, lambda name, data: self._emit(job, name, data))
         self._emit(job, "status", {"state": "validating", "message": "validating the agent's answer"})
 
         def repairing(attempt: int) -> None:

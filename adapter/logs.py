@@ -24,8 +24,10 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     )
     # uvicorn and friends log through the standard library: same format, same stream.
     handler = logging.StreamHandler(sys.stderr)
+    # Their exc_info (uvicorn's and asyncio's errors) becomes text in the JSON line, not a tuple's repr.
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=[
-        structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]))
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        *([structlog.processors.format_exc_info] if as_json else []), renderer]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

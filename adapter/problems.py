@@ -21,6 +21,7 @@ _NAMED_FIELD = re.compile(r"field `([^`]+)`")
 log = structlog.get_logger("adapter.problems")
 _encode = msgspec.json.Encoder().encode
 
+_WHERE = {"query": "query parameter", "path": "path parameter", "header": "header", "cookie": "cookie"}
 _HTTP_SLUGS = {
     400: "invalid-request", 401: "unauthenticated", 403: "forbidden", 404: "not-found",
     405: "method-not-allowed", 413: "payload-too-large", 415: "unsupported-media-type",
@@ -32,14 +33,18 @@ def problem_of(exc: Exception, method: str, path: str, max_body: int | None = No
     """Pure: what an exception says to the caller, and the headers that go with it."""
     if isinstance(exc, AdapterError):
         errors = [FieldError(message=e) for e in exc.errors] or None
-        if isinstance(exc, BadRequest) and exc.field:
-            errors = [FieldError(field=exc.field, message=exc.detail)]
+        if isinstance(exc, BadRequest):  # every 400 lists what was wrong in errors[], field or not
+            errors = errors or [FieldError(field=exc.field, message=exc.detail.removeprefix("invalid request body: "))]
         return Problem(type=TYPE_BASE + exc.slug, title=exc.title, status=exc.status, detail=exc.detail, errors=errors), exc.headers
     if isinstance(exc, ValidationException):
-        errors = [_field_error(item) for item in (exc.extra or []) if isinstance(item, dict)]
-        detail = "; ".join(f"`{e.field}`: {e.message}" if e.field else e.message for e in errors) or str(exc.detail)
+        items = [item for item in (exc.extra or []) if isinstance(item, dict)]
+        errors = [_field_error(item) for item in items]
+        # Say where: a query or path parameter is not the body.
+        parts = [f"{_WHERE.get(item.get('source'), 'request body')}: " + (f"`{e.field}`: {e.message}" if e.field else e.message)
+                 for item, e in zip(items, errors, strict=True)]
+        detail = "; ".join(parts) or f"request body: {exc.detail}"
         return Problem(type=TYPE_BASE + "invalid-request", title="Invalid request", status=400,
-                       detail=f"invalid request body: {detail}", errors=errors or None), {}
+                       detail=f"invalid {detail}", errors=errors or None), {}
     if isinstance(exc, HTTPException):
         status = exc.status_code
         detail = exc.detail

@@ -13,8 +13,10 @@ anywhere else.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 from litestar import Request, Response
@@ -23,8 +25,8 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.response.streaming import ASGIStreamingResponse
 
 from .context import check_header_size, request_id
-from .errors import BadRequest, CrmUnavailable
 from .crm import IDEMPOTENT, STALE_CONNECTION
+from .errors import BadRequest, CrmBusy, CrmUnavailable
 from .upstream import transport_error
 
 # RFC 9110 §7.6.1, plus the names a Connection header lists.
@@ -50,6 +52,11 @@ class Proxy:
     def target(self, raw_path: bytes, query: bytes) -> httpx.URL:
         if not raw_path.startswith(b"/"):
             raise BadRequest("only origin-form request targets (a path starting with `/`) are accepted")
+        # httpx resolves `.`/`..` segments: `/x/../api/v1/ai/...` would reach a path the sidecar chose
+        # to serve itself, past its validation and rate limits. Such paths are refused, not resolved.
+        # Percent-encoded dots and slashes count: a server behind may decode before it resolves.
+        if any(segment in (".", "..") for segment in re.split(r"[/\\]", unquote(raw_path.decode("latin-1")))):
+            raise BadRequest("the path has `.` or `..` segments; send the path they resolve to")
         return self.base.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
 
     def request_headers(self, request: Request) -> list[tuple[str, str]]:
@@ -100,6 +107,10 @@ class Proxy:
                     raise
                 retry = self.http.build_request(request.method, url, headers=headers)
                 response = await self.http.send(retry, stream=True)
+        except httpx.PoolTimeout:
+            pool = self.http.timeout.pool
+            raise CrmBusy(f"all pass-through connections to the CRM backend (PROXY_MAX_CONNECTIONS) stayed busy "
+                          f"for {pool:g} s; the backend was not asked") from None
         except httpx.TransportError as exc:
             raise transport_error(exc, upstream="CRM backend", unavailable=CrmUnavailable, slug="crm-timeout",
                                   read_timeout=self.http.timeout.read) from None

@@ -1,12 +1,35 @@
-"""Running ASGI apps with uvicorn: one server per app, several in one event loop."""
+"""Running ASGI apps with uvicorn: one server per app, several in one event loop.
+
+The sidecar's server bounds what a slow or hostile client can hold:
+
+- the request line and headers must arrive within HEADER_TIMEOUT_SECONDS of the connection
+  (or of the request's first byte on a kept-alive one), else 408 and the connection closes;
+- they may not exceed MAX_HEADER_BYTES: counted read by read as they arrive, so the 431 goes
+  out while parsing and nothing beyond one read buffer is held (uvicorn itself has no limit);
+- the body must arrive within BODY_TIMEOUT_SECONDS of the headers, else 408 (from the app, so it
+  is the usual problem document; a proxied upload gives its pool connection back then).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 import uvicorn
-from litestar.types import ASGIApp
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import RequestTimeout
+from .models import Problem
+
+_encode = msgspec.json.Encoder().encode
+LINGER_SECONDS = 2.0
 
 
 class QuietServer(uvicorn.Server):
@@ -17,19 +40,164 @@ class QuietServer(uvicorn.Server):
         yield
 
 
+class CannotListen(Exception):
+    """The address is taken or not ours; the message is the one line a person needs."""
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket; connections queue in its backlog until the server accepts them."""
-    sock = socket.create_server((host, port), reuse_port=False)
+    try:
+        sock = socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CannotListen(f"port {port} on {host} is already in use; choose another with --port or ADAPTER_PORT "
+                               f"(make demo PORT=...)") from None
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
 
 
-def server(app: ASGIApp, *, quiet: bool = False, lifespan: str = "on", graceful: float = 10.0, keepalive: float = 75.0) -> uvicorn.Server:
+@dataclass(frozen=True)
+class Limits:
+    header_timeout: float
+    body_timeout: float
+    max_header_bytes: int
+
+    @classmethod
+    def of(cls, app: Any) -> Limits | None:
+        """The sidecar's limits from its settings; None for an app without them (the doubles)."""
+        settings = getattr(getattr(app, "state", None), "settings", None)
+        if settings is None:
+            return None
+        return cls(settings.header_timeout_seconds, settings.body_timeout_seconds, settings.max_header_bytes)
+
+
+def _problem(status: int, slug: str, title: str, detail: str) -> bytes:
+    rid = uuid.uuid4().hex
+    body = _encode(Problem(type=f"urn:problem:crm-ai:{slug}", title=title, status=status, detail=detail, request_id=rid))
+    head = (f"HTTP/1.1 {status} {title}\r\ncontent-type: application/problem+json\r\ncontent-length: {len(body)}\r\n"
+            f"x-request-id: {rid}\r\nconnection: close\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def bounded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with a header deadline, and a header size bound enforced while they arrive.
+
+    The size is counted per read, not per header: a parser callback of our own on every header
+    cost more than the rest of the bound. Reads while a request's headers are incomplete add up;
+    past MAX_HEADER_BYTES the 431 goes out, so at most one read beyond the limit is ever held.
+    (The app's own check, context.check_header_size, still applies the exact per-header measure.)
+    """
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _timer: asyncio.TimerHandle | None = None
+        _header_bytes = 0
+        _in_headers = True
+        _refused = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _refuse(self, response: bytes) -> None:
+            self._refused = True
+            self._disarm()
+            if self.transport.is_closing():
+                return
+            self.transport.write(response)
+            # Lingering close: closing with unread input makes the kernel send a reset, which can
+            # destroy the answer before the client reads it. Half-close, discard what still comes
+            # (data_received), and close for good shortly after.
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                self.loop.call_later(LINGER_SECONDS, self.transport.close)
+            else:
+                self.transport.close()
+
+        def _headers_too_slow(self) -> None:
+            self._timer = None
+            self._refuse(_problem(408, "request-timeout", "Request Timeout",
+                                  f"the request headers did not arrive within {limits.header_timeout:g} s (HEADER_TIMEOUT_SECONDS)"))
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # lingering: read and dropped
+            if self._in_headers:
+                self._header_bytes += len(data)
+            super().data_received(data)
+            if self._in_headers and self._header_bytes > limits.max_header_bytes and not self._refused:
+                self._refuse(_problem(431, "headers-too-large", "Request Header Fields Too Large",
+                                      f"the request headers take more than the {limits.max_header_bytes}-byte limit (MAX_HEADER_BYTES)"))
+
+        # Parser callbacks: a request's headers start with its first byte and end here.
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._timer is None:  # a kept-alive connection's next request
+                self._timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
+
+        def on_headers_complete(self) -> None:
+            self._in_headers = False
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_headers, self._header_bytes = True, 0
+            super().on_message_complete()
+
+    return BoundedHttpToolsProtocol
+
+
+def bounded_body(app: ASGIApp, seconds: float) -> ASGIApp:
+    """The whole body must arrive within `seconds` of the headers; then receive() is left alone
+    (streams wait on it for the client's disconnect)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        done = False
+
+        async def bounded_receive() -> Message:
+            nonlocal done
+            if done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(f"the request body did not arrive within {seconds:g} s (BODY_TIMEOUT_SECONDS)") from None
+            done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await app(scope, bounded_receive, send)
+
+    return wrapped
+
+
+def server(app: ASGIApp, *, quiet: bool = False, lifespan: str = "on", graceful: float = 10.0, keepalive: float = 75.0,
+           loop: str = "asyncio", limits: Limits | None = None) -> uvicorn.Server:
+    """A server for `app`; the sidecar's (an app with settings) gets its client limits by default."""
+    limits = limits or Limits.of(app)
+    extra: dict[str, Any] = {}
+    if limits is not None:
+        extra["http"] = bounded_protocol(limits)
+        app = bounded_body(app, limits.body_timeout)
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from loopback peers;
     # the sidecar appends the real peer to the chain itself and trusts none of it.
-    config = uvicorn.Config(app, lifespan=lifespan, access_log=False, log_config=None, loop="asyncio", proxy_headers=False,
+    config = uvicorn.Config(app, lifespan=lifespan, access_log=False, log_config=None, loop=loop, proxy_headers=False,
                             timeout_graceful_shutdown=graceful, log_level="warning" if quiet else "info",
-                            timeout_keep_alive=int(keepalive))
+                            timeout_keep_alive=int(keepalive), **extra)
     return (QuietServer if quiet else uvicorn.Server)(config)
 
 

@@ -19,6 +19,7 @@ from .models import LeadQualifyResult
 from .prompts import repair_input
 from .ratelimit import RateLimiter
 from .settings import Settings
+from .tracing import Tracing
 from .validation import OutputInvalid, rules, warnings_in
 
 log = structlog.get_logger("adapter.service")
@@ -42,7 +43,9 @@ class AiService:
         metrics: Metrics | None = None,
         limiter: RateLimiter | None = None,
         today: Callable[[], dt.date] = _today,
+        tracing: Tracing | None = None,
     ) -> None:
+        self.tracing = tracing or Tracing()
         self.metrics = metrics or Metrics()
         self.limiter = limiter
         self.tasks = tasks
@@ -56,7 +59,8 @@ class AiService:
         """Read the record as the caller (the backend's refusal ends it here) and render the input."""
         task = self.tasks[task_name]
         record_id = getattr(request, task.id_field)
-        record = await self.crm.get_record(task.record_kind, record_id, authorization)
+        with self.tracing.span("crm.lookup", **{"crm.record.kind": task.record_kind, "crm.record.id": record_id}):
+            record = await self.crm.get_record(task.record_kind, record_id, authorization)
         return task, record_id, task.render(record, request, self._today())
 
     async def run(self, task_name: str, request: Any, authorization: str, mode: Mode, user: str = "") -> Outcome:
@@ -67,8 +71,11 @@ class AiService:
         async def compute() -> bytes:
             return _encode(await self.ask_agent(task, record_id, agent_input))
 
-        return await self.cache.get_or_compute(key, self.settings.ttl_for(task.name), mode, compute,
-                                               admit=lambda: self.admit(task.name, user))
+        with self.tracing.span("cache", **{"cache.task": task.name, "cache.mode": mode}) as span:
+            outcome = await self.cache.get_or_compute(key, self.settings.ttl_for(task.name), mode, compute,
+                                                      admit=lambda: self.admit(task.name, user))
+            span.set_attribute("cache.result", outcome.x_cache)  # HIT, MISS, STALE or BYPASS
+        return outcome
 
     async def admit(self, task_name: str, user: str) -> None:
         """Spend the user's token for a model call (raises RateLimited)."""
@@ -86,7 +93,8 @@ class AiService:
         """
         result = _decode_lead(body)
         try:
-            await self.crm.patch_record("lead", lead_id, authorization, {"score": result.score, "classification": result.classification})
+            with self.tracing.span("crm.write_back", **{"crm.record.id": lead_id}):
+                await self.crm.patch_record("lead", lead_id, authorization, {"score": result.score, "classification": result.classification})
         except AdapterError as exc:
             log.warning("crm.write_back", lead_id=lead_id, outcome="failed", reason=exc.detail, status=exc.status)
             self.metrics.write_backs.labels("failed").inc()
@@ -98,8 +106,18 @@ class AiService:
     async def ask_agent(self, task: Task, record_id: str, agent_input: str) -> Any:
         """The validated result of one synchronous run (repairs included)."""
         plan = self.gateway.plan()
-        text = await self.gateway.execute(task.agent_id, agent_input, plan)
+        with self.gateway_span(task, 1, plan):
+            text = await self.gateway.execute(task.agent_id, agent_input, plan)
         return await self.validated(task, record_id, agent_input, text, plan=plan)
+
+    def gateway_span(self, task: Task, attempt: int, plan: ProviderPlan, *, stream: bool = False):  # noqa: ANN201
+        """One agent call: attempt 1 is the answer, later ones repair it (the gateway's own retries are its client spans).
+
+        The provider is the one the call starts on; a fallback inside it shows in the metrics and `X-AI-Provider`.
+        """
+        return self.tracing.span("gateway.call", **{
+            "gateway.agent": task.agent_id, "gateway.attempt": attempt, "gateway.repair": attempt > 1,
+            "gateway.provider": plan.current or "default", "gateway.stream": stream})
 
     def warnings(self, task_name: str, body: bytes) -> list[str]:
         """The guidance rules a served body breaches (`X-Agent-Warnings`).
@@ -131,7 +149,8 @@ class AiService:
                 if on_repair is not None:
                     on_repair(attempt)
                 # Contract errors only: guidance never reaches the repair prompt (OutputInvalid has none).
-                text = await self.gateway.execute(task.agent_id, repair_input(agent_input, text, errors), plan)
+                with self.gateway_span(task, attempt + 1, plan):
+                    text = await self.gateway.execute(task.agent_id, repair_input(agent_input, text, errors), plan)
             try:
                 verdict = task.validate(text, record_id, task.agent_id)
             except OutputInvalid as exc:

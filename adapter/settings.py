@@ -23,7 +23,11 @@ Port = Annotated[int, Meta(ge=0, le=65_535)]
 
 
 class ConfigError(Exception):
-    """Invalid configuration; the message is one line naming the variable."""
+    """Invalid configuration: one line naming every bad variable, each with what it must be."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
 
 
 def default_agents_dir() -> str:
@@ -99,6 +103,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     crm_jwt_secret: str | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024, le=100 * 1024 * 1024)] = 64 * 1024
     max_header_bytes: Annotated[int, Meta(ge=1024, le=1024 * 1024)] = 16 * 1024
+    # A slow client holds a connection (and, proxied, a pass-through pool connection) only this long:
+    # headers from the connection's first byte, the whole body from the end of the headers. 408 after.
+    header_timeout_seconds: Seconds = 10.0
+    body_timeout_seconds: Seconds = 30.0
 
     agent_repair_attempts: Annotated[int, Meta(ge=0, le=5)] = 1
 
@@ -140,8 +148,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
         raw = {k: v for k, v in env.items() if k in names and v != ""}
         try:
             return msgspec.convert(raw, cls, strict=False)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(_one_line(str(exc))) from None
+        except msgspec.ValidationError:
+            pass
+        # msgspec stops at the first bad field: convert each variable alone to find them all,
+        # so an operator fixes the environment once, not once per variable.
+        problems = []
+        for name, value in raw.items():
+            try:
+                msgspec.convert({name: value}, cls, strict=False)
+            except msgspec.ValidationError as exc:
+                problems.append(_in_words(name, value, str(exc)))
+        raise ConfigError(*(problems or ["the settings are inconsistent"]))
 
     @property
     def providers(self) -> tuple[str, ...]:
@@ -164,9 +181,36 @@ def _check_base_url(var: str, value: str) -> None:
         raise ValueError(f"{var} must not carry a query or fragment")
 
 
-def _one_line(message: str) -> str:
-    # msgspec says "Expected `int`, got `str` - at `$.ADAPTER_PORT`"; lead with the variable.
-    match = re.search(r" - at `\$\.([A-Z_]+)`$", message)
-    if match:
-        return f"{match.group(1)}: {message[: match.start()]}"
-    return message.replace("\n", " ")
+# What a pattern-checked variable must look like, in words rather than its regex.
+_SHAPES = {
+    "RATE_LIMIT_": "`<requests>/<seconds>` (for example 20/60) or `off`",
+    "CACHE_PREFIX": "1 to 64 letters, digits or `:_.-`",
+}
+_SECRET = ("SECRET", "TOKEN", "PASSWORD")
+
+
+def _in_words(name: str, value: str, message: str) -> str:
+    """`ADAPTER_PORT: must be a whole number, got 'eighty'` from msgspec's `Expected `int`, got `str` - at `$.ADAPTER_PORT``."""
+    message = re.sub(r" - at `\$\.[A-Z_]+`$", "", message)
+    shown = "" if any(word in name for word in _SECRET) else f", got {value!r}"
+    words = None
+    if match := re.match(r"Expected `(\w+)` (>=|>|<=|<) ([\d.e+-]+)", message):
+        kind, op, bound = match.groups()
+        bound = f"{float(bound):g}"
+        words = {">=": f"at least {bound}", ">": f"more than {bound}", "<=": f"at most {bound}", "<": f"less than {bound}"}[op]
+        words = f"must be {'a whole number' if kind == 'int' else 'a number'} {words}"
+    elif match := re.match(r"Expected `str` of length >= (\d+)", message):
+        words = f"must be at least {match.group(1)} characters long"
+    elif "matching regex" in message:
+        shape = next((v for k, v in _SHAPES.items() if name.startswith(k)), "the documented format")
+        words = f"must be {shape}"
+    elif message.startswith("Invalid enum value"):
+        field = next(f for f in msgspec.structs.fields(Settings) if f.encode_name == name)
+        choices = ", ".join(getattr(field.type, "__args__", ()))
+        words = f"must be one of {choices}"
+    elif match := re.match(r"Expected `(\w+)(?: \| null)?`, got", message):
+        words = {"int": "must be a whole number", "float": "must be a number", "bool": "must be true or false"}.get(
+            match.group(1), f"must be a {match.group(1)}")
+    if words is None:  # our own checks (__post_init__) already speak in words, naming the variable
+        return f"{name}: {message.removeprefix(name).strip()}"
+    return f"{name}: {words}{shown}"

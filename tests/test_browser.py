@@ -118,3 +118,29 @@ def test_injected_failure_shows_the_problem(browser, demo_url, tmp_path):
     assert "invalid output 2 time(s)" in error.find_element(By.CSS_SELECTOR, ".detail").text
     assert browser.find_element(By.ID, "result").text == ""  # nothing invalid is shown as a result
     browser.save_screenshot(str(tmp_path / "failure.png"))
+
+
+def test_page_names_the_record_hides_an_empty_output_box_fits_a_phone_and_has_an_icon(browser, demo_url):
+    browser.set_window_size(420, 900)
+    try:
+        browser.get(demo_url)
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready")
+        assert not browser.find_element(By.ID, "output").is_displayed()  # no empty dark box before a run
+        icon = browser.execute_script("return document.querySelector('link[rel~=icon]').href")
+        assert browser.execute_script("return fetch(arguments[0]).then(r => r.status)", icon) == 200
+
+        def fits() -> bool:
+            return browser.execute_script("return document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+
+        assert fits()
+        lead = Select(browser.find_element(By.ID, "lead")).first_selected_option
+        run_task(browser, demo_url, "qualify", fault="start_fails", expect="failed")
+        title = browser.find_element(By.ID, "run-title").text
+        assert lead.text in title and lead.get_attribute("value") not in title
+        assert not browser.find_element(By.ID, "output").is_displayed()  # a failed start streamed nothing
+        run_task(browser, demo_url, "qualify")
+        assert browser.find_element(By.ID, "output").is_displayed() and fits()
+        run_task(browser, demo_url, "email")
+        assert fits()
+    finally:
+        browser.set_window_size(1400, 1000)

@@ -81,7 +81,7 @@ def test_wheel_carries_the_agent_definitions(tmp_path):
 
 def test_compose_sidecar_environment_is_what_the_settings_read():
     env = compose()["services"]["crm-ai-sidecar"]["environment"]
-    unknown = set(env) - SETTING_NAMES
+    unknown = {k for k in set(env) - SETTING_NAMES if not k.startswith("OTEL_")}  # OpenTelemetry reads its own
     assert not unknown, f"compose sets variables the sidecar never reads: {unknown}"
     concrete = {k: v for k, v in env.items() if "${" not in str(v)}
     Settings.from_env({k: str(v) for k, v in concrete.items()})  # every literal value is valid
@@ -94,8 +94,9 @@ def test_compose_urls_point_at_services_on_their_ports():
         target = urlsplit(env[variable])
         assert target.hostname in services, f"{variable} points at {target.hostname}, not a compose service"
         assert target.port == UPSTREAM_PORTS[target.hostname], f"{variable}: wrong port for {target.hostname}"
-        published = [p.split(":")[-1] for p in services[target.hostname].get("ports", [])]
-        assert str(target.port) in published, f"{target.hostname} does not listen on {target.port}"
+        service = services[target.hostname]
+        listening = [str(p).split(":")[-1] for p in service.get("ports", [])] + [str(p) for p in service.get("expose", [])]
+        assert str(target.port) in listening, f"{target.hostname} does not listen on {target.port}"
 
 
 def test_compose_ports_and_health_checks_agree_with_the_app():
@@ -122,3 +123,84 @@ def test_compose_has_health_checks_and_ordered_start():
 @pytest.mark.parametrize("service", ["crm-backend", "conductor-gateway", "conductor-api"])
 def test_upstream_health_checks_use_their_health_routes(service):
     assert health_path(compose()["services"][service]["healthcheck"]["test"]) == "/health"
+
+
+# --- properties an operator relies on (issue 16) ----------------------------------------------
+
+# What each image ships: python:*-slim has no curl, redis:*-alpine has redis-cli.
+HEALTH_BINARIES = {"python", "redis-cli"}
+
+
+def _published(service: dict) -> list[tuple[str, str]]:
+    """(host interface, container port) of each published port; '' means every interface."""
+    out = []
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            out.append((entry.get("host_ip", ""), str(entry["target"])))
+            continue
+        parts = str(entry).split(":")
+        out.append((parts[0] if len(parts) == 3 else "", parts[-1]))
+    return out
+
+
+def test_compose_resolves_host_docker_internal_on_linux():
+    for name, service in compose()["services"].items():
+        if "host.docker.internal" in yaml.safe_dump(service.get("environment", {})):
+            assert "host.docker.internal:host-gateway" in service.get("extra_hosts", []), \
+                f"{name} reaches host.docker.internal, which a Linux engine resolves only with extra_hosts"
+
+
+def test_compose_health_checks_need_no_missing_binary():
+    for name, service in compose()["services"].items():
+        test = service["healthcheck"]["test"]
+        assert isinstance(test, list) and test[0] == "CMD", f"{name}: exec form, no shell needed"
+        assert test[1] in HEALTH_BINARIES, f"{name}'s health check runs {test[1]!r}, which its image may not ship"
+        if test[1] == "python":
+            compile(test[3], f"{name}-healthcheck", "exec")  # the one-liner is valid Python
+
+
+def test_compose_publishes_only_the_sidecar_and_never_redis_unauthenticated():
+    services = compose()["services"]
+    for name, service in services.items():
+        if name == "crm-ai-sidecar":
+            continue
+        for interface, _ in _published(service):
+            assert interface in {"127.0.0.1", "::1", "[::1]"}, f"{name} is published on every interface"
+    redis = services["redis"]
+    if _published(redis):
+        assert "--requirepass" in " ".join(map(str, redis.get("command", []))), "Redis is published without a password"
+
+
+def test_compose_wires_the_crm_secret_into_the_sidecar():
+    services = compose()["services"]
+    secret = services["crm-backend"]["environment"]["SECRET_KEY"]
+    wired = services["crm-ai-sidecar"]["environment"].get("CRM_JWT_SECRET", "")
+    assert re.match(r"\$\{(\w+)", secret).group(1) == re.match(r"\$\{(\w+)", wired).group(1), \
+        "the sidecar must verify tokens with the backend's SECRET_KEY (CRM_JWT_SECRET)"
+
+
+def test_compose_images_are_pinned():
+    for name, service in compose()["services"].items():
+        if "build" in service:
+            continue
+        image = service["image"]
+        if image.startswith("${"):
+            assert ":?" in image, f"{name}: an image variable must be required, not defaulted to a floating tag"
+            continue
+        assert "@sha256:" in image or re.search(r":\d+\.\d+\.\d+", image), f"{name}: {image} is not pinned to a version"
+
+
+def test_compose_conductor_api_gets_provider_credentials_and_time_to_start():
+    api = compose()["services"]["conductor-api"]
+    assert {"ANTHROPIC_API_KEY", "GEMINI_API_KEY"} <= set(api["environment"])
+    assert int(api["healthcheck"]["start_period"].rstrip("s")) >= 30
+
+
+def test_dockerignore_keeps_the_context_small():
+    patterns = (ROOT / ".dockerignore").read_text().split()
+    # Everything is excluded, then only what the Dockerfile copies comes back.
+    assert patterns[patterns.index("*") if "*" in patterns else -1] == "*"
+    allowed = {p.lstrip("!").rstrip("/") for p in patterns if p.startswith("!")}
+    copied = {part for op, arg in dockerfile() if op == "COPY" and "--from" not in arg for part in arg.split()[:-1]}
+    assert copied <= allowed, f"the Dockerfile copies {copied - allowed}, which .dockerignore leaves out"
+    assert not {".venv", ".git", "tests", "bench"} & allowed

@@ -52,7 +52,7 @@ def run_adapter(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 def test_invalid_configuration_stops_serve_with_one_line():
     done = run_adapter("serve", env={"ADAPTER_PORT": "nope"})
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["adapter: invalid configuration: ADAPTER_PORT: Expected `int`, got `str`"]
+    assert done.stderr.strip().splitlines() == ["adapter: invalid configuration: ADAPTER_PORT: must be a whole number, got 'nope'"]
 
 
 def test_committed_openapi_matches_the_app():

@@ -26,6 +26,7 @@ function reset(title) {
   $("run-title").textContent = title;
   $("status").replaceChildren();
   $("deltas").textContent = "";
+  $("output").hidden = true;  // shown with the first delta: no empty dark box before a run or after a failed start
   $("error").hidden = true;
   $("error").replaceChildren();
   $("result").replaceChildren();
@@ -65,9 +66,18 @@ const renderers = {
     el("p", { class: "reasoning" }, r.reasoning)),
 };
 
+const TASK_TITLES = { "lead.qualify": "Qualifying", "email.generate": "Emails for", "deal.predict": "Predicting" };
+
+// A person reads names, not record ids.
+function recordName(task, id) {
+  if (task === "deal.predict") return session.deals.find((d) => d.id === id)?.title ?? id;
+  const lead = session.leads.find((l) => l.id === id);
+  return lead ? (lead.company ? `${lead.name} (${lead.company})` : lead.name) : id;
+}
+
 async function run(task) {
   const input = task === "deal.predict" ? { deal_id: $("deal").value } : { lead_id: $("lead").value };
-  reset(`${task} on ${Object.values(input)[0]}`);
+  reset(`${TASK_TITLES[task]}: ${recordName(task, Object.values(input)[0])}`);
   window.demoTimeline = [];
   mark("click");
   document.body.dataset.state = "running";
@@ -90,7 +100,7 @@ async function run(task) {
   source.onerror = () => { if (source.readyState === EventSource.CONNECTING) { dropped = true; status("connection lost: the browser reconnects with Last-Event-ID", "reconnect"); } };
   source.onopen = () => { if (dropped) { mark("reconnected"); status("reconnected: resuming after the last event received", "reconnect"); } };
   source.addEventListener("status", (e) => status(`${JSON.parse(e.data).state}: ${JSON.parse(e.data).message}`));
-  source.addEventListener("delta", (e) => { mark("delta"); $("deltas").textContent += JSON.parse(e.data).text; });
+  source.addEventListener("delta", (e) => { mark("delta"); $("output").hidden = false; $("deltas").textContent += JSON.parse(e.data).text; });
   source.addEventListener("result", (e) => { mark("result"); $("result").replaceChildren(renderers[task](JSON.parse(e.data))); });
   source.addEventListener("error", (e) => { if (e.data) { mark("error"); showProblem(JSON.parse(e.data)); } });
   source.addEventListener("done", (e) => {

@@ -15,12 +15,13 @@ from litestar import Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
+from litestar.exceptions import SerializationException
 from litestar.params import JSONBody
 from litestar.handlers.base import BaseRouteHandler
 
 from ..agents import AGENT_IDS
 from ..cache import Mode, Outcome
-from ..errors import Unauthenticated
+from ..errors import BadRequest, Unauthenticated, UnsupportedMediaType
 from ..models import (
     AiHealth,
     DealPredictRequest,
@@ -62,6 +63,32 @@ async def require_bearer(connection: ASGIConnection, _: BaseRouteHandler) -> Non
             raise Unauthenticated(f"the bearer token is not valid: {exc}") from None
         sub = str(claims["sub"])
     connection.scope["adapter.user"] = user_key(authorization, sub)  # type: ignore[typeddict-unknown-key]
+
+
+async def require_json(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """A body route takes a JSON object: say so (415) for another media type, and say what is wrong
+    with an empty or malformed body before Litestar's own parser words it in its internal terms.
+
+    The decoded body is cached on the request, so the handler's `data` is not decoded twice.
+    """
+    if connection.scope.get("method") not in ("POST", "PUT", "PATCH") or not isinstance(connection, Request):
+        return
+    media_type = connection.headers.get("content-type", "").partition(";")[0].strip().lower()
+    # No Content-Type at all is taken as JSON (raw clients); a declared other type is refused.
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(f"the request body must be `application/json`, not `{media_type}`",
+                                   headers={"Accept-Post": "application/json"})
+    if not (await connection.body()).strip():
+        raise BadRequest("invalid request body: the body is empty; send a JSON object")
+    try:
+        await connection.json()
+    except SerializationException as exc:
+        raise BadRequest(f"invalid request body: not valid JSON: {_json_error(str(exc), len(await connection.body()))}") from None
+
+
+def _json_error(message: str, size: int) -> str:
+    # msgspec says "Input data was truncated" or "JSON is malformed: invalid character (byte 0)".
+    return f"it ends at byte {size} before the JSON value is complete" if "truncated" in message else message
 
 
 def user_of(request: Request) -> str:
@@ -169,6 +196,7 @@ def from_state(name: str) -> Provide:
 ai_router = Router(
     path="/api/v1/ai",
     route_handlers=[email_generate, lead_qualify, deal_predict, ai_health],
+    guards=[require_json],
     tags=["ai"],
 )
 SERVICE = {name: from_state(name) for name in ("service", "jobs", "tokens")}

@@ -15,7 +15,7 @@ from ..doubles.gateway import GatewayDouble
 from ..errors import NotFound
 
 PAGE = resources.files("adapter") / "demo_page"
-STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
 
 
 @dataclass
@@ -49,6 +49,13 @@ async def session(request: Request) -> dict[str, Any]:
     return {"token": demo.token, "leads": demo.leads, "deals": demo.deals}
 
 
+@get("/env", media_type="text/plain; charset=utf-8", include_in_schema=False)
+async def env(request: Request) -> str:
+    """`eval "$(curl -s localhost:8080/demo/env)"`: the README's $TOKEN, $LEAD and $DEAL for this run."""
+    demo: DemoSession = request.app.state.demo
+    return f"export TOKEN={demo.token}\nexport LEAD={demo.leads[0]['id']}\nexport DEAL={demo.deals[0]['id']}\n"
+
+
 @post("/fault", status_code=204, include_in_schema=False)
 async def fault(data: JSONBody[Fault], request: Request) -> None:
     demo: DemoSession = request.app.state.demo
@@ -57,4 +64,4 @@ async def fault(data: JSONBody[Fault], request: Request) -> None:
     demo.gateway.push(agent, *[data.behaviour] * (2 if data.behaviour in ("wrong_shape", "garbage") else 1))
 
 
-demo_router = Router(path="/demo", route_handlers=[page, static, session, fault], include_in_schema=False)
+demo_router = Router(path="/demo", route_handlers=[page, static, session, env, fault], include_in_schema=False)

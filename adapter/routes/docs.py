@@ -36,11 +36,14 @@ def problem(description: str) -> ResponseSpec:
 def ai_responses(task: str) -> dict[int, ResponseSpec]:
     record = "deal" if task.startswith("deal") else "lead"
     return {
-        400: problem("Invalid body: unknown field, malformed id or wrong type (the field is named)"),
+        400: problem("Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; "
+                     "errors[] says what and where"),
         401: problem("No bearer token, or the CRM backend refused it"),
         403: problem(f"The CRM backend does not let the caller read this {record}"),
         404: problem(f"The CRM backend has no such {record}"),
+        408: problem("The body did not arrive within BODY_TIMEOUT_SECONDS"),
         413: problem("The body is larger than MAX_BODY_BYTES"),
+        415: problem("The body is not application/json"),
         429: problem("The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-*"),
         431: problem("The request headers are larger than MAX_HEADER_BYTES"),
         502: problem("CRM backend unavailable, agent missing, agent failed, the gateway refused the call "
@@ -69,9 +72,11 @@ def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
     if create:
         return {400: problem("Invalid body or input (the field is named)"), 401: problem("No bearer token, or the CRM refused it"),
                 403: problem("The CRM backend does not let the caller read the record"),
-                404: problem("No such record"), 413: problem("The body is larger than MAX_BODY_BYTES"),
+                404: problem("No such record"), 408: problem("The body did not arrive within BODY_TIMEOUT_SECONDS"),
+                413: problem("The body is larger than MAX_BODY_BYTES"), 415: problem("The body is not application/json"),
                 429: problem("The user's rate limit for this task is spent; see Retry-After and RateLimit-*"),
                 431: problem("The request headers are larger than MAX_HEADER_BYTES"),
                 502: problem("CRM backend unavailable"), 503: problem("A circuit is open (see Retry-After)"),
                 504: problem("CRM backend timeout")}
-    return {403: problem("No valid token for this job (or another job's token)"), 404: problem("No such job, or it expired")}
+    return {401: problem("Neither a job token nor a bearer token"), 403: problem("The token is invalid, expired or for another job, "
+            "or the CRM backend does not let the caller read the record"), 404: problem("No such job, or it expired")}

@@ -12,12 +12,12 @@ from litestar.response import Stream
 
 from ..agents import TASKS
 from ..cache import Mode
-from ..errors import BadRequest, CrmRefused, Forbidden, NotFound
+from ..errors import BadRequest, CrmRefused, Forbidden, NotFound, Unauthenticated
 from ..jobs import Job, Jobs
 from ..models import DealPredictRequest, EmailGenerateRequest, JobCreated, JobRequest, JobView, LeadQualifyRequest
 from ..sse import job_events, last_event_id
 from ..tokens import JobTokens
-from .ai import cache_mode, require_bearer, user_of
+from .ai import cache_mode, require_bearer, require_json, user_of
 from .docs import SSE_RESPONSE, job_responses, stream_responses
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
@@ -92,7 +92,7 @@ async def authorized_job(job_id: str, request: Request, jobs: Jobs, tokens: JobT
     scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
     token = request.query_params.get("token") or (bearer.strip() if scheme.lower() == "bearer" else "")
     if not token:
-        raise Forbidden("a job token (`?token=` from events_url) or the caller's bearer token is required")
+        raise Unauthenticated("a job token (`?token=` from events_url) or the caller's bearer token is required")
     scoped = tokens.job_of(token)
     if scoped == job.id:
         return job
@@ -132,5 +132,6 @@ async def job_events_route(job_id: FromPath[str], request: Request, jobs: NamedD
 streams_router = Router(
     path="/api/v1/ai",
     route_handlers=[email_generate_stream, lead_qualify_stream, deal_predict_stream, create_job, get_job, job_events_route],
+    guards=[require_json],
     tags=["ai-streams"],
 )

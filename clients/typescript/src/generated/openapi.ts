@@ -434,7 +434,7 @@ export interface operations {
                     "application/json": components["schemas"]["DealPredictResult"];
                 };
             };
-            /** @description Invalid body: unknown field, malformed id or wrong type (the field is named) */
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
             400: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -478,8 +478,30 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body is larger than MAX_BODY_BYTES */
             413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
@@ -585,7 +607,7 @@ export interface operations {
                     "text/event-stream": components["schemas"]["SseEvent"];
                 };
             };
-            /** @description Invalid body: unknown field, malformed id or wrong type (the field is named) */
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
             400: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -629,8 +651,30 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body is larger than MAX_BODY_BYTES */
             413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
@@ -741,7 +785,7 @@ export interface operations {
                     "application/json": components["schemas"]["EmailGenerateResult"];
                 };
             };
-            /** @description Invalid body: unknown field, malformed id or wrong type (the field is named) */
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
             400: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -785,8 +829,30 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body is larger than MAX_BODY_BYTES */
             413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
@@ -892,7 +958,7 @@ export interface operations {
                     "text/event-stream": components["schemas"]["SseEvent"];
                 };
             };
-            /** @description Invalid body: unknown field, malformed id or wrong type (the field is named) */
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
             400: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -936,8 +1002,30 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body is larger than MAX_BODY_BYTES */
             413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
@@ -1106,8 +1194,30 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body is larger than MAX_BODY_BYTES */
             413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
@@ -1225,7 +1335,18 @@ export interface operations {
                     };
                 };
             };
-            /** @description No valid token for this job (or another job's token) */
+            /** @description Neither a job token nor a bearer token */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token is invalid, expired or for another job, or the CRM backend does not let the caller read the record */
             403: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -1288,7 +1409,18 @@ export interface operations {
                     };
                 };
             };
-            /** @description No valid token for this job (or another job's token) */
+            /** @description Neither a job token nor a bearer token */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token is invalid, expired or for another job, or the CRM backend does not let the caller read the record */
             403: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -1346,7 +1478,7 @@ export interface operations {
                     "application/json": components["schemas"]["LeadQualifyResult"];
                 };
             };
-            /** @description Invalid body: unknown field, malformed id or wrong type (the field is named) */
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
             400: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -1390,8 +1522,30 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body is larger than MAX_BODY_BYTES */
             413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
@@ -1497,7 +1651,7 @@ export interface operations {
                     "text/event-stream": components["schemas"]["SseEvent"];
                 };
             };
-            /** @description Invalid body: unknown field, malformed id or wrong type (the field is named) */
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
             400: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -1541,8 +1695,30 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body is larger than MAX_BODY_BYTES */
             413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
