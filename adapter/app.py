@@ -130,7 +130,9 @@ def create_app(
             app.state.service = service
             mirror = None
             if isinstance(cache_store, RedisStore):
-                mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds)
+                mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
+                                     lease=settings.job_lease_seconds)
+                stack.push_async_callback(mirror.aclose)
             app.state.jobs = Jobs(service, clock=clock, mirror=mirror)
             metrics.watch_jobs(lambda: app.state.jobs.running)
             metrics.watch_breaker("conductor-gateway", lambda: service.gateway.breaker.state)

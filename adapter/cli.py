@@ -19,17 +19,16 @@ def _settings(**overrides: object) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from . import logs
+    from . import logs, servers
     from .app import create_app
 
     settings = _settings(ADAPTER_HOST=args.host, ADAPTER_PORT=args.port)
     logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.adapter_host, port=settings.adapter_port, access_log=False, log_config=None,
-                timeout_graceful_shutdown=settings.shutdown_grace_seconds, lifespan="on", proxy_headers=False,
-                timeout_keep_alive=int(settings.keepalive_seconds))
+    sock = servers.bind(settings.adapter_host, settings.adapter_port)
+    # SIGTERM drains the jobs first (SHUTDOWN_GRACE_SECONDS), then uvicorn's own graceful stop.
+    server = servers.server(app, graceful=settings.shutdown_grace_seconds, keepalive=settings.keepalive_seconds)
+    server.run(sockets=[sock])
     return 0
 
 
