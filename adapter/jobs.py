@@ -118,6 +118,7 @@ class Jobs:
             mirror.on_orphan = self.resume
             mirror.on_lost = self._lost
         self._admitting: dict[str, asyncio.Lock] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self.draining = False
         # Set when this replica closes its SSE responses for good (shutdown): readers end cleanly
@@ -225,8 +226,11 @@ class Jobs:
     async def find(self, job_id: str) -> Job | None:
         """The job, run here or (through the Redis log) on another replica."""
         job = self.get(job_id)
-        if job is None and self.mirror is not None and (job := await self.mirror.load(job_id)) is not None:
-            self._jobs[job.id] = job  # later readers on this replica share the one follower
+        if job is None and self.mirror is not None:
+            # One load per job: two readers arriving together must share one copy and one follower.
+            async with key_lock(self._loading, job_id):
+                if (job := self.get(job_id)) is None and (job := await self.mirror.load(job_id)) is not None:
+                    self._jobs[job.id] = job  # later readers on this replica share the one follower
         return job
 
     def _new(self, task: Task, record_id: str, key: str, job_id: str | None = None, *, agent_input: str = "",
@@ -265,11 +269,12 @@ class Jobs:
             log.error("job.crashed", job_id=job.id, exc_info=exc)
             self._fail(job, exc)
         else:
-            self._emit(job, "result", body)
-            self._finish(job, "succeeded")
             if store:
+                # Into the cache before `done`: whoever saw `done` and asks again gets a hit, on any replica.
                 ttl = self.settings.ttl_for(task.name) + self.settings.cache_stale_grace
                 await self.service.cache.store.put(job.key, Entry(self._clock(), body), ttl)
+            self._emit(job, "result", body)
+            self._finish(job, "succeeded")
             # A fresh qualification is written back as on the synchronous route, with the creator's
             # token (held in this task only, never stored or logged); the outcome goes to the log.
             if task.name == "lead.qualify" and self.settings.crm_write_back:
