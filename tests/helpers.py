@@ -117,6 +117,7 @@ class Event:
     event: str
     data: str
     at: float  # time.monotonic() when it arrived
+    wall: float = 0.0  # time.time() when it arrived (to compare with timestamps another process wrote)
 
     @property
     def json(self) -> Any:
@@ -171,7 +172,7 @@ class Reader(Changes):
             if line == "":
                 if "id" in block:
                     self.events.append(Event(int(block["id"]), block.get("event", "message"), block.get("data", ""),
-                                             time.monotonic()))
+                                             time.monotonic(), time.time()))
                     self.changed()
                     if self.done:
                         return
