@@ -121,6 +121,8 @@ class RedisJobLog:
         self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
         self._followers: dict[str, asyncio.Task[None]] = {}
         self._renewer: asyncio.Task[None] | None = None
+        # Off while this replica drains for shutdown: it must not take over the jobs it is about to leave.
+        self.accepting = True
         # Set by Jobs: what to do with a job this replica just took over, or lost to another one.
         self.on_orphan: Callable[[Job, dict[str, str]], Awaitable[None]] | None = None
         self.on_lost: Callable[[Job], None] | None = None
@@ -358,7 +360,7 @@ class RedisJobLog:
                 for entry_id, fields in entries:
                     if _seq(entry_id) == len(job.events) + 1:  # exactly once, in order
                         job.emit(fields[b"e"].decode(), fields[b"d"])
-            if job.finished or (answer and time.monotonic() - last_check < self.block):
+            if job.finished or (answer and time.monotonic() - last_check < self.block) or not self.accepting:
                 continue
             last_check = time.monotonic()
             try:
@@ -401,7 +403,7 @@ class RedisJobLog:
 
     async def take_over_now(self, job: Job) -> None:
         """An identical request found this job: if its runner is gone, take it over without waiting."""
-        if job.finished or job.id in self._owned:
+        if job.finished or job.id in self._owned or not self.accepting:
             return
         try:
             outcome = await self._takeover(keys=[self._meta(job.id), self._log(job.id), self._lease(job.id)],

@@ -362,6 +362,8 @@ class Jobs:
         Last-Event-ID. Every job gets a log line saying what happened to it.
         """
         self.draining = True
+        if self.mirror is not None:
+            self.mirror.accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         log.info("shutdown.draining", running=len(self._running), grace_s=grace, replica=self._replica)
