@@ -136,6 +136,10 @@ class RedisJobLog:
     def _lease(self, job_id: str) -> str:
         return f"{self._s.prefix}:job:{job_id}:lease"
 
+    def _nudge(self, job_id: str) -> str:
+        # Written once when a runner hands the job over: its followers wake at once instead of at their next block.
+        return f"{self._s.prefix}:job:{job_id}:handover"
+
     def _claim(self, key: str) -> str:
         return f"{self._s.prefix}:jobkey:{key.rsplit(':', 1)[-1]}"
 
@@ -281,6 +285,10 @@ class RedisJobLog:
             writer.cancel()
         try:
             await self._release(keys=[self._lease(job.id)], args=[self.replica])
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._nudge(job.id), {"from": self.replica})
+                pipe.pexpire(self._nudge(job.id), self._ttl_ms)
+                await pipe.execute()
         except FAULTS as exc:
             self._s.fault(exc)  # the lease lapses by itself instead
 
@@ -341,12 +349,13 @@ class RedisJobLog:
         delay = 0.05
         missing_since: float | None = None
         last_check = time.monotonic()
+        nudge, nudged_at = self._nudge(job.id), "0-0"
         while not job.finished:
             if job.expires <= time.time():
                 self._expire(job, "the job reached the end of its lifetime before it finished")
                 return
             try:
-                answer = await self._blocking.xread({self._log(job.id): f"{len(job.events)}-0"},
+                answer = await self._blocking.xread({self._log(job.id): f"{len(job.events)}-0", nudge: nudged_at},
                                                     block=int(self.block * 1000), count=500)
                 self._s.ok()
             except FAULTS as exc:
@@ -356,11 +365,17 @@ class RedisJobLog:
                 delay = min(delay * 2, self._backoff_cap)
                 continue
             delay = 0.05
-            for _stream, entries in answer or ():
+            handed_over = False
+            for stream, entries in answer or ():
+                if stream in (nudge, nudge.encode()):
+                    nudged_at, handed_over = entries[-1][0], True
+                    continue
                 for entry_id, fields in entries:
                     if _seq(entry_id) == len(job.events) + 1:  # exactly once, in order
                         job.emit(fields[b"e"].decode(), fields[b"d"])
-            if job.finished or (answer and time.monotonic() - last_check < self.block) or not self.accepting:
+            if job.finished or not self.accepting:
+                continue
+            if answer and not handed_over and time.monotonic() - last_check < self.block:
                 continue
             last_check = time.monotonic()
             try:

@@ -149,7 +149,7 @@ class Bench:
                 self.replicas = list(await asyncio.gather(*(self.replica(env, f"replica-{i}") for i in range(3))))
                 try:
                     out: dict = {"lease_s": self.args.lease, "grace_s": self.args.grace}
-                    for how in ("kill", "sigterm"):
+                    for how in [h for h in ("kill", "sigterm") if h in self.args.only]:
                         trials = []
                         for i in range(self.args.trials):
                             trials.append(await self.trial(client, env, i, how))
@@ -162,7 +162,8 @@ class Bench:
                         if how == "sigterm":
                             out[how]["takeover_net_of_grace_p50_s"] = statistics.median(times) - self.args.grace
                             out[how]["takeover_net_of_grace_max_s"] = max(times) - self.args.grace
-                    out["latency"] = await self.latency(client)
+                    if "latency" in self.args.only:
+                        out["latency"] = await self.latency(client)
                     return out
                 finally:
                     for r in self.replicas:
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--lease", type=float, default=10.0, help="JOB_LEASE_SECONDS of the replicas")
     parser.add_argument("--grace", type=float, default=1.0, help="SHUTDOWN_GRACE_SECONDS of the replicas")
+    parser.add_argument("--only", default="kill,sigterm,latency", help="comma-separated parts to run")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(Bench(args).run()), indent=2))
 
