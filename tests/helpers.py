@@ -185,7 +185,9 @@ class Reader(Changes):
                 block[name] = value[1:] if value.startswith(" ") else value
 
     def check_sequence(self) -> None:
-        """Consecutive ids from 1, no gap, no repeat, ending in `done`."""
+        """Consecutive ids from 1, no gap, no repeat, ending in `done`; no replica refused it (a 404, say)."""
+        refused = [(url, status) for url, status in self.connections if isinstance(status, int) and status != 200]
+        assert not refused, refused
         ids = [e.id for e in self.events]
         assert ids == list(range(1, len(ids) + 1)), ids
         assert self.done and sum(e.event == "done" for e in self.events) == 1
