@@ -43,7 +43,10 @@ log = structlog.get_logger("adapter.http")
 def redis_client(url: str) -> Redis:
     # No client-side retries: a dead Redis must cost a request microseconds, not
     # seconds of backoff. The next command reconnects by itself.
-    return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
+    # redis-py 8 caps a pool at 100 connections and fails at once past that: 200 stream starts
+    # at a time exceeded it, and every overflow read as "Redis unavailable".
+    return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0),
+                          max_connections=1_000)
 
 
 def request_context(app: ASGIApp) -> ASGIApp:

@@ -126,6 +126,15 @@ class JobExpired(AdapterError):
     status, slug, title = 410, "job-expired", "Job expired"
 
 
+class JobLogUnavailable(AdapterError):
+    """Redis, which holds the jobs other replicas run, failed: try again shortly."""
+
+    status, slug, title = 503, "job-log-unavailable", "Job log unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": "1"})
+
+
 class ShuttingDown(AdapterError):
     """This replica is draining before it stops: ask another one (the balancer sends the retry elsewhere)."""
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import msgspec
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
-from .errors import JobExpired
+from .errors import JobExpired, JobLogUnavailable
 from .jobs import Job
 from .problems import problem_of
 from .redis_store import _RELEASE, FAULTS, RedisStore
@@ -90,6 +90,9 @@ return 1
 """
 
 
+FOLLOWER_CONNECTIONS = 1_000
+
+
 def replica_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -106,9 +109,13 @@ class RedisJobLog:
         self.block = min(max(lease / 4, 0.1), 2.0)
         # Blocking reads get a pool of their own, same server, whose socket timeout outlives the
         # block: on the shared client (1 s) a model silent for a second would read as a Redis fault.
+        # Each follower holds one connection while it blocks: past the pool's size, a follower
+        # waits for a free one (then retries) instead of failing at once as redis-py's default pool does.
         pool = store.redis.connection_pool
-        kwargs = {**pool.connection_kwargs, "socket_timeout": self.block + 3.0}
-        self._blocking = Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+        # Connecting may be slow when many followers start at once on a busy loop: that is no fault either.
+        kwargs = {**pool.connection_kwargs, "socket_timeout": self.block + 3.0, "socket_connect_timeout": self.block + 1.0}
+        self._blocking = Redis(connection_pool=BlockingConnectionPool(
+            connection_class=pool.connection_class, max_connections=FOLLOWER_CONNECTIONS, timeout=self.block + 1.0, **kwargs))
         self._backoff_cap = min(max(lease / 3, 0.2), 2.0)
         self._append = self._r.register_script(_APPEND)
         self._takeover = self._r.register_script(_TAKEOVER)
@@ -321,15 +328,25 @@ class RedisJobLog:
     # --- the follower's side ----------------------------------------------------------------
 
     async def load(self, job_id: str) -> Job | None:
-        """A local copy of a job another replica runs, kept up to date until its `done`."""
-        try:
-            meta = await self._r.hgetall(self._meta(job_id))
-            if not meta:
-                return None
-            entries = await self._r.xrange(self._log(job_id))
-        except FAULTS as exc:
-            self._s.fault(exc)
-            return None
+        """A local copy of a job another replica runs, kept up to date until its `done`.
+
+        `None` only when Redis says there is no such job: a Redis fault is retried for a
+        moment, then answered as 503 (a 404 would tell a reader its job is gone when it is not).
+        """
+        delay = 0.05
+        for attempt in range(5):
+            try:
+                meta = await self._r.hgetall(self._meta(job_id))
+                if not meta:
+                    return None
+                entries = await self._r.xrange(self._log(job_id))
+                break
+            except FAULTS as exc:
+                self._s.fault(exc)
+                if attempt == 4:
+                    raise JobLogUnavailable(f"the job log store (Redis) is unavailable: {self._s.degraded}") from None
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay *= 2
         m = {k.decode(): v.decode() for k, v in meta.items()}
         job = _job_of(job_id, m)
         for entry_id, fields in entries:
