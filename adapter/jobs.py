@@ -375,11 +375,11 @@ class Jobs:
             runner.cancel()
         if unfinished:
             await asyncio.wait([runner for _, runner in unfinished], timeout=5)
-        for job, _ in unfinished:
-            if job is None or job.finished:
-                continue
+        left_over = [job for job, _ in unfinished if job is not None and not job.finished]
+        if self.mirror is not None:
+            await asyncio.gather(*(self.mirror.hand_over(job) for job in left_over))  # all at once
+        for job in left_over:
             if self.mirror is not None:
-                await self.mirror.hand_over(job)
                 log.warning("job.handed_over", job_id=job.id, task=job.task, events=len(job.events),
                             reason="shutdown grace over", replica=self._replica)
             else:
@@ -388,8 +388,8 @@ class Jobs:
         if self.mirror is not None:
             await self.mirror.flush_all(timeout=2)
         self.close_readers()
-        log.info("shutdown.drained", handed_over=len(unfinished) if self.mirror is not None else 0,
-                 interrupted=0 if self.mirror is not None else len(unfinished))
+        log.info("shutdown.drained", handed_over=len(left_over) if self.mirror is not None else 0,
+                 interrupted=0 if self.mirror is not None else len(left_over))
 
     def close_readers(self) -> None:
         self.closing.set()

@@ -233,7 +233,7 @@ async def test_200_jobs_over_three_replicas_while_one_is_killed(cluster, gateway
     assert all(r.events[-1].json["status"] == "succeeded" for r in readers)
     taken_over = sum(bool(replica.logged("job.taken_over")) for replica in replicas[1:])
     assert taken_over  # some of the dead replica's jobs were still running: others finished them
-    assert not any(r.logged("cache.redis_unavailable") for r in replicas[1:])  # load is not mistaken for a Redis fault
+    assert not any(r.logged("job.expired") for r in replicas[1:])  # no job was given up
 
 
 async def test_a_job_lost_with_its_runner_and_redis_ends_its_readers(cluster, gateway, seed, redis_process):
