@@ -22,6 +22,14 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _die_with_parent() -> None:
+    # If the test runner itself is killed (a CI timeout), the replica goes too: no orphan keeps a port.
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Changes:
     """Something that grows (log lines, events); `until` waits for a condition on it, with a deadline."""
 
@@ -62,7 +70,8 @@ class Replica(Changes):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "LOG_FORMAT": "json", **self.env}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "adapter.cli", "serve", "--port", str(self.port), cwd=ROOT, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent)
         self._reader = asyncio.create_task(self._read())
         # The socket is bound before the lifespan logs `startup`: from then on connections queue in its backlog.
         await self.until(lambda: self.logged("startup") or self.proc.returncode is not None, timeout, f"{self.name} start-up")
