@@ -49,7 +49,10 @@ log = structlog.get_logger("adapter.http")
 def redis_client(url: str) -> Redis:
     # No client-side retries: a dead Redis must cost a request microseconds, not
     # seconds of backoff. The next command reconnects by itself.
-    return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
+    # redis-py 8 caps a pool at 100 connections and fails at once past that: 200 stream starts
+    # at a time exceeded it, and every overflow read as "Redis unavailable".
+    return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0),
+                          max_connections=1_000)
 
 
 async def _probe_redis(store: RedisStore, url: str) -> None:
@@ -164,7 +167,9 @@ def create_app(
             app.state.service = service
             mirror = None
             if isinstance(cache_store, RedisStore):
-                mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds)
+                mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
+                                     lease=settings.job_lease_seconds)
+                stack.push_async_callback(mirror.aclose)
             app.state.jobs = Jobs(service, clock=clock, mirror=mirror)
             metrics.watch_jobs(lambda: app.state.jobs.running)
             metrics.watch_breaker("conductor-gateway", lambda: service.gateway.breaker.state)

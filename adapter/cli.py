@@ -28,7 +28,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     # Bound before uvicorn starts: a taken port is one line naming --port, not a logged traceback.
     sock = servers.bind(settings.adapter_host, settings.adapter_port)
-    servers.server(app, graceful=settings.shutdown_grace_seconds, keepalive=settings.keepalive_seconds, loop="auto").run(sockets=[sock])
+    # SIGTERM drains the jobs first (SHUTDOWN_GRACE_SECONDS), then uvicorn's own graceful stop.
+    server = servers.server(app, graceful=settings.shutdown_grace_seconds, keepalive=settings.keepalive_seconds, loop="auto")
+    server.run(sockets=[sock])
     return 0
 
 

@@ -153,6 +153,30 @@ class UpstreamTimeout(AdapterError):
         self.slug = slug
 
 
+class JobExpired(AdapterError):
+    """A job's log ended without `done`: its lifetime ran out, or Redis lost it and nobody restored it."""
+
+    status, slug, title = 410, "job-expired", "Job expired"
+
+
+class JobLogUnavailable(AdapterError):
+    """Redis, which holds the jobs other replicas run, failed: try again shortly."""
+
+    status, slug, title = 503, "job-log-unavailable", "Job log unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": "1"})
+
+
+class ShuttingDown(AdapterError):
+    """This replica is draining before it stops: ask another one (the balancer sends the retry elsewhere)."""
+
+    status, slug, title = 503, "shutting-down", "Replica shutting down"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": "1"})
+
+
 def to_record(exc: AdapterError) -> dict:
     """Plain data for an error, so another process can raise the same one."""
     return {

@@ -3,7 +3,13 @@
 A job runs in its own task, so it finishes (and fills the cache) even when every
 client has gone: the model's work is paid for either way. Each event gets a
 consecutive id (1, 2, ...), which is what `Last-Event-ID` resumes from. With
-Redis the log is also written to a Redis Stream, so another replica can serve it.
+Redis the log is also written to a Redis Stream, so another replica can serve it,
+and the replica running a job holds a short lease on it: when the lease lapses
+(the replica died, or handed the job over while shutting down), the next replica
+that sees the job takes it over, asks the model again and continues the same log.
+
+Jobs share the synchronous routes' cache pipeline: one key, one freshness rule
+(`ttl_for`), and one stale-if-error rule (`STALE_ON` within `CACHE_STALE_GRACE`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ import msgspec
 import structlog
 
 from .agents import Task
-from .cache import Entry, cache_key, key_lock
-from .errors import AdapterError, UpstreamTimeout
+from .cache import STALE_ON, Entry, cache_key, key_lock
+from .errors import AdapterError, GatewayProtocolError, ShuttingDown, UpstreamTimeout
 from .problems import problem_of
 from .service import AiService
 
@@ -48,7 +54,15 @@ class Job:
     error: bytes | None = None
     events: list[Event] = field(default_factory=list)
     finished: bool = False
+    # What a replica taking the job over needs to ask the model again (never the caller's token).
+    agent_input: str = ""
+    mode: str = "default"
     _signal: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wake(self) -> None:
+        """Wake every reader without an event (shutdown: readers look at why they were woken)."""
+        self._signal.set()
+        self._signal = asyncio.Event()
 
     def emit(self, event: str, data: Any) -> Event:
         """Append an event; the job's state follows from its events, so a replayed log rebuilds it."""
@@ -89,7 +103,16 @@ class Jobs:
         self._by_key: dict[str, Job] = {}
         self._runners: set[asyncio.Task[None]] = set()
         self.mirror = mirror  # optional RedisJobLog
+        if mirror is not None:
+            mirror.on_orphan = self.resume
+            mirror.on_lost = self._lost
         self._admitting: dict[str, asyncio.Lock] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self.draining = False
+        # Set when this replica closes its SSE responses for good (shutdown): readers end cleanly
+        # and the browser's EventSource reconnects, with Last-Event-ID, to another replica.
+        self.closing = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -100,14 +123,18 @@ class Jobs:
 
     async def start(self, task_name: str, request: Any, authorization: str, mode: str, user: str = "") -> tuple[Job, str]:
         """A job for this question and the X-Cache it amounts to. The CRM check runs first."""
+        if self.draining:
+            raise ShuttingDown("this replica is shutting down and takes no new jobs; retry (another replica answers)")
         task, record_id, agent_input = await self.service.prepare(task_name, request, authorization)
         key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, record_id, agent_input)
         self._purge()
         if mode == "default" and (entry := await self.service.cache.store.get(key)) is not None:
             if self._clock() - entry.stored_at < self.settings.ttl_for(task.name):
-                job = self._new(task, record_id, key)
+                job = self._new(task, record_id, key, agent_input=agent_input, mode=mode)
                 self._emit(job, "result", self.service.result_event(task.name, entry.body))
                 self._finish(job, "succeeded", cached=True)
+                if self.mirror is not None:
+                    await self.mirror.written(job)  # a hit's events_url works on every replica too
                 return job, "HIT"
         async with key_lock(self._admitting, key):
             shared = self._by_key.get(key) if mode != "no-store" else None
@@ -116,26 +143,68 @@ class Jobs:
                 return shared, "MISS"
             job_id = f"aijob_{uuid.uuid4().hex}"
             if mode != "no-store" and self.mirror is not None:
-                # Another replica may already be asking the model this question: follow its job.
+                # Another replica may already be asking the model this question: follow its job,
+                # or take it over at once if its runner is gone.
                 holder = await self.mirror.claim(key, job_id)
-                if holder != job_id and (remote := await self.find(holder)) is not None and not remote.finished:
-                    self.service.cache.note_coalesced(key)
-                    return remote, "MISS"
+                if holder != job_id:
+                    remote = await self.find(holder)
+                    if remote is not None and not remote.finished:
+                        await self.mirror.take_over_now(remote)
+                        self.service.cache.note_coalesced(key)
+                        return remote, "MISS"
+                    # The holder ended (or vanished) without letting go of the question: ours now.
+                    await self.mirror.reclaim(key, holder, job_id)
             await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
             return await self._launch(task, record_id, key, agent_input, mode, authorization, job_id)
 
     async def _launch(self, task: Task, record_id: str, key: str, agent_input: str, mode: str,
                       authorization: str, job_id: str) -> tuple[Job, str]:
-        job = self._new(task, record_id, key, job_id)
+        job = self._new(task, record_id, key, job_id, agent_input=agent_input, mode=mode)
         if mode != "no-store":
             self._by_key[key] = job
-        runner = asyncio.create_task(self.service.tracing.run("job.run", self._run(job, task, agent_input, authorization, store=mode != "no-store"),
-                                                             **{"job.id": job.id, "job.task": task.name}), name=f"job {job.id}")
-        self._runners.add(runner)
-        runner.add_done_callback(self._runners.discard)
+        self._start_runner(job, task, authorization)
         if self.mirror is not None:
             await self.mirror.written(job)  # its events_url must work on every replica from now on
         return job, "BYPASS" if mode == "no-store" else "MISS"
+
+    def _start_runner(self, job: Job, task: Task, authorization: str | None) -> None:
+        run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store")
+        runner = asyncio.create_task(self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": task.name}),
+                                     name=f"job {job.id}")
+        self._runners.add(runner)
+        self._running[job.id] = runner
+        runner.add_done_callback(self._runners.discard)
+        runner.add_done_callback(lambda _: self._running.pop(job.id, None))
+
+    async def resume(self, job: Job, meta: dict[str, str]) -> None:
+        """This replica took an orphaned job over: continue its log, asking the model again if need be."""
+        self._jobs[job.id] = job
+        task = self.service.tasks.get(job.task)
+        if job.finished:
+            return
+        if job.result is not None or job.error is not None or task is None:
+            # The old runner got as far as the outcome: only `done` is missing.
+            log.info("job.resumed", job_id=job.id, replica=self._replica, rerun=False, events=len(job.events))
+            if task is None:
+                self._fail(job, GatewayProtocolError(f"job {job.id} is for unknown task {job.task}"))
+            else:
+                self._finish(job, "succeeded" if job.result is not None else "failed")
+            return
+        if job.mode != "no-store" and job.key not in self._by_key:
+            self._by_key[job.key] = job
+        log.info("job.resumed", job_id=job.id, replica=self._replica, rerun=True, events=len(job.events))
+        self._emit(job, "status", {"state": "running", "resumed": True,
+                                   "message": "resumed on another replica: asking the agent again"})
+        self._start_runner(job, task, None)
+
+    @property
+    def _replica(self) -> str | None:
+        return self.mirror.replica if self.mirror is not None else None
+
+    def _lost(self, job: Job) -> None:
+        # Another replica owns the job now (our lease lapsed): stop our run; we follow its log.
+        if (runner := self._running.pop(job.id, None)) is not None:
+            runner.cancel()
 
     def get(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)
@@ -147,14 +216,21 @@ class Jobs:
     async def find(self, job_id: str) -> Job | None:
         """The job, run here or (through the Redis log) on another replica."""
         job = self.get(job_id)
-        if job is None and self.mirror is not None and (job := await self.mirror.load(job_id)) is not None:
-            self._jobs[job.id] = job  # later readers on this replica share the one follower
+        if job is None and self.mirror is not None:
+            # One load per job: two readers arriving together must share one copy and one follower.
+            async with key_lock(self._loading, job_id):
+                if (job := self.get(job_id)) is None and (job := await self.mirror.load(job_id)) is not None:
+                    self._jobs[job.id] = job  # later readers on this replica share the one follower
         return job
 
-    def _new(self, task: Task, record_id: str, key: str, job_id: str | None = None) -> Job:
+    def _new(self, task: Task, record_id: str, key: str, job_id: str | None = None, *, agent_input: str = "",
+             mode: str = "default") -> Job:
         ttl = self.settings.job_max_seconds + self.settings.job_retention_seconds
-        job = Job(id=job_id or f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key, expires=self._clock() + ttl)
+        job = Job(id=job_id or f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key,
+                  expires=self._clock() + ttl, agent_input=agent_input, mode=mode)
         self._jobs[job.id] = job
+        if self.mirror is not None:
+            self.mirror.own(job)
         self._emit(job, "status", {"state": "queued", "message": "queued", "job_id": job.id})
         return job
 
@@ -166,35 +242,49 @@ class Jobs:
         if self.mirror is not None:
             self.mirror.write(job)
 
-    def _finish(self, job: Job, status: Status, *, cached: bool = False) -> None:
-        self._emit(job, "done", {"status": status, "cached": cached})
+    def _finish(self, job: Job, status: Status, *, cached: bool = False, stale: bool = False) -> None:
+        self._emit(job, "done", {"status": status, "cached": cached, **({"stale": True} if stale else {})})
         if self._by_key.get(job.key) is job:
             del self._by_key[job.key]
 
-    async def _run(self, job: Job, task: Task, agent_input: str, authorization: str, *, store: bool) -> None:
+    async def _run(self, job: Job, task: Task, agent_input: str, authorization: str | None, *, store: bool) -> None:
         try:
             async with asyncio.timeout(self.settings.job_max_seconds):
                 body = await self._produce(job, task, agent_input)
         except TimeoutError:
-            self._fail(job, UpstreamTimeout("job", self.settings.job_max_seconds, "job-timeout"))
+            await self._fail_or_stale(job, task, UpstreamTimeout("job", self.settings.job_max_seconds, "job-timeout"))
         except AdapterError as exc:
-            self._fail(job, exc)
+            await self._fail_or_stale(job, task, exc)
         except Exception as exc:  # a bug must still end the job with error + done, never hang its readers
             log.error("job.crashed", job_id=job.id, exc_info=exc)
             self._fail(job, exc)
         else:
-            self._emit(job, "result", self.service.result_event(task.name, body))
-            self._finish(job, "succeeded")
             if store:
+                # Into the cache before `done`: whoever saw `done` and asks again gets a hit, on any replica.
                 ttl = self.settings.ttl_for(task.name) + self.settings.cache_stale_grace
                 await self.service.cache.store.put(job.key, Entry(self._clock(), body), ttl)
+            self._emit(job, "result", self.service.result_event(task.name, body))
+            self._finish(job, "succeeded")
             # A fresh qualification is written back as on the synchronous route, with the creator's
             # token (held in this task only, never stored or logged); the outcome goes to the log.
             if task.name == "lead.qualify" and self.settings.crm_write_back:
-                await self.service.write_back(job.record_id, authorization, body)
-        if store and self.mirror is not None:
-            await self.mirror.unclaim(job.key, job.id)
-        log.info("job.done", job_id=job.id, task=job.task, status=job.status, events=len(job.events))
+                if authorization is None:
+                    log.info("crm.write_back", lead_id=job.record_id, outcome="skipped",
+                             reason="job taken over by another replica: the creator's token is never stored")
+                else:
+                    await self.service.write_back(job.record_id, authorization, body)
+        log.info("job.done", job_id=job.id, task=job.task, status=job.status, events=len(job.events), replica=self._replica)
+
+    async def _fail_or_stale(self, job: Job, task: Task, exc: AdapterError) -> None:
+        """The synchronous routes' stale-if-error rule: a model-side fault within the grace serves the stale answer."""
+        if job.mode == "default" and isinstance(exc, STALE_ON):
+            entry = await self.service.cache.store.get(job.key)
+            if entry is not None and self._clock() - entry.stored_at < self.settings.ttl_for(task.name) + self.settings.cache_stale_grace:
+                log.info("job.stale_answer", job_id=job.id, reason=exc.slug, age_s=int(self._clock() - entry.stored_at))
+                self._emit(job, "result", self.service.result_event(task.name, entry.body))
+                self._finish(job, "succeeded", cached=True, stale=True)
+                return
+        self._fail(job, exc)
 
     def _fail(self, job: Job, exc: Exception) -> None:
         problem, _ = problem_of(exc, "POST", f"/api/v1/ai/jobs/{job.id}")
@@ -232,6 +322,52 @@ class Jobs:
         self._jobs.pop(job.id, None)
         if self._by_key.get(job.key) is job:
             del self._by_key[job.key]
+
+    async def drain(self, grace: float, forced: Callable[[], bool] = lambda: False) -> None:
+        """Shutdown: take no new jobs, let running ones finish for up to `grace`, then hand the rest over.
+
+        With Redis, a job still running at the deadline gives up its lease at once, so another
+        replica takes it over (its readers there see one log, with a `resumed` status). Without
+        Redis nobody can, so it ends with `error` and `done`. Either way this replica's own SSE
+        readers are then closed cleanly: the browser's EventSource reconnects elsewhere with
+        Last-Event-ID. Every job gets a log line saying what happened to it.
+        """
+        self.draining = True
+        if self.mirror is not None:
+            self.mirror.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        log.info("shutdown.draining", running=len(self._running), grace_s=grace, replica=self._replica)
+        # Checked a few times a second so that a second Ctrl+C (uvicorn's force exit) cuts the wait short.
+        while self._running and not forced() and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._running.values()), timeout=min(left, 0.25))
+        unfinished = [(self._jobs.get(job_id), runner) for job_id, runner in self._running.items()]
+        for _, runner in unfinished:
+            runner.cancel()
+        if unfinished:
+            await asyncio.wait([runner for _, runner in unfinished], timeout=5)
+        left_over = [job for job, _ in unfinished if job is not None and not job.finished]
+        if self.mirror is not None:
+            await asyncio.gather(*(self.mirror.hand_over(job) for job in left_over))  # all at once
+        for job in left_over:
+            if self.mirror is not None:
+                log.warning("job.handed_over", job_id=job.id, task=job.task, events=len(job.events),
+                            reason="shutdown grace over", replica=self._replica)
+            else:
+                self._fail(job, ShuttingDown("the sidecar shut down before the job finished; start it again"))
+                log.warning("job.interrupted", job_id=job.id, task=job.task, events=len(job.events), reason="shutdown grace over")
+        if self.mirror is not None:
+            await self.mirror.flush_all(timeout=2)
+        self.close_readers()
+        log.info("shutdown.drained", handed_over=len(left_over) if self.mirror is not None else 0,
+                 interrupted=0 if self.mirror is not None else len(left_over))
+
+    def close_readers(self) -> None:
+        self.closing.set()
+        for job in self._jobs.values():
+            job.wake()
+        if self.mirror is not None:
+            self.mirror.stop_following()
 
     def cancel_all(self) -> None:
         for runner in list(self._runners):

@@ -32,6 +32,29 @@ _encode = msgspec.json.Encoder().encode
 LINGER_SECONDS = 2.0
 
 
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM (or Ctrl+C) the app's jobs drain before uvicorn stops listening.
+
+    uvicorn's own graceful shutdown closes the listener, then waits for open connections; an
+    SSE response stays open for minutes, so the drain must come first: `/readyz` turns 503
+    and new jobs are refused while running ones finish (for up to the grace), the rest are
+    handed over, and the app's SSE readers are closed, so the connections end by themselves.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, drains: Any = None) -> None:
+        super().__init__(config)
+        self._drains = drains if drains is not None else config.app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = getattr(self._drains, "state", None)
+        jobs = getattr(state, "jobs", None) if state is not None else None
+        if jobs is not None:
+            settings = getattr(state, "settings", None)
+            grace = getattr(settings, "shutdown_grace_seconds", self.config.timeout_graceful_shutdown or 10.0)
+            await jobs.drain(grace, lambda: self.force_exit)
+        await super().shutdown(sockets)
+
+
 class QuietServer(uvicorn.Server):
     """A server that leaves signal handling to the one main server of the process."""
 
@@ -80,6 +103,39 @@ def _problem(status: int, slug: str, title: str, detail: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+class LingeringClose:
+    """A transport whose close() lingers, as nginx's `lingering_close` does.
+
+    Closing a socket with unread input makes the kernel answer the next bytes with a reset,
+    which can destroy a 408 or 431 before the client reads it (a body still trickling in when
+    BODY_TIMEOUT_SECONDS ends, say). So close() half-closes, the protocol drops what still
+    arrives, and the socket closes for good LINGER_SECONDS later or when the client closes.
+    """
+
+    def __init__(self, transport: asyncio.Transport, on_close: Any) -> None:
+        self._transport = transport
+        self._on_close = on_close
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._on_close()
+        transport = self._transport
+        if transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+
+
 def bounded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with a header deadline, and a header size bound enforced while they arrive.
 
@@ -96,7 +152,7 @@ def bounded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
         _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(LingeringClose(transport, self._stop_reading))  # type: ignore[arg-type]
             self._timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -108,20 +164,16 @@ def bounded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
                 self._timer.cancel()
                 self._timer = None
 
-        def _refuse(self, response: bytes) -> None:
-            self._refused = True
+        def _stop_reading(self) -> None:
+            self._refused = True  # the connection is closing: what still arrives is read and dropped
             self._disarm()
+
+        def _refuse(self, response: bytes) -> None:
+            self._stop_reading()
             if self.transport.is_closing():
                 return
             self.transport.write(response)
-            # Lingering close: closing with unread input makes the kernel send a reset, which can
-            # destroy the answer before the client reads it. Half-close, discard what still comes
-            # (data_received), and close for good shortly after.
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-                self.loop.call_later(LINGER_SECONDS, self.transport.close)
-            else:
-                self.transport.close()
+            self.transport.close()  # lingering (LingeringClose)
 
         def _headers_too_slow(self) -> None:
             self._timer = None
@@ -189,6 +241,7 @@ def server(app: ASGIApp, *, quiet: bool = False, lifespan: str = "on", graceful:
            loop: str = "asyncio", limits: Limits | None = None) -> uvicorn.Server:
     """A server for `app`; the sidecar's (an app with settings) gets its client limits by default."""
     limits = limits or Limits.of(app)
+    owner = app  # the app whose jobs drain on SIGTERM, before any wrapping below
     extra: dict[str, Any] = {}
     if limits is not None:
         extra["http"] = bounded_protocol(limits)
@@ -198,7 +251,9 @@ def server(app: ASGIApp, *, quiet: bool = False, lifespan: str = "on", graceful:
     config = uvicorn.Config(app, lifespan=lifespan, access_log=False, log_config=None, loop=loop, proxy_headers=False,
                             timeout_graceful_shutdown=graceful, log_level="warning" if quiet else "info",
                             timeout_keep_alive=int(keepalive), **extra)
-    return (QuietServer if quiet else uvicorn.Server)(config)
+    if quiet:
+        return QuietServer(config)
+    return DrainingServer(config, drains=owner)
 
 
 def url_of(sock: socket.socket) -> str:

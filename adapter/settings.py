@@ -79,6 +79,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     crm_write_back: bool = True
     proxy_max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 512
     proxy_read_timeout: Seconds = 60.0
+    # On SIGTERM running jobs get this long to finish before they are handed over (or, without
+    # Redis, ended with an error); /readyz answers 503 meanwhile.
     shutdown_grace_seconds: Seconds = 10.0
     # Keep-alive races: a request sent on a connection the other side is closing is lost.
     # Clients' idle connections must outlive theirs on our side, and ours to the upstreams
@@ -124,6 +126,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     job_max_seconds: Seconds = 900.0
     job_retention_seconds: Seconds = 900.0
     job_max_jobs: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    # With Redis, the replica running a job renews a lease this long (three times per lease);
+    # a job whose lease lapses before `done` is taken over by the next replica that sees it.
+    job_lease_seconds: Annotated[float, Meta(ge=0.3, le=600)] = 10.0
     job_token_ttl: Seconds = 900.0
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from prometheus_client import Gauge
@@ -15,16 +16,20 @@ def frame(ev: Event) -> bytes:
 
 
 async def job_events(job: Job, *, after: int, heartbeat: float, retry_ms: int, open_streams: Gauge,
-                     drop_after: int | None = None) -> AsyncIterator[bytes]:
+                     drop_after: int | None = None, closing: asyncio.Event | None = None) -> AsyncIterator[bytes]:
     """Every event after `after`, live, through `done`. A client that leaves just stops reading.
 
     `drop_after` (demo only) hangs up after that many events, as a flaky network would.
+    `closing` (set when the replica shuts down) ends the response cleanly after the events
+    already there: the browser's EventSource then reconnects with Last-Event-ID elsewhere.
     """
     open_streams.inc()
     sent = 0
     try:
         yield b"retry: %d\n\n" % retry_ms
         while True:
+            if closing is not None and closing.is_set():
+                return
             events = await job.after(after, heartbeat)
             if events is None:
                 yield b": ping\n\n"  # keeps proxies and the browser from giving up on a thinking model

@@ -9,6 +9,7 @@ import httpx
 import msgspec
 import pytest
 from httpx_sse import aconnect_sse
+from structlog.testing import capture_logs
 
 from adapter.app import create_app
 from tests.conftest import asgi_client, decode, make_settings, serving
@@ -339,3 +340,30 @@ async def test_identical_streams_on_two_replicas_share_one_job(gateway, crm, see
         after = await create_job(b, seed, auth)  # once finished, the answer is a cache hit
     assert on_a["job_id"] == on_b["job_id"] and kinds(events)[-2:] == ["result", "done"]
     assert gateway.calls[LEAD_AGENT] == 1 and after["status"] == "succeeded"
+
+
+async def test_drain_without_redis_lets_jobs_finish_then_ends_the_rest(stack, seed, auth, gateway):
+    gateway.push(LEAD_AGENT, "never_ends")  # cannot finish within the grace
+    gateway.gate = asyncio.Event()
+    async with stack() as (client, app):
+        stuck = await create_job(client, seed, auth)
+        fits = decode(await client.post("/api/v1/ai/jobs", headers=auth,
+                                        json={"task": "deal.predict", "input": {"deal_id": seed["deals"][0]}}))
+        readers = [asyncio.create_task(read_all(client, "GET", j["events_url"])) for j in (stuck, fits)]
+        await gateway.calls.reach(2)
+        with capture_logs() as logs:
+            draining = asyncio.create_task(app.state.jobs.drain(0.5))
+            ready = await client.get("/readyz")
+            refused = await client.post("/api/v1/ai/jobs", headers=auth, json={"task": "lead.qualify", "input": {"lead_id": seed["leads"][1]}})
+            gateway.gate.set()  # the deal's model answers within the grace; the lead's never does
+            await draining
+        (_, stuck_events), (_, fits_events) = await asyncio.gather(*readers)
+        late = await client.get(fits["events_url"])  # this replica's readers are closed now
+    assert ready.status_code == 503 and decode(ready)["detail"].startswith("shutting down")
+    assert refused.status_code == 503 and decode(refused)["type"].endswith("shutting-down")
+    assert kinds(fits_events)[-2:] == ["result", "done"]
+    assert kinds(stuck_events)[-2:] == ["error", "done"] and "shutting-down" in stuck_events[-2].data
+    assert msgspec.json.decode(stuck_events[-1].data)["status"] == "failed"
+    assert [e["event"] for e in logs if e["event"].startswith(("job.", "shutdown."))] == [
+        "shutdown.draining", "job.done", "job.interrupted", "shutdown.drained"]
+    assert late.status_code == 200 and late.text == "retry: 3000\n\n"

@@ -6,6 +6,7 @@ from litestar import Request, Response, get
 from litestar.di import NamedDependency
 
 from ..errors import AdapterError
+from ..jobs import Jobs
 from ..models import Liveness
 from ..service import AiService
 from .docs import problem
@@ -27,7 +28,9 @@ async def metrics(request: Request) -> Response[bytes]:
 
 @get("/readyz", summary="Ready when the Conductor Gateway answers", tags=["ops"],
      responses={503: problem("The named dependency is failing")})
-async def readyz(service: NamedDependency[AiService]) -> Liveness:
+async def readyz(service: NamedDependency[AiService], jobs: NamedDependency[Jobs]) -> Liveness:
+    if jobs.draining:  # SIGTERM: the balancer must stop sending work here while running jobs finish
+        raise NotReady(f"shutting down: draining {jobs.running} running job(s)")
     try:
         await service.gateway.health()
     except Exception as exc:  # any failure of the probe means "not ready", never a 500

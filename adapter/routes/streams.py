@@ -26,7 +26,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx:
 def _sse(job: Job, jobs: Jobs, after: int, drop_after: int | None = None, **headers: str) -> Stream:
     s = jobs.settings
     events = job_events(job, after=after, heartbeat=s.sse_heartbeat_seconds, retry_ms=s.sse_retry_ms,
-                        open_streams=jobs.service.metrics.open_streams, drop_after=drop_after)
+                        open_streams=jobs.service.metrics.open_streams, drop_after=drop_after,
+                        closing=jobs.closing)
     return Stream(events,
                   media_type="text/event-stream", headers={**SSE_HEADERS, "X-Job-ID": job.id, **headers})
 
