@@ -1,1 +1,1 @@
-"""Faithful doubles of the Conductor Gateway and the CRM backend (see shared upstreams.md)."""
+"""Faithful doubles of the Conductor Gateway and the CRM backend (see docs/upstreams.md)."""

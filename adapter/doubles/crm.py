@@ -1,4 +1,4 @@
-"""A CRM backend double: the real routes, status codes and `detail` texts (upstreams.md §2 and §5).
+"""A CRM backend double: the real routes, status codes and `detail` texts (docs/upstreams.md §2 and §5).
 
 HS256 bearer tokens with the user's id in `sub`; leads and deals owned by
 users; ids must be 24 hex characters or the backend answers 500, as the real

@@ -1,4 +1,4 @@
-"""A Conductor Gateway double with the real wire format and its quirks (upstreams.md §5).
+"""A Conductor Gateway double with the real wire format and its quirks (docs/upstreams.md §5).
 
 What it reproduces of the real gateway and the Conductor API behind it:
 - execute requires `input_text`, `instance_id`, `conversation_id` and `cwd` (400, with the
