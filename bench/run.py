@@ -77,42 +77,51 @@ def sidecar_runs(stack: Stack) -> dict[str, dict[str, float]]:
     }
 
 
-def litellm_runs(litellm: str) -> dict[str, dict[str, float]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp, "config.yaml")
-        config.write_text(f"""
+class LiteLLM:
+    """LiteLLM's proxy (Redis cache on) in front of an OpenAI-compatible double, each in its own process."""
+
+    def __init__(self, litellm: str, openai_port: int = OPENAI_PORT, litellm_port: int = LITELLM_PORT) -> None:
+        self.config = Path(tempfile.mkstemp(suffix=".yaml")[1])
+        self.config.write_text(f"""
 model_list:
   - model_name: double
-    litellm_params: {{model: openai/double, api_base: "http://127.0.0.1:{OPENAI_PORT}/v1", api_key: sk-double}}
+    litellm_params: {{model: openai/double, api_base: "http://127.0.0.1:{openai_port}/v1", api_key: sk-double}}
 litellm_settings:
   cache: true
   cache_params: {{type: redis, host: 127.0.0.1, port: 6379, namespace: "bench-{uuid.uuid4().hex[:6]}"}}
 """)
-        master = f"sk-bench-{uuid.uuid4().hex}"
+        self.master = f"sk-bench-{uuid.uuid4().hex}"
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
-               "LITELLM_MASTER_KEY": master}
-        procs = [subprocess.Popen([sys.executable, "-m", "bench.openai_double", str(OPENAI_PORT)], cwd=ROOT,
-                                  stderr=subprocess.DEVNULL),
-                 subprocess.Popen([litellm, "--config", str(config), "--port", str(LITELLM_PORT), "--num_workers", "1"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-        try:
-            _wait_up(f"http://127.0.0.1:{OPENAI_PORT}/v1/models")
-            _wait_up(f"http://127.0.0.1:{LITELLM_PORT}/health/liveliness", deadline=120)
-            chat = json.dumps({"model": "double", "messages": [{"role": "user", "content": "qualify lead @N@"}]})
-            same = json.dumps({"model": "double", "messages": [{"role": "user", "content": "qualify lead 65f1c0ffee0000000000a001"}]})
-            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {master}"}
-            import httpx
+               "LITELLM_MASTER_KEY": self.master}
+        self.ports = {"openai": openai_port, "litellm": litellm_port}
+        self.procs = {"openai": subprocess.Popen([sys.executable, "-m", "bench.openai_double", str(openai_port)], cwd=ROOT,
+                                                 stderr=subprocess.DEVNULL),
+                      "litellm": subprocess.Popen([litellm, "--config", str(self.config), "--port", str(litellm_port),
+                                                   "--num_workers", "1"], env=env, stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.DEVNULL)}
 
-            httpx.post(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", content=same, headers=headers, timeout=30)
-            return {
-                "openai_direct": wrk(f"http://127.0.0.1:{OPENAI_PORT}/v1/chat/completions", body=same, headers=headers),
-                "litellm_miss": wrk(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", body=chat, headers=headers, unique=True),
-                "litellm_hit": wrk(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", body=same, headers=headers),
-            }
-        finally:
-            for p in procs:
-                p.terminate()
-                p.wait(timeout=30)
+
+def litellm_runs(litellm: str) -> dict[str, dict[str, float]]:
+    peers = LiteLLM(litellm)
+    try:
+        _wait_up(f"http://127.0.0.1:{OPENAI_PORT}/v1/models")
+        _wait_up(f"http://127.0.0.1:{LITELLM_PORT}/health/liveliness", deadline=120)
+        chat = json.dumps({"model": "double", "messages": [{"role": "user", "content": "qualify lead @N@"}]})
+        same = json.dumps({"model": "double", "messages": [{"role": "user", "content": "qualify lead 65f1c0ffee0000000000a001"}]})
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {peers.master}"}
+        import httpx
+
+        httpx.post(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", content=same, headers=headers, timeout=30)
+        return {
+            "openai_direct": wrk(f"http://127.0.0.1:{OPENAI_PORT}/v1/chat/completions", body=same, headers=headers),
+            "litellm_miss": wrk(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", body=chat, headers=headers, unique=True),
+            "litellm_hit": wrk(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", body=same, headers=headers),
+        }
+    finally:
+        for p in peers.procs.values():
+            p.terminate()
+            p.wait(timeout=30)
+        peers.config.unlink(missing_ok=True)
 
 
 def row(name: str, r: dict[str, float]) -> str:
