@@ -8,6 +8,7 @@ import os
 import sys
 
 import msgspec
+import structlog
 
 from .settings import ConfigError, Settings
 
@@ -24,13 +25,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
     from .app import create_app
 
-    settings = _settings(ADAPTER_HOST=args.host, ADAPTER_PORT=args.port)
+    settings = _settings(ADAPTER_HOST=args.host, ADAPTER_PORT=args.port, ADAPTER_WORKERS=args.workers)
     logs.configure(settings.log_level, settings.log_format)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.adapter_host, port=settings.adapter_port, access_log=False, log_config=None,
-                timeout_graceful_shutdown=settings.shutdown_grace_seconds, lifespan="on", proxy_headers=False,
-                timeout_keep_alive=int(settings.keepalive_seconds))
+    server = dict(host=settings.adapter_host, port=settings.adapter_port, access_log=False, log_config=None,
+                  timeout_graceful_shutdown=settings.shutdown_grace_seconds, lifespan="on", proxy_headers=False,
+                  timeout_keep_alive=int(settings.keepalive_seconds))
+    if settings.adapter_workers == 1:
+        uvicorn.run(create_app(settings), **server)  # type: ignore[arg-type]
+        return 0
+    if not settings.redis_url:
+        structlog.get_logger("adapter.cli").warning(
+            "workers.without_redis", workers=settings.adapter_workers,
+            detail="REDIS_URL is unset: each worker process has its own in-memory cache, rate limits and stream jobs")
+    # uvicorn's supervisor starts each worker as a fresh process that builds its own app from the
+    # environment: the command line's choices go there too.
+    os.environ.update({"ADAPTER_HOST": settings.adapter_host, "ADAPTER_PORT": str(settings.adapter_port),
+                       "ADAPTER_WORKERS": str(settings.adapter_workers)})
+    uvicorn.run("adapter.cli:worker_app", factory=True, workers=settings.adapter_workers, **server)  # type: ignore[arg-type]
     return 0
+
+
+def worker_app() -> object:
+    """The app of one `--workers` process, from the environment its supervisor passed on."""
+    from . import logs
+    from .app import create_app
+
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    return create_app(settings)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -89,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the sidecar (configuration from the environment)")
     serve.add_argument("--host", help="interface to listen on (env ADAPTER_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (env ADAPTER_PORT, default 8080)")
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (env ADAPTER_WORKERS, default 1); "
+                       "set REDIS_URL with more than one")
     serve.set_defaults(func=cmd_serve)
     demo = sub.add_parser("demo", help="run the sidecar with built-in gateway and CRM doubles and demo data")
     demo.add_argument("--host", help="interface for the sidecar (default 127.0.0.1)")
