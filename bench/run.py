@@ -131,6 +131,8 @@ def row(name: str, r: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--litellm", default="/tmp/litellm-venv/bin/litellm")
+    parser.add_argument("--cpu-requests", type=int, default=3000, help="requests per row of the CPU table (bench.cpu)")
+    parser.add_argument("--cpu-repeat", type=int, default=3)
     args = parser.parse_args()
     # Write-back off: the direct baseline makes no PATCH either.
     env = {"REDIS_URL": "redis://127.0.0.1:6379/0", "CACHE_PREFIX": f"bench-{uuid.uuid4().hex[:6]}",
@@ -138,6 +140,9 @@ def main() -> None:
     with Stack(env=env) as stack:
         ours = sidecar_runs(stack)
     peers = litellm_runs(args.litellm) if Path(args.litellm).exists() else None
+    from bench import cpu
+
+    cpu_results = cpu.run(args.cpu_requests, args.cpu_repeat, litellm=args.litellm)
     sse = io.StringIO()
     with redirect_stdout(sse):
         from bench import streams
@@ -170,11 +175,15 @@ def main() -> None:
                   row("LiteLLM proxy, cache hit", peers["litellm_hit"]), "",
                   f"Added by LiteLLM on a miss: p50 {l_added['p50']:.2f} ms, p99 {l_added['p99']:.2f} ms.", ""]
     lines += ["## 3. SSE (`python -m bench.streams`)", "", "```", sse.getvalue().strip(), "```", ""]
+    lines += [f"## 4. Process CPU per request (`python -m bench.cpu --requests {args.cpu_requests} --repeat {args.cpu_repeat}`)", "",
+              f"utime+stime of the serving process over {args.cpu_requests} requests per row (wrk -t1 -c{cpu.CONNECTIONS} in its "
+              f"own process), median of {args.cpu_repeat} runs; the stable figure on a shared machine, where req/s is not.", "",
+              cpu.table(cpu_results), ""]
     lines += [(ROOT / "bench" / "ANALYSIS.md").read_text()]
     out = ROOT / "bench" / "RESULTS.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
-    Path(ROOT / "bench" / "results.json").write_text(json.dumps({"sidecar": ours, "litellm": peers}, indent=2) + "\n")
+    Path(ROOT / "bench" / "results.json").write_text(json.dumps({"sidecar": ours, "litellm": peers, "cpu": cpu_results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
