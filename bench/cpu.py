@@ -232,12 +232,12 @@ ROWS = [  # (key, label)
 
 
 def run(n: int = 3000, repeat: int = 3, baseline: str | None = None, litellm: str | None = LITELLM_DEFAULT,
-        stream_tokens: int = 50, rows: set[str] | None = None) -> dict[str, dict[str, list[dict[str, float]]]]:
+        stream_tokens: int = 50, rows: set[str] | None = None, baseline_block: str = ACCELERATORS) -> dict[str, dict[str, list[dict[str, float]]]]:
     """{row: {variant: [one result per repeat]}}; variants are "after" (this checkout) and, with a baseline, "before"."""
     servers = Servers()
     variants = {"after": {}}
     if baseline:
-        variants["before"] = {"BENCH_ADAPTER_ROOT": str(Path(baseline).resolve()), "BENCH_BLOCK_MODULES": ACCELERATORS}
+        variants["before"] = {"BENCH_ADAPTER_ROOT": str(Path(baseline).resolve()), "BENCH_BLOCK_MODULES": baseline_block}
     litellm_ok = bool(litellm and Path(litellm).exists()) and (not rows or bool(rows & {"litellm_hit", "litellm_miss"}))
     try:
         servers.start("gateway", "gateway", {"DOUBLE_TOKENS": str(stream_tokens)})
@@ -342,11 +342,13 @@ def main() -> None:
     parser.add_argument("--baseline", help="another checkout whose sidecar runs beside this one (before/after)")
     parser.add_argument("--litellm", default=LITELLM_DEFAULT, help="LiteLLM's `litellm` command; rows skipped when missing")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--baseline-block", default=ACCELERATORS,
+                        help="modules hidden from the baseline's sidecar (those it did not use); '' for none")
     parser.add_argument("--rows", help="comma-separated subset of: " + ", ".join(k for k, _ in ROWS))
     args = parser.parse_args()
     t0 = time.monotonic()
     results = run(args.requests, args.repeat, args.baseline, args.litellm,
-                  rows=set(args.rows.split(",")) if args.rows else None)
+                  rows=set(args.rows.split(",")) if args.rows else None, baseline_block=args.baseline_block)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"Sidecar CPU per request (utime+stime of its process), {args.requests} requests per row, wrk -t1 -c{CONNECTIONS}, "
