@@ -65,7 +65,9 @@ def sidecar_runs(stack: Stack) -> dict[str, dict[str, float]]:
     import httpx
 
     record = httpx.get(f"{stack.crm_url}/api/v1/leads/{lead}", headers=auth).json()
-    execute = json.dumps({"input_text": lead_qualify_input(record), "context_mode": "stateless", "instance_id": "i", "conversation_id": "c"})
+    execute = json.dumps({"input_text": lead_qualify_input(record), "context_mode": "stateless", "instance_id": "i", "conversation_id": "c",
+                          # what the sidecar sends on every run: the gateway refuses a run without them
+                          "screenplay_id": "crm-ai-sidecar", "cwd": "/tmp"})
     body = json.dumps({"lead_id": lead})
     httpx.post(f"{stack.url}/api/v1/ai/lead/qualify", content=body, headers=auth)  # fills the cache for the hit run
     return {
