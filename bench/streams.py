@@ -98,7 +98,8 @@ def main() -> None:
             lead = stack.seed["leads"][0]
             with httpx.Client() as c:
                 record = c.get(f"{stack.crm_url}/api/v1/leads/{lead}", headers=auth).json()
-            body = {"agent_id": "LeadQualifier_CRM_Agent", "input": lead_qualify_input(record)}
+            body = {"agent_id": "LeadQualifier_CRM_Agent", "input": lead_qualify_input(record),
+                    "screenplay_id": "crm-ai-sidecar", "cwd": "/tmp"}  # as the sidecar sends; the gateway wants both
             results[label] = (asyncio.run(direct(stack, body)), asyncio.run(through(stack, lead, auth)))
     # One user opening 1,000 streams: lift the per-user rate limit and the bulkhead (defaults 60/min and 200).
     with Stack(env={"RATE_LIMIT_LEAD_QUALIFY": "off", "GATEWAY_MAX_CONCURRENCY": "2000"},
