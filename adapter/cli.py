@@ -8,6 +8,7 @@ import os
 import sys
 
 import msgspec
+import structlog
 
 from .servers import CannotListen
 from .settings import ConfigError, Settings
@@ -23,15 +24,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs, servers
     from .app import create_app
 
-    settings = _settings(ADAPTER_HOST=args.host, ADAPTER_PORT=args.port)
+    settings = _settings(ADAPTER_HOST=args.host, ADAPTER_PORT=args.port, ADAPTER_WORKERS=args.workers)
     logs.configure(settings.log_level, settings.log_format)
-    app = create_app(settings)
     # Bound before uvicorn starts: a taken port is one line naming --port, not a logged traceback.
     sock = servers.bind(settings.adapter_host, settings.adapter_port)
     # SIGTERM drains the jobs first (SHUTDOWN_GRACE_SECONDS), then uvicorn's own graceful stop.
-    server = servers.server(app, graceful=settings.shutdown_grace_seconds, keepalive=settings.keepalive_seconds, loop="auto")
-    server.run(sockets=[sock])
-    return 0
+    options = dict(graceful=settings.shutdown_grace_seconds, keepalive=settings.keepalive_seconds, loop="auto")
+    if settings.adapter_workers == 1:
+        servers.server(create_app(settings), **options).run(sockets=[sock])
+        return 0
+    if not settings.redis_url:
+        structlog.get_logger("adapter.cli").warning(
+            "workers.without_redis", workers=settings.adapter_workers,
+            detail="REDIS_URL is unset: each worker process has its own in-memory cache, rate limits and stream jobs")
+    return servers.serve_workers(lambda: create_app(settings), sock, settings.adapter_workers, **options)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -90,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the sidecar (configuration from the environment)")
     serve.add_argument("--host", help="interface to listen on (env ADAPTER_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (env ADAPTER_PORT, default 8080)")
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (env ADAPTER_WORKERS, default 1); "
+                       "set REDIS_URL with more than one")
     serve.set_defaults(func=cmd_serve)
     demo = sub.add_parser("demo", help="run the sidecar with built-in gateway and CRM doubles and demo data")
     demo.add_argument("--host", help="interface for the sidecar (default 127.0.0.1)")

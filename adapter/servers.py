@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
+import signal
 import socket
 import uuid
 from dataclasses import dataclass
@@ -254,6 +256,48 @@ def server(app: ASGIApp, *, quiet: bool = False, lifespan: str = "on", graceful:
     if quiet:
         return QuietServer(config)
     return DrainingServer(config, drains=owner)
+
+
+def serve_workers(make_app: Any, sock: socket.socket, workers: int, **options: Any) -> int:
+    """`workers` processes sharing one listening socket, each with its own app, loop, limits and drain.
+
+    Forked after the socket is bound and before any app or event loop exists, so each worker
+    builds its own clients. SIGTERM and SIGINT go to every worker, which drains as a single
+    server does. A worker that dies on its own takes the others down with it (exit 1), so the
+    orchestrator restarts the whole container rather than leaving it short of a worker.
+    """
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker
+            code = 1
+            try:
+                server(make_app(), **options).run(sockets=[sock])
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    stopping = False
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = False
+    alive = set(children)
+    while alive:
+        pid, status = os.wait()
+        alive.discard(pid)
+        if not stopping and alive:  # one died unasked: stop the rest
+            failed = True
+            forward(signal.SIGTERM, None)
+        failed = failed or os.waitstatus_to_exitcode(status) not in (0,)
+    return 1 if failed and not stopping else 0
 
 
 def url_of(sock: socket.socket) -> str:

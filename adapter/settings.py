@@ -39,6 +39,8 @@ def default_agents_dir() -> str:
 class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid_unknown_fields=False):
     adapter_host: str = "127.0.0.1"
     adapter_port: Port = 8080
+    # Server processes per container (`adapter serve --workers N`); they share nothing but Redis.
+    adapter_workers: Annotated[int, Meta(ge=1, le=64)] = 1
     conductor_gateway_url: str = "http://localhost:5006"
     crm_backend_url: str = "http://localhost:8001"
     redis_url: str | None = None

@@ -65,7 +65,9 @@ def sidecar_runs(stack: Stack) -> dict[str, dict[str, float]]:
     import httpx
 
     record = httpx.get(f"{stack.crm_url}/api/v1/leads/{lead}", headers=auth).json()
-    execute = json.dumps({"input_text": lead_qualify_input(record), "context_mode": "stateless", "instance_id": "i", "conversation_id": "c"})
+    execute = json.dumps({"input_text": lead_qualify_input(record), "context_mode": "stateless", "instance_id": "i", "conversation_id": "c",
+                          # what the sidecar sends on every run: the gateway refuses a run without them
+                          "screenplay_id": "crm-ai-sidecar", "cwd": "/tmp"})
     body = json.dumps({"lead_id": lead})
     httpx.post(f"{stack.url}/api/v1/ai/lead/qualify", content=body, headers=auth)  # fills the cache for the hit run
     return {
@@ -77,42 +79,51 @@ def sidecar_runs(stack: Stack) -> dict[str, dict[str, float]]:
     }
 
 
-def litellm_runs(litellm: str) -> dict[str, dict[str, float]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp, "config.yaml")
-        config.write_text(f"""
+class LiteLLM:
+    """LiteLLM's proxy (Redis cache on) in front of an OpenAI-compatible double, each in its own process."""
+
+    def __init__(self, litellm: str, openai_port: int = OPENAI_PORT, litellm_port: int = LITELLM_PORT) -> None:
+        self.config = Path(tempfile.mkstemp(suffix=".yaml")[1])
+        self.config.write_text(f"""
 model_list:
   - model_name: double
-    litellm_params: {{model: openai/double, api_base: "http://127.0.0.1:{OPENAI_PORT}/v1", api_key: sk-double}}
+    litellm_params: {{model: openai/double, api_base: "http://127.0.0.1:{openai_port}/v1", api_key: sk-double}}
 litellm_settings:
   cache: true
   cache_params: {{type: redis, host: 127.0.0.1, port: 6379, namespace: "bench-{uuid.uuid4().hex[:6]}"}}
 """)
-        master = f"sk-bench-{uuid.uuid4().hex}"
+        self.master = f"sk-bench-{uuid.uuid4().hex}"
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
-               "LITELLM_MASTER_KEY": master}
-        procs = [subprocess.Popen([sys.executable, "-m", "bench.openai_double", str(OPENAI_PORT)], cwd=ROOT,
-                                  stderr=subprocess.DEVNULL),
-                 subprocess.Popen([litellm, "--config", str(config), "--port", str(LITELLM_PORT), "--num_workers", "1"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-        try:
-            _wait_up(f"http://127.0.0.1:{OPENAI_PORT}/v1/models")
-            _wait_up(f"http://127.0.0.1:{LITELLM_PORT}/health/liveliness", deadline=120)
-            chat = json.dumps({"model": "double", "messages": [{"role": "user", "content": "qualify lead @N@"}]})
-            same = json.dumps({"model": "double", "messages": [{"role": "user", "content": "qualify lead 65f1c0ffee0000000000a001"}]})
-            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {master}"}
-            import httpx
+               "LITELLM_MASTER_KEY": self.master}
+        self.ports = {"openai": openai_port, "litellm": litellm_port}
+        self.procs = {"openai": subprocess.Popen([sys.executable, "-m", "bench.openai_double", str(openai_port)], cwd=ROOT,
+                                                 stderr=subprocess.DEVNULL),
+                      "litellm": subprocess.Popen([litellm, "--config", str(self.config), "--port", str(litellm_port),
+                                                   "--num_workers", "1"], env=env, stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.DEVNULL)}
 
-            httpx.post(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", content=same, headers=headers, timeout=30)
-            return {
-                "openai_direct": wrk(f"http://127.0.0.1:{OPENAI_PORT}/v1/chat/completions", body=same, headers=headers),
-                "litellm_miss": wrk(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", body=chat, headers=headers, unique=True),
-                "litellm_hit": wrk(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", body=same, headers=headers),
-            }
-        finally:
-            for p in procs:
-                p.terminate()
-                p.wait(timeout=30)
+
+def litellm_runs(litellm: str) -> dict[str, dict[str, float]]:
+    peers = LiteLLM(litellm)
+    try:
+        _wait_up(f"http://127.0.0.1:{OPENAI_PORT}/v1/models")
+        _wait_up(f"http://127.0.0.1:{LITELLM_PORT}/health/liveliness", deadline=120)
+        chat = json.dumps({"model": "double", "messages": [{"role": "user", "content": "qualify lead @N@"}]})
+        same = json.dumps({"model": "double", "messages": [{"role": "user", "content": "qualify lead 65f1c0ffee0000000000a001"}]})
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {peers.master}"}
+        import httpx
+
+        httpx.post(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", content=same, headers=headers, timeout=30)
+        return {
+            "openai_direct": wrk(f"http://127.0.0.1:{OPENAI_PORT}/v1/chat/completions", body=same, headers=headers),
+            "litellm_miss": wrk(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", body=chat, headers=headers, unique=True),
+            "litellm_hit": wrk(f"http://127.0.0.1:{LITELLM_PORT}/v1/chat/completions", body=same, headers=headers),
+        }
+    finally:
+        for p in peers.procs.values():
+            p.terminate()
+            p.wait(timeout=30)
+        peers.config.unlink(missing_ok=True)
 
 
 def row(name: str, r: dict[str, float]) -> str:
@@ -122,6 +133,8 @@ def row(name: str, r: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--litellm", default="/tmp/litellm-venv/bin/litellm")
+    parser.add_argument("--cpu-requests", type=int, default=3000, help="requests per row of the CPU table (bench.cpu)")
+    parser.add_argument("--cpu-repeat", type=int, default=3)
     args = parser.parse_args()
     # Write-back off: the direct baseline makes no PATCH either.
     env = {"REDIS_URL": "redis://127.0.0.1:6379/0", "CACHE_PREFIX": f"bench-{uuid.uuid4().hex[:6]}",
@@ -129,6 +142,9 @@ def main() -> None:
     with Stack(env=env) as stack:
         ours = sidecar_runs(stack)
     peers = litellm_runs(args.litellm) if Path(args.litellm).exists() else None
+    from bench import cpu
+
+    cpu_results = cpu.run(args.cpu_requests, args.cpu_repeat, litellm=args.litellm)
     sse = io.StringIO()
     with redirect_stdout(sse):
         from bench import streams
@@ -161,11 +177,15 @@ def main() -> None:
                   row("LiteLLM proxy, cache hit", peers["litellm_hit"]), "",
                   f"Added by LiteLLM on a miss: p50 {l_added['p50']:.2f} ms, p99 {l_added['p99']:.2f} ms.", ""]
     lines += ["## 3. SSE (`python -m bench.streams`)", "", "```", sse.getvalue().strip(), "```", ""]
+    lines += [f"## 4. Process CPU per request (`python -m bench.cpu --requests {args.cpu_requests} --repeat {args.cpu_repeat}`)", "",
+              f"utime+stime of the serving process over {args.cpu_requests} requests per row (wrk -t1 -c{cpu.CONNECTIONS} in its "
+              f"own process), median of {args.cpu_repeat} runs; the stable figure on a shared machine, where req/s is not.", "",
+              cpu.table(cpu_results), ""]
     lines += [(ROOT / "bench" / "ANALYSIS.md").read_text()]
     out = ROOT / "bench" / "RESULTS.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
-    Path(ROOT / "bench" / "results.json").write_text(json.dumps({"sidecar": ours, "litellm": peers}, indent=2) + "\n")
+    Path(ROOT / "bench" / "results.json").write_text(json.dumps({"sidecar": ours, "litellm": peers, "cpu": cpu_results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

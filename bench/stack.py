@@ -48,7 +48,22 @@ def main() -> None:
         Path(sys.argv[3]).write_text(json.dumps({"token": crm.token(seed["alice"], expires_in=86400), "leads": seed["leads"] + extra,
                                                   "deals": seed["deals"] + deals}))
         _serve(crm.app, port)
+    elif role == "hello":
+        # The floor: Litestar's hello world under the same server settings as the sidecar.
+        from litestar import Litestar, get
+
+        @get("/")
+        async def hello() -> dict[str, str]:
+            return {"hello": "world"}
+
+        _serve(Litestar([hello], logging_config=None), port)
     elif role == "sidecar":
+        # BENCH_ADAPTER_ROOT runs another checkout's sidecar (a before/after comparison in one run);
+        # BENCH_BLOCK_MODULES hides optional accelerators (hiredis) that checkout did not have.
+        if root := os.environ.get("BENCH_ADAPTER_ROOT"):
+            sys.path.insert(0, root)
+        for name in filter(None, os.environ.get("BENCH_BLOCK_MODULES", "").split(",")):
+            sys.modules[name] = None  # type: ignore[assignment]  # `import name` now raises ImportError
         from adapter import logs
         from adapter.app import create_app
         from adapter.settings import Settings

@@ -46,16 +46,16 @@ async def through(stack: Stack, lead: str, auth: dict) -> tuple[list[float], flo
         t0 = time.perf_counter()
         lat, n, ttfb, first = [], 0, None, None
         async with client.stream("POST", "/api/v1/ai/lead/qualify/stream?cache=no-store", json={"lead_id": lead}, headers=auth) as r:
-            async for chunk in r.aiter_bytes():
+            # Whole lines: a read can end inside an event's data line.
+            async for line in r.aiter_lines():
                 ttfb = ttfb or (time.perf_counter() - t0) * 1000
                 now = time.time()
-                for line in chunk.split(b"\n"):
-                    if line.startswith(b"data: "):
-                        first = first or (time.perf_counter() - t0) * 1000
-                        data = decode(line[6:])
-                        if isinstance(data, dict) and "text" in data:
-                            n += 1
-                            lat.append((now - float(data["text"])) * 1000)
+                if line.startswith("data: "):
+                    first = first or (time.perf_counter() - t0) * 1000
+                    data = decode(line[6:])
+                    if isinstance(data, dict) and "text" in data:
+                        n += 1
+                        lat.append((now - float(data["text"])) * 1000)
         return lat, n / (time.perf_counter() - t0), ttfb, first
 
 
@@ -98,7 +98,8 @@ def main() -> None:
             lead = stack.seed["leads"][0]
             with httpx.Client() as c:
                 record = c.get(f"{stack.crm_url}/api/v1/leads/{lead}", headers=auth).json()
-            body = {"agent_id": "LeadQualifier_CRM_Agent", "input": lead_qualify_input(record)}
+            body = {"agent_id": "LeadQualifier_CRM_Agent", "input": lead_qualify_input(record),
+                    "screenplay_id": "crm-ai-sidecar", "cwd": "/tmp"}  # as the sidecar sends; the gateway wants both
             results[label] = (asyncio.run(direct(stack, body)), asyncio.run(through(stack, lead, auth)))
     # One user opening 1,000 streams: lift the per-user rate limit and the bulkhead (defaults 60/min and 200).
     with Stack(env={"RATE_LIMIT_LEAD_QUALIFY": "off", "GATEWAY_MAX_CONCURRENCY": "2000"},

@@ -145,6 +145,41 @@ async def test_sigterm_lets_in_flight_requests_finish(gateway, crm, seed):
     assert "Application shutdown complete" in logs and "Traceback" not in logs
 
 
+async def test_serve_with_workers_runs_that_many_processes_and_warns_without_redis():
+    import asyncio
+    import re
+    import signal
+
+    import httpx
+
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), "--workers", "2", cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "REDIS_URL": "", "LOG_FORMAT": "json"})
+    seen: list[str] = []
+    try:
+        async def until_both_started() -> None:
+            async for line in proc.stderr:
+                seen.append(line.decode())
+                if sum("Application startup complete" in s for s in seen) == 2:
+                    return
+
+        await asyncio.wait_for(until_both_started(), 60)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert (await client.get("/healthz")).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = await asyncio.wait_for(proc.communicate(), 30)
+    logs = "".join(seen) + rest.decode()
+    workers = set(re.findall(r"Started server process \[(\d+)\]", logs))
+    assert len(workers) == 2 and str(proc.pid) not in workers, logs
+    warnings = [json.loads(line) for line in logs.splitlines() if "workers.without_redis" in line]
+    assert len(warnings) == 1 and warnings[0]["level"] == "warning" and warnings[0]["workers"] == 2, logs
+    assert "Traceback" not in logs
+
+
 def decode_json(raw: bytes) -> dict:
     return json.loads(raw)
 
