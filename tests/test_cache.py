@@ -185,9 +185,6 @@ async def test_memory_store_is_bounded_lru(make_client, seed, crm, auth, gateway
 
 # --- Redis, shared by replicas -----------------------------------------------------------------
 
-pytestmark_redis = pytest.mark.redis
-
-
 @pytest.mark.redis
 async def test_redis_hit_after_miss_with_bounded_namespaced_keys(make_client, redis_settings, redis_url, cache_prefix, crm, seed, auth, gateway):
     lead = crm.add_lead(seed["alice"], name="Big Notes", notes="x" * 100_000)
@@ -275,7 +272,6 @@ async def test_waiter_takes_over_from_a_crashed_holder(make_client, redis_settin
     assert gateway.calls[LEAD_AGENT] == 2  # the no-store probe, then the one takeover call
 
 
-@pytest.mark.redis
 async def test_redis_down_at_start_answers_uncached_and_reports_degraded(make_client, seed, auth, gateway):
     settings = make_settings(redis_url=closed_port_url().replace("http", "redis"))
     async with make_client(settings=settings) as client:

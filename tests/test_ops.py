@@ -84,7 +84,7 @@ async def test_metrics_move_for_hit_miss_repair_stream_and_write_back(client, se
     assert value(text, "crm_ai_http_requests_total", route="/api/v1/ai/lead/qualify", method="POST", status="200") == 2
     assert value(text, "crm_ai_http_request_duration_seconds_count", route="/api/v1/ai/lead/qualify") == 2
     assert value(text, "crm_ai_open_streams") == 0  # the stream was read to its end and closed
-    assert "crm_ai_running_jobs" in text
+    assert ("crm_ai_running_jobs", ()) in samples(text)  # a sample, not just its HELP line
 
 
 async def test_proxied_requests_are_labelled_proxy(client):

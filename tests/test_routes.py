@@ -15,6 +15,7 @@ LEAD_AGENT, EMAIL_AGENT, DEAL_AGENT = "LeadQualifier_CRM_Agent", "EmailAssistant
 
 
 def assert_problem(response: httpx.Response, status: int, slug: str) -> dict:
+    assert slug, "name the expected slug: an empty one matches any type"
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     body = decode(response)
@@ -119,15 +120,15 @@ async def test_no_authorization_is_401_without_upstream_calls(client, seed, gate
 
 
 @pytest.mark.parametrize(
-    ("case", "status", "detail"),
+    ("case", "status", "slug", "detail"),
     [
-        ("expired", 401, "Could not validate credentials"),
-        ("forged", 401, "Could not validate credentials"),
-        ("other_owner", 403, "Not authorized to access this lead"),
-        ("missing", 404, "Lead not found"),
+        ("expired", 401, "unauthenticated", "Could not validate credentials"),
+        ("forged", 401, "unauthenticated", "Could not validate credentials"),
+        ("other_owner", 403, "forbidden", "Not authorized to access this lead"),
+        ("missing", 404, "not-found", "Lead not found"),
     ],
 )
-async def test_crm_refusals_pass_through(client, crm, seed, gateway, case, status, detail):
+async def test_crm_refusals_pass_through(client, crm, seed, gateway, case, status, slug, detail):
     token, lead = seed["token"], seed["leads"][0]
     if case == "expired":
         token = crm.token(seed["alice"], expires_in=-60)
@@ -138,7 +139,7 @@ async def test_crm_refusals_pass_through(client, crm, seed, gateway, case, statu
     elif case == "missing":
         lead = object_id()
     r = await client.post("/api/v1/ai/lead/qualify", json={"lead_id": lead}, headers={"Authorization": f"Bearer {token}"})
-    body = assert_problem(r, status, "")
+    body = assert_problem(r, status, slug)
     assert body["detail"] == detail
     if status == 401:
         assert r.headers["www-authenticate"] == "Bearer"
@@ -325,3 +326,4 @@ async def test_crm_lookups_beyond_the_connection_cap_queue_and_all_succeed(make_
         responses = await asyncio.gather(*(client.post("/api/v1/ai/lead/qualify", json={"lead_id": seed["leads"][0]},
                                                         headers={**auth, "Cache-Control": "no-store"}) for _ in range(40)))
     assert {r.status_code for r in responses} == {200} and crm.calls["GET lead"] == 40
+    assert crm.max_in_flight == 4  # they queued behind the cap, and the cap was used in full

@@ -61,6 +61,8 @@ class CrmDouble:
         self.fail_status: int | None = None
         self.fail_patch: int | None = None  # only PATCH answers this status
         self.delay = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most record requests it was ever answering at once
         self.calls = Tally()
         self.request_ids: list[str | None] = []
         self.patches: list[tuple[str, dict[str, Any]]] = []
@@ -109,8 +111,13 @@ class CrmDouble:
     async def _record(self, request: Request, kind: str, record_id: str, changes: dict | None = None) -> Response[bytes]:
         self.calls.hit(f"{request.method} {kind}")
         self.request_ids.append(request.headers.get("x-request-id"))
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
         if self.fail_status or (changes is not None and self.fail_patch):
             return _json({"detail": "Internal server error"}, self.fail_status or self.fail_patch or 500)
         user = self._user(request)
