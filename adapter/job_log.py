@@ -396,8 +396,7 @@ class RedisJobLog:
                 continue
             last_check = time.monotonic()
             try:
-                outcome = await self._takeover(keys=[self._meta(job.id), self._log(job.id), self._lease(job.id)],
-                                               args=[self.replica, self._lease_ms])
+                outcome = await self._try_takeover(job)
             except FAULTS as exc:
                 self._s.fault(exc)
                 continue
@@ -412,6 +411,11 @@ class RedisJobLog:
             if outcome == 1:
                 await self._take_over(job)
                 return
+
+    async def _try_takeover(self, job: Job) -> int:
+        """The atomic takeover script: 1 taken, -2 gone from Redis, anything else still someone's."""
+        return await self._takeover(keys=[self._meta(job.id), self._log(job.id), self._lease(job.id)],
+                                    args=[self.replica, self._lease_ms])
 
     async def _take_over(self, job: Job) -> None:
         # Ours now, and nobody else writes: read what the old owner wrote after our last read.
@@ -438,8 +442,7 @@ class RedisJobLog:
         if job.finished or job.id in self._owned or not self.accepting:
             return
         try:
-            outcome = await self._takeover(keys=[self._meta(job.id), self._log(job.id), self._lease(job.id)],
-                                           args=[self.replica, self._lease_ms])
+            outcome = await self._try_takeover(job)
         except FAULTS as exc:
             self._s.fault(exc)
             return

@@ -20,7 +20,7 @@ from .prompts import repair_input
 from .ratelimit import RateLimiter
 from .settings import Settings
 from .tracing import Tracing
-from .validation import OutputInvalid, rules, warnings_in
+from .validation import OutputInvalid, guidance, reread, rules, warnings_in
 
 log = structlog.get_logger("adapter.service")
 _encode = msgspec.json.Encoder().encode
@@ -127,6 +127,16 @@ class AiService:
         the same list without the cache's format (or entries stored before) changing.
         """
         return warnings_in(body, self.tasks[task_name].result_type)
+
+    def response_headers(self, task_name: str, body: bytes) -> dict[str, str]:
+        """`X-AI-Provider` and `X-Agent-Warnings` of a served body, from one decode of it."""
+        result = reread(body, self.tasks[task_name].result_type)
+        if result is None:
+            return {}
+        headers = {"X-AI-Provider": result.provider} if result.provider else {}
+        if warnings := rules(guidance(result)):
+            headers["X-Agent-Warnings"] = ", ".join(warnings)
+        return headers
 
     def result_event(self, task_name: str, body: bytes) -> bytes:
         """A stream's `result` data: the body, plus `warnings` (the X-Agent-Warnings list) when there are any."""

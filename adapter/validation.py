@@ -454,10 +454,15 @@ def rules(breaches: list[Breach] | tuple[Breach, ...]) -> list[str]:
 _RESULT_DECODERS = {t: msgspec.json.Decoder(t) for t in (EmailGenerateResult, LeadQualifyResult, DealPredictResult)}
 
 
+def reread(body: bytes, result_type: type) -> Any | None:
+    """A result already served once (cached), decoded again; None when it cannot be."""
+    try:
+        return _RESULT_DECODERS[result_type].decode(body)
+    except msgspec.DecodeError:  # ValidationError included: a body the cache kept from another shape
+        return None  # what is read from it is a courtesy; a body we cannot re-read must not fail its response
+
+
 def warnings_in(body: bytes, result_type: type) -> list[str]:
     """The guidance warnings of a result already served once (cached): recomputed, not stored."""
-    try:
-        result = _RESULT_DECODERS[result_type].decode(body)
-    except msgspec.DecodeError:  # ValidationError included: a body the cache kept from another shape
-        return []  # warnings are a courtesy; a body we cannot re-read must not fail its response
-    return rules(guidance(result))
+    result = reread(body, result_type)
+    return [] if result is None else rules(guidance(result))

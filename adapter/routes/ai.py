@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import jwt
-import msgspec
 import structlog
 from collections.abc import Awaitable
 from typing import Any
@@ -104,17 +103,8 @@ def cache_mode(request: Request) -> Mode:
     return "default"
 
 
-class _Provider(msgspec.Struct):
-    provider: str | None = None
-
-
-_provider_of = msgspec.json.Decoder(_Provider).decode
-
-
 def respond(outcome: Outcome, **extra: str) -> Response[Any]:
     headers = {"X-Cache": outcome.x_cache, **extra}
-    if provider := _provider_of(outcome.body).provider:
-        headers["X-AI-Provider"] = provider
     if outcome.age is not None:
         headers["Age"] = str(outcome.age)
     return Response(outcome.body, media_type="application/json", headers=headers)
@@ -124,7 +114,7 @@ async def _run(service: AiService, task: str, data: Any, request: Request) -> Re
     authorization = request.headers["authorization"]
     outcome = await service.run(task, data, authorization, cache_mode(request), user_of(request))
     service.metrics.cache.labels(task, outcome.x_cache.lower()).inc()
-    warned = {"X-Agent-Warnings": ", ".join(w)} if (w := service.warnings(task, outcome.body)) else {}
+    warned = service.response_headers(task, outcome.body)  # X-AI-Provider, X-Agent-Warnings
     if task != "lead.qualify":
         return respond(outcome, **warned)
     # Only a fresh answer is written back: a cached one was written when it was made,
