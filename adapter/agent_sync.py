@@ -16,7 +16,7 @@ from typing import Any, Literal
 import httpx
 import yaml
 
-from .gateway import GatewayClient, public_detail
+from .upstreams.gateway import GatewayClient, public_detail
 from .settings import ConfigError
 
 Outcome = Literal["created", "updated", "unchanged", "invalid", "failed"]

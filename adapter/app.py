@@ -20,23 +20,25 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from . import __version__, contract, crm, gateway, problems, transport
-from .agents import load_tasks
-from .cache import MemoryStore, ResultCache, Store
+from . import __version__, contract
+from .upstreams import crm, gateway, transport
+from .web import problems
+from .tasks.registry import load_tasks
+from .pipeline.cache import MemoryStore, ResultCache, Store
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
-from .ratelimit import Policy, RateLimiter
-from .redis_store import FAULTS, RedisStore
-from .job_log import RedisJobLog
-from .jobs import Jobs
-from .routes.ai import SERVICE, ai_router
-from .routes.demo import DemoSession, demo_router
-from .routes.streams import streams_router
-from .tokens import JobTokens
+from .storage.ratelimit import Policy, RateLimiter
+from .storage.redis_store import FAULTS, RedisStore
+from .storage.job_log import RedisJobLog
+from .pipeline.jobs import Jobs
+from .web.tasks import SERVICE, ai_router
+from .web.demo import DemoSession, demo_router
+from .web.jobs import streams_router
+from .web.tokens import JobTokens
 from .metrics import Metrics
-from .proxy import Proxy
-from .routes.ops import healthz, readyz
-from .routes.ops import metrics as metrics_route
-from .service import AiService
+from .web.proxy import Proxy
+from .web.ops import healthz, readyz
+from .web.ops import metrics as metrics_route
+from .pipeline.service import AiService
 from .settings import Settings
 from .tracing import Tracing, name_after_route
 

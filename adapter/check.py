@@ -10,9 +10,9 @@ from typing import TextIO
 import httpx
 
 from .agent_sync import drift, local_agents
-from .agents import AGENT_IDS, load_tasks
+from .tasks.registry import AGENT_IDS, load_tasks
 from .app import redis_client
-from .gateway import GatewayClient, listed_agents
+from .upstreams.gateway import GatewayClient, listed_agents
 from .settings import ConfigError, Settings
 
 

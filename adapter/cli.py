@@ -68,8 +68,8 @@ def cmd_agents_sync(_: argparse.Namespace) -> int:
     import httpx
 
     from .agent_sync import local_agents, sync_agents
-    from .agents import AGENT_IDS
-    from .gateway import GatewayClient
+    from .tasks.registry import AGENT_IDS
+    from .upstreams.gateway import GatewayClient
 
     settings = _settings()
     agents = local_agents(settings.conductor_agents_dir, AGENT_IDS)

@@ -10,7 +10,7 @@ from . import logs, servers
 from .app import create_app
 from .doubles.crm import CrmDouble
 from .doubles.gateway import GatewayDouble
-from .routes.demo import DemoSession
+from .web.demo import DemoSession
 from .settings import Settings
 
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import msgspec
 
-from adapter.agents import TASKS
+from adapter.tasks.registry import TASKS
 from adapter.settings import Settings
-from adapter.validation import OutputInvalid as OutputInvalidNow
-from adapter.validation import warnings_in
+from adapter.tasks.reading import OutputInvalid as OutputInvalidNow
+from adapter.tasks.reading import warnings_in
 from tests.agent_outputs import Answer, load_corpus
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import time
 
 import httpx
 
-from adapter.prompts import lead_qualify_input
+from adapter.tasks.prompting import lead_qualify_input
 from bench.stack import Stack, percentile
 
 

@@ -24,7 +24,7 @@ import uuid
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from adapter.prompts import lead_qualify_input
+from adapter.tasks.prompting import lead_qualify_input
 from bench.stack import Stack, _wait_up
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import httpx
 import msgspec
 from httpx_sse import aconnect_sse
 
-from adapter.prompts import lead_qualify_input
+from adapter.tasks.prompting import lead_qualify_input
 from bench.stack import Stack, percentile
 
 decode = msgspec.json.decode

@@ -13,12 +13,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from adapter.gateway import ProviderPlan
-from adapter.agents import TASKS
+from adapter.upstreams.gateway import ProviderPlan
+from adapter.tasks.registry import TASKS
 from adapter.errors import InvalidAgentOutput
-from adapter.service import AiService
+from adapter.pipeline.service import AiService
 from adapter.settings import Settings
-from adapter.validation import GUIDANCE, OutputInvalid, rules
+from adapter.tasks.reading import GUIDANCE, OutputInvalid, rules
 from tests.agent_outputs import OUTCOMES, Answer, load_corpus
 
 RECORD_ID = "65f1c0ffee0000000000a001"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from adapter.agents import load_tasks
-from adapter.cache import MemoryStore, cache_key
+from adapter.tasks.registry import load_tasks
+from adapter.pipeline.cache import MemoryStore, cache_key
 from adapter.settings import Settings
 from tests.conftest import closed_port_url, decode, make_settings
 from tests.test_routes import assert_problem

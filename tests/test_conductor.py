@@ -13,11 +13,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from adapter.agent_sync import local_agents, sync_agents
-from adapter.agents import AGENT_IDS
+from adapter.tasks.registry import AGENT_IDS
 from adapter.doubles.crm import StaleAfter500
 from adapter.doubles.gateway import NO_CWD, NO_SCREENPLAY, GatewayDouble
 from adapter.errors import GatewayRejected
-from adapter.gateway import GatewayClient, _status_error, listed_agents
+from adapter.upstreams.gateway import GatewayClient, _status_error, listed_agents
 from adapter.settings import Settings
 from tests.conftest import asgi_client, decode, make_settings, serving
 from tests.test_routes import DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, assert_problem

@@ -13,13 +13,13 @@ from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from adapter.agents import TASKS, load_tasks
-from adapter.extract import MAX_TEXT, REPAIR_MAX, NoJsonObject, extract_object, objects
+from adapter.tasks.registry import TASKS, load_tasks
+from adapter.tasks.extract import MAX_TEXT, REPAIR_MAX, NoJsonObject, extract_object, objects
 from adapter.models import LeadQualifyResult
-from adapter.prompts import repair_input
+from adapter.tasks.prompting import repair_input
 from adapter.settings import ConfigError, Settings
-from adapter import validation
-from adapter.validation import OutputInvalid, classify, deal_result, email_result, lead_result, rules, warnings_in
+from adapter.tasks import reading as validation
+from adapter.tasks.reading import OutputInvalid, classify, deal_result, email_result, lead_result, rules, warnings_in
 from tests.conftest import decode, make_settings
 
 AGENTS_DIR = Path(Settings.from_env({}).conductor_agents_dir)
@@ -83,7 +83,7 @@ def test_broken_json_is_repaired_and_says_so(broken):
 
 
 def test_valid_json_is_never_handed_to_json_repair(monkeypatch):
-    import adapter.extract as extract
+    import adapter.tasks.extract as extract
 
     monkeypatch.setattr(extract.json_repair, "loads", lambda *a, **k: pytest.fail("json-repair called on valid JSON"))
     assert [f.value for f in objects('Sure:\n```json\n{"a": 1}\n```')] == [{"a": 1}]

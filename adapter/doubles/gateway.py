@@ -56,7 +56,7 @@ from litestar import Litestar, Request, Response, delete, get, post, put
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
-from ..agents import AGENT_IDS
+from ..tasks.registry import AGENT_IDS
 from ..settings import default_agents_dir
 from .answers import answer_for
 from .tally import Tally

@@ -9,18 +9,18 @@ from typing import Any
 import msgspec
 import structlog
 
-from .agents import Task
+from ..tasks.registry import Task
 from .cache import Mode, Outcome, ResultCache, cache_key
-from .crm import CrmClient
-from .errors import AdapterError, InvalidAgentOutput
-from .gateway import GatewayClient, ProviderPlan
-from .metrics import Metrics
-from .models import LeadQualifyResult
-from .prompts import repair_input
-from .ratelimit import RateLimiter
-from .settings import Settings
-from .tracing import Tracing
-from .validation import OutputInvalid, guidance, reread, rules, warnings_in
+from ..upstreams.crm import CrmClient
+from ..errors import AdapterError, InvalidAgentOutput
+from ..upstreams.gateway import GatewayClient, ProviderPlan
+from ..metrics import Metrics
+from ..models import LeadQualifyResult
+from ..tasks.prompting import repair_input
+from ..storage.ratelimit import RateLimiter
+from ..settings import Settings
+from ..tracing import Tracing
+from ..tasks.reading import OutputInvalid, guidance, reread, rules, warnings_in
 
 log = structlog.get_logger("adapter.service")
 _encode = msgspec.json.Encoder().encode

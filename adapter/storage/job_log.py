@@ -33,9 +33,9 @@ import msgspec
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from .errors import JobExpired, JobLogUnavailable
-from .jobs import Job
-from .problems import problem_of
+from ..errors import JobExpired, JobLogUnavailable
+from ..pipeline.jobs import Job
+from ..web.problems import problem_of
 from .redis_store import _RELEASE, FAULTS, RedisStore
 
 log = structlog.get_logger("adapter.jobs")

@@ -10,15 +10,15 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
 
-from ..agents import TASKS
-from ..cache import Mode
+from ..tasks.registry import TASKS
+from ..pipeline.cache import Mode
 from ..errors import BadRequest, CrmRefused, Forbidden, NotFound, Unauthenticated
-from ..jobs import Job, Jobs
+from ..pipeline.jobs import Job, Jobs
 from ..models import DealPredictRequest, EmailGenerateRequest, JobCreated, JobRequest, JobView, LeadQualifyRequest
-from ..sse import job_events, last_event_id
-from ..tokens import JobTokens
-from .ai import cache_mode, require_bearer, require_json, user_of
-from .docs import SSE_RESPONSE, job_responses, stream_responses
+from .sse import job_events, last_event_id
+from .tokens import JobTokens
+from .tasks import cache_mode, require_bearer, require_json, user_of
+from .openapi import SSE_RESPONSE, job_responses, stream_responses
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
 

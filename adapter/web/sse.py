@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from prometheus_client import Gauge
 
-from .jobs import Event, Job
+from ..pipeline.jobs import Event, Job
 
 
 def frame(ev: Event) -> bytes:

@@ -34,8 +34,8 @@ import msgspec
 import structlog
 from httpx_sse import SSEError, aconnect_sse
 
-from .context import outbound_headers
-from .errors import (
+from ..context import outbound_headers
+from ..errors import (
     AdapterError,
     AgentFailed,
     AgentMissing,
@@ -46,10 +46,10 @@ from .errors import (
     GatewayUnavailable,
     UpstreamTimeout,
 )
-from .metrics import Metrics
+from ..metrics import Metrics
 from .resilience import Bulkhead, CircuitBreaker, retrying
-from .upstream import detail_of, transport_error
-from .settings import Settings
+from .http import detail_of, transport_error
+from ..settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
 UPSTREAM = "Conductor Gateway"

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from .errors import AdapterError, UpstreamTimeout
+from ..errors import AdapterError, UpstreamTimeout
 
 
 class _Detail(msgspec.Struct):

@@ -17,9 +17,9 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .cache import Entry
-from .errors import AdapterError, from_record, to_record
-from .models import DependencyState
+from ..pipeline.cache import Entry
+from ..errors import AdapterError, from_record, to_record
+from ..models import DependencyState
 
 log = structlog.get_logger("adapter.cache")
 FAULTS = (RedisError, OSError, asyncio.TimeoutError)

@@ -23,8 +23,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from .errors import AdapterError, AgentFailed, GatewayRejected, GatewayUnavailable, InvalidAgentOutput, UpstreamTimeout
-from .models import DependencyState
+from ..errors import AdapterError, AgentFailed, GatewayRejected, GatewayUnavailable, InvalidAgentOutput, UpstreamTimeout
+from ..models import DependencyState
 
 Mode = Literal["default", "no-cache", "no-store"]
 XCache = Literal["HIT", "MISS", "STALE", "BYPASS"]

@@ -24,10 +24,10 @@ from typing import Any, Literal
 import msgspec
 import structlog
 
-from .agents import Task
+from ..tasks.registry import Task
 from .cache import STALE_ON, Entry, cache_key, key_lock
-from .errors import AdapterError, GatewayProtocolError, ShuttingDown, UpstreamTimeout
-from .problems import problem_of
+from ..errors import AdapterError, GatewayProtocolError, ShuttingDown, UpstreamTimeout
+from ..web.problems import problem_of
 from .service import AiService
 
 log = structlog.get_logger("adapter.jobs")

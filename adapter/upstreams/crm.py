@@ -10,11 +10,11 @@ from typing import Any, Literal
 import httpx
 import msgspec
 
-from .context import outbound_headers
-from .errors import CrmCircuitOpen, CrmRefused, CrmUnavailable, UpstreamTimeout
+from ..context import outbound_headers
+from ..errors import CrmCircuitOpen, CrmRefused, CrmUnavailable, UpstreamTimeout
 from .resilience import CircuitBreaker, retrying
-from .settings import Settings
-from .upstream import detail_of, transport_error
+from ..settings import Settings
+from .http import detail_of, transport_error
 
 UPSTREAM = "CRM backend"
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})

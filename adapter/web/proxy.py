@@ -24,10 +24,10 @@ from litestar.background_tasks import BackgroundTask
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.response.streaming import ASGIStreamingResponse
 
-from .context import check_header_size, request_id
-from .crm import IDEMPOTENT, STALE_CONNECTION
-from .errors import BadRequest, CrmBusy, CrmUnavailable
-from .upstream import transport_error
+from ..context import check_header_size, request_id
+from ..upstreams.crm import IDEMPOTENT, STALE_CONNECTION
+from ..errors import BadRequest, CrmBusy, CrmUnavailable
+from ..upstreams.http import transport_error
 
 # RFC 9110 §7.6.1, plus the names a Connection header lists.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})

@@ -6,10 +6,10 @@ from litestar import Request, Response, get
 from litestar.di import NamedDependency
 
 from ..errors import AdapterError
-from ..jobs import Jobs
+from ..pipeline.jobs import Jobs
 from ..models import Liveness
-from ..service import AiService
-from .docs import problem
+from ..pipeline.service import AiService
+from .openapi import problem
 
 
 class NotReady(AdapterError):

@@ -10,7 +10,7 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.params import FromPath, JSONBody
 
-from ..agents import TASKS
+from ..tasks.registry import TASKS
 from ..doubles.gateway import GatewayDouble
 from ..errors import NotFound
 

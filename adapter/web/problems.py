@@ -10,9 +10,9 @@ import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 
-from .context import request_id
-from .errors import AdapterError, BadRequest
-from .models import FieldError, Problem
+from ..context import request_id
+from ..errors import AdapterError, BadRequest
+from ..models import FieldError, Problem
 from .proxy import Forward
 
 TYPE_BASE = "urn:problem:crm-ai:"

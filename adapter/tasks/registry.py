@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 import yaml
 
-from . import prompts, validation
-from .models import (
+from . import prompting as prompts, reading as validation
+from ..models import (
     DealPredictRequest,
     DealPredictResult,
     EmailGenerateRequest,
@@ -20,7 +20,7 @@ from .models import (
     LeadQualifyRequest,
     LeadQualifyResult,
 )
-from .settings import ConfigError
+from ..settings import ConfigError
 
 # (model text, record id, agent id) -> the normalised result with its guidance breaches; raises
 # validation.OutputInvalid when the contract is broken.

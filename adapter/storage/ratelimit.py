@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from .errors import AdapterError
+from ..errors import AdapterError
 from .redis_store import FAULTS, RedisStore
 
 # Redis's own clock: replicas with skewed clocks still share one bucket correctly.

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from .extract import NoJsonObject, objects
-from .models import (
+from ..models import (
     Bant,
     DealPredictResult,
     EmailGenerateResult,

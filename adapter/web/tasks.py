@@ -18,8 +18,8 @@ from litestar.exceptions import SerializationException
 from litestar.params import JSONBody
 from litestar.handlers.base import BaseRouteHandler
 
-from ..agents import AGENT_IDS
-from ..cache import Mode, Outcome
+from ..tasks.registry import AGENT_IDS
+from ..pipeline.cache import Mode, Outcome
 from ..errors import BadRequest, Unauthenticated, UnsupportedMediaType
 from ..models import (
     AiHealth,
@@ -31,11 +31,11 @@ from ..models import (
     LeadQualifyRequest,
     LeadQualifyResult,
 )
-from ..ratelimit import user_key
-from ..service import AiService
+from ..storage.ratelimit import user_key
+from ..pipeline.service import AiService
 
 log = structlog.get_logger("adapter.routes")
-from .docs import CACHE_HEADERS, WARNINGS_HEADER, WRITE_BACK_HEADER, ai_responses
+from .openapi import CACHE_HEADERS, WARNINGS_HEADER, WRITE_BACK_HEADER, ai_responses
 
 
 async def require_bearer(connection: ASGIConnection, _: BaseRouteHandler) -> None:
