@@ -14,11 +14,13 @@ import msgspec
 import pytest
 
 from adapter.upstreams.gateway import ProviderPlan
-from adapter.tasks.registry import TASKS
+from adapter.tasks import TASKS
 from adapter.errors import InvalidAgentOutput
 from adapter.pipeline.service import AiService
 from adapter.settings import Settings
-from adapter.tasks.reading import GUIDANCE, OutputInvalid, rules
+from adapter.tasks.reading import OutputInvalid, rules
+
+GUIDANCE = TASKS.guidance_rules
 from tests.agent_outputs import OUTCOMES, Answer, load_corpus
 
 RECORD_ID = "65f1c0ffee0000000000a001"

@@ -13,7 +13,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from adapter.agent_sync import local_agents, sync_agents
-from adapter.tasks.registry import AGENT_IDS
+from adapter.tasks import TASKS
+AGENT_IDS = TASKS.agent_ids
 from adapter.doubles.crm import StaleAfter500
 from adapter.doubles.gateway import NO_CWD, NO_SCREENPLAY, GatewayDouble
 from adapter.errors import GatewayRejected
@@ -98,7 +99,7 @@ def test_settings_default_to_what_current_gateways_require():
 # --- answers read as the real stack means them ------------------------------------------------
 
 async def test_a_failed_run_is_agent_failed_never_model_text(client, gateway, seed, auth):
-    gateway.push(LEAD_AGENT, "task_error", "task_error")
+    gateway.push(LEAD_AGENT, "run_failed", "run_failed")
     sync = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
     body = assert_problem(sync, 502, "agent-failed")
     stream = await client.post(QUALIFY_STREAM, json={"lead_id": seed["leads"][1]}, headers=auth)
@@ -275,10 +276,10 @@ async def test_a_failed_instance_cleanup_never_fails_the_answer(make_client, gat
 
 async def test_a_failed_run_falls_back_to_the_next_provider_once(make_client, gateway, seed, auth):
     async with make_client(settings=make_settings(conductor_ai_provider="claude,gemini")) as client:
-        gateway.push(LEAD_AGENT, "task_error")
+        gateway.push(LEAD_AGENT, "run_failed")
         r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
         metrics = (await client.get("/metrics")).text
-        gateway.push(LEAD_AGENT, "task_error", "task_error")
+        gateway.push(LEAD_AGENT, "run_failed", "run_failed")
         failed = await client.post(QUALIFY, json={"lead_id": seed["leads"][1]}, headers=auth)
     assert r.status_code == 200 and r.headers["x-ai-provider"] == "gemini" and decode(r)["provider"] == "gemini"
     assert [b["ai_provider"] for b in gateway.bodies] == ["claude", "gemini", "claude", "gemini"]
@@ -288,7 +289,7 @@ async def test_a_failed_run_falls_back_to_the_next_provider_once(make_client, ga
 
 async def test_a_stream_falls_back_to_the_next_provider(make_client, gateway, seed, auth):
     async with make_client(settings=make_settings(conductor_ai_provider="claude,gemini")) as client:
-        gateway.push(LEAD_AGENT, "task_error")
+        gateway.push(LEAD_AGENT, "run_failed")
         events = sse_events(await client.post(QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth))
     assert events[-2][0] == "result" and events[-2][1]["provider"] == "gemini"
     assert any("trying provider gemini" in d.get("message", "") for e, d in events if e == "status")
@@ -298,7 +299,7 @@ async def test_one_request_runs_the_model_a_bounded_number_of_times(make_client,
     # Worst case of the documented bound: 1 run + AGENT_REPAIR_ATTEMPTS repairs + 1 provider fallback.
     settings = make_settings(conductor_ai_provider="claude,gemini", agent_repair_attempts=1, upstream_retries=3)
     async with make_client(settings=settings) as client:
-        gateway.push(LEAD_AGENT, "task_error", "garbage", "garbage", "json")
+        gateway.push(LEAD_AGENT, "run_failed", "garbage", "garbage", "json")
         r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
     assert_problem(r, 502, "invalid-agent-output")
     assert gateway.calls[LEAD_AGENT] == 3 == 1 + settings.agent_repair_attempts + 1

@@ -144,7 +144,7 @@ async def test_sync_route_under_fault_and_recovery(fault, inject, heal, status, 
 STREAM_FAULTS = [
     ("gateway closes the stream mid-way", ["cut", "error_500"], "gateway-error"),
     ("gateway never ends the stream", ["never_ends"] * 2, "job-timeout"),
-    ("gateway stream ends without a result", ["no_result", "task_error"], "agent-failed"),
+    ("gateway stream ends without a result", ["no_result", "run_failed"], "agent-failed"),
     ("gateway start answers [{error}, 500]", ["start_fails"] * 2, "gateway-unavailable"),
 ]
 

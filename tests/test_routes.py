@@ -186,7 +186,7 @@ async def test_gateway_down_is_503_with_retry_after(make_client, seed, auth):
 
 @pytest.mark.parametrize(("behaviour", "status", "slug"), [
     ("error_500", 502, "gateway-error"),
-    ("task_error", 502, "agent-failed"),
+    ("run_failed", 502, "agent-failed"),
 ])
 async def test_gateway_failures_map_to_problems(client, seed, auth, gateway, behaviour, status, slug):
     gateway.push(LEAD_AGENT, behaviour)

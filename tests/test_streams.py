@@ -125,7 +125,7 @@ async def test_heartbeats_while_the_gateway_is_silent(stack, seed, auth, gateway
 @pytest.mark.parametrize(("behaviour", "slug"), [
     ("start_fails", "gateway-unavailable"),
     ("stream_error", "agent-failed"),
-    ("task_error", "agent-failed"),  # a `result` event whose status is "error": a failed run, never model text
+    ("run_failed", "agent-failed"),  # a `result` event whose status is "error": a failed run, never model text
 ])
 async def test_failures_end_in_error_then_done_failed(stack, seed, auth, gateway, behaviour, slug):
     gateway.push(LEAD_AGENT, behaviour)

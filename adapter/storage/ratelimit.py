@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from ..errors import AdapterError
+from ..errors import RateLimited
 from .redis_store import FAULTS, RedisStore
 
 # Redis's own clock: replicas with skewed clocks still share one bucket correctly.
@@ -37,10 +37,6 @@ return {allowed, tostring(tokens)}
 """
 
 
-class RateLimited(AdapterError):
-    status, slug, title = 429, "rate-limited", "Too many AI requests"
-
-
 @dataclass(frozen=True, slots=True)
 class Policy:
     limit: int
@@ -56,13 +52,6 @@ class Policy:
             return None
         count, _, window = text.partition("/")
         return cls(int(count), float(window))
-
-
-def user_key(authorization: str, verified_sub: str | None) -> str:
-    if verified_sub:
-        return f"sub:{verified_sub}"
-    token = authorization.partition(" ")[2].strip()
-    return "tok:" + hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 class RateLimiter:

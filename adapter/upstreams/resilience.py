@@ -15,14 +15,6 @@ T = TypeVar("T")
 State = Literal["closed", "open", "half_open"]
 
 
-class NotSent(Exception):
-    """A failure that happened before the request left: retrying cannot double any work."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
 async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int, base: float, cap: float,
                    retry_on: Callable[[Exception], bool], sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> T:
     """`call`, again after failures `retry_on` accepts, with full-jitter exponential backoff."""
@@ -95,22 +87,18 @@ class Bulkhead:
         self.limit = limit
         self.wait = wait
         self._slots = asyncio.Semaphore(limit)
-        self.waiting = 0
 
     @property
     def in_flight(self) -> int:
         return self.limit - self._slots._value  # noqa: SLF001 - the semaphore's count is the truth
 
     async def acquire(self) -> bool:
-        self.waiting += 1
         try:
             async with asyncio.timeout(self.wait):
                 await self._slots.acquire()
-            return True
         except TimeoutError:
             return False
-        finally:
-            self.waiting -= 1
+        return True
 
     def release(self) -> None:
         self._slots.release()

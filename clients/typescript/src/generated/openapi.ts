@@ -79,7 +79,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** State of the gateway, the CRM backend, the cache and the three agents */
+        /** State of the gateway, the CRM backend, the cache and each task's agent */
         get: operations["ApiV1AiHealthAiHealth"];
         put?: never;
         post?: never;
