@@ -48,17 +48,17 @@ function bar(label, value) {
 }
 
 const renderers = {
-  "email.generate": (r) => el("div", { class: "variations" }, ...r.variations.map((v) =>
+  variations: (r) => el("div", { class: "variations" }, ...r.variations.map((v) =>
     el("div", { class: "card", "data-type": v.type }, el("h4", {}, v.type), el("div", { class: "subject" }, v.subject),
       el("p", { class: "body" }, v.body), el("div", { class: "tone" }, v.tone)))),
-  "lead.qualify": (r) => el("div", { class: "lead" },
+  bant: (r) => el("div", { class: "lead" },
     el("div", {}, el("span", { class: "score" }, String(r.score)), " ", el("span", { class: `badge ${r.classification}` }, r.classification)),
     el("p", { class: "reasoning" }, r.reasoning),
     el("h4", {}, "Next actions"), list(r.next_actions),
     el("h4", {}, "BANT"),
     el("table", { class: "bant" }, ...["budget", "authority", "need", "timeline"].map((k) =>
       el("tr", {}, el("th", {}, k), el("td", {}, r.bant[k]))))),
-  "deal.predict": (r) => el("div", { class: "deal" },
+  win_probability: (r) => el("div", { class: "deal" },
     bar("Win probability", r.win_probability), bar("Health", r.health_score),
     el("p", { class: "meta" }, `Predicted close: ${r.predicted_close_date ?? "unknown"}`),
     el("h4", {}, "Risks"), list(r.risk_factors),
@@ -66,9 +66,9 @@ const renderers = {
     el("p", { class: "reasoning" }, r.reasoning)),
 };
 
-const TASK_TITLES = { "lead.qualify": "Qualifying", "email.generate": "Emails for", "deal.predict": "Predicting" };
-// A task without a renderer of its own shows its answer as JSON.
+// A result is drawn by the view of the first field it has that a view knows; any other as JSON.
 const asJson = (r) => el("pre", { class: "json" }, JSON.stringify(r, null, 2));
+const render = (r) => (renderers[Object.keys(renderers).find((field) => field in r)] ?? asJson)(r);
 
 // A person reads names, not record ids.
 function recordName(kind, id) {
@@ -80,7 +80,7 @@ function recordName(kind, id) {
 async function run(spec) {
   const task = spec.name;
   const input = { [`${spec.record_kind}_id`]: $(spec.record_kind).value };
-  reset(`${TASK_TITLES[task] ?? spec.label}: ${recordName(spec.record_kind, Object.values(input)[0])}`);
+  reset(`${spec.label}: ${recordName(spec.record_kind, Object.values(input)[0])}`);
   window.demoTimeline = [];
   mark("click");
   document.body.dataset.state = "running";
@@ -104,7 +104,7 @@ async function run(spec) {
   source.onopen = () => { if (dropped) { mark("reconnected"); status("reconnected: resuming after the last event received", "reconnect"); } };
   source.addEventListener("status", (e) => status(`${JSON.parse(e.data).state}: ${JSON.parse(e.data).message}`));
   source.addEventListener("delta", (e) => { mark("delta"); $("output").hidden = false; $("deltas").textContent += JSON.parse(e.data).text; });
-  source.addEventListener("result", (e) => { mark("result"); $("result").replaceChildren((renderers[task] ?? asJson)(JSON.parse(e.data))); });
+  source.addEventListener("result", (e) => { mark("result"); $("result").replaceChildren(render(JSON.parse(e.data))); });
   source.addEventListener("error", (e) => { if (e.data) { mark("error"); showProblem(JSON.parse(e.data)); } });
   source.addEventListener("done", (e) => {
     const done = JSON.parse(e.data);
