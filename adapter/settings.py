@@ -10,14 +10,22 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal, Protocol
 from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
-if TYPE_CHECKING:
-    from .tasks import Task
+
+class TaskDefaults(Protocol):
+    """What the settings read of a task (adapter/tasks): its variables' suffix and its defaults."""
+
+    @property
+    def env_suffix(self) -> str: ...
+    @property
+    def cache_ttl(self) -> float: ...
+    @property
+    def rate_limit(self) -> str: ...
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 RATE = r"^(off|[1-9][0-9]{0,6}/[0-9]+(\.[0-9]+)?)$"
@@ -187,10 +195,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
-    def ttl_for(self, task: Task) -> float:
+    def ttl_for(self, task: TaskDefaults) -> float:
         return self.cache_ttl.get(task.env_suffix, task.cache_ttl)
 
-    def rate_limit_for(self, task: Task) -> str:
+    def rate_limit_for(self, task: TaskDefaults) -> str:
         return self.rate_limit.get(task.env_suffix, task.rate_limit)
 
 

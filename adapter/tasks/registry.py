@@ -64,7 +64,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
-            raise ValueError(f"task name {self.name!r} must look like `lead.qualify`")
+            raise ValueError(f"task name {self.name!r} must look like `<record kind>.<verb>`")
         if self.id_field not in self.request_type.__struct_fields__:
             raise ValueError(f"task {self.name}: {self.request_type.__name__} has no `{self.id_field}`")
         object.__setattr__(self, "_decoder", msgspec.json.Decoder(self.result_type))
