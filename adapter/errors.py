@@ -17,7 +17,8 @@ AdapterError                       status, slug, title, detail, headers, errors[
 ├── CrmBusy                        503 (pass-through pool exhausted; Retry-After)
 ├── GatewayUnavailable             503 (Retry-After)
 │   ├── GatewayCircuitOpen
-│   └── GatewayBusy
+│   ├── GatewayBusy
+│   └── SharedCallCancelled        (the job whose model call it joined stopped it)
 ├── GatewayRejected                502 gateway-error (refused for good: no Retry-After)
 ├── GatewayProtocolError           502
 ├── AgentMissing                   502
@@ -161,6 +162,16 @@ class GatewayCircuitOpen(GatewayUnavailable):
 
 class GatewayBusy(GatewayUnavailable):
     slug, title = "gateway-busy", "Too many agent calls in flight"
+
+
+class SharedCallCancelled(GatewayUnavailable):
+    """The model call this request shared was stopped by the job that made it (handed to another
+    replica while this one shut down, or past JOB_MAX_SECONDS): asking again starts a new one."""
+
+    slug, title = "shared-call-cancelled", "The shared agent call was cancelled"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retry_after=1)
 
 
 class CrmBusy(AdapterError):

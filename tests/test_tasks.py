@@ -292,3 +292,73 @@ async def test_a_client_hanging_up_mid_upload_on_a_proxied_path_is_no_server_err
     assert "request.unhandled" not in events
     assert events["request.problem"]["status"] == 499 and events["request"]["status"] == 499
     assert sent[0]["status"] == 499
+
+
+# --- one pipeline: a stream and a synchronous request share one model call -------------------
+
+LEAD_AGENT = "LeadQualifier_CRM_Agent"
+
+
+async def _joined(client: httpx.AsyncClient, deadline: float = 5.0) -> None:
+    """Until the sidecar counts one request joining a call in the air (bounded)."""
+    import asyncio
+
+    async with asyncio.timeout(deadline):
+        while 'result="coalesced"' not in (await client.get("/metrics")).text:
+            await asyncio.sleep(0.01)
+
+
+async def _events(client: httpx.AsyncClient, url: str) -> list[tuple[str, dict]]:
+    async with aconnect_sse(client, "GET", url) as source:
+        return [(e.event, msgspec.json.decode(e.data)) async for e in source.aiter_sse() if e.data]
+
+
+async def test_a_sync_request_joins_the_model_call_of_a_running_job(client, crm, seed, auth, gateway):
+    import asyncio
+
+    gateway.gate = asyncio.Event()
+    lead = seed["leads"][0]
+    created = await client.post("/api/v1/ai/jobs", json={"task": "lead.qualify", "input": {"lead_id": lead}}, headers=auth)
+    await gateway.calls.reach(1)
+    sync = asyncio.create_task(client.post("/api/v1/ai/lead/qualify", json={"lead_id": lead}, headers=auth))
+    await _joined(client)
+    gateway.gate.set()
+    answer = await sync
+    events = await _events(client, decode(created)["events_url"])
+    assert answer.status_code == 200 and answer.headers["x-cache"] == "MISS"
+    assert [e for e, _ in events][-2:] == ["result", "done"] and events[-2][1]["score"] == decode(answer)["score"]
+    assert gateway.calls[LEAD_AGENT] == 1
+
+
+async def test_a_job_joins_the_model_call_of_a_sync_request(client, crm, seed, auth, gateway):
+    import asyncio
+
+    gateway.gate = asyncio.Event()
+    lead = seed["leads"][0]
+    sync = asyncio.create_task(client.post("/api/v1/ai/lead/qualify", json={"lead_id": lead}, headers=auth))
+    await gateway.calls.reach(1)
+    created = await client.post("/api/v1/ai/jobs", json={"task": "lead.qualify", "input": {"lead_id": lead}}, headers=auth)
+    await _joined(client)
+    gateway.gate.set()
+    answer = await sync
+    events = await _events(client, decode(created)["events_url"])
+    assert any("sharing its answer" in data.get("message", "") for name, data in events if name == "status")
+    assert events[-2][0] == "result" and events[-2][1]["score"] == decode(answer)["score"]
+    assert gateway.calls[LEAD_AGENT] == 1
+
+
+async def test_a_sync_request_sharing_a_stopped_jobs_call_gets_a_retryable_problem(make_client, crm, seed, auth, gateway):
+    import asyncio
+
+    gateway.gate = asyncio.Event()
+    lead = seed["leads"][0]
+    async with make_client() as client:
+        await client.post("/api/v1/ai/jobs", json={"task": "lead.qualify", "input": {"lead_id": lead}}, headers=auth)
+        await gateway.calls.reach(1)
+        sync = asyncio.create_task(client.post("/api/v1/ai/lead/qualify", json={"lead_id": lead}, headers=auth))
+        await _joined(client)
+        # Shutting down without Redis: the job is stopped, and its model call with it.
+        await client._transport.app.state.jobs.drain(0)  # type: ignore[attr-defined]
+        answer = await sync
+    assert answer.status_code == 503 and decode(answer)["type"].endswith("shared-call-cancelled")
+    assert answer.headers["retry-after"] == "1"

@@ -4,11 +4,14 @@ Storage is pluggable (`MemoryStore` in one process, `RedisStore` across
 replicas). Entries are the validated response body, prefixed by the time it was
 stored; they are kept `ttl + grace` so a stale answer can stand in for an error.
 
-Single flight has two layers. In one process, identical requests await one
-asyncio task, which is not tied to any single request: a caller that
-disconnects does not cancel the model call the others wait for. Across
-processes the task first takes a store lock; the other processes wait for the
-lock holder's outcome (result or error) and take over if the holder dies.
+Single flight has two layers, shared by the synchronous routes and the streamed jobs. In one
+process, identical questions await one model call (an asyncio task, `_flights[key]`): a
+synchronous request and a job for the same question share it, whichever asked first. A call a
+request started is not tied to that request: a caller that disconnects does not cancel the call
+the others wait for. A call a job started belongs to the job: when the job stops (handed to
+another replica, or past its deadline) the call stops too, and whoever joined it gets
+`SharedCallCancelled`. Across processes the call first takes a store lock; the other processes
+wait for the lock holder's outcome (result or error) and take over if the holder dies.
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-from ..errors import AdapterError, AgentFailed, GatewayRejected, GatewayUnavailable, InvalidAgentOutput, UpstreamTimeout
+from ..errors import (
+    AdapterError,
+    AgentFailed,
+    GatewayRejected,
+    GatewayUnavailable,
+    InvalidAgentOutput,
+    SharedCallCancelled,
+    UpstreamTimeout,
+)
 from ..storage.store import Entry, Store
 
 Mode = Literal["default", "no-cache", "no-store"]
@@ -133,18 +144,51 @@ class ResultCache:
             return Outcome(stale.body, "STALE", self.age(stale))
         return Outcome(body, "MISS")
 
+    def in_flight(self, key: str) -> bool:
+        """A model call for `key` is in the air in this process: joining it costs nothing."""
+        return key in self._flights
+
+    async def share(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], *, coordinate: bool = True,
+                    on_join: Callable[[], None] = lambda: None) -> bytes:
+        """A job's model call: join the one in the air for `key` (a request's or another job's), or make it.
+
+        The job that makes it owns it (awaited unshielded): cancelling the job cancels the call.
+        `coordinate=False` skips the cross-process lock: a job taken over from a dead replica must
+        not wait out the lock that replica still holds on paper.
+        """
+        if (flight := self._flights.get(key)) is not None:
+            self.note_coalesced(key)
+            on_join()
+            return await self._shared(flight)
+        return await self._launch(key, ttl, compute, coordinate)
+
+    def _launch(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> asyncio.Task[bytes]:
+        flight = asyncio.create_task(self._fly(key, ttl, compute, coordinate), name=f"flight {key}")
+        self._flights[key] = flight
+        flight.add_done_callback(lambda landed: self._landed(key, landed))
+        return flight
+
     async def _join(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]],
                     flight: asyncio.Task[bytes] | None) -> bytes:
         if flight is None:
             flight = self._flights.get(key)
         if flight is None:
-            flight = asyncio.create_task(self._fly(key, ttl, compute), name=f"flight {key}")
-            self._flights[key] = flight
-            flight.add_done_callback(lambda landed: self._landed(key, landed))
+            flight = self._launch(key, ttl, compute)
         else:
             self.note_coalesced(key)
-        # shield: one caller leaving must not cancel the call the others share.
-        return await asyncio.shield(flight)
+        return await self._shared(flight)
+
+    @staticmethod
+    async def _shared(flight: asyncio.Task[bytes]) -> bytes:
+        try:
+            # shield: one caller leaving must not cancel the call the others share.
+            return await asyncio.shield(flight)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if flight.cancelled() and not (current is not None and current.cancelling()):
+                raise SharedCallCancelled("the agent call this request shared was stopped by the job that made it "
+                                          "(handed to another replica, or past JOB_MAX_SECONDS); ask again") from None
+            raise
 
     def _landed(self, key: str, flight: asyncio.Task[bytes]) -> None:
         if self._flights.get(key) is flight:
@@ -152,7 +196,11 @@ class ResultCache:
         if not flight.cancelled():
             flight.exception()  # retrieved here, so an error nobody awaited is not reported as lost
 
-    async def _fly(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]]) -> bytes:
+    async def _fly(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> bytes:
+        if not coordinate:
+            body = await compute()
+            await self.keep(key, body, ttl)
+            return body
         lock = self.store.flight(key)
         try:
             while await lock.lead() is False:

@@ -11,9 +11,9 @@ that sees the job takes it over, asks the model again and continues the same log
 Jobs share the synchronous routes' pipeline (service.py, cache.py): one key derivation
 (`prepare`), one freshness rule (`lookup`), one stale-if-error rule (`stale_for`), one way an
 answer is kept (`keep`), and one hook for a fresh answer (`after_fresh`: the write-back).
-Single flight differs in where readers wait: a synchronous request awaits the one model
-call, while a stream reader follows the one job, so identical streams share a job (and,
-across replicas, the job log's claim on the question).
+and one single flight (`share`): a job and a synchronous request for the same question make
+one model call between them. Stream readers also share the job itself: identical streams follow
+one job (and, across replicas, the job log's claim on the question).
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ class Jobs:
                         return remote, "MISS"
                     # The holder ended (or vanished) without letting go of the question: ours now.
                     await self.mirror.reclaim(key, holder, job_id)
-            await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
+            if not self.service.cache.in_flight(key):  # joining a call in the air is free, as on the sync routes
+                await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
             return await self._launch(prepared, mode, authorization, job_id)
 
     async def _launch(self, prepared: Prepared, mode: str, authorization: str, job_id: str) -> tuple[Job, str]:
@@ -108,8 +109,8 @@ class Jobs:
             await self.mirror.written(job)  # its events_url must work on every replica from now on
         return job, "BYPASS" if mode == "no-store" else "MISS"
 
-    def _start_runner(self, job: Job, task: Task, authorization: str | None) -> None:
-        run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store")
+    def _start_runner(self, job: Job, task: Task, authorization: str | None, *, resumed: bool = False) -> None:
+        run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store", resumed=resumed)
         runner = asyncio.create_task(self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": task.name}),
                                      name=f"job {job.id}")
         self._runners.add(runner)
@@ -136,7 +137,7 @@ class Jobs:
         log.info("job.resumed", job_id=job.id, replica=self._replica, rerun=True, events=len(job.events))
         self._emit(job, "status", {"state": "running", "resumed": True,
                                    "message": "resumed on another replica: asking the agent again"})
-        self._start_runner(job, task, None)
+        self._start_runner(job, task, None, resumed=True)
 
     @property
     def _replica(self) -> str | None:
@@ -188,10 +189,22 @@ class Jobs:
         if self._by_key.get(job.key) is job:
             del self._by_key[job.key]
 
-    async def _run(self, job: Job, task: Task, agent_input: str, authorization: str | None, *, store: bool) -> None:
+    async def _run(self, job: Job, task: Task, agent_input: str, authorization: str | None, *, store: bool,
+                   resumed: bool = False) -> None:
+        def sharing() -> None:
+            self._emit(job, "status", {"state": "running", "message": "an identical request is already asking the agent: "
+                                                                      "sharing its answer"})
+
         try:
             async with asyncio.timeout(self.settings.job_max_seconds):
-                body = await self._produce(job, task, agent_input)
+                if store:
+                    # The synchronous routes' single flight: one model call per question, whoever asked first;
+                    # the answer is kept in the cache before `done`, so whoever saw `done` gets a hit, on any replica.
+                    body = await self.service.cache.share(job.key, self.settings.ttl_for(task),
+                                                          lambda: self._produce(job, task, agent_input),
+                                                          coordinate=not resumed, on_join=sharing)
+                else:
+                    body = await self._produce(job, task, agent_input)
         except TimeoutError:
             await self._fail_or_stale(job, task, UpstreamTimeout("job", self.settings.job_max_seconds, "job-timeout"))
         except AdapterError as exc:
@@ -200,9 +213,6 @@ class Jobs:
             log.error("job.crashed", job_id=job.id, exc_info=exc)
             self._fail(job, exc)
         else:
-            if store:
-                # Into the cache before `done`: whoever saw `done` and asks again gets a hit, on any replica.
-                await self.service.cache.keep(job.key, body, self.settings.ttl_for(task))
             self._emit(job, "result", self.service.result_event(task, body))
             self._finish(job, "succeeded")
             # A fresh answer's hook runs as on the synchronous route, with the creator's token (held
