@@ -29,9 +29,9 @@ from adapter.tasks import TASKS
 from adapter.settings import Settings
 from adapter.tasks.reading import OutputInvalid as OutputInvalidNow
 from tests.agent_outputs import Answer, load_corpus
+from tests.helpers import RECORD_ID
 
 ROOT = Path(__file__).resolve().parent.parent
-RECORD_ID = "65f1c0ffee0000000000a001"
 Validate = Callable[[Answer], Any]
 
 

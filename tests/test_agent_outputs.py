@@ -8,7 +8,6 @@ becomes one more file; nothing here needs editing.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -19,12 +18,10 @@ from adapter.errors import InvalidAgentOutput
 from adapter.pipeline.service import AiService
 from adapter.settings import Settings
 from adapter.tasks.reading import OutputInvalid, rules
+from tests.agent_outputs import OUTCOMES, Answer, load_corpus
+from tests.helpers import AGENTS_DIR, RECORD_ID
 
 GUIDANCE = TASKS.guidance_rules
-from tests.agent_outputs import OUTCOMES, Answer, load_corpus
-
-RECORD_ID = "65f1c0ffee0000000000a001"
-AGENTS_DIR = Path(Settings.from_env({}).conductor_agents_dir)
 ANSWERS = load_corpus()
 REPAIRS = [a for a in ANSWERS if a.outcome == "repair"]
 ACCEPTED = [a for a in ANSWERS if a.outcome != "repair"]

@@ -13,18 +13,7 @@ from adapter.tasks import TASKS
 from adapter.pipeline.cache import cache_key
 from adapter.storage.memory import MemoryStore
 from adapter.settings import Settings
-from tests.conftest import closed_port_url, decode, make_settings
-from tests.test_routes import assert_problem
-
-QUALIFY, LEAD_AGENT = "/api/v1/ai/lead/qualify", "LeadQualifier_CRM_Agent"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import EMAIL_AGENT, LEAD_AGENT, QUALIFY, Clock, assert_problem, closed_port_url, decode, make_settings
 
 
 @pytest.fixture
@@ -89,7 +78,7 @@ async def test_record_edit_gets_a_fresh_answer(client, crm, seed, auth, gateway)
 async def test_email_context_is_part_of_the_question(client, seed, auth, gateway):
     for context in ("initial outreach", "follow-up", "initial outreach"):
         await client.post("/api/v1/ai/email/generate", json={"lead_id": seed["leads"][0], "context": context}, headers=auth)
-    assert gateway.calls["EmailAssistant_CRM_Agent"] == 2
+    assert gateway.calls[EMAIL_AGENT] == 2
 
 
 async def test_no_cache_refreshes_and_stores(client, seed, auth, gateway):

@@ -14,17 +14,15 @@ from structlog.testing import capture_logs
 
 from adapter.agent_sync import local_agents, sync_agents
 from adapter.tasks import TASKS
-AGENT_IDS = TASKS.agent_ids
 from adapter.doubles.crm import StaleAfter500
 from adapter.doubles.gateway import NO_CWD, NO_SCREENPLAY, GatewayDouble
 from adapter.errors import GatewayRejected
 from adapter.upstreams.gateway import GatewayClient, _status_error, listed_agents
 from adapter.settings import Settings
-from tests.conftest import asgi_client, decode, make_settings, serving
-from tests.test_routes import DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, assert_problem
+from tests.helpers import (DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, QUALIFY, QUALIFY_STREAM, asgi_client, assert_problem,
+                           decode, make_settings, run_adapter_async, serving)
 
-QUALIFY = "/api/v1/ai/lead/qualify"
-QUALIFY_STREAM = "/api/v1/ai/lead/qualify/stream"
+AGENT_IDS = TASKS.agent_ids
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -223,7 +221,6 @@ async def test_the_double_keeps_the_real_agent_api_rules(gateway):
 
 
 async def test_check_reports_a_persona_that_differs_and_sync_fixes_it(gateway, agents_dir):
-    from tests.test_settings_cli import run_adapter_async
 
     gateway.registry[LEAD_AGENT]["persona"]["content"] += "\nAn edit made on the gateway.\n"
     async with serving(gateway.app) as gw:

@@ -11,9 +11,8 @@ import httpx
 import pytest
 
 from adapter.app import create_app
-from tests.conftest import asgi_client, closed_port_url, decode, make_settings, serving
 from tests.echo_backend import EchoBackend
-from tests.test_routes import assert_problem
+from tests.helpers import asgi_client, assert_problem, closed_port_url, decode, make_settings, serving
 
 MB = 1024 * 1024
 

@@ -4,28 +4,25 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from pathlib import Path
 
 import msgspec
 import pytest
 import yaml
 from httpx_sse import aconnect_sse
-from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from adapter.tasks import TASKS
 from adapter.tasks.extract import MAX_TEXT, REPAIR_MAX, NoJsonObject, extract_object, objects
 from adapter.tasks.prompting import repair_input
-from adapter.settings import ConfigError, Settings
+from adapter.settings import ConfigError
 from adapter.tasks import deal_predict, email_generate, lead_qualify
 from adapter.tasks.deal_predict import validate as deal_result
 from adapter.tasks.email_generate import validate as email_result
 from adapter.tasks.lead_qualify import classify
 from adapter.tasks.lead_qualify import validate as lead_result
 from adapter.tasks.reading import OutputInvalid, rules
-from tests.conftest import decode, make_settings
+from tests.helpers import AGENTS_DIR, EMAIL_AGENT, LEAD_AGENT, decode, make_settings, metric
 
-AGENTS_DIR = Path(Settings.from_env({}).conductor_agents_dir)
 LEAD = {"score": 55, "classification": "Warm", "reasoning": " ".join(["word"] * 50),
         "next_actions": ["a", "b", "c"], "bant": {"budget": "x", "authority": "y", "need": "z", "timeline": "Unknown"}}
 
@@ -287,18 +284,10 @@ def test_repair_prompt_quotes_contract_errors_only():
 
 # --- guidance reaches the caller, the log and the metrics; never a repair call ----------------
 
-EMAIL, EMAIL_AGENT = "/api/v1/ai/email/generate", "EmailAssistant_CRM_Agent"
+EMAIL = "/api/v1/ai/email/generate"
 # The gateway double writes the request's context into every email: a salesperson's "free pilot"
 # becomes a spam-trigger word in the model's answer, as it would with a real model.
 FREE = "our free pilot programme"
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 async def test_guidance_breach_is_served_with_warnings_logged_and_counted_once(client, seed, auth, gateway):
@@ -339,7 +328,7 @@ async def test_short_reasoning_is_served_not_repaired(client, seed, auth, gatewa
     monkeypatch.setattr(double, "answer_for", lambda *_: terse)
     r = await client.post("/api/v1/ai/lead/qualify", json={"lead_id": seed["leads"][0]}, headers=auth)
     assert r.status_code == 200 and r.headers["x-agent-warnings"] == "reasoning-length"
-    assert gateway.calls["LeadQualifier_CRM_Agent"] == 1 and decode(r)["score"] == 72
+    assert gateway.calls[LEAD_AGENT] == 1 and decode(r)["score"] == 72
 
 
 async def test_stream_result_carries_the_same_warnings(client, seed, auth):
