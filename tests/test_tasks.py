@@ -20,9 +20,8 @@ from adapter.settings import ConfigError
 from adapter.tasks import TASKS, Task
 from adapter.tasks.prompting import pick, task_input
 from adapter.tasks.reading import Breach, Reader, Verdict, read_answer, words
-from tests.conftest import asgi_client, decode, make_settings, running, serving
+from tests.helpers import LEAD_AGENT, ROOT, asgi_client, decode, make_settings, running, serving
 
-ROOT = Path(__file__).resolve().parent.parent
 AGENTS = ROOT / "conductor-agents"
 TOY_AGENT = "LeadSummarizer_CRM_Agent"
 
@@ -295,9 +294,6 @@ async def test_a_client_hanging_up_mid_upload_on_a_proxied_path_is_no_server_err
 
 
 # --- one pipeline: a stream and a synchronous request share one model call -------------------
-
-LEAD_AGENT = "LeadQualifier_CRM_Agent"
-
 
 async def _joined(client: httpx.AsyncClient, deadline: float = 5.0) -> None:
     """Until the sidecar counts one request joining a call in the air (bounded)."""
