@@ -22,6 +22,7 @@ from litestar.exceptions import NotFoundException
 from . import __version__
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
 from .metrics import Metrics
+from .pipeline.batches import Batches
 from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
 from .pipeline.service import AiService
@@ -35,6 +36,7 @@ from .tasks import TASKS, Registry
 from .tracing import Tracing, name_after_route
 from .upstreams import crm, gateway, transport
 from .web import openapi, problems
+from .web.batches import batch_routers
 from .web.demo import DemoSession, demo_router
 from .web.dependencies import STATE
 from .web.health import health_router
@@ -181,6 +183,9 @@ def create_app(
                                      lease=settings.job_lease_seconds, describe=problems.problem_json)
                 stack.push_async_callback(mirror.aclose)
             app.state.jobs = Jobs(service, describe=problems.problem_json, clock=clock, mirror=mirror)
+            app.state.batches = batches = Batches(app.state.jobs, clock=clock)
+            batches.start_sweeper()
+            stack.callback(batches.stop)
             metrics.watch_jobs(lambda: app.state.jobs.running)
             metrics.watch_breaker("conductor-gateway", lambda: service.gateway.breaker.state)
             metrics.watch_breaker("crm-backend", lambda: service.crm.breaker.state)
@@ -194,7 +199,7 @@ def create_app(
             yield
 
     app = Litestar(
-        route_handlers=[*task_routers(tasks), *job_routers(tasks), health_router, healthz, readyz, metrics_route,
+        route_handlers=[*task_routers(tasks), *job_routers(tasks), *batch_routers(tasks), health_router, healthz, readyz, metrics_route,
                         *([demo_router] if demo else [])],
         state=State({"metrics": metrics, "settings": settings, "demo": demo}),
         request_max_body_size=settings.max_body_bytes,

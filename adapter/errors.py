@@ -24,6 +24,7 @@ AdapterError                       status, slug, title, detail, headers, errors[
 ├── AgentMissing                   502
 ├── AgentFailed                    502
 ├── InvalidAgentOutput             502 (after repair)
+├── BatchItemLost                  502 (a batch item whose record was never read)
 ├── UpstreamTimeout                504 (slug per upstream)
 ├── JobExpired                     410
 ├── JobLogUnavailable              503 (Retry-After)
@@ -208,6 +209,12 @@ class AgentMissing(AdapterError):
 
 class AgentFailed(AdapterError):
     status, slug, title = 502, "agent-failed", "The agent's run failed"
+
+
+class BatchItemLost(AdapterError):
+    """A batch item nobody can run any more: its replica stopped before reading its record."""
+
+    status, slug, title = 502, "batch-item-lost", "The batch lost this item"
 
 
 class InvalidAgentOutput(AdapterError):

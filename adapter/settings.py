@@ -143,6 +143,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # a job whose lease lapses before `done` is taken over by the next replica that sees it.
     job_lease_seconds: Annotated[float, Meta(ge=0.3, le=600)] = 10.0
     job_token_ttl: Seconds = 900.0
+    # Batches (POST /api/v1/ai/batches): ids per batch, items asked at a time per batch, and a
+    # batch's lifetime (its events_url's token lives as long).
+    batch_max_items: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    batch_concurrency: Annotated[int, Meta(ge=1, le=64)] = 4
+    batch_max_seconds: Seconds = 21_600.0
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
 

@@ -238,7 +238,8 @@ def _in_docstring(path: Path, number: int) -> bool:
 
 def test_the_sync_and_stream_routes_all_act_for_a_verified_caller(client: httpx.AsyncClient):
     app = client._transport.app  # type: ignore[attr-defined]
-    task_routes = [r for r in app.routes if r.path.startswith("/api/v1/ai/") and "/jobs" not in r.path and r.path != "/api/v1/ai/health"]
+    task_routes = [r for r in app.routes if r.path.startswith("/api/v1/ai/")
+                   and not r.path.startswith(("/api/v1/ai/jobs", "/api/v1/ai/batches")) and r.path != "/api/v1/ai/health"]
     assert len(task_routes) == 2 * len(TASKS)
     for route in task_routes:
         for handler in route.route_handlers:

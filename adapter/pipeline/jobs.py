@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -41,7 +41,7 @@ class Jobs:
     def __init__(self, service: AiService, *, describe: Callable[[Exception, str], bytes],
                  clock: Callable[[], float] = time.time, mirror: Any = None) -> None:
         self.service = service
-        self._describe = describe  # an error -> the `error` event's problem JSON (web/problems.py renders it)
+        self.describe = describe  # an error -> the `error` event's problem JSON (web/problems.py renders it)
         self.settings = service.settings
         self._clock = clock
         self._jobs: dict[str, Job] = {}
@@ -52,6 +52,8 @@ class Jobs:
             mirror.on_orphan = self.resume
             mirror.on_lost = self._lost
         self._admitting: dict[str, asyncio.Lock] = {}
+        # Logs of another kind kept in the same job log, by id prefix (`aibatch`): who continues an orphan.
+        self.resumers: dict[str, Callable[[Job, dict[str, str]], Awaitable[None]]] = {}
         self._loading: dict[str, asyncio.Lock] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self.draining = False
@@ -111,8 +113,20 @@ class Jobs:
 
     def _start_runner(self, job: Job, task: Task, authorization: str | None, *, resumed: bool = False) -> None:
         run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store", resumed=resumed)
-        runner = asyncio.create_task(self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": task.name}),
-                                     name=f"job {job.id}")
+        self.run_owned(job, self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": task.name}))
+
+    def adopt(self, job: Job) -> None:
+        """A log this replica writes (a batch's too): found by `find`, mirrored to Redis, purged when expired."""
+        self._jobs[job.id] = job
+        if self.mirror is not None:
+            self.mirror.own(job)
+
+    def emit(self, job: Job, event: str, data: Any) -> None:
+        self._emit(job, event, data)
+
+    def run_owned(self, job: Job, run: Coroutine[Any, Any, None]) -> None:
+        """Run the coroutine that writes this job's log; shutdown drains it and a lost lease stops it."""
+        runner = asyncio.create_task(run, name=f"job {job.id}")
         self._runners.add(runner)
         self._running[job.id] = runner
         runner.add_done_callback(self._runners.discard)
@@ -121,6 +135,9 @@ class Jobs:
     async def resume(self, job: Job, meta: dict[str, str]) -> None:
         """This replica took an orphaned job over: continue its log, asking the model again if need be."""
         self._jobs[job.id] = job
+        if (other := self.resumers.get(job.id.partition("_")[0])) is not None:  # a batch's log, say
+            await other(job, meta)
+            return
         task = self.service.tasks.get(job.task)
         if job.finished:
             return
@@ -230,7 +247,7 @@ class Jobs:
         self._fail(job, exc)
 
     def _fail(self, job: Job, exc: Exception) -> None:
-        self._emit(job, "error", self._describe(exc, f"/api/v1/ai/jobs/{job.id}"))
+        self._emit(job, "error", self.describe(exc, f"/api/v1/ai/jobs/{job.id}"))
         self._finish(job, "failed")
 
     async def _produce(self, job: Job, task: Task, agent_input: str) -> bytes:

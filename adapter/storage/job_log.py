@@ -330,6 +330,72 @@ class RedisJobLog:
             self._s.fault(exc)
         return False
 
+    # --- what a batch keeps beside its log -------------------------------------------------
+
+    def _batches(self) -> str:
+        return f"{self._s.prefix}:batches"
+
+    def _inputs(self, job_id: str) -> str:
+        return f"{self._s.prefix}:job:{job_id}:inputs"
+
+    def _cancel(self, job_id: str) -> str:
+        return f"{self._s.prefix}:job:{job_id}:cancel"
+
+    async def add_batch(self, job_id: str) -> None:
+        """A running batch every replica looks after: if its runner dies, the next sweep takes it over."""
+        try:
+            await self._r.sadd(self._batches(), job_id)
+        except FAULTS as exc:
+            self._s.fault(exc)
+
+    async def drop_batch(self, job_id: str) -> None:
+        try:
+            await self._r.srem(self._batches(), job_id)
+        except FAULTS as exc:
+            self._s.fault(exc)
+
+    async def active_batches(self) -> list[str]:
+        try:
+            return [m.decode() for m in await self._r.smembers(self._batches())]
+        except FAULTS as exc:
+            self._s.fault(exc)
+            return []
+
+    async def save_inputs(self, job_id: str, inputs: dict[str, str]) -> None:
+        """The rendered input of each item: what a replica taking the batch over asks the model
+        without the creator's token (which is never stored)."""
+        if not inputs:
+            return
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.hset(self._inputs(job_id), mapping=inputs)
+                pipe.pexpire(self._inputs(job_id), self._ttl_ms)
+                await pipe.execute()
+        except FAULTS as exc:
+            self._s.fault(exc)
+
+    async def load_inputs(self, job_id: str) -> dict[str, str]:
+        try:
+            raw = await self._r.hgetall(self._inputs(job_id))
+        except FAULTS as exc:
+            self._s.fault(exc)
+            return {}
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def request_cancel(self, job_id: str) -> None:
+        try:
+            await self._r.set(self._cancel(job_id), b"1", px=self._ttl_ms)
+        except FAULTS as exc:
+            self._s.fault(exc)
+            raise JobLogUnavailable(f"the job log store (Redis) is unavailable: {self._s.degraded}") from None
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        try:
+            return bool(await self._r.exists(self._cancel(job_id)))
+        except FAULTS as exc:
+            self._s.fault(exc)
+            return False
+
     # --- the follower's side ----------------------------------------------------------------
 
     async def load(self, job_id: str) -> Job | None:

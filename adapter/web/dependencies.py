@@ -17,5 +17,5 @@ def from_state(name: str) -> Provide:
     return Provide(provide, sync_to_thread=False)
 
 
-# Declared once, on the app: the AI service, the jobs and the job tokens.
-STATE = {name: from_state(name) for name in ("service", "jobs", "tokens")}
+# Declared once, on the app: the AI service, the jobs, the batches and the job tokens.
+STATE = {name: from_state(name) for name in ("service", "jobs", "batches", "tokens")}

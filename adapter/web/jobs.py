@@ -68,7 +68,7 @@ def job_routers(tasks: Registry) -> list[Router]:
     async def authorized_job(job_id: str, request: Request, jobs: Jobs, tokens: JobTokens) -> Job:
         """The job, if the request carries its job token or a bearer token the CRM accepts for its record."""
         job = await jobs.find(job_id)
-        if job is None:
+        if job is None or job.mode == "batch":  # a batch's log is read at /api/v1/ai/batches
             raise NotFound(f"no job {job_id} (unknown, or expired)")
         scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
         token = request.query_params.get("token") or (bearer.strip() if scheme.lower() == "bearer" else "")

@@ -78,6 +78,21 @@ def stream_responses(task: Task) -> dict[int, ResponseSpec]:
     return {**ai_responses(task), 200: SSE_RESPONSE}
 
 
+def batch_responses(create: bool = False) -> dict[int, ResponseSpec]:
+    if create:
+        return {400: problem("Bad input, refused whole before anything runs: an unknown task, no ids or more than "
+                             "BATCH_MAX_ITEMS, a malformed or duplicate id, an unknown or invalid option (the field is named)"),
+                401: problem("No bearer token, or CRM_JWT_SECRET refused it"),
+                408: problem("The body did not arrive within BODY_TIMEOUT_SECONDS"),
+                413: problem("The body is larger than MAX_BODY_BYTES"), 415: problem("The body is not application/json"),
+                431: problem("The request headers are larger than MAX_HEADER_BYTES"),
+                503: problem("This replica is shutting down (see Retry-After)")}
+    return {400: problem("An invalid query parameter (`status` must be an item status)"),
+            401: problem("Neither the batch token nor a bearer token"),
+            403: problem("The token is invalid, expired or for another batch, or the bearer is not the batch's creator"),
+            404: problem("No such batch, or it expired")}
+
+
 def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
     if create:
         return {400: problem("Invalid body or input (the field is named)"), 401: problem("No bearer token, or the CRM refused it"),
