@@ -66,11 +66,11 @@ async def run_demo(settings: Settings) -> int:
         print(f"# {title}\n{line}\n")
     print(f"# The README's examples use $TOKEN, $LEAD and $DEAL: set them for this run\neval \"$(curl -s {base}/demo/env)\"\n")
     print("Press Ctrl+C to stop.\n", flush=True)
-    tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, sock in zip(doubles, (gw_sock, crm_sock), strict=True)]
+    upstreams = [asyncio.create_task(s.serve(sockets=[sock])) for s, sock in zip(doubles, (gw_sock, crm_sock), strict=True)]
     try:
         await main.serve(sockets=[app_sock])
     finally:
         for s in doubles:
             s.should_exit = True
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*upstreams, return_exceptions=True)
     return 0

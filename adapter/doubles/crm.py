@@ -247,20 +247,20 @@ class StaleAfter500:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self._pumps):
-                task.cancel()
+            for pump in list(self._pumps):
+                pump.cancel()
             await asyncio.gather(*self._pumps, return_exceptions=True)
             await self._server.wait_closed()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._pumps.add(task)
+        pump = asyncio.current_task()
+        assert pump is not None
+        self._pumps.add(pump)
         try:
             up_r, up_w = await asyncio.open_connection(*self._upstream)
         except OSError:
             client_w.close()
-            self._pumps.discard(task)
+            self._pumps.discard(pump)
             return
         poisoned = asyncio.Event()
         # HTTP/1.1 without pipelining: a response starts with the first upstream bytes after a request.
@@ -290,4 +290,4 @@ class StaleAfter500:
             await asyncio.gather(relay, return_exceptions=True)
             for writer in (client_w, up_w):
                 writer.close()
-            self._pumps.discard(task)
+            self._pumps.discard(pump)
