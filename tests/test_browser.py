@@ -118,6 +118,54 @@ def test_injected_failure_shows_the_problem(browser, demo_url, tmp_path):
     browser.save_screenshot(str(tmp_path / "failure.png"))
 
 
+def run_batch(browser, url, *, cancel=False):
+    """Click "Qualify all leads" (and Cancel at once, with `cancel`); wait, bounded, for the batch's `done`."""
+    if browser.current_url != url:
+        browser.get(url)
+    wait = WebDriverWait(browser, 30)
+    body = browser.find_element(By.TAG_NAME, "body")
+    wait.until(lambda b: body.get_attribute("data-batch-state") in {"idle", "completed", "cancelled", "failed"})
+    browser.find_element(By.ID, "batch-start").click()
+    if cancel:
+        wait.until(lambda b: body.get_attribute("data-batch-state") in {"running", "completed", "failed"})
+        browser.find_element(By.ID, "batch-cancel").click()
+    wait.until(lambda b: body.get_attribute("data-batch-state") in {"completed", "cancelled", "failed"})
+    counts = {k: int(browser.find_element(By.ID, f"batch-{k}").text)
+              for k in ("done", "total", "succeeded", "cached", "failed", "cancelled", "running")}
+    return body.get_attribute("data-batch-state"), counts
+
+
+def test_qualify_all_leads_runs_one_batch_and_shows_every_lead_scored(browser, demo_url, tmp_path):
+    browser.get(demo_url)
+    leads = [o.text for o in Select(WebDriverWait(browser, 30).until(
+        lambda b: b.find_element(By.ID, "lead") if b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "ready"
+        else None)).options]
+    assert browser.find_element(By.ID, "batch-start").text == "Qualify all leads"
+    state, counts = run_batch(browser, demo_url)
+    # Every lead of the session is the demo user's own: all are qualified, none fails.
+    assert state == "completed"
+    assert counts["total"] == counts["done"] == counts["succeeded"] == len(leads) >= 2
+    assert counts["failed"] == counts["cancelled"] == counts["running"] == 0 and counts["cached"] <= len(leads)
+    assert browser.find_element(By.ID, "batch-bar").get_attribute("value") == str(len(leads))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#batch-items li")
+    assert [r.find_element(By.CSS_SELECTOR, ".name").text for r in rows] == leads  # names, not ids
+    for row in rows:
+        assert row.get_attribute("data-status") == "succeeded"
+        score = int(row.find_element(By.CSS_SELECTOR, ".score").text)
+        badge = row.find_element(By.CSS_SELECTOR, ".badge").text
+        assert badge == ("Hot" if score >= 70 else "Warm" if score >= 40 else "Cold")
+    assert "done: completed" in browser.find_element(By.ID, "batch-status").text
+    assert not browser.find_element(By.ID, "batch-cancel").is_enabled()
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") in {"ready", "succeeded", "failed"}
+    browser.save_screenshot(str(tmp_path / "batch.png"))
+
+    # The same batch again: every answer is in the cache now, so every item is a free hit.
+    state, counts = run_batch(browser, demo_url)
+    assert state == "completed" and counts["succeeded"] == counts["cached"] == len(leads)
+    assert all("cached" in r.find_element(By.CSS_SELECTOR, ".state").text
+               for r in browser.find_elements(By.CSS_SELECTOR, "#batch-items li"))
+
+
 def test_page_names_the_record_hides_an_empty_output_box_fits_a_phone_and_has_an_icon(browser, demo_url):
     browser.set_window_size(420, 900)
     try:
@@ -140,5 +188,7 @@ def test_page_names_the_record_hides_an_empty_output_box_fits_a_phone_and_has_an
         assert browser.find_element(By.ID, "output").is_displayed() and fits()
         run_task(browser, demo_url, "task-email-generate")
         assert fits()
+        state, _ = run_batch(browser, demo_url)
+        assert state == "completed" and browser.find_element(By.ID, "batch").is_displayed() and fits()
     finally:
         browser.set_window_size(1400, 1000)

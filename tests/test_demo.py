@@ -74,12 +74,16 @@ def test_printed_stream_and_jobs_flow_work(demo):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def readme_examples() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return [block for block in re.findall(r"```sh\n(.*?)```", readme, re.DOTALL) if "$TOKEN" in block]
+
+
 def test_readme_examples_work_against_the_demo(demo):
     """The README's curls, as printed there, with $TOKEN, $LEAD and $DEAL from the demo's /demo/env."""
     port, printed = demo
     setter = next(line for line in printed if line.startswith("eval "))
-    readme = (ROOT / "README.md").read_text()
-    examples = [block for block in re.findall(r"```sh\n(.*?)```", readme, re.DOTALL) if "$TOKEN" in block]
+    examples = [block for block in readme_examples() if "/api/v1/ai/batches" not in block]  # the batch flow: below
     assert len(examples) >= 3
     for example in examples:
         script = f"{setter}\n" + example.replace("localhost:8080", f"127.0.0.1:{port}").replace("\\\n", " ").strip()
@@ -95,3 +99,27 @@ def test_the_readme_needs_nothing_outside_the_repository():
     for target in re.findall(r"\]\(([^)#]+)\)", readme):
         if not target.startswith(("http://", "https://")):
             assert (ROOT / target).exists(), f"README links to {target}, which is not in the repository"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_batch_flow_works_against_the_demo(demo):
+    """The README's batch curls, as printed there, run one after another in one shell (they share
+    $BATCH_ID): start a batch of the demo's leads, follow it to `done`, read its failed items, cancel it."""
+    port, printed = demo
+    setter = next(line for line in printed if line.startswith("eval "))
+    flow = [block for block in readme_examples() if "/api/v1/ai/batches" in block]
+    assert len(flow) == 3
+    # curl prints a body without a final newline: an `echo` between the blocks keeps one answer a line.
+    script = "\n".join([setter, "set -e", "\necho\n".join(flow)]).replace("localhost:8080", f"127.0.0.1:{port}").replace("\\\n", " ")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not out.stderr, out
+    lines = [line for line in out.stdout.splitlines() if line]
+    created, failed, cancelled = json.loads(lines[0]), json.loads(lines[-2]), json.loads(lines[-1])
+    leads = 3  # the demo user's leads (CrmDouble.seed): all theirs, so all succeed
+    assert created["total"] == leads and created["events_url"].startswith(f"/api/v1/ai/batches/{created['batch_id']}/events")
+    events = sse_events(out.stdout)
+    assert events[0] == "status" and events.count("item") == 2 * leads and events[-1] == "done"
+    done = json.loads(next(line for line in reversed(lines) if line.startswith("data: ")).removeprefix("data: "))
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == leads
+    assert failed["batch_id"] == created["batch_id"] and failed["items"] == [] and failed["counts"]["succeeded"] == leads
+    assert cancelled["status"] == "completed" and cancelled["cancel_requested"] is False  # finished: nothing to cancel

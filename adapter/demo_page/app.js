@@ -115,6 +115,103 @@ async function run(spec) {
   });
 }
 
+// --- The batch: one task over every lead of the session, followed like a job ----------------
+// Its own state (body's data-batch-state: idle, starting, running, completed, cancelled, failed),
+// so a batch and a single run can be watched at once.
+let batch = null;  // {id, total, source}
+const COUNTS = ["succeeded", "cached", "failed", "cancelled", "running"];
+const setBatchState = (state) => { document.body.dataset.batchState = state; };
+
+function batchStatus(text, cls) {
+  $("batch-status").append(el("li", cls ? { class: cls } : {}, text));
+}
+
+function showCounts(counts) {
+  const done = counts.succeeded + counts.failed + counts.cancelled;
+  $("batch-done").textContent = String(done);
+  for (const k of COUNTS) $(`batch-${k}`).textContent = String(counts[k]);
+  $("batch-bar").value = done;
+}
+
+function showItem(item) {
+  const row = $("batch-items").querySelector(`li[data-id="${item.id}"]`);
+  if (!row) return;
+  row.dataset.status = item.status;
+  const outcome = [el("span", { class: "state" }, item.cached ? `${item.status} (cached)` : item.status)];
+  if (item.result && "score" in item.result) {
+    outcome.push(el("span", { class: "score" }, String(item.result.score)),
+                 el("span", { class: `badge ${item.result.classification}` }, item.result.classification));
+  } else if (item.error) {
+    outcome.push(el("span", { class: "problem" }, `${item.error.title}: ${item.error.detail}`));
+  }
+  row.querySelector(".outcome").replaceChildren(...outcome);
+}
+
+async function startBatch(spec, ids) {
+  if (batch?.source) batch.source.close();
+  batch = null;
+  $("batch").hidden = false;
+  $("batch-title").textContent = `${$("batch-start").textContent}: ${ids.length} ${spec.record_kind}s`;
+  $("batch-status").replaceChildren();
+  $("batch-error").hidden = true;
+  $("batch-total").textContent = String(ids.length);
+  $("batch-bar").max = ids.length;
+  showCounts({ succeeded: 0, cached: 0, failed: 0, cancelled: 0, running: 0 });
+  $("batch-items").replaceChildren(...ids.map((id) => el("li", { "data-id": id, "data-status": "queued" },
+    el("span", { class: "name" }, recordName(spec.record_kind, id)), el("span", { class: "outcome" }, el("span", { class: "state" }, "queued")))));
+  setBatchState("starting");
+  $("batch-start").disabled = true;
+  const response = await fetch("/api/v1/ai/batches", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Authorization: `Bearer ${session.token}` },
+    body: JSON.stringify({ task: spec.name, ids }),
+  });
+  const body = await response.json();
+  if (!response.ok) {
+    $("batch-error").hidden = false;
+    $("batch-error").replaceChildren(el("strong", {}, body.title || "Error"), el("span", { class: "detail" }, body.detail || ""));
+    $("batch-start").disabled = false;
+    setBatchState("failed");
+    return;
+  }
+  batch = { id: body.batch_id, total: body.total, source: new EventSource(body.events_url) };
+  batchStatus(`batch ${body.batch_id} accepted: ${body.total} item(s)`);
+  setBatchState("running");
+  $("batch-cancel").disabled = false;
+  const source = batch.source;
+  // The browser reconnects by itself with Last-Event-ID; only a stream that gave up ends the batch view.
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED) { batchStatus("the event stream closed", "reconnect"); finishBatch("failed"); }
+  };
+  source.addEventListener("status", (e) => { const s = JSON.parse(e.data); batchStatus(`${s.state}: ${s.message}`); });
+  source.addEventListener("item", (e) => showItem(JSON.parse(e.data)));
+  source.addEventListener("progress", (e) => showCounts(JSON.parse(e.data)));
+  source.addEventListener("done", (e) => {
+    const done = JSON.parse(e.data);
+    showCounts(done.counts);
+    batchStatus(`done: ${done.status}${done.message ? ` (${done.message})` : ""}`);
+    source.close();
+    finishBatch(done.status);
+  });
+}
+
+function finishBatch(state) {
+  $("batch-start").disabled = false;
+  $("batch-cancel").disabled = true;
+  setBatchState(state);
+}
+
+async function cancelBatch() {
+  if (!batch) return;
+  $("batch-cancel").disabled = true;
+  const response = await fetch(`/api/v1/ai/batches/${batch.id}`, { method: "DELETE", headers: { Authorization: `Bearer ${session.token}` } });
+  const body = await response.json();
+  // Running items finish; queued ones never start. The `done` event ends the batch view.
+  batchStatus(response.ok ? (body.cancel_requested ? "cancel requested: running items finish, queued ones never start"
+                                                   : `cancel not needed: the batch is ${body.status}`)
+                          : `cancel refused: ${body.detail}`);
+}
+
 async function init() {
   session = await (await fetch("/demo/session")).json();
   for (const lead of session.leads) $("lead").append(el("option", { value: lead.id }, `${lead.name} (${lead.company})`));
@@ -124,6 +221,17 @@ async function init() {
     button.addEventListener("click", () => run(spec));
     $("tasks").append(button);
   }
+  // The batch task: the one the session marks for batches (never a name written here).
+  const batchSpec = session.tasks.find((t) => t.batch && t.record_kind === "lead");
+  if (batchSpec) {
+    const ids = session.leads.map((l) => l.id);
+    $("batch-start").textContent = `${batchSpec.label.split(" ")[0]} all ${batchSpec.record_kind}s`;
+    $("batch-start").dataset.task = batchSpec.name;
+    $("batch-start").hidden = $("batch-cancel").hidden = false;
+    $("batch-start").addEventListener("click", () => startBatch(batchSpec, ids));
+    $("batch-cancel").addEventListener("click", cancelBatch);
+  }
+  setBatchState("idle");
   document.body.dataset.state = "ready";
 }
 

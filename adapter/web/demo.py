@@ -50,9 +50,13 @@ async def static(name: FromPath[str]) -> Response[bytes]:
 @get("/session", include_in_schema=False)
 async def session(request: Request) -> dict[str, Any]:
     demo: DemoSession = request.app.state.demo
-    tasks = [{"name": t.name, "record_kind": t.record_kind,
+    registry = request.app.state.service.tasks.values()
+    # The page's "all leads" batch runs the task whose answer is stored on the record: its result
+    # is what a person runs over a whole list (the page finds it by this flag, never by name).
+    batch = next((t.name for t in registry if t.write_back is not None), None)
+    tasks = [{"name": t.name, "record_kind": t.record_kind, "batch": t.name == batch,
               "label": f"{t.name.split('.', 1)[1].replace('_', ' ').capitalize()} {t.name.split('.', 1)[0]}"}
-             for t in request.app.state.service.tasks.values()]
+             for t in registry]
     return {"token": demo.token, "leads": demo.leads, "deals": demo.deals, "tasks": tasks}
 
 
