@@ -1,0 +1,174 @@
+"""The pass-through through the client the app builds for it (`adapter.web.proxy.client`).
+
+tests/test_proxy.py hands the sidecar a plain httpx client; every one of its tests runs here
+again on the production client (httpx's API over aiohttp), and the behaviours that client
+must keep from httpcore are checked on it: the pool wait that is a 503, the one retry of a
+stale connection (and none for a request that is not GET/HEAD/OPTIONS), the client that
+hangs up mid-upload, the write to a backend that stopped reading, the redirect rewrite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from adapter.app import create_app
+from adapter.doubles.crm import StaleAfter500
+from adapter.web.proxy import client as proxy_client
+from tests.conftest import asgi_client, decode, make_settings, serving
+from tests.echo_backend import EchoBackend
+from tests.helpers import Changes
+from tests.test_proxy import (  # noqa: F401  (collected here: the same tests on the production client)
+    test_backend_down_is_502,
+    test_backend_errors_pass_through_untouched,
+    test_backend_slow_is_504,
+    test_cors_for_the_angular_dev_server,
+    test_fallthrough_can_be_turned_off,
+    test_fifty_megabytes_stream_both_ways_without_buffering,
+    test_hop_by_hop_dropped_and_forwarding_headers_set,
+    test_methods_bodies_queries_and_statuses_pass_through,
+    test_no_cors_headers_unless_configured,
+    test_request_targets_never_leave_the_backend,
+    test_sidecar_routes_are_not_proxied,
+)
+from tests.test_routes import assert_problem
+
+DEADLINE = 10.0
+
+
+@pytest.fixture
+def echo() -> EchoBackend:
+    return EchoBackend()
+
+
+@asynccontextmanager
+async def fronted(backend_url: str, gateway, crm, *, pool: float = 5.0, **overrides):
+    """The sidecar over TCP whose pass-through is the production client to `backend_url`; yields (client, url)."""
+    settings = make_settings(crm_backend_url=backend_url, **overrides)
+    async with proxy_client(settings, pool=pool) as proxy_http, \
+            asgi_client(gateway.app, "http://gateway.test") as gw, asgi_client(crm.app, "http://crm.test") as backend:
+        app = create_app(settings, gateway_http=gw, crm_http=backend, proxy_http=proxy_http)
+        async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            yield client, url
+
+
+@pytest.fixture
+def sidecar(echo, gateway, crm):
+    """As tests/test_proxy.py's, with the production client (read timeout 1 s, as that one's)."""
+
+    @asynccontextmanager
+    async def start(backend_url: str | None = None, **overrides):
+        async with serving(echo) as echo_url, \
+                fronted(backend_url or echo_url, gateway, crm, proxy_read_timeout=1, **overrides) as pair:
+            yield pair
+
+    return start
+
+
+async def test_a_pool_wait_past_its_bound_is_503_crm_busy(echo, gateway, crm):
+    arrived, go = asyncio.Event(), asyncio.Event()
+
+    async def backend(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/hold":
+            arrived.set()
+            await asyncio.wait_for(go.wait(), DEADLINE)  # holds the only connection until the test lets go
+        await echo(scope, receive, send)
+
+    async with serving(backend) as url, fronted(url, gateway, crm, pool=0.2, proxy_max_connections=1) as (client, _):
+        held = asyncio.create_task(client.get("/hold"))
+        await asyncio.wait_for(arrived.wait(), DEADLINE)
+        busy = await client.get("/api/v1/companies")
+        go.set()
+        first = await asyncio.wait_for(held, DEADLINE)
+        after = await client.get("/api/v1/companies")
+    assert_problem(busy, 503, "crm-busy")
+    assert "PROXY_MAX_CONNECTIONS" in decode(busy)["detail"] and "0.2 s" in decode(busy)["detail"]
+    assert first.status_code == 200 and after.status_code == 200  # the slot came back with the answer
+    assert [s["path"] for s in echo.seen] == ["/hold", "/api/v1/companies"]
+
+
+async def test_a_stale_connection_is_retried_once_for_get_and_never_for_delete(gateway, crm, seed, auth):
+    async with serving(crm.app) as crm_url:
+        host, port = crm_url.removeprefix("http://").split(":")
+        front = StaleAfter500(host, int(port))
+        url = await front.start()
+        try:
+            # One connection: the request after a 500 must reuse the poisoned one.
+            async with fronted(url, gateway, crm, proxy_max_connections=1) as (client, _):
+                assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
+                got = await client.get(f"/api/v1/leads/{seed['leads'][0]}", headers=auth)
+                assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
+                deleted = await client.delete(f"/api/v1/leads/{seed['leads'][1]}", headers=auth)
+        finally:
+            await front.stop()
+    assert got.status_code == 200 and seed["leads"][0] in got.text
+    assert_problem(deleted, 502, "crm-unavailable")  # sent once into the dead connection, not again
+    assert front.dropped == 2
+    assert seed["leads"][1] in crm.leads
+
+
+async def test_a_client_gone_mid_upload_abandons_the_upstream_request_and_blames_no_backend(echo, gateway, crm):
+    async with serving(echo) as url, fronted(url, gateway, crm) as (client, sidecar_url):
+        host, port = sidecar_url.removeprefix("http://").split(":")
+        written = Changes()
+
+        def seen(_logger, _name, line):
+            written.changed()
+            return line
+
+        with capture_logs(processors=[seen]) as logs:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /api/v1/uploads HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+            await writer.drain()
+            writer.close()  # gone after 1,000 of 100,000 bytes
+            await writer.wait_closed()
+            # The request's log line: the sidecar has finished with it.
+            await written.until(lambda: any(line["event"] == "request" for line in logs), DEADLINE, "the request's log line")
+        after = await client.get("/api/v1/companies")  # the pool is whole: the next request goes through
+    assert after.status_code == 200
+    assert [s["path"] for s in echo.seen] == ["/api/v1/companies"]  # the cut upload never reached the backend's handler
+    # The client left; the backend did nothing wrong and is not reported as unavailable.
+    assert not [line for line in logs if "crm-" in str(line.get("type", ""))], logs
+
+
+async def test_a_backend_that_stops_reading_an_upload_is_504_after_the_write_timeout(gateway, crm):
+    accepted = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # reads nothing: the sidecar's writes fill the socket buffers, then block
+        accepted.set()
+
+    server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    size = 64 * 1024 * 1024
+
+    async def upload():
+        block = b"z" * (1024 * 1024)
+        for _ in range(size // len(block)):
+            yield block
+
+    try:
+        async with fronted(f"http://127.0.0.1:{port}", gateway, crm, proxy_read_timeout=0.5) as (client, _):
+            r = await asyncio.wait_for(client.post("/api/v1/uploads", content=upload(), headers={"Content-Length": str(size)}),
+                                       DEADLINE)
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
+    assert accepted.is_set()
+    assert_problem(r, 504, "crm-timeout")
+
+
+async def test_a_backend_redirect_points_at_the_sidecar(gateway, crm, seed, auth):
+    async with serving(crm.app) as crm_url, fronted(crm_url, gateway, crm) as (client, url):
+        plain = await client.get("/api/v1/leads?page=2", headers=auth)
+        forwarded = await client.get("/api/v1/leads", headers={**auth, "X-Forwarded-Proto": "https",
+                                                               "X-Forwarded-Host": "crm.example.com"})
+    assert plain.status_code == 307 and plain.headers["location"] == f"{url}/api/v1/leads/?page=2"
+    assert forwarded.headers["location"] == "https://crm.example.com/api/v1/leads/"
