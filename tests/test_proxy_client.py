@@ -172,3 +172,15 @@ async def test_a_backend_redirect_points_at_the_sidecar(gateway, crm, seed, auth
                                                                "X-Forwarded-Host": "crm.example.com"})
     assert plain.status_code == 307 and plain.headers["location"] == f"{url}/api/v1/leads/?page=2"
     assert forwarded.headers["location"] == "https://crm.example.com/api/v1/leads/"
+
+
+async def test_a_cookie_one_caller_was_given_never_goes_with_another_callers_request(echo, gateway, crm):
+    async with serving(echo) as url, fronted(url, gateway, crm) as (_, sidecar_url):
+        async with httpx.AsyncClient(base_url=sidecar_url) as alice:
+            given = await alice.get("/api/v1/me")
+        async with httpx.AsyncClient(base_url=sidecar_url) as bob:
+            await bob.get("/api/v1/companies")
+            await bob.get("/api/v1/companies", headers={"Cookie": "mine=1"})
+    assert given.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]  # Alice got hers
+    cookies = [[v for k, v in seen["headers"] if k.lower() == "cookie"] for seen in echo.seen]
+    assert cookies == [[], [], ["mine=1"]]  # Bob's requests carry his own cookies only

@@ -217,6 +217,33 @@ def _nothing() -> None:
 _NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 
+class _NoJar(httpx.Cookies):
+    """A cookie jar that keeps nothing."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class _Jarless(httpx.AsyncClient):
+    """An httpx client with no cookie jar of its own.
+
+    httpx's client keeps every Set-Cookie an answer carries and sends it with later requests
+    that have no Cookie header: through a proxy shared by every caller, one caller's session
+    cookie went to the backend on the next caller's requests. A proxy passes cookies, it keeps none.
+    """
+
+    @property  # type: ignore[override]
+    def cookies(self) -> httpx.Cookies:
+        return _NO_JAR
+
+    @cookies.setter
+    def cookies(self, value: object) -> None:
+        return None  # httpx's constructor sets one; there is none to set
+
+
+_NO_JAR = _NoJar()
+
+
 def passthrough_client(*, base_url: str, timeout: httpx.Timeout, limits: httpx.Limits) -> httpx.AsyncClient:
-    """The pass-through's httpx client over aiohttp (`PassThrough`); closing it closes aiohttp's session."""
-    return httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=PassThrough(limits=limits), follow_redirects=False)
+    """The pass-through's httpx client over aiohttp (`PassThrough`), without a cookie jar; closing it closes aiohttp's session."""
+    return _Jarless(base_url=base_url, timeout=timeout, transport=PassThrough(limits=limits), follow_redirects=False)
