@@ -184,3 +184,35 @@ async def test_a_cookie_one_caller_was_given_never_goes_with_another_callers_req
     assert given.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]  # Alice got hers
     cookies = [[v for k, v in seen["headers"] if k.lower() == "cookie"] for seen in echo.seen]
     assert cookies == [[], [], ["mine=1"]]  # Bob's requests carry his own cookies only
+
+
+@pytest.mark.parametrize("declared", [1000, 200_000])  # read whole (≤ 64 KiB) / streamed
+async def test_an_answer_the_backend_cuts_short_reaches_the_client_as_short(gateway, crm, declared):
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n0123456789" % declared)
+        await writer.drain()
+        writer.close()  # 10 of the declared bytes, then gone
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    try:
+        async with fronted(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", gateway, crm) as (_, url):
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /api/v1/files/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(), DEADLINE)  # the sidecar closes the connection: the body is short
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: %d" % declared in head.lower()
+    assert body == b"0123456789"
+
+
+async def test_a_bodiless_delete_goes_without_a_content_length(sidecar, echo):
+    async with sidecar() as (client, _):
+        r = await client.delete("/api/v1/leads/7")
+    assert r.status_code == 200
+    assert [k for k, _ in echo.seen[-1]["headers"] if k.lower() in ("content-length", "transfer-encoding")] == []

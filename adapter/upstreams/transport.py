@@ -143,6 +143,17 @@ class _Slot(httpx.AsyncByteStream):
             self._release()
 
 
+class _Request(aiohttp.ClientRequest):
+    """aiohttp's request, less the `Content-Length: 0` it adds to a bodiless DELETE (or any
+    method but GET, HEAD, OPTIONS, CONNECT, TRACE): the backend gets the request as httpx built it."""
+
+    def update_body_from_data(self, body: object, *args: object, **kwargs: object) -> None:
+        given = "Content-Length" in self.headers
+        super().update_body_from_data(body, *args, **kwargs)  # type: ignore[arg-type]
+        if body is None and not given:
+            self.headers.pop("Content-Length", None)
+
+
 class PassThrough(AiohttpTransport):
     """The pass-through's transport: aiohttp's pool and parser under httpcore's pool semantics.
 
@@ -157,7 +168,9 @@ class PassThrough(AiohttpTransport):
         self._slots = asyncio.Semaphore(limits.max_connections) if limits.max_connections else None
 
     def get_client(self) -> aiohttp.ClientSession:
-        session = super().get_client()
+        connector = aiohttp.TCPConnector(keepalive_timeout=self.limits.keepalive_expiry, ssl=self.ssl_context,
+                                         limit=self.limits.max_connections or 0)
+        session = aiohttp.ClientSession(connector=connector, request_class=_Request)
         session._retry_connection = False  # type: ignore[attr-defined]  # no public switch; a test holds it to this
         return session
 
