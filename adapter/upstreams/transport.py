@@ -166,6 +166,7 @@ class PassThrough(AiohttpTransport):
     def __init__(self, *, limits: httpx.Limits) -> None:
         super().__init__(limits=limits)
         self._slots = asyncio.Semaphore(limits.max_connections) if limits.max_connections else None
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}  # one per (connect, read) asked
 
     def get_client(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(keepalive_timeout=self.limits.keepalive_expiry, ssl=self.ssl_context,
@@ -179,11 +180,14 @@ class PassThrough(AiohttpTransport):
             self.client = self.get_client()
         timeout = request.extensions.get("timeout", {})
         if self._slots is not None:
-            try:
-                async with asyncio.timeout(timeout.get("pool")):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise httpx.PoolTimeout(f"no connection free within {timeout.get('pool')} s") from None
+            if self._slots.locked():  # the wait, and its bound, only when there is one
+                try:
+                    async with asyncio.timeout(timeout.get("pool")):
+                        await self._slots.acquire()
+                except TimeoutError:
+                    raise httpx.PoolTimeout(f"no connection free within {timeout.get('pool')} s") from None
+            else:
+                await self._slots.acquire()
         release = self._slots.release if self._slots is not None else _nothing
         try:
             try:
@@ -192,28 +196,34 @@ class PassThrough(AiohttpTransport):
                 data = _Upload(request.stream, timeout.get("write"))  # type: ignore[arg-type]
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
                        if k.lower() != b"transfer-encoding"]  # aiohttp frames the body itself
-            try:
-                async with asyncio.timeout(None) as deadline:
-                    if isinstance(data, _Upload):
+            key = (timeout.get("connect"), timeout.get("read"))
+            if (limits := self._timeouts.get(key)) is None:
+                limits = self._timeouts[key] = aiohttp.ClientTimeout(sock_connect=key[0], connect=key[0], sock_read=key[1])
+            # encoded: the target goes byte for byte as httpx holds it, never re-quoted or resolved
+            sending = self.client.request(
+                request.method, URL(str(request.url), encoded=True), headers=headers, data=data, allow_redirects=False,
+                auto_decompress=False, compress=False, skip_auto_headers=_NO_AUTO_HEADERS, timeout=limits)
+            if not isinstance(data, _Upload):
+                try:
+                    response = await sending
+                except aiohttp.ClientError as exc:
+                    raise _from_aiohttp(exc) from exc
+            else:
+                try:
+                    async with asyncio.timeout(None) as deadline:
                         data.deadline = deadline
-                    try:
-                        # encoded: the target goes byte for byte as httpx holds it, never re-quoted or resolved
-                        response = await self.client.request(
-                            request.method, URL(str(request.url), encoded=True), headers=headers, data=data, allow_redirects=False,
-                            auto_decompress=False, compress=False, skip_auto_headers=_NO_AUTO_HEADERS,
-                            timeout=aiohttp.ClientTimeout(sock_connect=timeout.get("connect"), connect=timeout.get("connect"),
-                                                          sock_read=timeout.get("read")))
-                    finally:
-                        if isinstance(data, _Upload):
+                        try:
+                            response = await sending
+                        finally:
                             data.deadline = None
-            except (aiohttp.ClientError, TimeoutError) as exc:  # aiohttp's own timeouts are both
-                if deadline.expired():
-                    raise httpx.WriteTimeout(f"the request body could not be written within {timeout.get('write')} s") from None
-                if isinstance(data, _Upload) and data.error is not None:
-                    raise data.error from None
-                if not isinstance(exc, aiohttp.ClientError):
-                    raise
-                raise _from_aiohttp(exc) from exc
+                except (aiohttp.ClientError, TimeoutError) as exc:  # aiohttp's own timeouts are both
+                    if deadline.expired():
+                        raise httpx.WriteTimeout(f"the request body could not be written within {timeout.get('write')} s") from None
+                    if data.error is not None:
+                        raise data.error from None
+                    if not isinstance(exc, aiohttp.ClientError):
+                        raise
+                    raise _from_aiohttp(exc) from exc
         except BaseException:
             release()
             raise
