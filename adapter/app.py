@@ -36,7 +36,6 @@ from .web.jobs import streams_router
 from .web.tokens import JobTokens
 from .metrics import Metrics
 from .web.proxy import Proxy
-from .web.proxy import client as proxy_client
 from .web.ops import healthz, readyz
 from .web.ops import metrics as metrics_route
 from .pipeline.service import AiService
@@ -150,7 +149,7 @@ def create_app(
                     if settings.redis_url else MemoryStore(settings.cache_memory_max_entries, clock)
                 )
                 stack.push_async_callback(cache_store.aclose)
-            passthrough = proxy_http or crm_http or await stack.enter_async_context(proxy_client(settings))
+            passthrough = proxy_http or crm_http or await stack.enter_async_context(Proxy.client(settings))
             stack.callback(tracing.shutdown)
             for client in {gw, backend, passthrough}:  # client spans and traceparent to both upstreams
                 tracing.instrument(client)

@@ -1,4 +1,4 @@
-"""The pass-through through the client the app builds for it (`adapter.web.proxy.client`).
+"""The pass-through through the client the app builds for it (`Proxy.client`).
 
 tests/test_proxy.py hands the sidecar a plain httpx client; every one of its tests runs here
 again on the production client (httpx's API over aiohttp), and the behaviours that client
@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from adapter.app import create_app
 from adapter.doubles.crm import StaleAfter500
-from adapter.web.proxy import client as proxy_client
+from adapter.web.proxy import Proxy
 from tests.conftest import asgi_client, decode, make_settings, serving
 from tests.echo_backend import EchoBackend
 from tests.helpers import Changes
@@ -49,7 +49,7 @@ def echo() -> EchoBackend:
 async def fronted(backend_url: str, gateway, crm, *, pool: float = 5.0, **overrides):
     """The sidecar over TCP whose pass-through is the production client to `backend_url`; yields (client, url)."""
     settings = make_settings(crm_backend_url=backend_url, **overrides)
-    async with proxy_client(settings, pool=pool) as proxy_http, \
+    async with Proxy.client(settings, pool=pool) as proxy_http, \
             asgi_client(gateway.app, "http://gateway.test") as gw, asgi_client(crm.app, "http://crm.test") as backend:
         app = create_app(settings, gateway_http=gw, crm_http=backend, proxy_http=proxy_http)
         async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:

@@ -43,19 +43,6 @@ WHOLE = 64 * 1024
 _DEFAULT_TYPE = (b"content-type", b"application/json")
 
 
-def client(settings: Settings, *, pool: float = 5.0) -> httpx.AsyncClient:
-    """The pass-through's own client, as the app builds it: httpx's API over aiohttp's pool.
-
-    httpcore, anyio and h11 were about two thirds of a pass-through's CPU (bench.cpu);
-    `transport.PassThrough` keeps the pool wait, retry and header behaviour the proxy relies on.
-    """
-    return transport.passthrough_client(
-        base_url=settings.crm_backend_url,
-        timeout=httpx.Timeout(settings.crm_connect_timeout, read=settings.proxy_read_timeout, write=settings.proxy_read_timeout, pool=pool),
-        limits=httpx.Limits(max_connections=settings.proxy_max_connections, max_keepalive_connections=100,
-                            keepalive_expiry=settings.upstream_keepalive_expiry))
-
-
 def _strip(items: list[tuple[bytes, bytes]], extra: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
     """Header lines less the hop-by-hop ones, names lower-cased."""
     named = {t.strip().lower() for k, v in items if k.lower() == b"connection" for t in v.split(b",")}
@@ -69,6 +56,20 @@ class Proxy:
         self.base = http.base_url
         # How the backend names itself in absolute redirects: scheme://host[:port], as httpx sends Host.
         self.origin = f"{self.base.scheme}://{self.base.netloc.decode('ascii')}"
+
+    @staticmethod
+    def client(settings: Settings, *, pool: float = 5.0) -> httpx.AsyncClient:
+        """The pass-through's own client, as the app builds it: httpx's API over aiohttp's pool.
+
+        httpcore, anyio and h11 were about two thirds of a pass-through's CPU (bench.cpu);
+        `transport.PassThrough` keeps the pool wait, retry and header behaviour the proxy relies on.
+        """
+        return transport.passthrough_client(
+            base_url=settings.crm_backend_url,
+            timeout=httpx.Timeout(settings.crm_connect_timeout, read=settings.proxy_read_timeout, write=settings.proxy_read_timeout,
+                                  pool=pool),
+            limits=httpx.Limits(max_connections=settings.proxy_max_connections, max_keepalive_connections=100,
+                                keepalive_expiry=settings.upstream_keepalive_expiry))
 
     def target(self, raw_path: bytes, query: bytes) -> httpx.URL:
         if not raw_path.startswith(b"/"):
