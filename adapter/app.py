@@ -16,45 +16,41 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from litestar import Request, Response
+from litestar.exceptions import NotFoundException
 
-from . import __version__, contract
-from .upstreams import crm, gateway, transport
-from .web import problems
-from .tasks.registry import load_tasks
-from .pipeline.cache import MemoryStore, ResultCache, Store
+from . import __version__
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
-from .storage.ratelimit import Policy, RateLimiter
-from .storage.redis_store import FAULTS, RedisStore
-from .storage.job_log import RedisJobLog
-from .pipeline.jobs import Jobs
-from .web.tasks import SERVICE, ai_router
-from .web.demo import DemoSession, demo_router
-from .web.jobs import streams_router
-from .web.tokens import JobTokens
 from .metrics import Metrics
-from .web.proxy import Proxy
-from .web.ops import healthz, readyz
-from .web.ops import metrics as metrics_route
+from .pipeline.batches import Batches
+from .pipeline.cache import ResultCache
+from .pipeline.jobs import Jobs
 from .pipeline.service import AiService
 from .settings import Settings
+from .storage.job_log import RedisJobLog
+from .storage.memory import MemoryStore
+from .storage.ratelimit import Policy, RateLimiter
+from .storage.redis_store import FAULTS, RedisStore, redis_client
+from .storage.store import Store
+from .tasks import TASKS, Registry
 from .tracing import Tracing, name_after_route
+from .upstreams import crm, gateway, transport
+from .web import openapi, problems
+from .web.batches import batch_routers
+from .web.demo import DemoSession, demo_router
+from .web.dependencies import STATE
+from .web.health import health_router
+from .web.jobs import job_routers
+from .web.ops import healthz, readyz
+from .web.ops import metrics as metrics_route
+from .web.proxy import Forward, Proxy
+from .web.tasks import task_routers
+from .web.tokens import JobTokens
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
 log = structlog.get_logger("adapter.http")
-
-
-def redis_client(url: str) -> Redis:
-    # No client-side retries: a dead Redis must cost a request microseconds, not
-    # seconds of backoff. The next command reconnects by itself.
-    # redis-py 8 caps a pool at 100 connections and fails at once past that: 200 stream starts
-    # at a time exceeded it, and every overflow read as "Redis unavailable".
-    return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0),
-                          max_connections=1_000)
 
 
 async def _probe_redis(store: RedisStore, url: str) -> None:
@@ -103,6 +99,14 @@ async def _before_send(message: Message, scope: Scope) -> None:
                  request_id=request_id(scope))
 
 
+def fall_through(request: Request, exc: NotFoundException) -> Response:
+    """No route of ours: the CRM backend answers, unless CRM_PROXY_FALLTHROUGH is off."""
+    proxy = getattr(request.app.state, "proxy", None)
+    if proxy is not None and not request.scope.get("adapter.proxied"):
+        return Forward(proxy, request, problems.handle)
+    return problems.handle(request, exc)
+
+
 async def _name_span(message: Message, scope: Scope) -> None:
     if message["type"] == "http.response.start":
         name_after_route(scope)
@@ -118,12 +122,16 @@ def create_app(
     clock: Callable[[], float] = time.time,
     demo: DemoSession | None = None,
     tracer_provider: TracerProvider | None = None,
+    tasks: Registry = TASKS,
 ) -> Litestar:
     """Clients handed in are the caller's to close; the ones made here are closed at shutdown.
 
-    Traces: the tracer provider handed in, else what the OTEL_* variables ask for (off when none is set).
+    `tasks`: the AI tasks served (every route, setting, health entry and OpenAPI operation of a
+    task follows from its entry). Traces: the tracer provider handed in, else what the OTEL_*
+    variables ask for (off when none is set).
     """
-    tasks = load_tasks(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
+    tasks = tasks.load(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
+    tasks.check_overrides({"CACHE_TTL_": settings.cache_ttl, "RATE_LIMIT_": settings.rate_limit})
     metrics = Metrics()
     tracing = Tracing(tracer_provider) if tracer_provider is not None else Tracing.from_env(os.environ)
 
@@ -158,7 +166,7 @@ def create_app(
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
                                 on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc())
             limiter = RateLimiter(
-                {t: Policy.parse(getattr(settings, "rate_limit_" + t.replace(".", "_"))) for t in tasks},
+                {t.name: Policy.parse(settings.rate_limit_for(t)) for t in tasks.values()},
                 prefix=settings.cache_prefix, store=cache_store if isinstance(cache_store, RedisStore) else None, clock=clock)
             service = AiService(
                 tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics, clock=clock),
@@ -169,9 +177,12 @@ def create_app(
             mirror = None
             if isinstance(cache_store, RedisStore):
                 mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
-                                     lease=settings.job_lease_seconds)
+                                     lease=settings.job_lease_seconds, describe=problems.problem_json)
                 stack.push_async_callback(mirror.aclose)
-            app.state.jobs = Jobs(service, clock=clock, mirror=mirror)
+            app.state.jobs = Jobs(service, describe=problems.problem_json, clock=clock, mirror=mirror)
+            app.state.batches = batches = Batches(app.state.jobs, clock=clock)
+            batches.start_sweeper()
+            stack.callback(batches.stop)
             metrics.watch_jobs(lambda: app.state.jobs.running)
             metrics.watch_breaker("conductor-gateway", lambda: service.gateway.breaker.state)
             metrics.watch_breaker("crm-backend", lambda: service.crm.breaker.state)
@@ -185,15 +196,16 @@ def create_app(
             yield
 
     app = Litestar(
-        route_handlers=[ai_router, streams_router, healthz, readyz, metrics_route, *([demo_router] if demo else [])],
+        route_handlers=[*task_routers(tasks), *job_routers(tasks), *batch_routers(tasks), health_router, healthz, readyz, metrics_route,
+                        *([demo_router] if demo else [])],
         state=State({"metrics": metrics, "settings": settings, "demo": demo}),
         request_max_body_size=settings.max_body_bytes,
-        dependencies=SERVICE,
+        dependencies=STATE,
         lifespan=[lifespan],
         middleware=[request_context],
         before_send=[_before_send, *([_name_span] if tracing.on else [])],
         plugins=tracing.plugins(),
-        exception_handlers={Exception: problems.handle},
+        exception_handlers={NotFoundException: fall_through, Exception: problems.handle},
         logging_config=None,
         cors_config=CORSConfig(
             allow_origins=settings.cors_origins, allow_methods=["*"],
@@ -207,5 +219,5 @@ def create_app(
             render_plugins=[JsonRenderPlugin()],
         ),
     )
-    contract.finish(app.openapi_schema)  # the generated document is cached: this is what gets served
+    openapi.finish(app.openapi_schema, tasks)  # the generated document is cached: this is what gets served
     return app

@@ -10,8 +10,8 @@ from typing import TextIO
 import httpx
 
 from .agent_sync import drift, local_agents
-from .tasks.registry import AGENT_IDS, load_tasks
-from .app import redis_client
+from .storage.redis_store import redis_client
+from .tasks import TASKS
 from .upstreams.gateway import GatewayClient, listed_agents
 from .settings import ConfigError, Settings
 
@@ -23,7 +23,7 @@ async def run_checks(settings: Settings, out: TextIO = sys.stdout, err: TextIO =
         print(f"ok    {line}", file=out)
 
     try:
-        tasks = load_tasks(settings.conductor_agents_dir)
+        tasks = TASKS.load(settings.conductor_agents_dir)
         ok(f"agent definitions in {settings.conductor_agents_dir}: " + ", ".join(f"{t.agent_id} {t.version}" for t in tasks.values()))
     except ConfigError as exc:
         problems.append(str(exc))
@@ -85,10 +85,10 @@ async def _check_agents(gateway: GatewayClient, settings: Settings, listing: htt
         problems.append("the Conductor Gateway's /api/agents did not answer a list of agents")
         return
     try:
-        local = {a.agent_id: a for a in local_agents(settings.conductor_agents_dir, AGENT_IDS)}
+        local = {a.agent_id: a for a in local_agents(settings.conductor_agents_dir, TASKS.agent_ids)}
     except ConfigError:
         local = {}  # already reported with the definitions
-    for agent in AGENT_IDS:
+    for agent in TASKS.agent_ids:
         if agent not in listed:
             problems.append(f"the gateway does not know agent {agent}: run `adapter agents sync`")
             continue

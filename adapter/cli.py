@@ -68,11 +68,11 @@ def cmd_agents_sync(_: argparse.Namespace) -> int:
     import httpx
 
     from .agent_sync import local_agents, sync_agents
-    from .tasks.registry import AGENT_IDS
+    from .tasks import TASKS
     from .upstreams.gateway import GatewayClient
 
     settings = _settings()
-    agents = local_agents(settings.conductor_agents_dir, AGENT_IDS)
+    agents = local_agents(settings.conductor_agents_dir, TASKS.agent_ids)
 
     async def run() -> int:
         async with httpx.AsyncClient(base_url=settings.conductor_gateway_url, timeout=30.0) as http:

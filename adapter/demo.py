@@ -12,6 +12,7 @@ from .doubles.crm import CrmDouble
 from .doubles.gateway import GatewayDouble
 from .web.demo import DemoSession
 from .settings import Settings
+from .tasks import TASKS
 
 
 def curls(base: str, token: str, seed: dict) -> list[tuple[str, str]]:
@@ -53,7 +54,7 @@ async def run_demo(settings: Settings) -> int:
     app_sock = servers.bind(settings.adapter_host, settings.adapter_port)
     settings = msgspec.structs.replace(
         settings, conductor_gateway_url=servers.url_of(gw_sock), crm_backend_url=servers.url_of(crm_sock), redis_url=None,
-        sse_retry_ms=500, rate_limit_email_generate="off", rate_limit_lead_qualify="off", rate_limit_deal_predict="off")
+        sse_retry_ms=500, rate_limit={t.env_suffix: "off" for t in TASKS.values()})
     token = crm.token(seed["alice"], expires_in=7 * 86400)
     main = servers.server(create_app(settings, demo=demo_session(crm, gateway, seed, token)))
     doubles = [servers.server(gateway.app, quiet=True), servers.server(crm.app, quiet=True)]

@@ -1,14 +1,62 @@
-"""Domain exceptions. They carry data only; `adapter.problems` turns them into responses."""
+"""Every domain exception of the sidecar. They carry data only; `web/problems.py` is the one
+mapping that turns them (and Litestar's own) into RFC 9457 problem responses.
+
+AdapterError                       status, slug, title, detail, headers, errors[]
+├── BadRequest                     400 invalid-request (names the field)
+├── Unauthenticated                401 (WWW-Authenticate: Bearer)
+├── Forbidden                      403
+├── NotFound                       404
+├── RequestTimeout                 408 (the client was too slow; Connection: close)
+├── UnsupportedMediaType           415
+├── RateLimited                    429 (storage/ratelimit.py; Retry-After, RateLimit-*)
+├── HeadersTooLarge                431
+├── ClientGone                     499 (the client hung up mid-request; nobody reads the answer)
+├── CrmRefused                     the CRM backend's own 4xx, passed on
+├── CrmUnavailable                 502 crm-unavailable
+│   └── CrmCircuitOpen             503 (Retry-After)
+├── CrmBusy                        503 (pass-through pool exhausted; Retry-After)
+├── GatewayUnavailable             503 (Retry-After)
+│   ├── GatewayCircuitOpen
+│   ├── GatewayBusy
+│   └── SharedCallCancelled        (the job whose model call it joined stopped it)
+├── GatewayRejected                502 gateway-error (refused for good: no Retry-After)
+├── GatewayProtocolError           502
+├── AgentMissing                   502
+├── AgentFailed                    502
+├── InvalidAgentOutput             502 (after repair)
+├── BatchItemLost                  502 (a batch item whose record was never read)
+├── UpstreamTimeout                504 (slug per upstream)
+├── JobExpired                     410
+├── JobLogUnavailable              503 (Retry-After)
+├── ShuttingDown                   503 (this replica drains; Retry-After)
+└── NotReady                       503 (readiness probe)
+
+`to_record`/`from_record` carry an error to another process (the Redis single flight):
+`from_record` rebuilds the same class from the registry of subclasses, never from globals.
+
+Not here, on purpose: signals that never leave their module and never become a response
+(`OutputInvalid` starts a repair, `NoJsonObject` feeds it, the gateway client's private
+`_Refused503`/`_StreamLost` steer its retries), and start-up failures that stop the process
+with one line (`ConfigError`, `CannotListen`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 
 class AdapterError(Exception):
     status: int = 500
     slug: str = "internal-error"
     title: str = "Internal error"
+
+    # Every subclass, by name: what `from_record` may rebuild.
+    registry: ClassVar[dict[str, type[AdapterError]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        AdapterError.registry[cls.__name__] = cls
 
     def __init__(
         self,
@@ -46,6 +94,10 @@ class Unauthenticated(AdapterError):
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+class RateLimited(AdapterError):
+    status, slug, title = 429, "rate-limited", "Too many AI requests"
+
+
 class HeadersTooLarge(AdapterError):
     status, slug, title = 431, "headers-too-large", "Request headers too large"
 
@@ -61,6 +113,13 @@ class RequestTimeout(AdapterError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, headers={"Connection": "close"})
+
+
+class ClientGone(AdapterError):
+    """The client hung up mid-request (mid-upload on a proxied path): the upstream request is
+    abandoned with it. Nobody reads the answer; the status (nginx's 499) is for logs and metrics."""
+
+    status, slug, title = 499, "client-closed-request", "Client closed the request"
 
 
 class CrmRefused(AdapterError):
@@ -82,6 +141,15 @@ class CrmUnavailable(AdapterError):
     status, slug, title = 502, "crm-unavailable", "CRM backend unavailable"
 
 
+class CrmCircuitOpen(CrmUnavailable):
+    """The CRM backend failed often enough that calls are paused: not asked at all."""
+
+    status, slug, title = 503, "crm-circuit-open", "CRM backend circuit open"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        AdapterError.__init__(self, detail, headers={"Retry-After": str(retry_after)})
+
+
 class GatewayUnavailable(AdapterError):
     status, slug, title = 503, "gateway-unavailable", "Conductor Gateway unavailable"
 
@@ -97,19 +165,22 @@ class GatewayBusy(GatewayUnavailable):
     slug, title = "gateway-busy", "Too many agent calls in flight"
 
 
+class SharedCallCancelled(GatewayUnavailable):
+    """The model call this request shared was stopped by the job that made it (handed to another
+    replica while this one shut down, or past JOB_MAX_SECONDS): asking again starts a new one."""
+
+    slug, title = "shared-call-cancelled", "The shared agent call was cancelled"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retry_after=1)
+
+
 class CrmBusy(AdapterError):
     """Every pass-through connection to the CRM backend stayed in use while this request waited for one."""
 
     status, slug, title = 503, "crm-busy", "CRM backend connections busy"
 
     def __init__(self, detail: str, *, retry_after: int = 1) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
-
-
-class CrmCircuitOpen(AdapterError):
-    status, slug, title = 503, "crm-circuit-open", "CRM backend circuit open"
-
-    def __init__(self, detail: str, *, retry_after: int) -> None:
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
@@ -138,6 +209,12 @@ class AgentMissing(AdapterError):
 
 class AgentFailed(AdapterError):
     status, slug, title = 502, "agent-failed", "The agent's run failed"
+
+
+class BatchItemLost(AdapterError):
+    """A batch item nobody can run any more: its replica stopped before reading its record."""
+
+    status, slug, title = 502, "batch-item-lost", "The batch lost this item"
 
 
 class InvalidAgentOutput(AdapterError):
@@ -177,6 +254,10 @@ class ShuttingDown(AdapterError):
         super().__init__(detail, headers={"Retry-After": "1"})
 
 
+class NotReady(AdapterError):
+    status, slug, title = 503, "not-ready", "Not ready"
+
+
 def to_record(exc: AdapterError) -> dict:
     """Plain data for an error, so another process can raise the same one."""
     return {
@@ -186,9 +267,7 @@ def to_record(exc: AdapterError) -> dict:
 
 
 def from_record(record: dict) -> AdapterError:
-    cls = globals().get(record.get("cls", ""), AdapterError)
-    if not (isinstance(cls, type) and issubclass(cls, AdapterError)):
-        cls = AdapterError
+    cls = AdapterError.registry.get(record.get("cls", ""), AdapterError)
     exc = cls.__new__(cls)
     AdapterError.__init__(exc, record["detail"], headers=record.get("headers"), errors=record.get("errors", ()))
     exc.status, exc.slug, exc.title = record["status"], record["slug"], record["title"]

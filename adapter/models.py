@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from typing import Annotated, Any, Literal
 
@@ -15,84 +14,14 @@ ObjectId = Annotated[
     Meta(pattern="^[0-9a-fA-F]{24}$", description="MongoDB ObjectId: 24 hexadecimal characters", examples=["65f1c0ffee0000000000a001"]),
 ]
 Percent = Annotated[int, Meta(ge=0, le=100)]
-Tone = Literal["professional", "formal", "casual", "direct"]
-VariationType = Literal["formal", "casual", "direct"]
-Classification = Literal["Hot", "Warm", "Cold"]
 
 
-class _Inbound(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class EmailGenerateRequest(_Inbound):
-    lead_id: ObjectId
-    context: Annotated[str, Meta(min_length=1, max_length=2000)] = "initial outreach"
-    tone: Tone = "professional"
-
-
-class LeadQualifyRequest(_Inbound):
-    lead_id: ObjectId
-
-
-class DealPredictRequest(_Inbound):
-    deal_id: ObjectId
-
-
-class EmailVariation(msgspec.Struct, kw_only=True):
-    type: VariationType
-    subject: Annotated[str, Meta(min_length=1, max_length=60)]
-    body: Annotated[str, Meta(min_length=1)]
-    tone: Annotated[str, Meta(min_length=1)]
+class Inbound(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A request body: an unknown field is refused (400 naming it), never ignored."""
 
 
 Provider = Annotated[str | None, Meta(description="The AI provider that produced the answer (one of CONDUCTOR_AI_PROVIDER); "
                                                   "null when the gateway chose its default")]
-
-
-class EmailGenerateResult(msgspec.Struct, kw_only=True):
-    lead_id: str
-    agent: str
-    variations: Annotated[list[EmailVariation], Meta(min_length=3, max_length=3)]
-    provider: Provider = None
-
-
-class Bant(msgspec.Struct, kw_only=True):
-    budget: str
-    authority: str
-    need: str
-    timeline: str
-
-
-class LeadQualifyResult(msgspec.Struct, kw_only=True):
-    lead_id: str
-    agent: str
-    score: Percent
-    classification: Classification
-    reasoning: str
-    next_actions: list[str]
-    bant: Bant
-    provider: Provider = None
-
-
-class DealPredictResult(msgspec.Struct, kw_only=True):
-    deal_id: str
-    agent: str
-    win_probability: Percent
-    health_score: Percent
-    predicted_close_date: dt.date | None
-    risk_factors: list[str]
-    recommended_actions: list[str]
-    reasoning: str
-    provider: Provider = None
-
-
-TaskName = Literal["email.generate", "lead.qualify", "deal.predict"]
-AnyResult = EmailGenerateResult | LeadQualifyResult | DealPredictResult
-
-
-class JobRequest(_Inbound):
-    task: TaskName
-    input: dict[str, Any] = msgspec.field(name="input")
 
 
 class JobCreated(msgspec.Struct, kw_only=True):
@@ -151,15 +80,3 @@ class AiHealth(msgspec.Struct, kw_only=True):
 class Liveness(msgspec.Struct, kw_only=True):
     status: Literal["ok", "ready"]
     cache: str | None = None
-
-
-@dataclasses.dataclass(kw_only=True)
-class JobView:
-    """A dataclass, not a Struct: msgspec cannot type an untagged union of Structs,
-    and the result is embedded as already-validated JSON (msgspec.Raw) anyway."""
-
-    job_id: str
-    task: TaskName
-    status: Literal["queued", "running", "succeeded", "failed"]
-    result: AnyResult | None = None
-    error: Problem | None = None

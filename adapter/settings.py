@@ -10,16 +10,29 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
+
+class TaskDefaults(Protocol):
+    """What the settings read of a task (adapter/tasks): its variables' suffix and its defaults."""
+
+    @property
+    def env_suffix(self) -> str: ...
+    @property
+    def cache_ttl(self) -> float: ...
+    @property
+    def rate_limit(self) -> str: ...
+
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 RATE = r"^(off|[1-9][0-9]{0,6}/[0-9]+(\.[0-9]+)?)$"
 PROVIDERS = r"^[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*$"
 Port = Annotated[int, Meta(ge=0, le=65_535)]
+# Settings with one variable per task, named `<FIELD>_<TASK>` (CACHE_TTL_LEAD_QUALIFY).
+PER_TASK = ("CACHE_TTL", "RATE_LIMIT")
 
 
 class ConfigError(Exception):
@@ -99,10 +112,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     gateway_max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 200
     gateway_queue_timeout: Annotated[float, Meta(ge=0, le=3600)] = 10.0
 
-    # Per-user token buckets, "<requests>/<seconds>" or "off". Cache hits are free.
-    rate_limit_email_generate: Annotated[str, Meta(pattern=RATE)] = "20/60"
-    rate_limit_lead_qualify: Annotated[str, Meta(pattern=RATE)] = "60/60"
-    rate_limit_deal_predict: Annotated[str, Meta(pattern=RATE)] = "60/60"
+    # RATE_LIMIT_<TASK>: per-user token buckets, "<requests>/<seconds>" or "off", keyed by the task's
+    # name in upper case (LEAD_QUALIFY). A task without one keeps its module's default. Cache hits are free.
+    rate_limit: dict[str, Annotated[str, Meta(pattern=RATE)]] = {}
     # The CRM backend's SECRET_KEY: verify bearer tokens here first (401 before any upstream call).
     crm_jwt_secret: str | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024, le=100 * 1024 * 1024)] = 64 * 1024
@@ -115,9 +127,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     agent_repair_attempts: Annotated[int, Meta(ge=0, le=5)] = 1
 
     cache_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "crm-ai"
-    cache_ttl_email_generate: Seconds = 1_800.0
-    cache_ttl_lead_qualify: Seconds = 21_600.0
-    cache_ttl_deal_predict: Seconds = 21_600.0
+    # CACHE_TTL_<TASK>: freshness in seconds, keyed like rate_limit; else the task module's default.
+    cache_ttl: dict[str, Seconds] = {}
     cache_stale_grace: Annotated[float, Meta(ge=0, le=7 * 86_400)] = 86_400.0
     cache_memory_max_entries: Annotated[int, Meta(ge=1, le=1_000_000)] = 2_000
     cache_lock_timeout: Seconds = 30.0
@@ -132,6 +143,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # a job whose lease lapses before `done` is taken over by the next replica that sees it.
     job_lease_seconds: Annotated[float, Meta(ge=0.3, le=600)] = 10.0
     job_token_ttl: Seconds = 900.0
+    # Batches (POST /api/v1/ai/batches): ids per batch, items asked at a time per batch, and a
+    # batch's lifetime (its events_url's token lives as long).
+    batch_max_items: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    batch_concurrency: Annotated[int, Meta(ge=1, le=64)] = 4
+    batch_max_seconds: Seconds = 21_600.0
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
 
@@ -150,9 +166,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
-        names = {f.encode_name for f in msgspec.structs.fields(cls)}
+        names = {f.encode_name for f in msgspec.structs.fields(cls)} - set(PER_TASK)
         # An empty variable means "unset" (docker compose writes `REDIS_URL=` for optional values).
-        raw = {k: v for k, v in env.items() if k in names and v != ""}
+        raw: dict[str, object] = {k: v for k, v in env.items() if k in names and v != ""}
+        variables: dict[str, tuple[str, object]] = {k: (k, v) for k, v in raw.items()}
+        # Per-task variables are read by pattern (CACHE_TTL_<TASK>): the settings do not know the
+        # tasks; the app checks at start-up that each one names a registered task.
+        for key, value in env.items():
+            for field in PER_TASK:
+                if key.startswith(field + "_") and key != field + "_" and value != "":
+                    raw.setdefault(field, {})[key[len(field) + 1:]] = value  # type: ignore[index]
+                    variables[key] = (field, {key[len(field) + 1:]: value})
         try:
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError:
@@ -160,11 +184,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
         # msgspec stops at the first bad field: convert each variable alone to find them all,
         # so an operator fixes the environment once, not once per variable.
         problems = []
-        for name, value in raw.items():
+        for name, (field, value) in variables.items():
             try:
-                msgspec.convert({name: value}, cls, strict=False)
+                msgspec.convert({field: value}, cls, strict=False)
             except msgspec.ValidationError as exc:
-                problems.append(_in_words(name, value, str(exc)))
+                problems.append(_in_words(name, env[name], str(exc)))
         raise ConfigError(*(problems or ["the settings are inconsistent"]))
 
     @property
@@ -176,8 +200,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
-    def ttl_for(self, task: str) -> float:
-        return getattr(self, "cache_ttl_" + task.replace(".", "_"))
+    def ttl_for(self, task: TaskDefaults) -> float:
+        return self.cache_ttl.get(task.env_suffix, task.cache_ttl)
+
+    def rate_limit_for(self, task: TaskDefaults) -> str:
+        return self.rate_limit.get(task.env_suffix, task.rate_limit)
 
 
 def _check_base_url(var: str, value: str) -> None:
@@ -198,7 +225,7 @@ _SECRET = ("SECRET", "TOKEN", "PASSWORD")
 
 def _in_words(name: str, value: str, message: str) -> str:
     """`ADAPTER_PORT: must be a whole number, got 'eighty'` from msgspec's `Expected `int`, got `str` - at `$.ADAPTER_PORT``."""
-    message = re.sub(r" - at `\$\.[A-Z_]+`$", "", message)
+    message = re.sub(r" - at `\$[^`]*`$", "", message)
     shown = "" if any(word in name for word in _SECRET) else f", got {value!r}"
     words = None
     if match := re.match(r"Expected `(\w+)` (>=|>|<=|<) ([\d.e+-]+)", message):

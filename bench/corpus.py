@@ -25,14 +25,13 @@ from typing import Any
 
 import msgspec
 
-from adapter.tasks.registry import TASKS
+from adapter.tasks import TASKS
 from adapter.settings import Settings
 from adapter.tasks.reading import OutputInvalid as OutputInvalidNow
-from adapter.tasks.reading import warnings_in
 from tests.agent_outputs import Answer, load_corpus
+from tests.helpers import RECORD_ID
 
 ROOT = Path(__file__).resolve().parent.parent
-RECORD_ID = "65f1c0ffee0000000000a001"
 Validate = Callable[[Answer], Any]
 
 
@@ -126,8 +125,8 @@ def main() -> None:
         print(f"Answers read through json-repair: {len(repaired_json)}; p50 of their validation "
               f"{statistics.median(repaired_json):.0f} µs, max {max(repaired_json):.0f} µs.")
     # What a cache hit pays for its X-Agent-Warnings: decode the served body, check the guidance again.
-    bodies = [(msgspec.json.encode(v.result), type(v.result)) for a in usable if (v := validator_now(a)) is not None]
-    recompute = sorted(statistics.median(_runs(lambda b=b, t=t: warnings_in(b, t), args.repeat)) for b, t in bodies)
+    bodies = [(msgspec.json.encode(v.result), TASKS[a.task]) for a in usable if (v := validator_now(a)) is not None]
+    recompute = sorted(statistics.median(_runs(lambda b=b, t=t: t.warnings(b), args.repeat)) for b, t in bodies)
     print(f"Warnings recomputed from a cached body (every hit): p50 {statistics.median(recompute):.1f} µs, "
           f"max {recompute[-1]:.1f} µs over {len(bodies)} bodies.")
     if old_wrong:

@@ -15,12 +15,7 @@ import sys
 from pathlib import Path
 
 from bench.stack import ROOT, _wait_up
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 def rss_mib(pid: int) -> int:
@@ -31,7 +26,7 @@ def rss_mib(pid: int) -> int:
 
 
 def main(root: Path) -> dict:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(root), "REDIS_URL": "", "LOG_FORMAT": "json",
            "CONDUCTOR_GATEWAY_URL": "http://127.0.0.1:9", "CRM_BACKEND_URL": "http://127.0.0.1:9"}
     sidecar = subprocess.Popen([sys.executable, "-m", "adapter.cli", "serve", "--port", str(port)], cwd=root, env=env,

@@ -35,17 +35,7 @@ from adapter import servers
 from adapter.doubles.crm import CrmDouble
 from adapter.doubles.gateway import GatewayDouble
 from bench.stack import percentile
-from tests.helpers import Reader, Replica
-
-LEAD_AGENT = "LeadQualifier_CRM_Agent"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import Reader, Replica, free_port
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:

@@ -1,7 +1,8 @@
-"""Real `adapter serve` replicas and a browser-like SSE reader, for the multi-process tests and bench/takeover.
+"""Helpers the tests share (bench/ may use them too); test modules never import each other.
 
-Every wait is bounded: a `Replica` reports its log lines as they come (the test awaits
-the line it needs, never a sleep), and a `Reader` reports each event it receives.
+Plain helpers only: the fixtures live in conftest.py. Every wait is bounded: a `Replica`
+reports its log lines as they come (the test awaits the line it needs, never a sleep), a
+`Reader` reports each event it receives, and `job_done` waits on a job's own events.
 """
 
 from __future__ import annotations
@@ -9,17 +10,234 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
+import pytest
+import redis as redis_sync
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapter import servers
+from adapter.settings import Settings
+from litestar import Litestar
 
 ROOT = Path(__file__).resolve().parent.parent
+AGENTS_DIR = Path(Settings.from_env({}).conductor_agents_dir)
+
+LEAD_AGENT, EMAIL_AGENT, DEAL_AGENT = "LeadQualifier_CRM_Agent", "EmailAssistant_CRM_Agent", "DealPredictor_CRM_Agent"
+QUALIFY = "/api/v1/ai/lead/qualify"
+QUALIFY_STREAM = "/api/v1/ai/lead/qualify/stream"
+RECORD_ID = "65f1c0ffee0000000000a001"  # a well-formed record id the validators accept
+
+
+# --- the app under test, its settings and answers -------------------------------------------
+
+def make_settings(**overrides: object) -> Settings:
+    env = {"GATEWAY_CALL_TIMEOUT": "5", "CRM_CALL_TIMEOUT": "5", "RETRY_BASE_DELAY": "0.005", "RETRY_MAX_DELAY": "0.01"}
+    env.update({k.upper(): str(v) for k, v in overrides.items()})
+    return Settings.from_env(env)
+
+
+def decode(response: httpx.Response) -> dict:
+    return msgspec.json.decode(response.content)
+
+
+def assert_problem(response: httpx.Response, status: int, slug: str) -> dict:
+    assert slug, "name the expected slug: an empty one matches any type"
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = decode(response)
+    assert body["type"].endswith(slug) and body["status"] == status
+    assert body["title"] and body["detail"]
+    assert "Traceback" not in response.text
+    return body
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus exposition, by (name, sorted labels)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sample with exactly these labels; 0 when absent (a counter never incremented)."""
+    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class Clock:
+    """A wall clock the test moves by hand (`clock.now += 61`).
+
+    It starts far ahead of the real time (2033): what the app stamps with it (cache entries,
+    job expiries) is compared with the real clock by some stores, and must never look expired.
+    """
+
+    def __init__(self, now: float = 2_000_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def job_done(app: Litestar, job_id: str, timeout: float = 60) -> Any:
+    """The in-process job once finished: waits on its own events (no polling), within `timeout`."""
+    job = app.state.jobs.get(job_id)
+    async with asyncio.timeout(timeout):
+        while not job.finished:
+            await job.after(len(job.events), timeout)
+    return job
+
+
+# --- serving: in process, over TCP, or nowhere ---------------------------------------------
+
+def asgi_client(app: Litestar, base_url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
+
+
+@asynccontextmanager
+async def running(app: Litestar, base_url: str = "http://sidecar.test") -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, and an in-process client of it, in this event loop.
+
+    The lifespan is held by a task of its own: fixtures are set up and torn down in
+    different tasks, and the lifespan's cancel scope must be left where it was entered.
+    """
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with app.lifespan():
+            started.set()
+            await stop.wait()
+
+    holder = asyncio.create_task(hold())
+    ready = asyncio.create_task(started.wait())
+    await asyncio.wait({holder, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if holder.done():
+        ready.cancel()
+        holder.result()  # start-up failed: raise its error here
+    try:
+        async with asgi_client(app, base_url) as client:
+            yield client
+    finally:
+        stop.set()
+        await holder
+
+
+@asynccontextmanager
+async def serving(app: Litestar) -> AsyncIterator[str]:
+    """Serve an ASGI app over real TCP in this event loop; yields its base URL."""
+    sock = servers.bind("127.0.0.1", 0)
+    server = servers.server(app, quiet=True, graceful=1.0)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield servers.url_of(sock)
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port_url() -> str:
+    """A loopback URL on which nothing listens: connections are refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+class Restartable:
+    """An upstream on a fixed port that a test can take down and bring back."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = None
+        self._task = None
+        self._sock = None
+
+    async def start(self) -> None:
+        self._sock = servers.bind("127.0.0.1", self.port)
+        self._server = servers.server(self.app, quiet=True, graceful=0.5)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            await self._task
+            self._sock.close()
+            self._server = None
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        with redis_sync.Redis.from_url(url, socket_connect_timeout=0.5) as r:
+            return bool(r.ping())
+    except redis_sync.RedisError:
+        return False
+
+
+class RedisProcess:
+    """A redis-server the suite owns: it can be stopped and restarted on the same port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Redis prints this line once it accepts connections: read until it appears, no polling.
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if "Ready to accept connections" in line:
+                return
+        raise RuntimeError(f"redis-server exited with {self.proc.wait()}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stdout.close()  # type: ignore[union-attr]
+            self.proc = None
+
+
+# --- the `adapter` command and its replicas ---------------------------------------------------
+
+def run_adapter(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adapter.cli", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+async def run_adapter_async(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "adapter.cli", *args, cwd=ROOT,
+                                                env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
 
 
 def _die_with_parent() -> None:

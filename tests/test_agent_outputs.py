@@ -8,21 +8,20 @@ becomes one more file; nothing here needs editing.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import msgspec
 import pytest
 
 from adapter.upstreams.gateway import ProviderPlan
-from adapter.tasks.registry import TASKS
+from adapter.tasks import TASKS
 from adapter.errors import InvalidAgentOutput
 from adapter.pipeline.service import AiService
 from adapter.settings import Settings
-from adapter.tasks.reading import GUIDANCE, OutputInvalid, rules
+from adapter.tasks.reading import OutputInvalid, rules
 from tests.agent_outputs import OUTCOMES, Answer, load_corpus
+from tests.helpers import AGENTS_DIR, RECORD_ID
 
-RECORD_ID = "65f1c0ffee0000000000a001"
-AGENTS_DIR = Path(Settings.from_env({}).conductor_agents_dir)
+GUIDANCE = TASKS.guidance_rules
 ANSWERS = load_corpus()
 REPAIRS = [a for a in ANSWERS if a.outcome == "repair"]
 ACCEPTED = [a for a in ANSWERS if a.outcome != "repair"]

@@ -7,13 +7,11 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import _free_port
+from tests.helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 if not (CHROMIUM and CHROMEDRIVER):
@@ -29,7 +27,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def demo_url():
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = subprocess.Popen([sys.executable, "-m", "adapter.cli", "demo", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -76,7 +74,7 @@ def elapsed(timeline, what):
 
 
 def test_qualify_shows_deltas_then_score_badge_and_bant(browser, demo_url, tmp_path):
-    timeline = run_task(browser, demo_url, "qualify")
+    timeline = run_task(browser, demo_url, "task-lead-qualify")
     kinds = [m["what"] for m in timeline]
     assert "delta" in kinds and kinds.index("delta") < kinds.index("result")
     score = int(browser.find_element(By.CSS_SELECTOR, ".lead .score").text)
@@ -89,7 +87,7 @@ def test_qualify_shows_deltas_then_score_badge_and_bant(browser, demo_url, tmp_p
 
 
 def test_email_shows_three_variations_side_by_side(browser, demo_url, tmp_path):
-    timeline = run_task(browser, demo_url, "email")
+    timeline = run_task(browser, demo_url, "task-email-generate")
     cards = browser.find_elements(By.CSS_SELECTOR, ".variations .card")
     assert [c.get_attribute("data-type") for c in cards] == ["formal", "casual", "direct"]
     assert len({c.location["y"] for c in cards}) == 1  # side by side
@@ -99,7 +97,7 @@ def test_email_shows_three_variations_side_by_side(browser, demo_url, tmp_path):
 
 
 def test_predict_shows_gauges_and_lists_and_survives_a_dropped_connection(browser, demo_url, tmp_path):
-    timeline = run_task(browser, demo_url, "predict", drop=True)
+    timeline = run_task(browser, demo_url, "task-deal-predict", drop=True)
     kinds = [m["what"] for m in timeline]
     assert "reconnected" in kinds and kinds.index("reconnected") < kinds.index("result")
     gauges = browser.find_elements(By.CSS_SELECTOR, ".deal .gauge")
@@ -111,7 +109,7 @@ def test_predict_shows_gauges_and_lists_and_survives_a_dropped_connection(browse
 
 
 def test_injected_failure_shows_the_problem(browser, demo_url, tmp_path):
-    run_task(browser, demo_url, "qualify", fault="wrong_shape", expect="failed")
+    run_task(browser, demo_url, "task-lead-qualify", fault="wrong_shape", expect="failed")
     error = browser.find_element(By.ID, "error")
     assert error.is_displayed()
     assert error.find_element(By.TAG_NAME, "strong").text == "The agent answered invalid output"
@@ -134,13 +132,13 @@ def test_page_names_the_record_hides_an_empty_output_box_fits_a_phone_and_has_an
 
         assert fits()
         lead = Select(browser.find_element(By.ID, "lead")).first_selected_option
-        run_task(browser, demo_url, "qualify", fault="start_fails", expect="failed")
+        run_task(browser, demo_url, "task-lead-qualify", fault="start_fails", expect="failed")
         title = browser.find_element(By.ID, "run-title").text
         assert lead.text in title and lead.get_attribute("value") not in title
         assert not browser.find_element(By.ID, "output").is_displayed()  # a failed start streamed nothing
-        run_task(browser, demo_url, "qualify")
+        run_task(browser, demo_url, "task-lead-qualify")
         assert browser.find_element(By.ID, "output").is_displayed() and fits()
-        run_task(browser, demo_url, "email")
+        run_task(browser, demo_url, "task-email-generate")
         assert fits()
     finally:
         browser.set_window_size(1400, 1000)

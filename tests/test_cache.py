@@ -9,21 +9,11 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 
-from adapter.tasks.registry import load_tasks
-from adapter.pipeline.cache import MemoryStore, cache_key
+from adapter.tasks import TASKS
+from adapter.pipeline.cache import cache_key
+from adapter.storage.memory import MemoryStore
 from adapter.settings import Settings
-from tests.conftest import closed_port_url, decode, make_settings
-from tests.test_routes import assert_problem
-
-QUALIFY, LEAD_AGENT = "/api/v1/ai/lead/qualify", "LeadQualifier_CRM_Agent"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import EMAIL_AGENT, LEAD_AGENT, QUALIFY, Clock, assert_problem, closed_port_url, decode, make_settings
 
 
 @pytest.fixture
@@ -88,7 +78,7 @@ async def test_record_edit_gets_a_fresh_answer(client, crm, seed, auth, gateway)
 async def test_email_context_is_part_of_the_question(client, seed, auth, gateway):
     for context in ("initial outreach", "follow-up", "initial outreach"):
         await client.post("/api/v1/ai/email/generate", json={"lead_id": seed["leads"][0], "context": context}, headers=auth)
-    assert gateway.calls["EmailAssistant_CRM_Agent"] == 2
+    assert gateway.calls[EMAIL_AGENT] == 2
 
 
 async def test_no_cache_refreshes_and_stores(client, seed, auth, gateway):
@@ -114,7 +104,7 @@ async def test_errors_are_never_cached(client, seed, auth, gateway):
     assert ok.status_code == 200 and ok.headers["x-cache"] == "MISS"
 
 
-@pytest.mark.parametrize("fault", ["unavailable_503", "garbage", "task_error"])
+@pytest.mark.parametrize("fault", ["unavailable_503", "garbage", "run_failed"])
 async def test_stale_served_when_the_agent_fails(make_client, seed, auth, gateway, clock, fault):
     settings = make_settings(cache_ttl_lead_qualify=60, cache_stale_grace=600)
     async with make_client(settings=settings, clock=clock) as client:
@@ -197,7 +187,7 @@ async def test_redis_hit_after_miss_with_bounded_namespaced_keys(make_client, re
         assert len(results) == 1 and len(results[0]) < 100 and results[0].startswith(f"{cache_prefix}:result:lead.qualify:")
         settings = redis_settings()
         kept_ms = r.pttl(results[0])
-        assert (settings.cache_ttl_lead_qualify + settings.cache_stale_grace) * 1000 - 10_000 < kept_ms
+        assert (settings.ttl_for(TASKS["lead.qualify"]) + settings.cache_stale_grace) * 1000 - 10_000 < kept_ms
     assert gateway.calls[LEAD_AGENT] == 1
 
 
@@ -262,7 +252,7 @@ async def test_waiter_takes_over_from_a_crashed_holder(make_client, redis_settin
     settings = redis_settings(cache_lock_timeout=0.3)
     async with make_client(settings=settings) as client:
         await qualify(client, seed["leads"][0], auth, **{"Cache-Control": "no-store"})  # learn the rendered input
-        task = load_tasks(settings.conductor_agents_dir)["lead.qualify"]
+        task = TASKS.load(settings.conductor_agents_dir)["lead.qualify"]
         key = cache_key(cache_prefix, "lead.qualify", LEAD_AGENT, task.version, seed["leads"][0], gateway.prompts[-1][1])
         with redis_sync.Redis.from_url(redis_url) as r:
             # A replica took the lock and died: nobody renews it, nobody publishes an outcome.

@@ -13,17 +13,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from adapter.agent_sync import local_agents, sync_agents
-from adapter.tasks.registry import AGENT_IDS
+from adapter.tasks import TASKS
 from adapter.doubles.crm import StaleAfter500
 from adapter.doubles.gateway import NO_CWD, NO_SCREENPLAY, GatewayDouble
 from adapter.errors import GatewayRejected
 from adapter.upstreams.gateway import GatewayClient, _status_error, listed_agents
 from adapter.settings import Settings
-from tests.conftest import asgi_client, decode, make_settings, serving
-from tests.test_routes import DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, assert_problem
+from tests.helpers import (DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, QUALIFY, QUALIFY_STREAM, asgi_client, assert_problem,
+                           decode, make_settings, run_adapter_async, serving)
 
-QUALIFY = "/api/v1/ai/lead/qualify"
-QUALIFY_STREAM = "/api/v1/ai/lead/qualify/stream"
+AGENT_IDS = TASKS.agent_ids
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -98,7 +97,7 @@ def test_settings_default_to_what_current_gateways_require():
 # --- answers read as the real stack means them ------------------------------------------------
 
 async def test_a_failed_run_is_agent_failed_never_model_text(client, gateway, seed, auth):
-    gateway.push(LEAD_AGENT, "task_error", "task_error")
+    gateway.push(LEAD_AGENT, "run_failed", "run_failed")
     sync = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
     body = assert_problem(sync, 502, "agent-failed")
     stream = await client.post(QUALIFY_STREAM, json={"lead_id": seed["leads"][1]}, headers=auth)
@@ -222,7 +221,6 @@ async def test_the_double_keeps_the_real_agent_api_rules(gateway):
 
 
 async def test_check_reports_a_persona_that_differs_and_sync_fixes_it(gateway, agents_dir):
-    from tests.test_settings_cli import run_adapter_async
 
     gateway.registry[LEAD_AGENT]["persona"]["content"] += "\nAn edit made on the gateway.\n"
     async with serving(gateway.app) as gw:
@@ -275,10 +273,10 @@ async def test_a_failed_instance_cleanup_never_fails_the_answer(make_client, gat
 
 async def test_a_failed_run_falls_back_to_the_next_provider_once(make_client, gateway, seed, auth):
     async with make_client(settings=make_settings(conductor_ai_provider="claude,gemini")) as client:
-        gateway.push(LEAD_AGENT, "task_error")
+        gateway.push(LEAD_AGENT, "run_failed")
         r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
         metrics = (await client.get("/metrics")).text
-        gateway.push(LEAD_AGENT, "task_error", "task_error")
+        gateway.push(LEAD_AGENT, "run_failed", "run_failed")
         failed = await client.post(QUALIFY, json={"lead_id": seed["leads"][1]}, headers=auth)
     assert r.status_code == 200 and r.headers["x-ai-provider"] == "gemini" and decode(r)["provider"] == "gemini"
     assert [b["ai_provider"] for b in gateway.bodies] == ["claude", "gemini", "claude", "gemini"]
@@ -288,7 +286,7 @@ async def test_a_failed_run_falls_back_to_the_next_provider_once(make_client, ga
 
 async def test_a_stream_falls_back_to_the_next_provider(make_client, gateway, seed, auth):
     async with make_client(settings=make_settings(conductor_ai_provider="claude,gemini")) as client:
-        gateway.push(LEAD_AGENT, "task_error")
+        gateway.push(LEAD_AGENT, "run_failed")
         events = sse_events(await client.post(QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth))
     assert events[-2][0] == "result" and events[-2][1]["provider"] == "gemini"
     assert any("trying provider gemini" in d.get("message", "") for e, d in events if e == "status")
@@ -298,7 +296,7 @@ async def test_one_request_runs_the_model_a_bounded_number_of_times(make_client,
     # Worst case of the documented bound: 1 run + AGENT_REPAIR_ATTEMPTS repairs + 1 provider fallback.
     settings = make_settings(conductor_ai_provider="claude,gemini", agent_repair_attempts=1, upstream_retries=3)
     async with make_client(settings=settings) as client:
-        gateway.push(LEAD_AGENT, "task_error", "garbage", "garbage", "json")
+        gateway.push(LEAD_AGENT, "run_failed", "garbage", "garbage", "json")
         r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
     assert_problem(r, 502, "invalid-agent-output")
     assert gateway.calls[LEAD_AGENT] == 3 == 1 + settings.agent_repair_attempts + 1

@@ -15,7 +15,7 @@ from schemathesis.specs.openapi.checks import (
 from adapter.app import create_app
 from adapter.doubles.crm import CrmDouble
 from adapter.doubles.gateway import GatewayDouble
-from tests.conftest import asgi_client, make_settings
+from tests.helpers import asgi_client, make_settings
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance]

@@ -8,7 +8,6 @@ import shlex
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import msgspec
@@ -18,8 +17,8 @@ import yaml
 from adapter.app import create_app
 from adapter.cli import build_parser
 from adapter.settings import Settings
+from tests.helpers import DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTING_NAMES = {f.encode_name for f in msgspec.structs.fields(Settings)}
 DEFAULTS = Settings.from_env({})
 # The dependencies' wire contracts (shared/context/upstreams.md): container port and health path.
@@ -75,7 +74,7 @@ def test_wheel_carries_the_agent_definitions(tmp_path):
                    check=True, capture_output=True)
     [wheel] = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for agent in ("EmailAssistant_CRM_Agent", "LeadQualifier_CRM_Agent", "DealPredictor_CRM_Agent"):
+    for agent in (EMAIL_AGENT, LEAD_AGENT, DEAL_AGENT):
         assert f"adapter/_agents/{agent}/persona.md" in names and f"adapter/_agents/{agent}/definition.yaml" in names
 
 

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from adapter.app import create_app
 from adapter.settings import ConfigError, Settings
-from tests.conftest import closed_port_url, decode, make_settings, running
-
-ROOT = Path(__file__).resolve().parent.parent
-QUALIFY = "/api/v1/ai/lead/qualify"
+from tests.helpers import QUALIFY, ROOT, closed_port_url, decode, make_settings, run_adapter, running
 
 
 def problem(response, status: int) -> dict:
@@ -87,11 +81,6 @@ def test_every_bad_variable_is_reported_in_words():
         "REDIS_URL": "must be a redis://, rediss:// or unix:// URL",
     }
     assert "\n" not in str(info.value) and "regex" not in str(info.value)
-
-
-def run_adapter(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adapter.cli", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
 def test_serve_reports_every_bad_variable_on_one_line():

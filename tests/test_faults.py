@@ -19,17 +19,7 @@ from httpx_sse import aconnect_sse
 from adapter.app import create_app
 from adapter.doubles.crm import CrmDouble
 from adapter.doubles.gateway import GatewayDouble
-from tests.conftest import RedisProcess, Restartable, make_settings, serving
-
-LEAD_AGENT = "LeadQualifier_CRM_Agent"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 2_000_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import LEAD_AGENT, Clock, RedisProcess, Restartable, job_done, make_settings, serving
 
 
 @dataclass
@@ -144,7 +134,7 @@ async def test_sync_route_under_fault_and_recovery(fault, inject, heal, status, 
 STREAM_FAULTS = [
     ("gateway closes the stream mid-way", ["cut", "error_500"], "gateway-error"),
     ("gateway never ends the stream", ["never_ends"] * 2, "job-timeout"),
-    ("gateway stream ends without a result", ["no_result", "task_error"], "agent-failed"),
+    ("gateway stream ends without a result", ["no_result", "run_failed"], "agent-failed"),
     ("gateway start answers [{error}, 500]", ["start_fails"] * 2, "gateway-unavailable"),
 ]
 
@@ -175,9 +165,7 @@ async def test_dropped_client_job_survives_faults_reaches_done_and_the_cache():
             async for _ in source.aiter_sse():
                 break  # the browser tab closes
         rig.gateway.gate.set()
-        job = rig.app.state.jobs.get(job_id)
-        while not job.finished:
-            await job.after(len(job.events), 30)
+        job = await job_done(rig.app, job_id, 30)
         assert job.status == "succeeded" and [e.event for e in job.events][-2:] == ["result", "done"]
         again = await rig.qualify(lead)
         assert again.status_code == 200 and again.headers["x-cache"] == "HIT"

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import decode, make_settings
-
-QUALIFY, LEAD_AGENT = "/api/v1/ai/lead/qualify", "LeadQualifier_CRM_Agent"
+from tests.helpers import LEAD_AGENT, QUALIFY, decode, make_settings, metric, samples
 
 
 async def test_fresh_qualification_is_written_back(client, crm, seed, auth):
@@ -53,18 +50,6 @@ async def test_only_qualification_writes_back(client, crm, seed, auth):
     assert "x-crm-write-back" not in r.headers and crm.patches == []
 
 
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 async def test_metrics_move_for_hit_miss_repair_stream_and_write_back(client, seed, auth, gateway):
     gateway.push(LEAD_AGENT, "garbage", "json")
     await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)  # miss, repaired
@@ -73,17 +58,17 @@ async def test_metrics_move_for_hit_miss_repair_stream_and_write_back(client, se
     r = await client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    assert value(text, "crm_ai_cache_events_total", task="lead.qualify", result="miss") == 2
-    assert value(text, "crm_ai_cache_events_total", task="lead.qualify", result="hit") == 1
-    assert value(text, "crm_ai_agent_output_total", agent=LEAD_AGENT, outcome="invalid") == 1
-    assert value(text, "crm_ai_agent_output_total", agent=LEAD_AGENT, outcome="repaired") == 1
-    assert value(text, "crm_ai_gateway_calls_total", agent=LEAD_AGENT, outcome="ok") == 2
-    assert value(text, "crm_ai_gateway_calls_total", agent=LEAD_AGENT, outcome="stream_started") == 1
-    assert value(text, "crm_ai_write_backs_total", outcome="ok") == 2  # the sync miss and the stream
-    assert value(text, "crm_ai_write_backs_total", outcome="skipped") == 1
-    assert value(text, "crm_ai_http_requests_total", route="/api/v1/ai/lead/qualify", method="POST", status="200") == 2
-    assert value(text, "crm_ai_http_request_duration_seconds_count", route="/api/v1/ai/lead/qualify") == 2
-    assert value(text, "crm_ai_open_streams") == 0  # the stream was read to its end and closed
+    assert metric(text, "crm_ai_cache_events_total", task="lead.qualify", result="miss") == 2
+    assert metric(text, "crm_ai_cache_events_total", task="lead.qualify", result="hit") == 1
+    assert metric(text, "crm_ai_agent_output_total", agent=LEAD_AGENT, outcome="invalid") == 1
+    assert metric(text, "crm_ai_agent_output_total", agent=LEAD_AGENT, outcome="repaired") == 1
+    assert metric(text, "crm_ai_gateway_calls_total", agent=LEAD_AGENT, outcome="ok") == 2
+    assert metric(text, "crm_ai_gateway_calls_total", agent=LEAD_AGENT, outcome="stream_started") == 1
+    assert metric(text, "crm_ai_write_backs_total", outcome="ok") == 2  # the sync miss and the stream
+    assert metric(text, "crm_ai_write_backs_total", outcome="skipped") == 1
+    assert metric(text, "crm_ai_http_requests_total", route="/api/v1/ai/lead/qualify", method="POST", status="200") == 2
+    assert metric(text, "crm_ai_http_request_duration_seconds_count", route="/api/v1/ai/lead/qualify") == 2
+    assert metric(text, "crm_ai_open_streams") == 0  # the stream was read to its end and closed
     assert ("crm_ai_running_jobs", ()) in samples(text)  # a sample, not just its HELP line
 
 

@@ -7,10 +7,7 @@ import asyncio
 import pytest
 
 from adapter.doubles.gateway import DB_DOWN
-from tests.conftest import decode, make_settings
-from tests.test_routes import assert_problem
-
-QUALIFY, LEAD_AGENT = "/api/v1/ai/lead/qualify", "LeadQualifier_CRM_Agent"
+from tests.helpers import LEAD_AGENT, QUALIFY, Clock, assert_problem, decode, make_settings
 
 
 async def test_body_over_the_limit_is_413_naming_it(make_client, auth, crm):
@@ -127,14 +124,6 @@ async def test_read_timeout_is_never_retried(make_client, seed, auth, gateway):
         r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
     assert_problem(r, 504, "gateway-timeout")
     assert gateway.calls[LEAD_AGENT] == 1
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_gateway_circuit_opens_fails_fast_probes_and_closes(make_client, seed, auth, gateway):

@@ -17,12 +17,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 import pytest
 
-from tests.conftest import Restartable, _free_port, serving
-from tests.helpers import Reader, Replica
+from tests.helpers import DEAL_AGENT, LEAD_AGENT, Reader, Replica, Restartable, free_port, serving
 
 pytestmark = pytest.mark.redis
 
-LEAD_AGENT, DEAL_AGENT = "LeadQualifier_CRM_Agent", "DealPredictor_CRM_Agent"
 LEASE = 1.5
 
 
@@ -46,7 +44,7 @@ def cluster(gateway, crm, seed, redis_process):
                 "GATEWAY_CALL_TIMEOUT": "30", "RETRY_BASE_DELAY": "0.01", "RETRY_MAX_DELAY": "0.05",
                 **{k.upper(): str(v) for k, v in overrides.items()},
             }
-            replicas = [Replica(f"replica-{i}", _free_port(), env) for i in range(n)]
+            replicas = [Replica(f"replica-{i}", free_port(), env) for i in range(n)]
             for r in replicas:
                 stack.push_async_callback(r.stop)
             stack.callback(dump, replicas)

@@ -9,20 +9,8 @@ import pytest
 
 from adapter.doubles.crm import object_id
 from adapter.doubles.gateway import GatewayDouble
-from tests.conftest import closed_port_url, decode, make_settings, serving
-
-LEAD_AGENT, EMAIL_AGENT, DEAL_AGENT = "LeadQualifier_CRM_Agent", "EmailAssistant_CRM_Agent", "DealPredictor_CRM_Agent"
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str) -> dict:
-    assert slug, "name the expected slug: an empty one matches any type"
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = decode(response)
-    assert body["type"].endswith(slug) and body["status"] == status
-    assert body["title"] and body["detail"]
-    assert "Traceback" not in response.text
-    return body
+from tests.helpers import (DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, assert_problem, closed_port_url, decode, make_settings,
+                           serving)
 
 
 async def test_qualify_success(client, seed, auth, gateway):
@@ -186,7 +174,7 @@ async def test_gateway_down_is_503_with_retry_after(make_client, seed, auth):
 
 @pytest.mark.parametrize(("behaviour", "status", "slug"), [
     ("error_500", 502, "gateway-error"),
-    ("task_error", 502, "agent-failed"),
+    ("run_failed", 502, "agent-failed"),
 ])
 async def test_gateway_failures_map_to_problems(client, seed, auth, gateway, behaviour, status, slug):
     gateway.push(LEAD_AGENT, behaviour)

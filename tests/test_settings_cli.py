@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from adapter.settings import ConfigError, Settings
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import DEAL_AGENT, LEAD_AGENT, ROOT, closed_port_url, free_port, run_adapter, run_adapter_async, serving
 
 
 def test_defaults():
@@ -44,11 +41,6 @@ def test_invalid_values_name_the_variable_in_one_line(env, variable):
     assert variable in str(info.value) and "\n" not in str(info.value)
 
 
-def run_adapter(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adapter.cli", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})}, cwd=ROOT)
-
-
 def test_invalid_configuration_stops_serve_with_one_line():
     done = run_adapter("serve", env={"ADAPTER_PORT": "nope"})
     assert done.returncode == 2
@@ -65,18 +57,7 @@ def test_committed_openapi_matches_the_app():
         "`adapter openapi > openapi/openapi.json` and review the diff")
 
 
-async def run_adapter_async(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    import asyncio
-
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "adapter.cli", *args, cwd=ROOT,
-                                                env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_check_passes_with_everything_up(gateway, crm, redis_url):
-    from tests.conftest import serving
 
     async with serving(gateway.app) as gw, serving(crm.app) as backend:
         code, out, err = await run_adapter_async("check", env={"CONDUCTOR_GATEWAY_URL": gw, "CRM_BACKEND_URL": backend,
@@ -86,9 +67,8 @@ async def test_check_passes_with_everything_up(gateway, crm, redis_url):
 
 
 async def test_check_names_each_dependency_that_is_down(gateway):
-    from tests.conftest import closed_port_url, serving
 
-    gateway.unknown_agents.add("DealPredictor_CRM_Agent")
+    gateway.unknown_agents.add(DEAL_AGENT)
     async with serving(gateway.app) as gw:
         code, out, err = await run_adapter_async("check", env={
             "CONDUCTOR_GATEWAY_URL": gw, "CRM_BACKEND_URL": closed_port_url(),
@@ -98,11 +78,10 @@ async def test_check_names_each_dependency_that_is_down(gateway):
     assert len(lines) == 3 and all(line.startswith("FAIL  ") for line in lines)
     assert any("CRM backend unreachable" in line for line in lines)
     assert any("Redis unreachable" in line for line in lines)
-    assert any("does not know agent DealPredictor_CRM_Agent" in line for line in lines)
+    assert any(f"does not know agent {DEAL_AGENT}" in line for line in lines)
 
 
 async def test_check_with_the_gateway_down():
-    from tests.conftest import closed_port_url
 
     code, _, err = await run_adapter_async("check", env={"CONDUCTOR_GATEWAY_URL": closed_port_url(), "REDIS_URL": ""})
     assert code == 1 and "Conductor Gateway unreachable" in err and "agent list unreachable" in err
@@ -119,10 +98,9 @@ async def test_sigterm_lets_in_flight_requests_finish(gateway, crm, seed):
 
     import httpx
 
-    from tests.conftest import _free_port, serving
 
     gateway.gate = asyncio.Event()
-    port = _free_port()
+    port = free_port()
     async with serving(gateway.app) as gw, serving(crm.app) as backend:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), cwd=ROOT, stderr=asyncio.subprocess.PIPE,
@@ -139,7 +117,7 @@ async def test_sigterm_lets_in_flight_requests_finish(gateway, crm, seed):
             response = await in_flight
         logs = (await proc.stderr.read()).decode()
         code = await proc.wait()
-    assert response.status_code == 200 and decode_json(response.content)["agent"] == "LeadQualifier_CRM_Agent"
+    assert response.status_code == 200 and decode_json(response.content)["agent"] == LEAD_AGENT
     # uvicorn finishes the request, runs the lifespan shutdown, then re-raises SIGTERM as its exit status.
     assert code == -signal.SIGTERM, logs
     assert "Application shutdown complete" in logs and "Traceback" not in logs
@@ -152,9 +130,8 @@ async def test_serve_with_workers_runs_that_many_processes_and_warns_without_red
 
     import httpx
 
-    from tests.conftest import _free_port
 
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), "--workers", "2", cwd=ROOT,
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "REDIS_URL": "", "LOG_FORMAT": "json"})
@@ -187,6 +164,12 @@ def decode_json(raw: bytes) -> dict:
 def test_readme_documents_every_setting():
     import msgspec
 
+    from adapter.settings import PER_TASK
+    from adapter.tasks import TASKS
+
     readme = (ROOT / "README.md").read_text()
-    missing = [f.encode_name for f in msgspec.structs.fields(Settings) if f"`{f.encode_name}`" not in readme]
+    # Per-task settings are documented by pattern, and by every name the registry gives them.
+    names = [f.encode_name for f in msgspec.structs.fields(Settings) if f.encode_name not in PER_TASK]
+    names += [f"{field}_<TASK>" for field in PER_TASK] + [f"{field}_{t.env_suffix}" for field in PER_TASK for t in TASKS.values()]
+    missing = [name for name in names if f"`{name}`" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from adapter.app import create_app
-from tests.conftest import asgi_client, decode, make_settings, serving
+from tests.helpers import asgi_client, decode, make_settings, serving
 from tests.echo_backend import EchoBackend
 
 # The bounds under test are short; every wait below is bounded by a multiple of them.

@@ -12,10 +12,7 @@ from httpx_sse import aconnect_sse
 from structlog.testing import capture_logs
 
 from adapter.app import create_app
-from tests.conftest import asgi_client, decode, make_settings, serving
-
-LEAD_AGENT = "LeadQualifier_CRM_Agent"
-QUALIFY_STREAM = "/api/v1/ai/lead/qualify/stream"
+from tests.helpers import LEAD_AGENT, QUALIFY_STREAM, asgi_client, decode, job_done, make_settings, serving
 
 
 @pytest.fixture
@@ -47,15 +44,6 @@ async def read_all(client, method, url, **kwargs) -> tuple[httpx.Response, list]
 
 def kinds(events) -> list[str]:
     return [e.event for e in events]
-
-
-async def finished(app, job_id: str) -> None:
-    """Wait, without a clock, for the job's `done` event."""
-    job = app.state.jobs.get(job_id)
-    after = 0
-    while not job.finished:
-        events = await job.after(after, 60)
-        after = len(job.events) if events else after
 
 
 @pytest.mark.parametrize(("path", "body_key", "record"), [
@@ -125,7 +113,7 @@ async def test_heartbeats_while_the_gateway_is_silent(stack, seed, auth, gateway
 @pytest.mark.parametrize(("behaviour", "slug"), [
     ("start_fails", "gateway-unavailable"),
     ("stream_error", "agent-failed"),
-    ("task_error", "agent-failed"),  # a `result` event whose status is "error": a failed run, never model text
+    ("run_failed", "agent-failed"),  # a `result` event whose status is "error": a failed run, never model text
 ])
 async def test_failures_end_in_error_then_done_failed(stack, seed, auth, gateway, behaviour, slug):
     gateway.push(LEAD_AGENT, behaviour)
@@ -238,8 +226,7 @@ async def test_job_finishes_and_is_cached_after_every_client_left(stack, seed, a
             async for _ in source.aiter_sse():
                 break  # read one event, then hang up
         gateway.gate.set()
-        await finished(app, job_id)
-        assert app.state.jobs.get(job_id).status == "succeeded"
+        assert (await job_done(app, job_id)).status == "succeeded"
         async with asyncio.timeout(10):  # `done` goes out before the write-back; the runner ends after it
             while app.state.jobs.running:
                 await asyncio.sleep(0.01)

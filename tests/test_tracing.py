@@ -14,9 +14,8 @@ from opentelemetry.trace import SpanKind
 
 from adapter import tracing
 from adapter.app import create_app
-from tests.conftest import asgi_client, decode, make_settings, running
+from tests.helpers import LEAD_AGENT, QUALIFY, asgi_client, decode, make_settings, running
 
-QUALIFY = "/api/v1/ai/lead/qualify"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
@@ -95,7 +94,7 @@ async def test_one_qualify_call_gives_the_expected_span_tree(traced, exporter, s
     [call] = children["cache"]
     assert call.name == "gateway.call"
     assert (call.attributes["gateway.agent"], call.attributes["gateway.attempt"], call.attributes["gateway.repair"],
-            call.attributes["gateway.provider"]) == ("LeadQualifier_CRM_Agent", 1, False, "default")
+            call.attributes["gateway.provider"]) == (LEAD_AGENT, 1, False, "default")
 
     # Each upstream request is an httpx client span, and its traceparent reached that upstream.
     # (The gateway call also deletes the agent instance the run left behind: a DELETE under the same span.)
@@ -107,7 +106,7 @@ async def test_one_qualify_call_gives_the_expected_span_tree(traced, exporter, s
 
 
 async def test_repairs_are_numbered_gateway_calls_and_a_cache_hit_calls_nothing(traced, exporter, seed, auth, gateway):
-    gateway.push("LeadQualifier_CRM_Agent", "wrong_shape", "json")
+    gateway.push(LEAD_AGENT, "wrong_shape", "json")
     async with traced(CONDUCTOR_AI_PROVIDER="gemini") as (client, _):
         first = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
         exporter.clear()
@@ -118,7 +117,7 @@ async def test_repairs_are_numbered_gateway_calls_and_a_cache_hit_calls_nothing(
 
 
 async def test_repair_attempts_carry_their_number_and_provider(traced, exporter, seed, auth, gateway):
-    gateway.push("LeadQualifier_CRM_Agent", "wrong_shape", "json")
+    gateway.push(LEAD_AGENT, "wrong_shape", "json")
     async with traced(CONDUCTOR_AI_PROVIDER="gemini") as (client, _):
         r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
     assert r.status_code == 200, r.text
@@ -175,9 +174,7 @@ def test_off_unless_otel_variables_ask_for_it():
 async def test_off_there_is_nothing_to_pay_for(client, seed, auth, monkeypatch):
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER"):
         monkeypatch.delenv(name, raising=False)
-    from tests.conftest import make_settings as settings
-
-    app = create_app(settings())
+    app = create_app(make_settings())
     assert not any("OpenTelemetry" in type(p).__name__ for p in app.plugins)
     async with running(app):
         service = app.state.service

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from pathlib import Path
 
 import msgspec
 import pytest
 import yaml
 from httpx_sse import aconnect_sse
-from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from adapter.tasks.registry import TASKS, load_tasks
+from adapter.tasks import TASKS
 from adapter.tasks.extract import MAX_TEXT, REPAIR_MAX, NoJsonObject, extract_object, objects
-from adapter.models import LeadQualifyResult
 from adapter.tasks.prompting import repair_input
-from adapter.settings import ConfigError, Settings
-from adapter.tasks import reading as validation
-from adapter.tasks.reading import OutputInvalid, classify, deal_result, email_result, lead_result, rules, warnings_in
-from tests.conftest import decode, make_settings
+from adapter.settings import ConfigError
+from adapter.tasks import deal_predict, email_generate, lead_qualify
+from adapter.tasks.deal_predict import validate as deal_result
+from adapter.tasks.email_generate import validate as email_result
+from adapter.tasks.lead_qualify import classify
+from adapter.tasks.lead_qualify import validate as lead_result
+from adapter.tasks.reading import OutputInvalid, rules
+from tests.helpers import AGENTS_DIR, EMAIL_AGENT, LEAD_AGENT, decode, make_settings, metric
 
-AGENTS_DIR = Path(Settings.from_env({}).conductor_agents_dir)
 LEAD = {"score": 55, "classification": "Warm", "reasoning": " ".join(["word"] * 50),
         "next_actions": ["a", "b", "c"], "bant": {"budget": "x", "authority": "y", "need": "z", "timeline": "Unknown"}}
 
@@ -266,11 +266,11 @@ def test_a_wrapper_is_unwrapped_only_when_nothing_else_is_there():
 def test_guidance_is_recomputed_from_a_served_body():
     verdict = lead_result(text({**LEAD, "reasoning": "too short", "next_actions": ["a"]}), "l1", "A")
     body = msgspec.json.encode(verdict.result)
-    assert warnings_in(body, LeadQualifyResult) == rules(verdict.warnings) == ["reasoning-length", "next-actions-count"]
+    assert TASKS["lead.qualify"].warnings(body) == rules(verdict.warnings) == ["reasoning-length", "next-actions-count"]
 
 
 def test_a_body_that_cannot_be_reread_has_no_warnings_rather_than_an_error():
-    assert warnings_in(b'{"lead_id": "l1"}', LeadQualifyResult) == []
+    assert TASKS["lead.qualify"].warnings(b'{"lead_id": "l1"}') == []
 
 
 def test_repair_prompt_quotes_contract_errors_only():
@@ -284,18 +284,10 @@ def test_repair_prompt_quotes_contract_errors_only():
 
 # --- guidance reaches the caller, the log and the metrics; never a repair call ----------------
 
-EMAIL, EMAIL_AGENT = "/api/v1/ai/email/generate", "EmailAssistant_CRM_Agent"
+EMAIL = "/api/v1/ai/email/generate"
 # The gateway double writes the request's context into every email: a salesperson's "free pilot"
 # becomes a spam-trigger word in the model's answer, as it would with a real model.
 FREE = "our free pilot programme"
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 async def test_guidance_breach_is_served_with_warnings_logged_and_counted_once(client, seed, auth, gateway):
@@ -330,13 +322,13 @@ async def test_an_answer_within_guidance_has_no_warnings_header(client, seed, au
 
 async def test_short_reasoning_is_served_not_repaired(client, seed, auth, gateway, monkeypatch):
     # The case: 36 words of reasoning used to cost a repair call and then a 502.
-    import adapter.doubles.gateway as double
+    import adapter.doubles.answers as double
 
     terse = {**LEAD, "score": 72, "classification": "Hot", "reasoning": " ".join(["word"] * 36)}
-    monkeypatch.setattr(double, "answer_for", lambda agent, prompt: terse)
+    monkeypatch.setattr(double, "answer_for", lambda *_: terse)
     r = await client.post("/api/v1/ai/lead/qualify", json={"lead_id": seed["leads"][0]}, headers=auth)
     assert r.status_code == 200 and r.headers["x-agent-warnings"] == "reasoning-length"
-    assert gateway.calls["LeadQualifier_CRM_Agent"] == 1 and decode(r)["score"] == 72
+    assert gateway.calls[LEAD_AGENT] == 1 and decode(r)["score"] == 72
 
 
 async def test_stream_result_carries_the_same_warnings(client, seed, auth):
@@ -354,12 +346,12 @@ async def test_stream_result_carries_the_same_warnings(client, seed, auth):
 # --- personas and validators cannot drift apart ---------------------------------------------
 
 @pytest.mark.parametrize(("task", "guidance", "contract"), [
-    ("lead.qualify", [f"at least {validation.LEAD_REASONING_WORDS} words", f"{validation.NEXT_ACTIONS[0]} to {validation.NEXT_ACTIONS[1]} specific"],
+    ("lead.qualify", [f"at least {lead_qualify.REASONING_WORDS} words", f"{lead_qualify.NEXT_ACTIONS[0]} to {lead_qualify.NEXT_ACTIONS[1]} specific"],
      ["0 to 100", "never a fraction", "must agree with the score", "at least one non-empty action"]),
-    ("deal.predict", [f"at least {validation.DEAL_REASONING_WORDS} words", "no earlier than `today`"],
+    ("deal.predict", [f"at least {deal_predict.REASONING_WORDS} words", "no earlier than `today`"],
      ["never a fraction", "`YYYY-MM-DD`, or null", "at least one non-empty action"]),
-    ("email.generate", [f"{validation.PARAGRAPHS[0]} to {validation.PARAGRAPHS[1]} paragraphs", "no spam-trigger words", "no pricing"],
-     ["exactly three items", f"at most {validation.SUBJECT_MAX} characters"]),
+    ("email.generate", [f"{email_generate.PARAGRAPHS[0]} to {email_generate.PARAGRAPHS[1]} paragraphs", "no spam-trigger words", "no pricing"],
+     ["exactly three items", f"at most {email_generate.SUBJECT_MAX} characters"]),
 ])
 def test_personas_say_which_rules_are_contract_and_which_guidance(task, guidance, contract):
     persona = (AGENTS_DIR / TASKS[task].agent_id / "persona.md").read_text()
@@ -369,9 +361,9 @@ def test_personas_say_which_rules_are_contract_and_which_guidance(task, guidance
     contract_cells = " ".join(r[-3] for r in rows) + " " + " ".join(l for l in table.splitlines() if l.startswith("- Contract"))
     guidance_cells = " ".join(r[-2] for r in rows) + " " + " ".join(l for l in table.splitlines() if l.startswith("- Guidance"))
     for rule in guidance:
-        assert rule in guidance_cells and rule not in contract_cells, f"{rule!r} is guidance in adapter/validation.py"
+        assert rule in guidance_cells and rule not in contract_cells, f"{rule!r} is guidance in its task module"
     for rule in contract:
-        assert rule in contract_cells and rule not in guidance_cells, f"{rule!r} is contract in adapter/validation.py"
+        assert rule in contract_cells and rule not in guidance_cells, f"{rule!r} is contract in its task module"
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -398,14 +390,14 @@ def test_agent_version_changes_with_persona(tmp_path):
     import shutil
 
     shutil.copytree(AGENTS_DIR, tmp_path / "agents")
-    before = load_tasks(str(tmp_path / "agents"))
+    before = TASKS.load(str(tmp_path / "agents"))
     persona = tmp_path / "agents" / "DealPredictor_CRM_Agent" / "persona.md"
     persona.write_text(persona.read_text() + "\nOne more rule.\n")
-    after = load_tasks(str(tmp_path / "agents"))
+    after = TASKS.load(str(tmp_path / "agents"))
     assert before["deal.predict"].version != after["deal.predict"].version
     assert before["lead.qualify"].version == after["lead.qualify"].version
 
 
 def test_missing_agents_dir_stops_startup(tmp_path):
     with pytest.raises(ConfigError, match="CONDUCTOR_AGENTS_DIR"):
-        load_tasks(str(tmp_path))
+        TASKS.load(str(tmp_path))

@@ -48,17 +48,17 @@ function bar(label, value) {
 }
 
 const renderers = {
-  "email.generate": (r) => el("div", { class: "variations" }, ...r.variations.map((v) =>
+  variations: (r) => el("div", { class: "variations" }, ...r.variations.map((v) =>
     el("div", { class: "card", "data-type": v.type }, el("h4", {}, v.type), el("div", { class: "subject" }, v.subject),
       el("p", { class: "body" }, v.body), el("div", { class: "tone" }, v.tone)))),
-  "lead.qualify": (r) => el("div", { class: "lead" },
+  bant: (r) => el("div", { class: "lead" },
     el("div", {}, el("span", { class: "score" }, String(r.score)), " ", el("span", { class: `badge ${r.classification}` }, r.classification)),
     el("p", { class: "reasoning" }, r.reasoning),
     el("h4", {}, "Next actions"), list(r.next_actions),
     el("h4", {}, "BANT"),
     el("table", { class: "bant" }, ...["budget", "authority", "need", "timeline"].map((k) =>
       el("tr", {}, el("th", {}, k), el("td", {}, r.bant[k]))))),
-  "deal.predict": (r) => el("div", { class: "deal" },
+  win_probability: (r) => el("div", { class: "deal" },
     bar("Win probability", r.win_probability), bar("Health", r.health_score),
     el("p", { class: "meta" }, `Predicted close: ${r.predicted_close_date ?? "unknown"}`),
     el("h4", {}, "Risks"), list(r.risk_factors),
@@ -66,18 +66,21 @@ const renderers = {
     el("p", { class: "reasoning" }, r.reasoning)),
 };
 
-const TASK_TITLES = { "lead.qualify": "Qualifying", "email.generate": "Emails for", "deal.predict": "Predicting" };
+// A result is drawn by the view of the first field it has that a view knows; any other as JSON.
+const asJson = (r) => el("pre", { class: "json" }, JSON.stringify(r, null, 2));
+const render = (r) => (renderers[Object.keys(renderers).find((field) => field in r)] ?? asJson)(r);
 
 // A person reads names, not record ids.
-function recordName(task, id) {
-  if (task === "deal.predict") return session.deals.find((d) => d.id === id)?.title ?? id;
+function recordName(kind, id) {
+  if (kind === "deal") return session.deals.find((d) => d.id === id)?.title ?? id;
   const lead = session.leads.find((l) => l.id === id);
   return lead ? (lead.company ? `${lead.name} (${lead.company})` : lead.name) : id;
 }
 
-async function run(task) {
-  const input = task === "deal.predict" ? { deal_id: $("deal").value } : { lead_id: $("lead").value };
-  reset(`${TASK_TITLES[task]}: ${recordName(task, Object.values(input)[0])}`);
+async function run(spec) {
+  const task = spec.name;
+  const input = { [`${spec.record_kind}_id`]: $(spec.record_kind).value };
+  reset(`${spec.label}: ${recordName(spec.record_kind, Object.values(input)[0])}`);
   window.demoTimeline = [];
   mark("click");
   document.body.dataset.state = "running";
@@ -101,7 +104,7 @@ async function run(task) {
   source.onopen = () => { if (dropped) { mark("reconnected"); status("reconnected: resuming after the last event received", "reconnect"); } };
   source.addEventListener("status", (e) => status(`${JSON.parse(e.data).state}: ${JSON.parse(e.data).message}`));
   source.addEventListener("delta", (e) => { mark("delta"); $("output").hidden = false; $("deltas").textContent += JSON.parse(e.data).text; });
-  source.addEventListener("result", (e) => { mark("result"); $("result").replaceChildren(renderers[task](JSON.parse(e.data))); });
+  source.addEventListener("result", (e) => { mark("result"); $("result").replaceChildren(render(JSON.parse(e.data))); });
   source.addEventListener("error", (e) => { if (e.data) { mark("error"); showProblem(JSON.parse(e.data)); } });
   source.addEventListener("done", (e) => {
     const done = JSON.parse(e.data);
@@ -116,7 +119,11 @@ async function init() {
   session = await (await fetch("/demo/session")).json();
   for (const lead of session.leads) $("lead").append(el("option", { value: lead.id }, `${lead.name} (${lead.company})`));
   for (const deal of session.deals) $("deal").append(el("option", { value: deal.id }, deal.title));
-  for (const button of document.querySelectorAll("button[data-task]")) button.addEventListener("click", () => run(button.dataset.task));
+  for (const spec of session.tasks) {
+    const button = el("button", { id: `task-${spec.name.replace(".", "-")}`, "data-task": spec.name }, spec.label);
+    button.addEventListener("click", () => run(spec));
+    $("tasks").append(button);
+  }
   document.body.dataset.state = "ready";
 }
 

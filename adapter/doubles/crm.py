@@ -28,6 +28,7 @@ import msgspec
 from litestar import Litestar, Request, Response, get, patch
 from litestar.params import FromPath
 
+from ..tasks.samples import EXAMPLE_DEAL_ID, EXAMPLE_LEAD_ID
 from .tally import Tally
 
 _encode = msgspec.json.Encoder().encode
@@ -36,7 +37,9 @@ _OBJECT_ID = re.compile(r"^[0-9a-fA-F]{24}$")
 LEAD_UPDATE = frozenset({"name", "email", "phone", "company", "job_title", "status", "source", "score", "classification",
                          "tags", "custom_fields"})
 DEAL_UPDATE = frozenset({"title", "value", "stage", "probability", "expected_close_date", "tags", "lost_reason"})
-EXAMPLE_LEAD_ID, EXAMPLE_DEAL_ID = "65f1c0ffee0000000000a001", "65f1c0ffee0000000000d001"
+# Per kind: the 404's noun, the 403's words (the real handlers differ), and what its update model keeps.
+KINDS = {"lead": ("Lead", "Not authorized to access this lead", LEAD_UPDATE),
+         "deal": ("Deal", "Not authorized", DEAL_UPDATE)}
 
 
 def object_id() -> str:
@@ -58,6 +61,7 @@ class CrmDouble:
         self.users: dict[str, bool] = {}  # id -> active
         self.leads: dict[str, dict[str, Any]] = {}
         self.deals: dict[str, dict[str, Any]] = {}
+        self.collections = {"lead": self.leads, "deal": self.deals}
         self.fail_status: int | None = None
         self.fail_patch: int | None = None  # only PATCH answers this status
         self.delay = 0.0
@@ -126,14 +130,15 @@ class CrmDouble:
         if not _OBJECT_ID.match(record_id):
             return _json({"detail": "Internal server error", "message": f"'{record_id}' is not a valid ObjectId, it must be "
                           "a 12-byte input or a 24-character hex string"}, 500)
-        store, label = (self.leads, "Lead") if kind == "lead" else (self.deals, "Deal")
+        store = self.collections[kind]  # the CRM has leads and deals, and no other kind of record
+        label, forbidden, updatable = KINDS[kind]
         record = store.get(record_id)
         if record is None:
             return _json({"detail": f"{label} not found"}, 404)
         if record["owner_id"] != user:
-            return _json({"detail": "Not authorized to access this lead" if kind == "lead" else "Not authorized"}, 403)
+            return _json({"detail": forbidden}, 403)
         if changes is not None:
-            kept = {k: v for k, v in changes.items() if k in (LEAD_UPDATE if kind == "lead" else DEAL_UPDATE)}
+            kept = {k: v for k, v in changes.items() if k in updatable}
             for field in ("score", "probability"):
                 if field in kept and not (isinstance(kept[field], int) and 0 <= kept[field] <= 100):
                     return _json({"detail": [{"type": "less_than_equal", "loc": ["body", field],
@@ -183,7 +188,7 @@ class CrmDouble:
             user = double._user(request)
             if isinstance(user, Response):
                 return user
-            store = double.leads if path.startswith("/api/v1/leads") else double.deals
+            store = double.collections[path.split("/")[3].removesuffix("s")]
             items = [r for r in store.values() if r["owner_id"] == user]
             return _json({"items": items, "total": len(items), "page": 1, "page_size": 20})
 

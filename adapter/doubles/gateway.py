@@ -21,7 +21,7 @@ Behaviours (queue them per agent with `push`, or set `default`):
   garbage                              - prose with no JSON at all
   wrong_shape                          - JSON, but not the persona's shape
   misclassified                        - a lead classification that contradicts the score
-  task_error                           - the run failed: status "error", exit code 1
+  run_failed                           - the run failed: status "error", exit code 1
   error_500                            - the run started, then the Conductor API failed it (a 500 with its detail)
   unavailable_503                      - the gateway's database is down (503, nothing started)
   conductor_down                       - 503 after the gateway's own 3 tries to reach the Conductor API
@@ -33,7 +33,7 @@ Stream behaviours (for POST /api/v1/stream-execute, same queue):
   never_ends      - a few events, then silence forever
   cut             - the connection drops mid-stream
   vanished        - the run happens, but the job is gone (404) before the first read
-  any sync behaviour (json, fenced, garbage, task_error, ...) - the real event sequence with that outcome
+  any sync behaviour (json, fenced, garbage, run_failed, ...) - the real event sequence with that outcome
 Set `delay` for a slow model, `gate` (an asyncio.Event) to hold calls until released,
 `unknown_agents` to hide agents, `down` for a gateway whose database is unavailable.
 """
@@ -56,9 +56,9 @@ from litestar import Litestar, Request, Response, delete, get, post, put
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
-from ..tasks.registry import AGENT_IDS
 from ..settings import default_agents_dir
-from .answers import answer_for
+from ..tasks import TASKS, Registry
+from . import answers
 from .tally import Tally
 
 _encode = msgspec.json.Encoder().encode
@@ -77,8 +77,8 @@ def _json(body: Any, status: int = 200) -> Response[bytes]:
     return Response(_encode(body), status_code=status, media_type="application/json")
 
 
-def model_text(behaviour: str, agent_id: str, prompt: str) -> str:
-    answer = answer_for(agent_id, prompt)
+def model_text(behaviour: str, agent_id: str, prompt: str, tasks: Registry = TASKS) -> str:
+    answer = answers.answer_for(agent_id, prompt, tasks)
     if behaviour == "misclassified" and "score" in answer:
         answer["classification"] = "Cold" if answer["classification"] != "Cold" else "Hot"
     text = _encode(answer).decode()
@@ -102,18 +102,21 @@ def agent_document(folder: Path) -> dict[str, Any]:
             "persona": {"content": (folder / "persona.md").read_text()}, "created_at": None}
 
 
-def default_registry() -> dict[str, dict[str, Any]]:
-    root = Path(default_agents_dir())
-    return {a: agent_document(root / a) for a in AGENT_IDS}
+def default_registry(tasks: Registry = TASKS, agents_dir: str | None = None) -> dict[str, dict[str, Any]]:
+    """The gateway's agent database, holding the agent of every task."""
+    root = Path(agents_dir or default_agents_dir())
+    return {a: agent_document(root / a) for a in tasks.agent_ids}
 
 
 class GatewayDouble:
-    SYNC_FAULTS = ("error_500", "unavailable_503", "garbage", "task_error")
+    SYNC_FAULTS = ("error_500", "unavailable_503", "garbage", "run_failed")
     STREAM_FAULTS = ("start_fails", "no_result", "stream_error", "cut", "garbage")
 
     def __init__(self, *, default: str = "fenced", delay: float = 0.0, stream_tokens: int = 0, token_interval: float = 0.0,
                  fault_rate: float = 0.0, seed: int = 0, require_screenplay: bool = True, job_linger: float = 2.0,
-                 registry: dict[str, dict[str, Any]] | None = None) -> None:
+                 registry: dict[str, dict[str, Any]] | None = None, tasks: Registry = TASKS) -> None:
+        # The tasks whose sample answers its model gives (a test's extra task included).
+        self.tasks = tasks
         self.default = default
         # Load runs: this share of calls (queued behaviours aside) gets a random fault, reproducibly.
         self.fault_rate = fault_rate
@@ -128,7 +131,7 @@ class GatewayDouble:
         self.gate: asyncio.Event | None = None
         self.down = False
         self.unknown_agents: set[str] = set()
-        self.registry = default_registry() if registry is None else registry
+        self.registry = default_registry(tasks) if registry is None else registry
         self.instances: dict[str, dict[str, Any]] = {}
         self.deleted_instances: list[str] = []
         self.script: defaultdict[str, deque[str]] = defaultdict(deque)
@@ -316,9 +319,9 @@ class GatewayDouble:
             queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
             double.jobs[job_id] = queue
             double._attached[job_id] = asyncio.Event()
-            task = asyncio.create_task(double._produce(job_id, queue, agent_id, prompt, behaviour, body))
-            double._producers.add(task)
-            task.add_done_callback(double._producers.discard)
+            producer = asyncio.create_task(double._produce(job_id, queue, agent_id, prompt, behaviour, body))
+            double._producers.add(producer)
+            producer.add_done_callback(double._producers.discard)
             return _json({"job_id": job_id, "status": "started", "stream_url": f"/api/v1/stream/{job_id}"})
 
         @get("/api/v1/stream/{job_id:str}")
@@ -346,16 +349,16 @@ class GatewayDouble:
                          stream], logging_config=None)
 
     def _run_document(self, behaviour: str, agent_id: str, prompt: str) -> dict[str, Any]:
-        if behaviour == "task_error":
+        if behaviour == "run_failed":
             return {"result": "Error: claude exited with code 1: rate limit exceeded", "exit_code": 1, "status": "error",
                     "duration": 0.01, "message": "Tarefa falhou"}
-        return {"result": model_text(behaviour, agent_id, prompt), "exit_code": 0, "status": "completed", "duration": 0.01,
+        return {"result": model_text(behaviour, agent_id, prompt, self.tasks), "exit_code": 0, "status": "completed", "duration": 0.01,
                 "message": "Tarefa concluída com sucesso"}
 
     def stop(self) -> None:
         """Cancel the model runs still producing events (e.g. `never_ends`)."""
-        for task in list(self._producers):
-            task.cancel()
+        for producer in list(self._producers):
+            producer.cancel()
 
     async def _produce(self, job_id: str, queue: asyncio.Queue, agent_id: str, prompt: str, behaviour: str,
                        body: dict[str, Any]) -> None:
@@ -405,7 +408,7 @@ class GatewayDouble:
             await asyncio.Event().wait()
         elif behaviour != "no_result":
             if behaviour == "tokens":
-                text = model_text("json", agent_id, prompt)
+                text = model_text("json", agent_id, prompt, self.tasks)
                 put("on_llm_start", {})
                 if self.stream_tokens:
                     for _ in range(self.stream_tokens):

@@ -4,46 +4,41 @@ Storage is pluggable (`MemoryStore` in one process, `RedisStore` across
 replicas). Entries are the validated response body, prefixed by the time it was
 stored; they are kept `ttl + grace` so a stale answer can stand in for an error.
 
-Single flight has two layers. In one process, identical requests await one
-asyncio task, which is not tied to any single request: a caller that
-disconnects does not cancel the model call the others wait for. Across
-processes the task first takes a store lock; the other processes wait for the
-lock holder's outcome (result or error) and take over if the holder dies.
+Single flight has two layers, shared by the synchronous routes and the streamed jobs. In one
+process, identical questions await one model call (an asyncio task, `_flights[key]`): a
+synchronous request and a job for the same question share it, whichever asked first. A call a
+request started is not tied to that request: a caller that disconnects does not cancel the call
+the others wait for. A call a job started belongs to the job: when the job stops (handed to
+another replica, or past its deadline) the call stops too, and whoever joined it gets
+`SharedCallCancelled`. Across processes the call first takes a store lock; the other processes
+wait for the lock holder's outcome (result or error) and take over if the holder dies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import struct
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
-from ..errors import AdapterError, AgentFailed, GatewayRejected, GatewayUnavailable, InvalidAgentOutput, UpstreamTimeout
-from ..models import DependencyState
+from ..errors import (
+    AdapterError,
+    AgentFailed,
+    GatewayRejected,
+    GatewayUnavailable,
+    InvalidAgentOutput,
+    SharedCallCancelled,
+    UpstreamTimeout,
+)
+from ..storage.store import Entry, Store
 
 Mode = Literal["default", "no-cache", "no-store"]
 XCache = Literal["HIT", "MISS", "STALE", "BYPASS"]
-_STAMP = struct.Struct(">d")
 # Faults of the model's side, where an older answer beats none; never the CRM's refusals.
 STALE_ON = (GatewayUnavailable, GatewayRejected, UpstreamTimeout, InvalidAgentOutput, AgentFailed)
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    stored_at: float
-    body: bytes
-
-    def pack(self) -> bytes:
-        return _STAMP.pack(self.stored_at) + self.body
-
-    @classmethod
-    def unpack(cls, raw: bytes) -> Entry:
-        return cls(_STAMP.unpack_from(raw)[0], raw[_STAMP.size :])
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,82 +46,6 @@ class Outcome:
     body: bytes
     x_cache: XCache
     age: int | None = None
-
-
-class Flight(Protocol):
-    """A store's cross-process lock on one key: `None` from `lead` means no coordination."""
-
-    async def lead(self) -> bool | None: ...
-    async def follow(self) -> bytes | AdapterError | None: ...
-    async def succeed(self, body: bytes) -> None: ...
-    async def fail(self, exc: AdapterError) -> None: ...
-    async def close(self) -> None: ...
-
-
-class Store(Protocol):
-    backend: str
-
-    async def get(self, key: str) -> Entry | None: ...
-    async def put(self, key: str, entry: Entry, keep: float) -> None: ...
-    def flight(self, key: str) -> Flight: ...
-    async def state(self) -> DependencyState: ...
-    async def aclose(self) -> None: ...
-
-
-class _NoFlight:
-    async def lead(self) -> bool | None:
-        return None
-
-    async def follow(self) -> None:
-        return None
-
-    async def succeed(self, body: bytes) -> None:
-        pass
-
-    async def fail(self, exc: AdapterError) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-
-class MemoryStore:
-    """Bounded LRU with per-entry expiry, for one process (the default without Redis)."""
-
-    backend = "memory"
-
-    def __init__(self, max_entries: int, clock: Callable[[], float] = time.time) -> None:
-        self._data: OrderedDict[str, tuple[float, Entry]] = OrderedDict()
-        self._max = max_entries
-        self._clock = clock
-
-    async def get(self, key: str) -> Entry | None:
-        item = self._data.get(key)
-        if item is None:
-            return None
-        if item[0] <= self._clock():
-            del self._data[key]
-            return None
-        self._data.move_to_end(key)
-        return item[1]
-
-    async def put(self, key: str, entry: Entry, keep: float) -> None:
-        self._data[key] = (self._clock() + keep, entry)
-        self._data.move_to_end(key)
-        while len(self._data) > self._max:
-            self._data.popitem(last=False)
-
-    def flight(self, key: str) -> Flight:
-        return _NoFlight()
-
-    async def state(self) -> DependencyState:
-        return DependencyState(status="up", backend=self.backend, detail=f"{len(self._data)}/{self._max} entries")
-
-    async def aclose(self) -> None:
-        self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 def cache_key(prefix: str, task: str, agent: str, version: str, record_id: str, agent_input: str) -> str:
@@ -149,15 +68,43 @@ async def key_lock(locks: dict[str, asyncio.Lock], key: str) -> AsyncIterator[No
 
 
 class ResultCache:
+    """The one cache pipeline of both paths: `lookup` (freshness), `stale_for` (stale-if-error),
+    `keep` (how long an answer is stored), and single flight for the synchronous routes."""
+
     def __init__(self, store: Store, grace: float, clock: Callable[[], float] = time.time,
                  on_coalesced: Callable[[str], None] = lambda key: None) -> None:
         self.store = store
         self._grace = grace
         self._clock = clock
         self._flights: dict[str, asyncio.Task[bytes]] = {}
-        self.coalesced = 0
         self._on_coalesced = on_coalesced
         self._admitting: dict[str, asyncio.Lock] = {}
+
+    def age(self, entry: Entry) -> int:
+        return int(max(self._clock() - entry.stored_at, 0))
+
+    def is_fresh(self, entry: Entry, ttl: float) -> bool:
+        return self._clock() - entry.stored_at < ttl
+
+    def is_usable_stale(self, entry: Entry, ttl: float) -> bool:
+        """Past its freshness but within CACHE_STALE_GRACE: may stand in for a model-side fault."""
+        return self._clock() - entry.stored_at < ttl + self._grace
+
+    async def lookup(self, key: str, ttl: float) -> Entry | None:
+        """A fresh answer for `key`, or None."""
+        entry = await self.store.get(key)
+        return entry if entry is not None and self.is_fresh(entry, ttl) else None
+
+    async def stale_for(self, key: str, ttl: float, exc: Exception) -> Entry | None:
+        """The stale-if-error rule: an answer within the grace stands in for a fault of the model's side."""
+        if not isinstance(exc, STALE_ON):
+            return None
+        entry = await self.store.get(key)
+        return entry if entry is not None and self.is_usable_stale(entry, ttl) else None
+
+    async def keep(self, key: str, body: bytes, ttl: float) -> None:
+        """Store a fresh answer for its freshness plus the stale grace."""
+        await self.store.put(key, Entry(self._clock(), body), ttl + self._grace)
 
     async def get_or_compute(self, key: str, ttl: float, mode: Mode, compute: Callable[[], Awaitable[bytes]],
                              admit: Callable[[], Awaitable[None]] | None = None) -> Outcome:
@@ -171,58 +118,93 @@ class ResultCache:
             return Outcome(await compute(), "BYPASS")
         stale = await self.store.get(key) if mode == "default" else None
         if stale is not None:
-            age = self._clock() - stale.stored_at
-            if age < ttl:
-                return Outcome(stale.body, "HIT", int(max(age, 0)))
-            if age >= ttl + self._grace:
+            if self.is_fresh(stale, ttl):
+                return Outcome(stale.body, "HIT", self.age(stale))
+            if not self.is_usable_stale(stale, ttl):
                 stale = None
-        task = self._flights.get(key)
-        if task is None and admit is not None:
+        flight = self._flights.get(key)
+        if flight is None and admit is not None:
             # One request at a time decides to take off for a key: the others wait the length
             # of one admission, then join its flight instead of spending tokens of their own.
             lock = self._admitting.get(key)
             waited = lock is not None and lock.locked()
             async with key_lock(self._admitting, key):
-                task = self._flights.get(key)
-                if task is None and waited and mode == "default":
+                flight = self._flights.get(key)
+                if flight is None and waited and mode == "default":
                     # The flight we queued behind may have landed already: its answer is in the store.
-                    fresh = await self.store.get(key)
-                    if fresh is not None and (age := self._clock() - fresh.stored_at) < ttl:
-                        return Outcome(fresh.body, "HIT", int(max(age, 0)))
-                if task is None:
+                    if (fresh := await self.lookup(key, ttl)) is not None:
+                        return Outcome(fresh.body, "HIT", self.age(fresh))
+                if flight is None:
                     await admit()
         try:
-            body = await self._join(key, ttl, compute, task)
+            body = await self._join(key, ttl, compute, flight)
         except STALE_ON:
             if stale is None:
                 raise
-            return Outcome(stale.body, "STALE", int(self._clock() - stale.stored_at))
+            return Outcome(stale.body, "STALE", self.age(stale))
         return Outcome(body, "MISS")
 
+    def in_flight(self, key: str) -> bool:
+        """A model call for `key` is in the air in this process: joining it costs nothing."""
+        return key in self._flights
+
+    async def share(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], *, coordinate: bool = True,
+                    on_join: Callable[[], None] = lambda: None) -> bytes:
+        """A job's model call: join the one in the air for `key` (a request's or another job's), or make it.
+
+        The job that makes it owns it (awaited unshielded): cancelling the job cancels the call.
+        `coordinate=False` skips the cross-process lock: a job taken over from a dead replica must
+        not wait out the lock that replica still holds on paper.
+        """
+        if (flight := self._flights.get(key)) is not None:
+            self.note_coalesced(key)
+            on_join()
+            return await self._shared(flight)
+        return await self._launch(key, ttl, compute, coordinate)
+
+    def _launch(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> asyncio.Task[bytes]:
+        flight = asyncio.create_task(self._fly(key, ttl, compute, coordinate), name=f"flight {key}")
+        self._flights[key] = flight
+        flight.add_done_callback(lambda landed: self._landed(key, landed))
+        return flight
+
     async def _join(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]],
-                    task: asyncio.Task[bytes] | None) -> bytes:
-        if task is None:
-            task = self._flights.get(key)
-        if task is None:
-            task = asyncio.create_task(self._fly(key, ttl, compute), name=f"flight {key}")
-            self._flights[key] = task
-            task.add_done_callback(lambda t: self._landed(key, t))
+                    flight: asyncio.Task[bytes] | None) -> bytes:
+        if flight is None:
+            flight = self._flights.get(key)
+        if flight is None:
+            flight = self._launch(key, ttl, compute)
         else:
             self.note_coalesced(key)
-        # shield: one caller leaving must not cancel the call the others share.
-        return await asyncio.shield(task)
+        return await self._shared(flight)
 
-    def _landed(self, key: str, task: asyncio.Task[bytes]) -> None:
-        if self._flights.get(key) is task:
-            del self._flights[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here, so an error nobody awaited is not reported as lost
-
-    async def _fly(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]]) -> bytes:
-        flight = self.store.flight(key)
+    @staticmethod
+    async def _shared(flight: asyncio.Task[bytes]) -> bytes:
         try:
-            while await flight.lead() is False:
-                outcome = await flight.follow()
+            # shield: one caller leaving must not cancel the call the others share.
+            return await asyncio.shield(flight)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if flight.cancelled() and not (current is not None and current.cancelling()):
+                raise SharedCallCancelled("the agent call this request shared was stopped by the job that made it "
+                                          "(handed to another replica, or past JOB_MAX_SECONDS); ask again") from None
+            raise
+
+    def _landed(self, key: str, flight: asyncio.Task[bytes]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not flight.cancelled():
+            flight.exception()  # retrieved here, so an error nobody awaited is not reported as lost
+
+    async def _fly(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> bytes:
+        if not coordinate:
+            body = await compute()
+            await self.keep(key, body, ttl)
+            return body
+        lock = self.store.flight(key)
+        try:
+            while await lock.lead() is False:
+                outcome = await lock.follow()
                 if isinstance(outcome, bytes):
                     self.note_coalesced(key)
                     return outcome
@@ -232,18 +214,17 @@ class ResultCache:
             try:
                 body = await compute()
             except AdapterError as exc:
-                await flight.fail(exc)
+                await lock.fail(exc)
                 raise
-            await self.store.put(key, Entry(self._clock(), body), ttl + self._grace)
-            await flight.succeed(body)
+            await self.keep(key, body, ttl)
+            await lock.succeed(body)
             return body
         finally:
-            await flight.close()
+            await lock.close()
 
     def note_coalesced(self, key: str) -> None:
-        self.coalesced += 1
         self._on_coalesced(key)
 
     def cancel_flights(self) -> None:
-        for task in list(self._flights.values()):
-            task.cancel()
+        for flight in list(self._flights.values()):
+            flight.cancel()

@@ -8,8 +8,12 @@ and the replica running a job holds a short lease on it: when the lease lapses
 (the replica died, or handed the job over while shutting down), the next replica
 that sees the job takes it over, asks the model again and continues the same log.
 
-Jobs share the synchronous routes' cache pipeline: one key, one freshness rule
-(`ttl_for`), and one stale-if-error rule (`STALE_ON` within `CACHE_STALE_GRACE`).
+Jobs share the synchronous routes' pipeline (service.py, cache.py): one key derivation
+(`prepare`), one freshness rule (`lookup`), one stale-if-error rule (`stale_for`), one way an
+answer is kept (`keep`), and one hook for a fresh answer (`after_fresh`: the write-back).
+and one single flight (`share`): a job and a synchronous request for the same question make
+one model call between them. Stream readers also share the job itself: identical streams follow
+one job (and, across replicas, the job log's claim on the question).
 """
 
 from __future__ import annotations
@@ -17,86 +21,27 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import msgspec
 import structlog
 
-from ..tasks.registry import Task
-from .cache import STALE_ON, Entry, cache_key, key_lock
+from ..storage.job_state import Event, Job, Status
+from ..tasks import Task
+from .cache import key_lock
 from ..errors import AdapterError, GatewayProtocolError, ShuttingDown, UpstreamTimeout
-from ..web.problems import problem_of
-from .service import AiService
+from .service import AiService, Prepared
 
 log = structlog.get_logger("adapter.jobs")
 _encode = msgspec.json.Encoder().encode
-Status = Literal["queued", "running", "succeeded", "failed"]
-
-
-@dataclass(slots=True)
-class Event:
-    id: int
-    event: str
-    data: bytes  # JSON
-
-
-@dataclass(eq=False)
-class Job:
-    id: str
-    task: str
-    record_id: str
-    key: str
-    expires: float
-    status: Status = "queued"
-    result: bytes | None = None
-    error: bytes | None = None
-    events: list[Event] = field(default_factory=list)
-    finished: bool = False
-    # What a replica taking the job over needs to ask the model again (never the caller's token).
-    agent_input: str = ""
-    mode: str = "default"
-    _signal: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def wake(self) -> None:
-        """Wake every reader without an event (shutdown: readers look at why they were woken)."""
-        self._signal.set()
-        self._signal = asyncio.Event()
-
-    def emit(self, event: str, data: Any) -> Event:
-        """Append an event; the job's state follows from its events, so a replayed log rebuilds it."""
-        ev = Event(len(self.events) + 1, event, data if isinstance(data, bytes) else _encode(data))
-        self.events.append(ev)
-        if event == "status" and self.status == "queued" and b'"queued"' not in ev.data:
-            self.status = "running"
-        elif event == "result":
-            self.result = ev.data
-        elif event == "error":
-            self.error = ev.data
-        elif event == "done":
-            self.status = msgspec.json.decode(ev.data)["status"]
-            self.finished = True
-        # Wake every reader once, then give later waiters a fresh event to wait on.
-        self._signal.set()
-        self._signal = asyncio.Event()
-        return ev
-
-    async def after(self, last_id: int, timeout: float) -> list[Event] | None:
-        """Events after `last_id`; waits up to `timeout` for one, `None` if none came."""
-        if len(self.events) > last_id or self.finished:
-            return self.events[last_id:]
-        signal = self._signal
-        try:
-            await asyncio.wait_for(signal.wait(), timeout)
-        except TimeoutError:
-            return None
-        return self.events[last_id:]
 
 
 class Jobs:
-    def __init__(self, service: AiService, *, clock: Callable[[], float] = time.time, mirror: Any = None) -> None:
+    def __init__(self, service: AiService, *, describe: Callable[[Exception, str], bytes],
+                 clock: Callable[[], float] = time.time, mirror: Any = None) -> None:
         self.service = service
+        self.describe = describe  # an error -> the `error` event's problem JSON (web/problems.py renders it)
         self.settings = service.settings
         self._clock = clock
         self._jobs: dict[str, Job] = {}
@@ -107,6 +52,8 @@ class Jobs:
             mirror.on_orphan = self.resume
             mirror.on_lost = self._lost
         self._admitting: dict[str, asyncio.Lock] = {}
+        # Logs of another kind kept in the same job log, by id prefix (`aibatch`): who continues an orphan.
+        self.resumers: dict[str, Callable[[Job, dict[str, str]], Awaitable[None]]] = {}
         self._loading: dict[str, asyncio.Lock] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self.draining = False
@@ -114,28 +61,24 @@ class Jobs:
         # and the browser's EventSource reconnects, with Last-Event-ID, to another replica.
         self.closing = asyncio.Event()
 
-    def __len__(self) -> int:
-        return len(self._jobs)
-
     @property
     def running(self) -> int:
         return len(self._runners)
 
-    async def start(self, task_name: str, request: Any, authorization: str, mode: str, user: str = "") -> tuple[Job, str]:
+    async def start(self, task: Task, request: Any, authorization: str, mode: str, user: str = "") -> tuple[Job, str]:
         """A job for this question and the X-Cache it amounts to. The CRM check runs first."""
         if self.draining:
             raise ShuttingDown("this replica is shutting down and takes no new jobs; retry (another replica answers)")
-        task, record_id, agent_input = await self.service.prepare(task_name, request, authorization)
-        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, record_id, agent_input)
+        prepared = await self.service.prepare(task, request, authorization)
+        record_id, agent_input, key = prepared.record_id, prepared.agent_input, prepared.key
         self._purge()
-        if mode == "default" and (entry := await self.service.cache.store.get(key)) is not None:
-            if self._clock() - entry.stored_at < self.settings.ttl_for(task.name):
-                job = self._new(task, record_id, key, agent_input=agent_input, mode=mode)
-                self._emit(job, "result", self.service.result_event(task.name, entry.body))
-                self._finish(job, "succeeded", cached=True)
-                if self.mirror is not None:
-                    await self.mirror.written(job)  # a hit's events_url works on every replica too
-                return job, "HIT"
+        if mode == "default" and (entry := await self.service.cache.lookup(key, self.settings.ttl_for(task))) is not None:
+            job = self._new(task, record_id, key, agent_input=agent_input, mode=mode)
+            self._emit(job, "result", self.service.result_event(task, entry.body))
+            self._finish(job, "succeeded", cached=True)
+            if self.mirror is not None:
+                await self.mirror.written(job)  # a hit's events_url works on every replica too
+            return job, "HIT"
         async with key_lock(self._admitting, key):
             shared = self._by_key.get(key) if mode != "no-store" else None
             if shared is not None and not shared.finished:
@@ -154,12 +97,13 @@ class Jobs:
                         return remote, "MISS"
                     # The holder ended (or vanished) without letting go of the question: ours now.
                     await self.mirror.reclaim(key, holder, job_id)
-            await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
-            return await self._launch(task, record_id, key, agent_input, mode, authorization, job_id)
+            if not self.service.cache.in_flight(key):  # joining a call in the air is free, as on the sync routes
+                await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
+            return await self._launch(prepared, mode, authorization, job_id)
 
-    async def _launch(self, task: Task, record_id: str, key: str, agent_input: str, mode: str,
-                      authorization: str, job_id: str) -> tuple[Job, str]:
-        job = self._new(task, record_id, key, job_id, agent_input=agent_input, mode=mode)
+    async def _launch(self, prepared: Prepared, mode: str, authorization: str, job_id: str) -> tuple[Job, str]:
+        task, key = prepared.task, prepared.key
+        job = self._new(task, prepared.record_id, key, job_id, agent_input=prepared.agent_input, mode=mode)
         if mode != "no-store":
             self._by_key[key] = job
         self._start_runner(job, task, authorization)
@@ -167,10 +111,22 @@ class Jobs:
             await self.mirror.written(job)  # its events_url must work on every replica from now on
         return job, "BYPASS" if mode == "no-store" else "MISS"
 
-    def _start_runner(self, job: Job, task: Task, authorization: str | None) -> None:
-        run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store")
-        runner = asyncio.create_task(self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": task.name}),
-                                     name=f"job {job.id}")
+    def _start_runner(self, job: Job, task: Task, authorization: str | None, *, resumed: bool = False) -> None:
+        run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store", resumed=resumed)
+        self.run_owned(job, self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": task.name}))
+
+    def adopt(self, job: Job) -> None:
+        """A log this replica writes (a batch's too): found by `find`, mirrored to Redis, purged when expired."""
+        self._jobs[job.id] = job
+        if self.mirror is not None:
+            self.mirror.own(job)
+
+    def emit(self, job: Job, event: str, data: Any) -> None:
+        self._emit(job, event, data)
+
+    def run_owned(self, job: Job, run: Coroutine[Any, Any, None]) -> None:
+        """Run the coroutine that writes this job's log; shutdown drains it and a lost lease stops it."""
+        runner = asyncio.create_task(run, name=f"job {job.id}")
         self._runners.add(runner)
         self._running[job.id] = runner
         runner.add_done_callback(self._runners.discard)
@@ -179,6 +135,9 @@ class Jobs:
     async def resume(self, job: Job, meta: dict[str, str]) -> None:
         """This replica took an orphaned job over: continue its log, asking the model again if need be."""
         self._jobs[job.id] = job
+        if (other := self.resumers.get(job.id.partition("_")[0])) is not None:  # a batch's log, say
+            await other(job, meta)
+            return
         task = self.service.tasks.get(job.task)
         if job.finished:
             return
@@ -195,7 +154,7 @@ class Jobs:
         log.info("job.resumed", job_id=job.id, replica=self._replica, rerun=True, events=len(job.events))
         self._emit(job, "status", {"state": "running", "resumed": True,
                                    "message": "resumed on another replica: asking the agent again"})
-        self._start_runner(job, task, None)
+        self._start_runner(job, task, None, resumed=True)
 
     @property
     def _replica(self) -> str | None:
@@ -247,10 +206,22 @@ class Jobs:
         if self._by_key.get(job.key) is job:
             del self._by_key[job.key]
 
-    async def _run(self, job: Job, task: Task, agent_input: str, authorization: str | None, *, store: bool) -> None:
+    async def _run(self, job: Job, task: Task, agent_input: str, authorization: str | None, *, store: bool,
+                   resumed: bool = False) -> None:
+        def sharing() -> None:
+            self._emit(job, "status", {"state": "running", "message": "an identical request is already asking the agent: "
+                                                                      "sharing its answer"})
+
         try:
             async with asyncio.timeout(self.settings.job_max_seconds):
-                body = await self._produce(job, task, agent_input)
+                if store:
+                    # The synchronous routes' single flight: one model call per question, whoever asked first;
+                    # the answer is kept in the cache before `done`, so whoever saw `done` gets a hit, on any replica.
+                    body = await self.service.cache.share(job.key, self.settings.ttl_for(task),
+                                                          lambda: self._produce(job, task, agent_input),
+                                                          coordinate=not resumed, on_join=sharing)
+                else:
+                    body = await self._produce(job, task, agent_input)
         except TimeoutError:
             await self._fail_or_stale(job, task, UpstreamTimeout("job", self.settings.job_max_seconds, "job-timeout"))
         except AdapterError as exc:
@@ -259,37 +230,24 @@ class Jobs:
             log.error("job.crashed", job_id=job.id, exc_info=exc)
             self._fail(job, exc)
         else:
-            if store:
-                # Into the cache before `done`: whoever saw `done` and asks again gets a hit, on any replica.
-                ttl = self.settings.ttl_for(task.name) + self.settings.cache_stale_grace
-                await self.service.cache.store.put(job.key, Entry(self._clock(), body), ttl)
-            self._emit(job, "result", self.service.result_event(task.name, body))
+            self._emit(job, "result", self.service.result_event(task, body))
             self._finish(job, "succeeded")
-            # A fresh qualification is written back as on the synchronous route, with the creator's
-            # token (held in this task only, never stored or logged); the outcome goes to the log.
-            if task.name == "lead.qualify" and self.settings.crm_write_back:
-                if authorization is None:
-                    log.info("crm.write_back", lead_id=job.record_id, outcome="skipped",
-                             reason="job taken over by another replica: the creator's token is never stored")
-                else:
-                    await self.service.write_back(job.record_id, authorization, body)
+            # A fresh answer's hook runs as on the synchronous route, with the creator's token (held
+            # by this coroutine only, never stored or logged); the outcome goes to the log.
+            await self.service.after_fresh(task, job.record_id, authorization, body, "BYPASS" if not store else "MISS")
         log.info("job.done", job_id=job.id, task=job.task, status=job.status, events=len(job.events), replica=self._replica)
 
     async def _fail_or_stale(self, job: Job, task: Task, exc: AdapterError) -> None:
         """The synchronous routes' stale-if-error rule: a model-side fault within the grace serves the stale answer."""
-        if job.mode == "default" and isinstance(exc, STALE_ON):
-            entry = await self.service.cache.store.get(job.key)
-            if entry is not None and self._clock() - entry.stored_at < self.settings.ttl_for(task.name) + self.settings.cache_stale_grace:
-                log.info("job.stale_answer", job_id=job.id, reason=exc.slug, age_s=int(self._clock() - entry.stored_at))
-                self._emit(job, "result", self.service.result_event(task.name, entry.body))
-                self._finish(job, "succeeded", cached=True, stale=True)
-                return
+        if job.mode == "default" and (entry := await self.service.cache.stale_for(job.key, self.settings.ttl_for(task), exc)):
+            log.info("job.stale_answer", job_id=job.id, reason=exc.slug, age_s=self.service.cache.age(entry))
+            self._emit(job, "result", self.service.result_event(task, entry.body))
+            self._finish(job, "succeeded", cached=True, stale=True)
+            return
         self._fail(job, exc)
 
     def _fail(self, job: Job, exc: Exception) -> None:
-        problem, _ = problem_of(exc, "POST", f"/api/v1/ai/jobs/{job.id}")
-        problem.instance = f"/api/v1/ai/jobs/{job.id}"
-        self._emit(job, "error", _encode(problem))
+        self._emit(job, "error", self.describe(exc, f"/api/v1/ai/jobs/{job.id}"))
         self._finish(job, "failed")
 
     async def _produce(self, job: Job, task: Task, agent_input: str) -> bytes:

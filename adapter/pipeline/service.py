@@ -1,30 +1,43 @@
-"""One AI task, end to end: authorize via the CRM, render, cache, call, validate, repair."""
+"""One AI task, end to end: authorize via the CRM, render, cache, call, validate, repair, write back.
+
+The synchronous routes call `run`; streamed jobs (jobs.py) share `prepare` (the CRM check and
+the cache key), the cache's freshness and stale-if-error rules, `validated` and `after_fresh`.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import structlog
 
-from ..tasks.registry import Task
+from ..tasks import Registry, Task
 from .cache import Mode, Outcome, ResultCache, cache_key
 from ..upstreams.crm import CrmClient
 from ..errors import AdapterError, InvalidAgentOutput
 from ..upstreams.gateway import GatewayClient, ProviderPlan
 from ..metrics import Metrics
-from ..models import LeadQualifyResult
-from ..tasks.prompting import repair_input
 from ..storage.ratelimit import RateLimiter
 from ..settings import Settings
+from ..tasks.prompting import repair_input
+from ..tasks.reading import OutputInvalid, rules
 from ..tracing import Tracing
-from ..tasks.reading import OutputInvalid, guidance, reread, rules, warnings_in
 
 log = structlog.get_logger("adapter.service")
 _encode = msgspec.json.Encoder().encode
-_decode_lead = msgspec.json.Decoder(LeadQualifyResult).decode
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A question ready for the model: the caller may read its record, and it has its cache key."""
+
+    task: Task
+    record_id: str
+    agent_input: str
+    key: str
 
 
 def _today() -> dt.date:
@@ -35,7 +48,7 @@ class AiService:
     def __init__(
         self,
         *,
-        tasks: dict[str, Task],
+        tasks: Registry,
         gateway: GatewayClient,
         crm: CrmClient,
         cache: ResultCache,
@@ -55,24 +68,26 @@ class AiService:
         self.settings = settings
         self._today = today
 
-    async def prepare(self, task_name: str, request: Any, authorization: str) -> tuple[Task, str, str]:
-        """Read the record as the caller (the backend's refusal ends it here) and render the input."""
-        task = self.tasks[task_name]
+    async def prepare(self, task: Task, request: Any, authorization: str) -> Prepared:
+        """Read the record as the caller (the backend's refusal ends it here), render the input, key it.
+
+        The one key derivation of both paths: the cache is consulted only after this.
+        """
         record_id = getattr(request, task.id_field)
         with self.tracing.span("crm.lookup", **{"crm.record.kind": task.record_kind, "crm.record.id": record_id}):
             record = await self.crm.get_record(task.record_kind, record_id, authorization)
-        return task, record_id, task.render(record, request, self._today())
-
-    async def run(self, task_name: str, request: Any, authorization: str, mode: Mode, user: str = "") -> Outcome:
-        # The cache is consulted only after the backend let this caller read the record.
-        task, record_id, agent_input = await self.prepare(task_name, request, authorization)
+        agent_input = task.render(record, request, self._today())
         key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, record_id, agent_input)
+        return Prepared(task, record_id, agent_input, key)
+
+    async def run(self, task: Task, request: Any, authorization: str, mode: Mode, user: str = "") -> Outcome:
+        prepared = await self.prepare(task, request, authorization)
 
         async def compute() -> bytes:
-            return _encode(await self.ask_agent(task, record_id, agent_input))
+            return _encode(await self.ask_agent(task, prepared.record_id, prepared.agent_input))
 
         with self.tracing.span("cache", **{"cache.task": task.name, "cache.mode": mode}) as span:
-            outcome = await self.cache.get_or_compute(key, self.settings.ttl_for(task.name), mode, compute,
+            outcome = await self.cache.get_or_compute(prepared.key, self.settings.ttl_for(task), mode, compute,
                                                       admit=lambda: self.admit(task.name, user))
             span.set_attribute("cache.result", outcome.x_cache)  # HIT, MISS, STALE or BYPASS
         return outcome
@@ -86,20 +101,35 @@ class AiService:
                 self.metrics.rate_limited.labels(task_name).inc()
                 raise
 
-    async def write_back(self, lead_id: str, authorization: str, body: bytes) -> str:
-        """Store a fresh qualification on the lead, as the old in-process agent did: ok or failed.
+    async def after_fresh(self, task: Task, record_id: str, authorization: str | None, body: bytes,
+                          x_cache: str = "MISS") -> str | None:
+        """The task's hook for a fresh answer: its write-back onto the record (ok, failed or skipped).
 
-        With the caller's own token, so the backend still decides; a failure never fails the answer.
+        None for a task without one. Only a fresh answer is written: a cached one was written when it
+        was made, and a stale one must not overwrite what the CRM holds now. With the caller's own
+        token, so the backend still decides; a failure never fails the answer.
         """
-        result = _decode_lead(body)
+        if task.write_back is None:
+            return None
+        result = task.reread(body)
+        reason = ("CRM_WRITE_BACK is off" if not self.settings.crm_write_back
+                  else f"{x_cache.lower()} answer" if x_cache in ("HIT", "STALE")
+                  else "job taken over by another replica: the creator's token is never stored" if authorization is None
+                  else "the answer could not be read back" if result is None
+                  else None)
+        if reason is not None:
+            self.metrics.write_backs.labels("skipped").inc()
+            log.info("crm.write_back", record_id=record_id, task=task.name, outcome="skipped", reason=reason)
+            return "skipped"
         try:
-            with self.tracing.span("crm.write_back", **{"crm.record.id": lead_id}):
-                await self.crm.patch_record("lead", lead_id, authorization, {"score": result.score, "classification": result.classification})
+            with self.tracing.span("crm.write_back", **{"crm.record.id": record_id}):
+                await self.crm.patch_record(task.record_kind, record_id, authorization, task.write_back(result))  # type: ignore[arg-type]
         except AdapterError as exc:
-            log.warning("crm.write_back", lead_id=lead_id, outcome="failed", reason=exc.detail, status=exc.status)
+            log.warning("crm.write_back", record_id=record_id, task=task.name, outcome="failed", reason=exc.detail,
+                        status=exc.status)
             self.metrics.write_backs.labels("failed").inc()
             return "failed"
-        log.info("crm.write_back", lead_id=lead_id, outcome="ok")
+        log.info("crm.write_back", record_id=record_id, task=task.name, outcome="ok")
         self.metrics.write_backs.labels("ok").inc()
         return "ok"
 
@@ -119,28 +149,26 @@ class AiService:
             "gateway.agent": task.agent_id, "gateway.attempt": attempt, "gateway.repair": attempt > 1,
             "gateway.provider": plan.current or "default", "gateway.stream": stream})
 
-    def warnings(self, task_name: str, body: bytes) -> list[str]:
-        """The guidance rules a served body breaches (`X-Agent-Warnings`).
+    @staticmethod
+    def response_headers(task: Task, body: bytes) -> dict[str, str]:
+        """`X-AI-Provider` and `X-Agent-Warnings` of a served body, from one decode of it.
 
         Recomputed from the body rather than stored beside it: guidance is a pure function of the
         result, so a hit, a stale answer, a coalesced follower and another replica's job all get
         the same list without the cache's format (or entries stored before) changing.
         """
-        return warnings_in(body, self.tasks[task_name].result_type)
-
-    def response_headers(self, task_name: str, body: bytes) -> dict[str, str]:
-        """`X-AI-Provider` and `X-Agent-Warnings` of a served body, from one decode of it."""
-        result = reread(body, self.tasks[task_name].result_type)
+        result = task.reread(body)
         if result is None:
             return {}
         headers = {"X-AI-Provider": result.provider} if result.provider else {}
-        if warnings := rules(guidance(result)):
+        if warnings := rules(task.guidance(result)):
             headers["X-Agent-Warnings"] = ", ".join(warnings)
         return headers
 
-    def result_event(self, task_name: str, body: bytes) -> bytes:
+    @staticmethod
+    def result_event(task: Task, body: bytes) -> bytes:
         """A stream's `result` data: the body, plus `warnings` (the X-Agent-Warnings list) when there are any."""
-        if not (warnings := self.warnings(task_name, body)):
+        if not (warnings := task.warnings(body)):
             return body
         # The body is a JSON object we encoded: close it with one more member instead of re-encoding it.
         return body[:-1] + b',"warnings":' + _encode(warnings) + b"}"

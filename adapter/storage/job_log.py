@@ -34,9 +34,8 @@ import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from ..errors import JobExpired, JobLogUnavailable
-from ..pipeline.jobs import Job
-from ..web.problems import problem_of
-from .redis_store import _RELEASE, FAULTS, RedisStore
+from .job_state import Job
+from .redis_store import FAULTS, RELEASE_SCRIPT, RedisStore
 
 log = structlog.get_logger("adapter.jobs")
 _encode = msgspec.json.Encoder().encode
@@ -97,9 +96,15 @@ def replica_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+# (error, the job's URL path) -> the `error` event's data: a problem object, as JSON (web/problems.py).
+Describe = Callable[[Exception, str], bytes]
+
+
 class RedisJobLog:
-    def __init__(self, store: RedisStore, ttl: float, *, lease: float, replica: str | None = None) -> None:
+    def __init__(self, store: RedisStore, ttl: float, *, lease: float, describe: Describe,
+                 replica: str | None = None) -> None:
         self._s = store
+        self._describe = describe
         self._r = store.redis
         self.replica = replica or replica_id()
         self._ttl_ms = int(ttl * 1000)
@@ -119,7 +124,7 @@ class RedisJobLog:
         self._backoff_cap = min(max(lease / 3, 0.2), 2.0)
         self._append = self._r.register_script(_APPEND)
         self._takeover = self._r.register_script(_TAKEOVER)
-        self._release = self._r.register_script(_RELEASE)
+        self._release = self._r.register_script(RELEASE_SCRIPT)
         self._owned: dict[str, Job] = {}
         self._written: dict[str, int] = {}
         self._repair: set[str] = set()
@@ -271,7 +276,7 @@ class RedisJobLog:
         self.follow(job, written)
 
     async def _renew_leases(self) -> None:
-        # One task renews every lease of this replica: a third of the lease apart, so two
+        # One coroutine renews every lease of this replica: a third of the lease apart, so two
         # renewals can fail before the lease lapses.
         while self._owned:
             await asyncio.sleep(self.lease / 3)
@@ -325,6 +330,72 @@ class RedisJobLog:
             self._s.fault(exc)
         return False
 
+    # --- what a batch keeps beside its log -------------------------------------------------
+
+    def _batches(self) -> str:
+        return f"{self._s.prefix}:batches"
+
+    def _inputs(self, job_id: str) -> str:
+        return f"{self._s.prefix}:job:{job_id}:inputs"
+
+    def _cancel(self, job_id: str) -> str:
+        return f"{self._s.prefix}:job:{job_id}:cancel"
+
+    async def add_batch(self, job_id: str) -> None:
+        """A running batch every replica looks after: if its runner dies, the next sweep takes it over."""
+        try:
+            await self._r.sadd(self._batches(), job_id)
+        except FAULTS as exc:
+            self._s.fault(exc)
+
+    async def drop_batch(self, job_id: str) -> None:
+        try:
+            await self._r.srem(self._batches(), job_id)
+        except FAULTS as exc:
+            self._s.fault(exc)
+
+    async def active_batches(self) -> list[str]:
+        try:
+            return [m.decode() for m in await self._r.smembers(self._batches())]
+        except FAULTS as exc:
+            self._s.fault(exc)
+            return []
+
+    async def save_inputs(self, job_id: str, inputs: dict[str, str]) -> None:
+        """The rendered input of each item: what a replica taking the batch over asks the model
+        without the creator's token (which is never stored)."""
+        if not inputs:
+            return
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.hset(self._inputs(job_id), mapping=inputs)
+                pipe.pexpire(self._inputs(job_id), self._ttl_ms)
+                await pipe.execute()
+        except FAULTS as exc:
+            self._s.fault(exc)
+
+    async def load_inputs(self, job_id: str) -> dict[str, str]:
+        try:
+            raw = await self._r.hgetall(self._inputs(job_id))
+        except FAULTS as exc:
+            self._s.fault(exc)
+            return {}
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def request_cancel(self, job_id: str) -> None:
+        try:
+            await self._r.set(self._cancel(job_id), b"1", px=self._ttl_ms)
+        except FAULTS as exc:
+            self._s.fault(exc)
+            raise JobLogUnavailable(f"the job log store (Redis) is unavailable: {self._s.degraded}") from None
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        try:
+            return bool(await self._r.exists(self._cancel(job_id)))
+        except FAULTS as exc:
+            self._s.fault(exc)
+            return False
+
     # --- the follower's side ----------------------------------------------------------------
 
     async def load(self, job_id: str) -> Job | None:
@@ -358,9 +429,9 @@ class RedisJobLog:
 
     def follow(self, job: Job, after: int) -> None:
         if job.id not in self._followers:
-            task = asyncio.create_task(self._follow(job, after), name=f"job follower {job.id}")
-            self._followers[job.id] = task
-            task.add_done_callback(lambda t: self._followers.pop(job.id, None))
+            follower = asyncio.create_task(self._follow(job, after), name=f"job follower {job.id}")
+            self._followers[job.id] = follower
+            follower.add_done_callback(lambda _: self._followers.pop(job.id, None))
 
     async def _follow(self, job: Job, after: int) -> None:
         delay = 0.05
@@ -453,19 +524,17 @@ class RedisJobLog:
 
     def _expire(self, job: Job, why: str) -> None:
         # Ends this replica's copy: every reader gets `error` then `done`, none pings forever.
-        problem, _ = problem_of(JobExpired(why), "GET", f"/api/v1/ai/jobs/{job.id}")
-        problem.instance = f"/api/v1/ai/jobs/{job.id}"
-        job.emit("error", _encode(problem))
+        job.emit("error", self._describe(JobExpired(why), f"/api/v1/ai/jobs/{job.id}"))
         job.emit("done", {"status": "failed", "cached": False})
         log.warning("job.expired", job_id=job.id, reason=why, events=len(job.events))
 
     def stop_following(self) -> None:
-        for task in list(self._followers.values()):
-            task.cancel()
+        for follower in list(self._followers.values()):
+            follower.cancel()
 
     def close(self) -> None:
-        for task in [*self._writers.values(), *self._followers.values(), *([self._renewer] if self._renewer else [])]:
-            task.cancel()
+        for background in [*self._writers.values(), *self._followers.values(), *([self._renewer] if self._renewer else [])]:
+            background.cancel()
 
     async def aclose(self) -> None:
         await self._blocking.aclose()

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from ..errors import AdapterError
+from ..errors import RateLimited
 from .redis_store import FAULTS, RedisStore
 
 # Redis's own clock: replicas with skewed clocks still share one bucket correctly.
 _TAKE = """
-local cap, rate, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cap, rate, ttl, reserve = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4] or 0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local b = redis.call('HMGET', KEYS[1], 't', 'ts')
@@ -30,15 +30,11 @@ local tokens, ts = tonumber(b[1]), tonumber(b[2])
 if tokens == nil then tokens, ts = cap, now end
 tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
 local allowed = 0
-if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
+if tokens >= 1 + reserve then tokens = tokens - 1; allowed = 1 end
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], ttl)
 return {allowed, tostring(tokens)}
 """
-
-
-class RateLimited(AdapterError):
-    status, slug, title = 429, "rate-limited", "Too many AI requests"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +54,6 @@ class Policy:
         return cls(int(count), float(window))
 
 
-def user_key(authorization: str, verified_sub: str | None) -> str:
-    if verified_sub:
-        return f"sub:{verified_sub}"
-    token = authorization.partition(" ")[2].strip()
-    return "tok:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-
-
 class RateLimiter:
     def __init__(self, policies: dict[str, Policy | None], *, prefix: str, store: RedisStore | None,
                  clock: Callable[[], float] = time.monotonic, max_local: int = 100_000) -> None:
@@ -75,38 +64,47 @@ class RateLimiter:
         self._local: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._max_local = max_local
 
-    async def take(self, task: str, user: str) -> None:
-        """Spend one token, or raise `RateLimited` with the headers a client needs to back off."""
+    async def take(self, task: str, user: str, *, reserve: float = 0) -> None:
+        """Spend one token, or raise `RateLimited` with the headers a client needs to back off.
+
+        `reserve`: tokens that must be left after this one (a batch leaves some for the user's
+        interactive requests).
+        """
         policy = self.policies.get(task)
         if policy is None:
             return
         key = f"{self._prefix}:rl:{task}:{user}"
-        tokens = await self._redis_take(key, policy) if self._store is not None else None
+        tokens = await self._redis_take(key, policy, reserve) if self._store is not None else None
         if tokens is None:  # no Redis, or Redis is down: this process keeps its own buckets
-            tokens = self._local_take(key, policy)
+            tokens = self._local_take(key, policy, reserve)
         allowed, left = tokens
         if allowed:
             return
-        wait = max(1, math.ceil((1 - left) / policy.rate))
+        wait = max(1, math.ceil((1 + reserve - left) / policy.rate))
         raise RateLimited(
             f"at most {policy.limit} {task} requests per {policy.window:g} s per user; retry in {wait} s",
             headers={"Retry-After": str(wait), "RateLimit-Limit": str(policy.limit), "RateLimit-Remaining": "0",
                      "RateLimit-Reset": str(wait), "RateLimit-Policy": f"{policy.limit};w={policy.window:g}"})
 
-    async def _redis_take(self, key: str, policy: Policy) -> tuple[bool, float] | None:
+    def reserve_for(self, task: str) -> float:
+        """What a batch leaves of a user's budget for their interactive requests: a quarter of it."""
+        policy = self.policies.get(task)
+        return 0 if policy is None else max(1, policy.limit // 4) if policy.limit > 1 else 0
+
+    async def _redis_take(self, key: str, policy: Policy, reserve: float = 0) -> tuple[bool, float] | None:
         redis: Redis = self._store.redis  # type: ignore[union-attr]
         try:
-            allowed, left = await redis.eval(_TAKE, 1, key, policy.limit, policy.rate, int(policy.window * 2000))
+            allowed, left = await redis.eval(_TAKE, 1, key, policy.limit, policy.rate, int(policy.window * 2000), reserve)
         except FAULTS as exc:
             self._store.fault(exc)  # type: ignore[union-attr]
             return None
         return bool(allowed), float(left)
 
-    def _local_take(self, key: str, policy: Policy) -> tuple[bool, float]:
+    def _local_take(self, key: str, policy: Policy, reserve: float = 0) -> tuple[bool, float]:
         now = self._clock()
         tokens, ts = self._local.pop(key, (float(policy.limit), now))
         tokens = min(policy.limit, tokens + max(0.0, now - ts) * policy.rate)
-        allowed = tokens >= 1
+        allowed = tokens >= 1 + reserve
         if allowed:
             tokens -= 1
         self._local[key] = (tokens, now)

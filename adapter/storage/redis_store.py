@@ -15,17 +15,28 @@ import uuid
 import msgspec
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..pipeline.cache import Entry
+from .store import Entry
 from ..errors import AdapterError, from_record, to_record
 from ..models import DependencyState
 
 log = structlog.get_logger("adapter.cache")
 FAULTS = (RedisError, OSError, asyncio.TimeoutError)
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+RELEASE_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _EXTEND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _OK, _ERR = b"\x01", b"\x00"
+
+
+def redis_client(url: str) -> Redis:
+    # No client-side retries: a dead Redis must cost a request microseconds, not
+    # seconds of backoff. The next command reconnects by itself.
+    # redis-py 8 caps a pool at 100 connections and fails at once past that: 200 stream starts
+    # at a time exceeded it, and every overflow read as "Redis unavailable".
+    return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0),
+                          max_connections=1_000)
 
 
 class RedisStore:
@@ -148,7 +159,7 @@ class RedisFlight:
         try:
             await self._r.set(self._outcome_key(self._token), payload, px=30_000)
             await self._r.publish(self._channel, self._token)
-            await self._r.eval(_RELEASE, 1, self._lock, self._token)
+            await self._r.eval(RELEASE_SCRIPT, 1, self._lock, self._token)
         except FAULTS as exc:
             self._s.fault(exc)
 

@@ -1,4 +1,4 @@
-"""Render agent input from CRM records, in the format each persona documents.
+"""Agent input from CRM records, in the format every persona documents (each task renders its own record).
 
 Record fields are user-editable text (a lead's notes can say anything), so they
 are data, never instructions: every record goes into one `<crm_record>` block
@@ -29,38 +29,14 @@ def block(tag: str, data: Any) -> str:
     return f"<{tag}>\n{body}\n</{tag}>"
 
 
-def _pick(record: dict, *names: str) -> dict:
+def pick(record: dict, *names: str) -> dict:
     return {name: record.get(name) for name in names}
 
 
-def _notes(lead: dict) -> Any:
-    custom = lead.get("custom_fields") or {}
-    return lead.get("notes") if lead.get("notes") is not None else custom.get("notes")
-
-
-def lead_qualify_input(lead: dict) -> str:
-    data = _pick(lead, "name", "email", "company", "job_title", "source", "phone", "tags", "enrichment_data")
-    data["notes"] = _notes(lead)
-    return f"TASK: lead.qualify\n{PREAMBLE}\n{block('crm_record', data)}"
-
-
-def email_generate_input(lead: dict, context: str, tone: str) -> str:
-    data = _pick(lead, "name", "company", "job_title")
-    request = {"context": context, "tone": tone}
-    return f"TASK: email.generate\n{PREAMBLE}\n{block('crm_record', data)}\n{block('request', request)}"
-
-
-def deal_predict_input(deal: dict, today: dt.date) -> str:
-    custom = deal.get("custom_fields") or {}
-    data = _pick(deal, "title", "value", "currency", "stage", "expected_close_date")
-    data["currency"] = data["currency"] or "BRL"
-    data["days_in_pipeline"] = _days_since(deal.get("created_at"), today)
-    data["contacts_count"] = len(deal.get("contact_ids") or [])
-    # Not first-class deal fields in the CRM; teams keep them in custom_fields.
-    for name in ("activity_count", "last_activity_date", "engagement_score", "decision_makers_count"):
-        data[name] = custom.get(name)
-    data["today"] = today.isoformat()
-    return f"TASK: deal.predict\n{PREAMBLE}\n{block('crm_record', data)}"
+def task_input(task: str, record: dict, request: dict | None = None) -> str:
+    """The input every persona documents: the task, the preamble, the record and, if any, the request."""
+    text = f"TASK: {task}\n{PREAMBLE}\n{block('crm_record', record)}"
+    return text if request is None else f"{text}\n{block('request', request)}"
 
 
 def repair_input(original: str, answer: str, errors: list[str], limit: int = 4000) -> str:
@@ -78,7 +54,7 @@ def repair_input(original: str, answer: str, errors: list[str], limit: int = 400
     )
 
 
-def _days_since(created_at: Any, today: dt.date) -> int | None:
+def days_since(created_at: Any, today: dt.date) -> int | None:
     if not isinstance(created_at, str):
         return None
     try:

@@ -1,94 +1,170 @@
-"""The three CRM tasks and the Conductor agents that serve them."""
+"""What an AI task is, and the registry from which everything task-specific follows.
+
+A task is one module in this package: it builds one `Task`, and `adapter.tasks.TASKS`
+collects them. Nothing outside a task's module names a task. From the registry follow
+the sync and stream routes, the jobs' `task` enum, the `CACHE_TTL_<TASK>` and
+`RATE_LIMIT_<TASK>` settings, the agents checked and synced, the health report, the
+OpenAPI operations and examples, the demo page's buttons and the doubles' answers.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import msgspec
 import yaml
 
-from . import prompting as prompts, reading as validation
-from ..models import (
-    DealPredictRequest,
-    DealPredictResult,
-    EmailGenerateRequest,
-    EmailGenerateResult,
-    LeadQualifyRequest,
-    LeadQualifyResult,
-)
 from ..settings import ConfigError
+from .reading import Breach, Verdict, rules
 
-# (model text, record id, agent id) -> the normalised result with its guidance breaches; raises
-# validation.OutputInvalid when the contract is broken.
-Validate = Callable[[str, str, str], validation.Verdict]
+# (record, request, today) -> the agent's input text; deterministic, as the cache keys on it.
+Render = Callable[[dict[str, Any], Any, dt.date], str]
+# (model text, record id, agent id) -> the normalised result with its guidance breaches;
+# raises reading.OutputInvalid when the contract is broken.
+Validate = Callable[[str, str, str], Verdict]
+_NAME = re.compile(r"^[a-z][a-z0-9]*(?:[._][a-z][a-z0-9]*)+$")
 
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    name: Literal["email.generate", "lead.qualify", "deal.predict"]
+    """One AI task: everything the sidecar needs to serve it, in one place.
+
+    `name` is `<record kind>.<verb>` by convention (`lead.qualify`); its route is
+    `/api/v1/ai/<name with / for .>` and its settings are `CACHE_TTL_<NAME>` and
+    `RATE_LIMIT_<NAME>`, upper-cased with `_` for `.`.
+    """
+
+    name: str
     agent_id: str
-    record_kind: Literal["lead", "deal"]
-    request_type: type
-    result_type: type
-    render: Callable[[dict, Any, dt.date], str]
+    record_kind: str  # the CRM collection the record is read from: /api/v1/<kind>s/<id>
+    request_type: type[msgspec.Struct]  # the request body; must have `<record_kind>_id`
+    result_type: type[msgspec.Struct]  # what the route answers (the validated output plus ids)
+    render: Render
     validate: Validate
-    version: str = field(default="unversioned")
+    guidance: Callable[[Any], list[Breach]]  # the persona's style rules a valid result breaks
+    guidance_rules: Mapping[str, str]  # rule id -> what the persona asks (X-Agent-Warnings ids)
+    summary: str  # the OpenAPI summary of the synchronous route
+    cache_ttl: float  # seconds; CACHE_TTL_<NAME> overrides it
+    rate_limit: str  # `<requests>/<seconds>` or `off`; RATE_LIMIT_<NAME> overrides it
+    request_example: Mapping[str, Any]
+    result_example: Mapping[str, Any]
+    # What a double's model answers for a record and request (the demo and the tests).
+    sample_answer: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+    # Fields PATCHed onto the record after a fresh answer, with the caller's token (None: no write-back).
+    write_back: Callable[[Any], dict[str, Any]] | None = None
+    stream_summary: str = ""  # the stream route's; `Stream: <summary>` when empty
+    version: str = field(default="unversioned")  # stamped by `Registry.load` from the agent's files
+    _decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"task name {self.name!r} must look like `<record kind>.<verb>`")
+        if self.id_field not in self.request_type.__struct_fields__:
+            raise ValueError(f"task {self.name}: {self.request_type.__name__} has no `{self.id_field}`")
+        object.__setattr__(self, "_decoder", msgspec.json.Decoder(self.result_type))
+        if not self.stream_summary:
+            object.__setattr__(self, "stream_summary", f"Stream: {self.summary}")
 
     @property
     def id_field(self) -> str:
         return f"{self.record_kind}_id"
 
+    @property
+    def path(self) -> str:
+        return "/" + self.name.replace(".", "/")
 
-def _email_render(lead: dict, req: EmailGenerateRequest, _today: dt.date) -> str:
-    return prompts.email_generate_input(lead, req.context, req.tone)
+    @property
+    def env_suffix(self) -> str:
+        return self.name.replace(".", "_").upper()
 
-
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task(
-            "email.generate", "EmailAssistant_CRM_Agent", "lead",
-            EmailGenerateRequest, EmailGenerateResult, _email_render,
-            validation.email_result,
-        ),
-        Task(
-            "lead.qualify", "LeadQualifier_CRM_Agent", "lead",
-            LeadQualifyRequest, LeadQualifyResult,
-            lambda lead, _req, _today: prompts.lead_qualify_input(lead),
-            validation.lead_result,
-        ),
-        Task(
-            "deal.predict", "DealPredictor_CRM_Agent", "deal",
-            DealPredictRequest, DealPredictResult,
-            lambda deal, _req, today: prompts.deal_predict_input(deal, today),
-            validation.deal_result,
-        ),
-    )
-}
-AGENT_IDS = tuple(t.agent_id for t in TASKS.values())
-
-
-def load_tasks(agents_dir: str) -> dict[str, Task]:
-    """The tasks, each stamped with a digest of its agent's definition and persona.
-
-    The digest goes into cache keys: editing `conductor-agents/<Agent>/` retires
-    every cached answer of that agent without anyone flushing anything.
-    """
-    root = Path(agents_dir)
-    stamped = {}
-    for name, task in TASKS.items():
-        folder = root / task.agent_id
+    def reread(self, body: bytes) -> Any | None:
+        """A result already served once (cached), decoded again; None when it cannot be."""
         try:
-            definition = (folder / "definition.yaml").read_bytes()
-            persona = (folder / "persona.md").read_bytes()
-            meta = yaml.safe_load(definition) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"CONDUCTOR_AGENTS_DIR: cannot read agent {task.agent_id}: {exc}") from None
-        digest = hashlib.sha256(definition + b"\0" + persona).hexdigest()[:16]
-        stamped[name] = replace(task, version=f"{meta.get('version', '0')}-{digest}")
-    return stamped
+            return self._decoder.decode(body)
+        except msgspec.DecodeError:  # ValidationError included: a body the cache kept from another shape
+            return None  # what is read from it is a courtesy; a body we cannot re-read must not fail its response
 
+    def warnings(self, body: bytes) -> list[str]:
+        """The guidance rules a served body breaches: recomputed from the body, never stored."""
+        result = self.reread(body)
+        return [] if result is None else rules(self.guidance(result))
+
+
+class Registry(Mapping[str, Task]):
+    """The tasks by name, in the order they were registered (the OpenAPI's and the demo page's order)."""
+
+    def __init__(self, tasks: Iterable[Task] = ()) -> None:
+        self._tasks: dict[str, Task] = {}
+        for task in tasks:
+            self._add(task)
+
+    def _add(self, task: Task) -> None:
+        if task.name in self._tasks:
+            raise ValueError(f"task {task.name} is registered twice")
+        if any(t.agent_id == task.agent_id for t in self._tasks.values()):
+            raise ValueError(f"agent {task.agent_id} already serves another task")
+        self._tasks[task.name] = task
+
+    def __getitem__(self, name: str) -> Task:
+        return self._tasks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tasks)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def with_task(self, task: Task) -> Registry:
+        """A new registry with one more task (this one is left as it is)."""
+        return Registry([*self._tasks.values(), task])
+
+    @property
+    def agent_ids(self) -> tuple[str, ...]:
+        return tuple(t.agent_id for t in self._tasks.values())
+
+    def by_agent(self, agent_id: str) -> Task | None:
+        return next((t for t in self._tasks.values() if t.agent_id == agent_id), None)
+
+    @property
+    def guidance_rules(self) -> dict[str, str]:
+        """Every guidance rule id and what the personas ask; a rule two tasks share lists both wordings."""
+        merged: dict[str, list[str]] = {}
+        for task in self._tasks.values():
+            for rule, words in task.guidance_rules.items():
+                merged.setdefault(rule, []).append(words)
+        return {rule: ", ".join(words) for rule, words in merged.items()}
+
+    def load(self, agents_dir: str) -> Registry:
+        """The tasks, each stamped with a digest of its agent's definition and persona.
+
+        The digest goes into cache keys: editing `conductor-agents/<Agent>/` retires
+        every cached answer of that agent without anyone flushing anything. A missing
+        persona stops start-up, not a request.
+        """
+        root = Path(agents_dir)
+        stamped = []
+        for task in self._tasks.values():
+            folder = root / task.agent_id
+            try:
+                definition = (folder / "definition.yaml").read_bytes()
+                persona = (folder / "persona.md").read_bytes()
+                meta = yaml.safe_load(definition) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"CONDUCTOR_AGENTS_DIR: cannot read agent {task.agent_id}: {exc}") from None
+            digest = hashlib.sha256(definition + b"\0" + persona).hexdigest()[:16]
+            stamped.append(replace(task, version=f"{meta.get('version', '0')}-{digest}"))
+        return Registry(stamped)
+
+    def check_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> None:
+        """`CACHE_TTL_<TASK>`/`RATE_LIMIT_<TASK>` variables must name a task: a typo is an error, not a no-op."""
+        known = {t.env_suffix for t in self._tasks.values()}
+        wrong = [f"{prefix}{suffix}: no task is called that (tasks: {', '.join(sorted(known))})"
+                 for prefix, values in overrides.items() for suffix in values if suffix not in known]
+        if wrong:
+            raise ConfigError(*wrong)

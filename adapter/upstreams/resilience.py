@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Literal, TypeVar
 
 import structlog
@@ -13,14 +14,8 @@ import structlog
 log = structlog.get_logger("adapter.resilience")
 T = TypeVar("T")
 State = Literal["closed", "open", "half_open"]
-
-
-class NotSent(Exception):
-    """A failure that happened before the request left: retrying cannot double any work."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
+# Set by work nobody is waiting for at a screen (a batch's items): it yields to interactive calls.
+BACKGROUND: ContextVar[bool] = ContextVar("background", default=False)
 
 
 async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int, base: float, cap: float,
@@ -89,28 +84,43 @@ class CircuitBreaker:
 
 
 class Bulkhead:
-    """At most `limit` calls in flight; the rest wait at most `wait` seconds."""
+    """At most `limit` calls in flight; the rest wait at most `wait` seconds.
+
+    Background calls (BACKGROUND set: a batch's items) go last: they wait, without a deadline,
+    while an interactive call is waiting, and never take the last quarter of the slots, so an
+    interactive request finds a slot at once even while a big batch runs.
+    """
 
     def __init__(self, limit: int, wait: float) -> None:
         self.limit = limit
         self.wait = wait
         self._slots = asyncio.Semaphore(limit)
-        self.waiting = 0
+        self.headroom = max(1, limit // 4) if limit > 1 else 0
+        self._interactive_waiting = 0
+        self._freed = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
         return self.limit - self._slots._value  # noqa: SLF001 - the semaphore's count is the truth
 
     async def acquire(self) -> bool:
-        self.waiting += 1
+        if BACKGROUND.get():
+            while self._interactive_waiting or self.in_flight >= self.limit - self.headroom:
+                self._freed.clear()
+                await self._freed.wait()
+            await self._slots.acquire()  # free at once: nothing can take it between the check and here
+            return True
+        self._interactive_waiting += 1
         try:
             async with asyncio.timeout(self.wait):
                 await self._slots.acquire()
-            return True
         except TimeoutError:
             return False
         finally:
-            self.waiting -= 1
+            self._interactive_waiting -= 1
+            self._freed.set()
+        return True
 
     def release(self) -> None:
         self._slots.release()
+        self._freed.set()

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.params import FromPath, JSONBody
 
-from ..tasks.registry import TASKS
-from ..doubles.gateway import GatewayDouble
-from ..errors import NotFound
+from ..errors import BadRequest, NotFound
 
 PAGE = resources.files("adapter") / "demo_page"
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
+
+
+class ScriptedModel(Protocol):
+    """What the demo's gateway double offers the page: the next answers of an agent, queued."""
+
+    def push(self, agent_id: str, *behaviours: str) -> None: ...
 
 
 @dataclass
@@ -23,12 +27,12 @@ class DemoSession:
     token: str
     leads: list[dict[str, str]]
     deals: list[dict[str, str]]
-    gateway: GatewayDouble = field(repr=False)
+    gateway: ScriptedModel = field(repr=False)
 
 
 class Fault(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    task: Literal["email.generate", "lead.qualify", "deal.predict"]
-    behaviour: Literal["wrong_shape", "start_fails", "garbage", "fenced", "task_error"]
+    task: str
+    behaviour: Literal["wrong_shape", "start_fails", "garbage", "fenced", "run_failed"]
 
 
 @get("/", media_type="text/html; charset=utf-8", include_in_schema=False)
@@ -46,7 +50,10 @@ async def static(name: FromPath[str]) -> Response[bytes]:
 @get("/session", include_in_schema=False)
 async def session(request: Request) -> dict[str, Any]:
     demo: DemoSession = request.app.state.demo
-    return {"token": demo.token, "leads": demo.leads, "deals": demo.deals}
+    tasks = [{"name": t.name, "record_kind": t.record_kind,
+              "label": f"{t.name.split('.', 1)[1].replace('_', ' ').capitalize()} {t.name.split('.', 1)[0]}"}
+             for t in request.app.state.service.tasks.values()]
+    return {"token": demo.token, "leads": demo.leads, "deals": demo.deals, "tasks": tasks}
 
 
 @get("/env", media_type="text/plain; charset=utf-8", include_in_schema=False)
@@ -59,7 +66,10 @@ async def env(request: Request) -> str:
 @post("/fault", status_code=204, include_in_schema=False)
 async def fault(data: JSONBody[Fault], request: Request) -> None:
     demo: DemoSession = request.app.state.demo
-    agent = TASKS[data.task].agent_id
+    tasks = request.app.state.service.tasks
+    if data.task not in tasks:
+        raise BadRequest(f"invalid request body: `task`: no task {data.task!r} (tasks: {', '.join(tasks)})", field="task")
+    agent = tasks[data.task].agent_id
     # Invalid output must survive the repair call too; the others happen once.
     demo.gateway.push(agent, *[data.behaviour] * (2 if data.behaviour in ("wrong_shape", "garbage") else 1))
 

@@ -1,11 +1,21 @@
-"""OpenAPI descriptions shared by the routes: problem responses and headers."""
+"""The OpenAPI document: what the routes declare (problem responses, headers), and what Litestar
+cannot say from the handlers alone, applied once to the generated document (`finish`): headers
+on every response, each task's examples, links. `/schema/openapi.json` serves the finished
+document and `adapter openapi` prints it (so the committed copy includes it).
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example, Link, OpenAPI, OpenAPIHeader, OpenAPIType, Schema
 
 from ..models import Problem, SseEvent
+
+if TYPE_CHECKING:
+    from ..tasks import Registry, Task
 
 PROBLEM = "application/problem+json"
 
@@ -33,8 +43,8 @@ def problem(description: str) -> ResponseSpec:
     return ResponseSpec(Problem, description=description, media_type=PROBLEM, generate_examples=False)
 
 
-def ai_responses(task: str) -> dict[int, ResponseSpec]:
-    record = "deal" if task.startswith("deal") else "lead"
+def ai_responses(task: Task) -> dict[int, ResponseSpec]:
+    record = task.record_kind
     return {
         400: problem("Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; "
                      "errors[] says what and where"),
@@ -64,8 +74,23 @@ SSE_DESCRIPTION = (
 SSE_RESPONSE = ResponseSpec(SseEvent, description=SSE_DESCRIPTION, media_type="text/event-stream", generate_examples=False)
 
 
-def stream_responses(task: str) -> dict[int, ResponseSpec]:
+def stream_responses(task: Task) -> dict[int, ResponseSpec]:
     return {**ai_responses(task), 200: SSE_RESPONSE}
+
+
+def batch_responses(create: bool = False) -> dict[int, ResponseSpec]:
+    if create:
+        return {400: problem("Bad input, refused whole before anything runs: an unknown task, no ids or more than "
+                             "BATCH_MAX_ITEMS, a malformed or duplicate id, an unknown or invalid option (the field is named)"),
+                401: problem("No bearer token, or CRM_JWT_SECRET refused it"),
+                408: problem("The body did not arrive within BODY_TIMEOUT_SECONDS"),
+                413: problem("The body is larger than MAX_BODY_BYTES"), 415: problem("The body is not application/json"),
+                431: problem("The request headers are larger than MAX_HEADER_BYTES"),
+                503: problem("This replica is shutting down (see Retry-After)")}
+    return {400: problem("An invalid query parameter (`status` must be an item status)"),
+            401: problem("Neither the batch token nor a bearer token"),
+            403: problem("The token is invalid, expired or for another batch, or the bearer is not the batch's creator"),
+            404: problem("No such batch, or it expired")}
 
 
 def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
@@ -80,3 +105,75 @@ def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
                 504: problem("CRM backend timeout")}
     return {401: problem("Neither a job token nor a bearer token"), 403: problem("The token is invalid, expired or for another job, "
             "or the CRM backend does not let the caller read the record"), 404: problem("No such job, or it expired")}
+
+
+METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+def _header(description: str, *, required: bool = False, integer: bool = False) -> OpenAPIHeader:
+    return OpenAPIHeader(schema=Schema(type=OpenAPIType.INTEGER if integer else OpenAPIType.STRING),
+                         description=description, required=required)
+
+
+REQUEST_ID = _header("The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too",
+                     required=True)
+RETRY_AFTER = _header("Seconds to wait before trying again", required=True, integer=True)
+RATE_LIMIT = {
+    "RateLimit-Limit": _header("Requests allowed per window for this user and task", required=True, integer=True),
+    "RateLimit-Remaining": _header("Requests left in the window", required=True, integer=True),
+    "RateLimit-Reset": _header("Seconds until a request is allowed again", required=True, integer=True),
+    "RateLimit-Policy": _header("The policy: `<limit>;w=<seconds>`", required=True),
+}
+
+def examples(tasks: Registry) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Request and response examples by path: each task's own, for its sync and stream routes, and a job's."""
+    requests: dict[str, dict] = {}
+    responses: dict[str, dict] = {}
+    for task in tasks.values():
+        path = "/api/v1/ai" + task.path
+        requests[path] = requests[path + "/stream"] = dict(task.request_example)
+        responses[path] = dict(task.result_example)
+    first = next(iter(tasks.values()))
+    requests["/api/v1/ai/jobs"] = {"task": first.name, "input": dict(first.request_example)}
+    responses["/api/v1/ai/jobs"] = {
+        "job_id": "aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d", "status": "queued",
+        "events_url": "/api/v1/ai/jobs/aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d/events?token=eyJhbGciOi...",
+        "expires_at": "2026-11-23T23:15:00Z"}
+    return requests, responses
+
+
+def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
+    REQUEST_EXAMPLES, RESPONSE_EXAMPLES = examples(tasks)  # noqa: N806
+    operation_ids = {}
+    for path, item in (schema.paths or {}).items():
+        for method in METHODS:
+            if (op := getattr(item, method, None)) is not None:
+                operation_ids[(method, path)] = op.operation_id
+    for path, item in (schema.paths or {}).items():
+        for method in METHODS:
+            op = getattr(item, method, None)
+            if op is None:
+                continue
+            for code, response in (op.responses or {}).items():
+                headers = dict(response.headers or {})
+                headers["X-Request-ID"] = REQUEST_ID
+                if code in {"429", "503"}:
+                    headers["Retry-After"] = RETRY_AFTER
+                if code == "429":
+                    headers.update(RATE_LIMIT)
+                response.headers = headers
+                body = (response.content or {}).get("application/json")
+                if code in {"200", "202"} and body is not None and path in RESPONSE_EXAMPLES:
+                    body.examples = {"example": Example(summary="A validated answer", value=RESPONSE_EXAMPLES[path])}
+            if op.request_body is not None and path in REQUEST_EXAMPLES:
+                for media in (op.request_body.content or {}).values():
+                    media.examples = {"example": Example(summary="A seeded record of the demo", value=REQUEST_EXAMPLES[path])}
+    created = schema.paths["/api/v1/ai/jobs"].post.responses["202"]  # type: ignore[index,union-attr]
+    job = "$response.body#/job_id"
+    created.links = {
+        "GetJob": Link(operation_id=operation_ids[("get", "/api/v1/ai/jobs/{job_id}")], parameters={"job_id": job},
+                       description="The job's state and result (polling)"),
+        "JobEvents": Link(operation_id=operation_ids[("get", "/api/v1/ai/jobs/{job_id}/events")], parameters={"job_id": job},
+                          description="The job's events as SSE (the events_url carries a job token for EventSource)"),
+    }
+    return schema

@@ -5,15 +5,11 @@ from __future__ import annotations
 from litestar import Request, Response, get
 from litestar.di import NamedDependency
 
-from ..errors import AdapterError
+from ..errors import NotReady
 from ..pipeline.jobs import Jobs
 from ..models import Liveness
 from ..pipeline.service import AiService
 from .openapi import problem
-
-
-class NotReady(AdapterError):
-    status, slug, title = 503, "not-ready", "Not ready"
 
 
 @get("/healthz", summary="The process is alive (no upstream calls)", tags=["ops"])

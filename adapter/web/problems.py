@@ -8,12 +8,11 @@ from http import HTTPStatus
 import msgspec
 import structlog
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.exceptions import HTTPException, ValidationException
 
 from ..context import request_id
 from ..errors import AdapterError, BadRequest
 from ..models import FieldError, Problem
-from .proxy import Forward
 
 TYPE_BASE = "urn:problem:crm-ai:"
 MEDIA_TYPE = "application/problem+json"
@@ -73,11 +72,14 @@ def _field_error(item: dict) -> FieldError:
     return FieldError(field=str(key) if key else None, message=message)
 
 
+def problem_json(exc: Exception, instance: str) -> bytes:
+    """A job's `error` event: the problem an exception is, as JSON, about the job at `instance`."""
+    problem, _ = problem_of(exc, "GET", instance)
+    problem.instance = instance
+    return _encode(problem)
+
+
 def handle(request: Request, exc: Exception) -> Response:
-    # No route of ours: the CRM backend answers, unless CRM_PROXY_FALLTHROUGH is off.
-    if isinstance(exc, NotFoundException) and (proxy := getattr(request.app.state, "proxy", None)) is not None \
-            and not request.scope.get("adapter.proxied"):
-        return Forward(proxy, request, handle)
     settings = getattr(request.app.state, "settings", None)
     problem, headers = problem_of(exc, request.method, request.url.path, settings.max_body_bytes if settings else None)
     problem.request_id = request_id(request.scope)

@@ -26,7 +26,7 @@ from litestar.response.streaming import ASGIStreamingResponse
 
 from ..context import check_header_size, request_id
 from ..upstreams.crm import IDEMPOTENT, STALE_CONNECTION
-from ..errors import BadRequest, CrmBusy, CrmUnavailable
+from ..errors import BadRequest, ClientGone, CrmBusy, CrmUnavailable
 from ..settings import Settings
 from ..upstreams import transport
 from ..upstreams.http import transport_error
@@ -190,15 +190,11 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone
+            raise ClientGone("the client hung up before its request body was complete")
         if chunk := message.get("body", b""):
             yield chunk
         if not message.get("more_body", False):
             return
-
-
-class ClientGone(Exception):
-    """The client hung up mid-upload; the upstream request is abandoned with it."""
 
 
 async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -5,9 +5,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from litestar.response import Stream
 from prometheus_client import Gauge
 
-from ..pipeline.jobs import Event, Job
+from ..pipeline.jobs import Jobs
+from ..storage.job_state import Event, Job
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
+
+
+def sse_response(job: Job, jobs: Jobs, after: int, drop_after: int | None = None, **headers: str) -> Stream:
+    """The job's events from `after` on, as a text/event-stream response."""
+    s = jobs.settings
+    events = job_events(job, after=after, heartbeat=s.sse_heartbeat_seconds, retry_ms=s.sse_retry_ms,
+                        open_streams=jobs.service.metrics.open_streams, drop_after=drop_after,
+                        closing=jobs.closing)
+    return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, "X-Job-ID": job.id, **headers})
 
 
 def frame(ev: Event) -> bytes:

@@ -15,8 +15,9 @@ class JobTokens:
         self._secret = secret or secrets.token_urlsafe(48)
         self.ttl = ttl
 
-    def issue(self, job_id: str) -> tuple[str, dt.datetime]:
-        expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=self.ttl)
+    def issue(self, job_id: str, *, expires: dt.datetime | None = None) -> tuple[str, dt.datetime]:
+        """A token for one job (or batch: the same log), valid JOB_TOKEN_TTL or until `expires`."""
+        expires = expires or dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=self.ttl)
         return jwt.encode({"job": job_id, "exp": expires, "aud": AUDIENCE}, self._secret, algorithm="HS256"), expires
 
     def job_of(self, token: str) -> str | None:

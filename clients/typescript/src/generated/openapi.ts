@@ -4,6 +4,58 @@
  */
 
 export interface paths {
+    "/api/v1/ai/batches": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Start a batch: one task over many records; its events_url works with EventSource */
+        post: operations["ApiV1AiBatchesCreateBatch"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/ai/batches/{batch_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A batch's state: counts, and each item's status with its result or problem */
+        get: operations["ApiV1AiBatchesBatchIdGetBatch"];
+        put?: never;
+        post?: never;
+        /** Cancel a batch: running items finish, queued ones never start */
+        delete: operations["ApiV1AiBatchesBatchIdCancelBatch"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/ai/batches/{batch_id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The batch's events as SSE (item, progress, done); resumes after Last-Event-ID */
+        get: operations["ApiV1AiBatchesBatchIdEventsBatchEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/ai/deal/predict": {
         parameters: {
             query?: never;
@@ -79,7 +131,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** State of the gateway, the CRM backend, the cache and the three agents */
+        /** State of the gateway, the CRM backend, the cache and each task's agent */
         get: operations["ApiV1AiHealthAiHealth"];
         put?: never;
         post?: never;
@@ -251,6 +303,66 @@ export interface components {
             need: string;
             timeline: string;
         };
+        /** BatchCounts */
+        BatchCounts: {
+            /** @description succeeded items answered from the cache (no model call) */
+            cached: number;
+            cancelled: number;
+            failed: number;
+            queued: number;
+            running: number;
+            succeeded: number;
+        };
+        /** BatchCreated */
+        BatchCreated: {
+            batch_id: string;
+            events_url: string;
+            /** Format: date-time */
+            expires_at: string;
+            /** @enum {string} */
+            status: "queued" | "running" | "completed" | "cancelled";
+            total: number;
+        };
+        /** BatchItem */
+        BatchItem: {
+            /** @default false */
+            cached?: boolean;
+            error?: components["schemas"]["Problem"] | null;
+            id: string;
+            /** @description the task's result, as its synchronous route answers it */
+            result?: {
+                [key: string]: unknown;
+            } | null;
+            /** @enum {string} */
+            status: "queued" | "running" | "succeeded" | "failed" | "cancelled";
+        };
+        /** BatchRequest */
+        BatchRequest: {
+            /** @description record ids (MongoDB ObjectIds), no duplicates; at most BATCH_MAX_ITEMS */
+            ids: string[];
+            /** @description the task request's fields other than the record id, the same for every item */
+            options?: {
+                [key: string]: unknown;
+            };
+            /**
+             * @description the task every item runs
+             * @enum {string}
+             */
+            task: "email.generate" | "lead.qualify" | "deal.predict";
+        };
+        /** BatchView */
+        BatchView: {
+            batch_id: string;
+            cancel_requested: boolean;
+            counts: components["schemas"]["BatchCounts"];
+            /** Format: date-time */
+            expires_at: string;
+            items: components["schemas"]["BatchItem"][];
+            /** @enum {string} */
+            status: "queued" | "running" | "completed" | "cancelled";
+            task: string;
+            total: number;
+        };
         /** DealPredictRequest */
         DealPredictRequest: {
             /**
@@ -402,6 +514,318 @@ export interface components {
 }
 export type $defs = Record<string, never>;
 export interface operations {
+    ApiV1AiBatchesCreateBatch: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["BatchRequest"];
+            };
+        };
+        responses: {
+            /** @description Request accepted, processing continues off-line */
+            202: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BatchCreated"];
+                };
+            };
+            /** @description Bad input, refused whole before anything runs: an unknown task, no ids or more than BATCH_MAX_ITEMS, a malformed or duplicate id, an unknown or invalid option (the field is named) */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No bearer token, or CRM_JWT_SECRET refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is larger than MAX_BODY_BYTES */
+            413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request headers are larger than MAX_HEADER_BYTES */
+            431: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This replica is shutting down (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiBatchesBatchIdGetBatch: {
+        parameters: {
+            query?: {
+                /** @description only the items with this status */
+                status?: "queued" | "running" | "succeeded" | "failed" | "cancelled" | null;
+            };
+            header?: never;
+            path: {
+                batch_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Request fulfilled, document follows */
+            200: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BatchView"];
+                };
+            };
+            /** @description An invalid query parameter (`status` must be an item status) */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Neither the batch token nor a bearer token */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token is invalid, expired or for another batch, or the bearer is not the batch's creator */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such batch, or it expired */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiBatchesBatchIdCancelBatch: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                batch_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Request accepted, processing continues off-line */
+            202: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BatchView"];
+                };
+            };
+            /** @description An invalid query parameter (`status` must be an item status) */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Neither the batch token nor a bearer token */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token is invalid, expired or for another batch, or the bearer is not the batch's creator */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such batch, or it expired */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiBatchesBatchIdEventsBatchEvents: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                batch_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` {state: queued|running|validating, message}, `delta` {text}, `result` (the synchronous route's body, plus `warnings`: the X-Agent-Warnings list, when there are any), `error` (a problem object), and `done` {status: succeeded|failed, cached} always last. A `: ping` comment is sent while nothing else is. */
+            200: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["SseEvent"];
+                };
+            };
+            /** @description An invalid query parameter (`status` must be an item status) */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Neither the batch token nor a bearer token */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The token is invalid, expired or for another batch, or the bearer is not the batch's creator */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such batch, or it expired */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     ApiV1AiDealPredictDealPredict: {
         parameters: {
             query?: never;

@@ -1,0 +1,301 @@
+"""Batches: one task over many records, each item through the normal pipeline, durable as jobs are.
+
+A batch is a log of events in the job log (storage/job_state.Job, mirrored to Redis like a
+job's): `status`, then per item `item` {id, status, cached, result | error} and `progress`
+(the counts), and `done` last. Its state follows from its events, so a replayed log rebuilds it:
+readers on any replica follow it and resume with Last-Event-ID, and when the replica running it
+dies, its lease lapses and another replica takes it over and continues with the items not done.
+
+Two phases:
+1. **Read.** Each record is read from the CRM backend with the creator's token (a 403 or 404
+   fails that item alone, with the backend's problem) and rendered. The rendered inputs are kept
+   beside the log. This phase needs the creator's token, which is never stored: a batch taken
+   over before it finished reading fails the items it had not read (their problem says so).
+2. **Ask.** BATCH_CONCURRENCY items at a time go through the synchronous routes' pipeline: the
+   cache (a hit is instant and free), single flight with any identical request, the model,
+   validation and repair, and the write-back (skipped after a takeover, as for jobs).
+
+A batch is background work: its model calls yield to interactive ones at the gateway bulkhead
+(`resilience.BACKGROUND`), and it takes a rate-limit token only while a quarter of the user's
+budget stays free for their interactive requests, waiting for the bucket to refill instead of
+failing an item. Cancelling lets running items finish; queued ones never start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgspec
+import structlog
+
+from ..errors import AdapterError, BatchItemLost, RateLimited, ShuttingDown
+from ..storage.job_state import Job
+from ..tasks import Task
+from ..upstreams.resilience import BACKGROUND
+from .cache import cache_key
+from .jobs import Jobs
+
+log = structlog.get_logger("adapter.batches")
+PREFIX = "aibatch"
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+FINAL = frozenset({"succeeded", "failed", "cancelled"})
+READ_CONCURRENCY = 8  # CRM reads at a time while a batch starts: quick, and far below CRM_MAX_CONNECTIONS
+
+
+def items_of(job: Job) -> dict[str, dict[str, Any]]:
+    """Each item's latest `item` event, by id."""
+    items: dict[str, dict[str, Any]] = {}
+    for ev in job.events:
+        if ev.event == "item":
+            data = _decode(ev.data)
+            items[data["id"]] = data
+    return items
+
+
+def counts_of(ids: Iterable[str], items: dict[str, dict[str, Any]]) -> dict[str, int]:
+    counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled", "cached"), 0)
+    for item_id in ids:
+        item = items.get(item_id, {"status": "queued"})
+        counts[item["status"]] += 1
+        counts["cached"] += bool(item.get("cached"))
+    return counts
+
+
+def spec_of(job: Job) -> dict[str, Any]:
+    """What the batch asks: its ids, the task request's other fields, and whose budget it spends."""
+    return _decode(job.agent_input)
+
+
+class Batches:
+    def __init__(self, jobs: Jobs, *, clock: Callable[[], float] = time.time) -> None:
+        self.jobs = jobs
+        self.service = jobs.service
+        self.settings = jobs.settings
+        self.mirror = jobs.mirror
+        self._clock = clock
+        self._cancelled: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        jobs.resumers[PREFIX] = self.resume
+
+    # --- the API's side -------------------------------------------------------------------------
+
+    async def create(self, task: Task, ids: list[str], options: dict[str, Any], authorization: str, user: str) -> Job:
+        """Start a batch (validated by the caller): 202 at once, items run in the background."""
+        if self.jobs.draining:
+            raise ShuttingDown("this replica is shutting down and takes no new batches; retry (another replica answers)")
+        ttl = self.settings.batch_max_seconds + self.settings.job_retention_seconds
+        job = Job(id=f"{PREFIX}_{uuid.uuid4().hex}", task=task.name, record_id="", key=f"{self.settings.cache_prefix}:batch",
+                  expires=self._clock() + ttl, agent_input=_encode({"ids": ids, "options": options, "user": user}).decode(),
+                  mode="batch")
+        self.jobs.adopt(job)
+        self.jobs.emit(job, "status", {"state": "queued", "message": f"{len(ids)} item(s) queued", "batch_id": job.id})
+        self.jobs.run_owned(job, self._run(job, task, authorization, None))
+        if self.mirror is not None:
+            await self.mirror.add_batch(job.id)
+            await self.mirror.written(job)  # its events_url must work on every replica from now on
+        log.info("batch.created", batch_id=job.id, task=task.name, items=len(ids))
+        return job
+
+    async def cancel(self, job: Job) -> None:
+        """Queued items never start; running ones finish. Whichever replica runs it sees the request."""
+        if job.finished:
+            return
+        self._cancelled.add(job.id)
+        if self.mirror is not None:
+            await self.mirror.request_cancel(job.id)
+        log.info("batch.cancel_requested", batch_id=job.id)
+
+    async def cancel_requested(self, job: Job) -> bool:
+        if job.id in self._cancelled:
+            return True
+        return self.mirror is not None and await self.mirror.cancel_requested(job.id)
+
+    # --- the runner's side ----------------------------------------------------------------------
+
+    async def resume(self, job: Job, meta: dict[str, str]) -> None:
+        """This replica took an orphaned batch over: continue with the items not done."""
+        task = self.service.tasks.get(job.task)
+        if job.finished:
+            return
+        if task is None:
+            await self._finish(job, cancelled=False, note=f"batch {job.id} is for task {job.task}, which this sidecar does not serve")
+            return
+        inputs = await self.mirror.load_inputs(job.id) if self.mirror is not None else {}
+        done = sum(1 for item in items_of(job).values() if item["status"] in FINAL)
+        log.info("batch.resumed", batch_id=job.id, replica=self.mirror.replica if self.mirror else None, done=done,
+                 read=len(inputs))
+        self.jobs.emit(job, "status", {"state": "running", "resumed": True,
+                                       "message": f"resumed on another replica after {done} item(s)"})
+        self.jobs.run_owned(job, self._run(job, task, None, inputs))
+
+    async def _run(self, job: Job, task: Task, authorization: str | None, inputs: dict[str, str] | None) -> None:
+        spec = spec_of(job)
+        ids: list[str] = spec["ids"]
+        note = None
+        background = BACKGROUND.set(True)  # its model calls yield to interactive ones (resilience.Bulkhead)
+        try:
+            async with asyncio.timeout(max(job.expires - self.settings.job_retention_seconds - self._clock(), 1)):
+                if job.status == "queued":
+                    self.jobs.emit(job, "status", {"state": "running", "message": "reading the records"})
+                read = await self._read(job, task, ids, spec, authorization, inputs)
+                await self._ask_all(job, task, ids, read, spec["user"], authorization)
+        except TimeoutError:
+            note = "the batch reached BATCH_MAX_SECONDS: the items not done were cancelled"
+            self._cancel_rest(job, ids, note)
+        except Exception as exc:  # a bug must still end the batch with `done`, never hang its readers
+            log.error("batch.crashed", batch_id=job.id, exc_info=exc)
+            note = "the batch stopped unexpectedly: the items not done were cancelled"
+            self._cancel_rest(job, ids, note)
+        finally:
+            BACKGROUND.reset(background)
+        if not job.finished:
+            await self._finish(job, cancelled=await self.cancel_requested(job), note=note)
+
+    async def _read(self, job: Job, task: Task, ids: list[str], spec: dict[str, Any], authorization: str | None,
+                    inputs: dict[str, str] | None) -> dict[str, str]:
+        """Every item's rendered input: read now (with the creator's token), or kept by the replica that did."""
+        inputs = dict(inputs or {})
+        items = items_of(job)
+        unread = [i for i in ids if i not in inputs and items.get(i, {}).get("status") not in FINAL]
+        if not unread:
+            return inputs
+        if authorization is None:
+            for item_id in unread:
+                self._fail(job, ids, item_id, BatchItemLost(
+                    "the replica running this batch stopped before it read this record, and the creator's token is "
+                    "never stored: start a batch for the failed items"))
+            return inputs
+        gate = asyncio.Semaphore(READ_CONCURRENCY)
+
+        async def read(item_id: str) -> None:
+            async with gate:
+                request = msgspec.convert({task.id_field: item_id, **spec["options"]}, task.request_type)
+                try:
+                    prepared = await self.service.prepare(task, request, authorization)
+                except AdapterError as exc:  # the backend's 403 or 404 fails this item alone
+                    self._fail(job, ids, item_id, exc)
+                    return
+                inputs[item_id] = prepared.agent_input
+
+        await asyncio.gather(*(read(i) for i in unread))
+        if self.mirror is not None:
+            await self.mirror.save_inputs(job.id, {i: inputs[i] for i in unread if i in inputs})
+        return inputs
+
+    async def _ask_all(self, job: Job, task: Task, ids: list[str], inputs: dict[str, str], user: str,
+                       authorization: str | None) -> None:
+        gate = asyncio.Semaphore(self.settings.batch_concurrency)
+        items = items_of(job)
+        todo = [i for i in ids if i in inputs and items.get(i, {}).get("status") not in FINAL]
+
+        async def one(item_id: str) -> None:
+            async with gate:
+                if await self.cancel_requested(job):
+                    self._item(job, ids, {"id": item_id, "status": "cancelled", "cached": False})
+                    return
+                self._item(job, ids, {"id": item_id, "status": "running", "cached": False}, progress=False)
+                try:
+                    body, x_cache = await self._ask(task, item_id, inputs[item_id], user)
+                except AdapterError as exc:
+                    self._fail(job, ids, item_id, exc)
+                    return
+                cached = x_cache in ("HIT", "STALE")
+                self._item(job, ids, {"id": item_id, "status": "succeeded", "cached": cached},
+                           result=self.service.result_event(task, body))
+                await self.service.after_fresh(task, item_id, authorization, body, x_cache)
+
+        await asyncio.gather(*(one(i) for i in todo))
+
+    async def _ask(self, task: Task, item_id: str, agent_input: str, user: str) -> tuple[bytes, str]:
+        """One item through the synchronous routes' cache, single flight and model call."""
+        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, item_id, agent_input)
+
+        async def compute() -> bytes:
+            return _encode(await self.service.ask_agent(task, item_id, agent_input))
+
+        outcome = await self.service.cache.get_or_compute(key, self.settings.ttl_for(task), "default", compute,
+                                                          admit=lambda: self._admit(task, user))
+        self.service.metrics.cache.labels(task.name, outcome.x_cache.lower()).inc()
+        return outcome.body, outcome.x_cache
+
+    async def _admit(self, task: Task, user: str) -> None:
+        """A model call spends a token of the user's budget; a batch waits for one rather than fail,
+        and leaves a quarter of the budget to the user's interactive requests."""
+        limiter = self.service.limiter
+        if limiter is None or not user:
+            return
+        while True:
+            try:
+                await limiter.take(task.name, user, reserve=limiter.reserve_for(task.name))
+                return
+            except RateLimited as exc:
+                self.service.metrics.rate_limited.labels(task.name).inc()
+                await asyncio.sleep(float(exc.headers.get("Retry-After", "1")))
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def _item(self, job: Job, ids: list[str], data: dict[str, Any], *, result: bytes | None = None,
+              error: bytes | None = None, progress: bool = True) -> None:
+        body = _encode(data)
+        if result is not None:  # already-encoded JSON: spliced in rather than decoded and encoded again
+            body = body[:-1] + b',"result":' + result + b"}"
+        elif error is not None:
+            body = body[:-1] + b',"error":' + error + b"}"
+        self.jobs.emit(job, "item", body)
+        if progress:
+            self.jobs.emit(job, "progress", counts_of(ids, items_of(job)))
+
+    def _fail(self, job: Job, ids: list[str], item_id: str, exc: Exception) -> None:
+        problem = self.jobs.describe(exc, f"/api/v1/ai/batches/{job.id}")
+        self._item(job, ids, {"id": item_id, "status": "failed", "cached": False}, error=problem)
+
+    def _cancel_rest(self, job: Job, ids: list[str], why: str) -> None:
+        items = items_of(job)
+        for item_id in ids:
+            if items.get(item_id, {}).get("status") not in FINAL:
+                self._item(job, ids, {"id": item_id, "status": "cancelled", "cached": False}, progress=False)
+        log.warning("batch.stopped", batch_id=job.id, reason=why)
+
+    async def _finish(self, job: Job, *, cancelled: bool, note: str | None = None) -> None:
+        ids = spec_of(job)["ids"]
+        if cancelled:
+            self._cancel_rest(job, ids, "cancelled")
+        counts = counts_of(ids, items_of(job))
+        self.jobs.emit(job, "done", {"status": "cancelled" if cancelled else "completed", "counts": counts,
+                                     **({"message": note} if note else {})})
+        log.info("batch.done", batch_id=job.id, status=job.status, **counts)
+        if self.mirror is not None:
+            await self.mirror.drop_batch(job.id)
+
+    # --- every replica looks after the running batches -----------------------------------------
+
+    def start_sweeper(self) -> None:
+        if self.mirror is not None and self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="batch sweeper")
+
+    async def _sweep(self) -> None:
+        """Follow every running batch, so one whose runner died is taken over within a lease or two
+        even when nobody reads its events."""
+        assert self.mirror is not None
+        while True:
+            await asyncio.sleep(self.settings.job_lease_seconds / 2)
+            if not self.mirror.accepting:
+                continue
+            for batch_id in await self.mirror.active_batches():
+                if self.jobs.get(batch_id) is not None:
+                    continue  # ours, or followed already
+                try:
+                    found = await self.jobs.find(batch_id)
+                except AdapterError:
+                    continue  # Redis is failing: the next sweep tries again
+                if found is None or found.finished:
+                    await self.mirror.drop_batch(batch_id)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
