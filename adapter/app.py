@@ -71,11 +71,13 @@ def request_context(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         rid = request_id(scope)
         token = current_request_id.set(rid)
+        # Tokens, not bound_contextvars(): that one copies the whole context to save what it overwrites.
+        bound = structlog.contextvars.bind_contextvars(request_id=rid)
         try:
-            with structlog.contextvars.bound_contextvars(request_id=rid):
-                check_header_size(scope, scope["app"].state.settings.max_header_bytes)
-                await app(scope, receive, send)
+            check_header_size(scope, scope["app"].state.settings.max_header_bytes)
+            await app(scope, receive, send)
         finally:
+            structlog.contextvars.reset_contextvars(**bound)
             current_request_id.reset(token)
 
     return middleware
@@ -91,8 +93,7 @@ async def _before_send(message: Message, scope: Scope) -> None:
         template = scope.get("path_template")
         route = "proxy" if scope.get("adapter.proxied") else template or "unmatched"
         metrics: Metrics = scope["app"].state.metrics
-        metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
-        metrics.request_seconds.labels(route).observe(ms / 1000)
+        metrics.request_done(route, scope.get("method", ""), str(status), ms / 1000)
         # The one line per request.
         log.info("request", method=scope.get("method"), path=scope.get("path"), status=status, ms=ms,
                  request_id=request_id(scope))
@@ -156,11 +157,7 @@ def create_app(
                     if settings.redis_url else MemoryStore(settings.cache_memory_max_entries, clock)
                 )
                 stack.push_async_callback(cache_store.aclose)
-            passthrough = proxy_http or crm_http or await stack.enter_async_context(httpx.AsyncClient(
-                base_url=settings.crm_backend_url, follow_redirects=False,
-                timeout=httpx.Timeout(settings.crm_connect_timeout, read=settings.proxy_read_timeout, write=settings.proxy_read_timeout, pool=5.0),
-                limits=httpx.Limits(max_connections=settings.proxy_max_connections, max_keepalive_connections=100,
-                                    keepalive_expiry=settings.upstream_keepalive_expiry)))
+            passthrough = proxy_http or crm_http or await stack.enter_async_context(Proxy.client(settings))
             stack.callback(tracing.shutdown)
             for client in {gw, backend, passthrough}:  # client spans and traceparent to both upstreams
                 tracing.instrument(client)

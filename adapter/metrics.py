@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -12,6 +13,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # (route, method, status) -> request counter and latency children; routes are templates, so few keys.
+        self._served: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter("crm_ai_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram("crm_ai_http_request_duration_seconds", "HTTP request latency by route", ["route"],
                                          buckets=LATENCY_BUCKETS, registry=r)
@@ -36,6 +39,16 @@ class Metrics:
         self.lost_streams = Counter("crm_ai_gateway_lost_streams", "Gateway jobs whose stream was lost before the outcome "
                                     "(404, broken off, ended without a result): recovered by one synchronous run", ["agent"], registry=r)
         self.rate_limited = Counter("crm_ai_rate_limited", "Requests refused by the per-user rate limit", ["task"], registry=r)
+
+    def request_done(self, route: str, method: str, status: str, seconds: float) -> None:
+        """One served request: its count and its latency. The labelled children are kept, not looked up each time."""
+        try:
+            count, latency = self._served[route, method, status]
+        except KeyError:
+            count, latency = self._served[route, method, status] = (self.requests.labels(route, method, status),
+                                                                     self.request_seconds.labels(route))
+        count.inc()
+        latency.observe(seconds)
 
     def watch_jobs(self, running: Callable[[], int]) -> None:
         self.running_jobs.set_function(running)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from adapter.app import create_app
+from adapter.web.proxy import Proxy
 from tests.echo_backend import EchoBackend
 from tests.helpers import asgi_client, assert_problem, closed_port_url, decode, make_settings, serving
 
@@ -22,13 +23,19 @@ def echo() -> EchoBackend:
     return EchoBackend()
 
 
-@pytest.fixture
-def sidecar(echo, gateway, crm):
-    """The sidecar over TCP in front of the echo backend; yields (client, base url)."""
+@pytest.fixture(params=["httpx", "production"])
+def sidecar(request, echo, gateway, crm):
+    """The sidecar over TCP in front of the echo backend; yields (client, base url).
+
+    Every test here runs twice: on a plain httpx client handed in, and on the client the app
+    builds for itself (`Proxy.client`, httpx's API over aiohttp), read timeout 1 s on both.
+    """
 
     @asynccontextmanager
     async def start(backend_url: str | None = None, **overrides):
-        async with serving(echo) as echo_url, httpx.AsyncClient(base_url=backend_url or echo_url, timeout=httpx.Timeout(5, read=1)) as proxy_http, \
+        async with serving(echo) as echo_url, (
+                httpx.AsyncClient(base_url=backend_url or echo_url, timeout=httpx.Timeout(5, read=1)) if request.param == "httpx"
+                else Proxy.client(make_settings(crm_backend_url=backend_url or echo_url, proxy_read_timeout=1))) as proxy_http, \
                 asgi_client(gateway.app, "http://gateway.test") as gw, asgi_client(crm.app, "http://crm.test") as backend:
             app = create_app(make_settings(**overrides), gateway_http=gw, crm_http=backend, proxy_http=proxy_http)
             async with serving(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:

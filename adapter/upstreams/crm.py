@@ -31,6 +31,9 @@ def client_timeout(settings: Settings) -> httpx.Timeout:
 class CrmClient:
     def __init__(self, http: httpx.AsyncClient, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self._http = http
+        # Requests name the absolute URL: httpx then parses it once, where a path is parsed and
+        # merged with base_url again (a tenth of a cache hit's CPU went to build_request).
+        self._base = str(http.base_url).rstrip("/")
         self._settings = settings
         self._slots = asyncio.Semaphore(settings.crm_max_connections)
         self.breaker = CircuitBreaker("crm-backend", threshold=settings.circuit_failure_threshold,
@@ -81,7 +84,7 @@ class CrmClient:
             headers["Content-Type"] = "application/json"
 
         async def send() -> httpx.Response:
-            return await self._http.request(method, path, content=body, headers=headers)
+            return await self._http.request(method, self._base + path, content=body, headers=headers)
 
         s = self._settings
         budget = {"connect": s.upstream_retries, "stale": 1 if method in IDEMPOTENT else 0}

@@ -13,17 +13,23 @@ failures are mapped again here, from the aiohttp exception it chained.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 
 def _httpx_error(exc: httpx.TransportError) -> httpx.TransportError:
     cause = exc.__cause__
     if not isinstance(cause, aiohttp.ClientError):
         return exc
+    return _mapped(cause) or exc
+
+
+def _mapped(cause: aiohttp.ClientError) -> httpx.TransportError | None:
     message = str(cause) or type(cause).__name__
     if isinstance(cause, aiohttp.ConnectionTimeoutError):
         return httpx.ConnectTimeout(message)
@@ -38,7 +44,19 @@ def _httpx_error(exc: httpx.TransportError) -> httpx.TransportError:
         return httpx.RemoteProtocolError(message)
     if isinstance(cause, (aiohttp.ClientOSError, aiohttp.ClientPayloadError, aiohttp.ServerConnectionError)):
         return httpx.ReadError(message)
-    return exc
+    return None
+
+
+def _from_aiohttp(cause: aiohttp.ClientError) -> httpx.TransportError:
+    """What httpcore raises for the same fault, for the pass-through's direct aiohttp calls."""
+    if mapped := _mapped(cause):
+        return mapped
+    message = str(cause) or type(cause).__name__
+    if isinstance(cause, aiohttp.ClientResponseError):  # a response aiohttp could not parse
+        return httpx.RemoteProtocolError(message)
+    if isinstance(cause, aiohttp.ClientConnectionError):
+        return httpx.ReadError(message)
+    return httpx.TransportError(message)
 
 
 class _Body(httpx.AsyncByteStream):
@@ -74,3 +92,181 @@ class Transport(AiohttpTransport):
 def client(*, base_url: str, timeout: httpx.Timeout, limits: httpx.Limits, **kwargs: object) -> httpx.AsyncClient:
     """An httpx client sending over aiohttp; closing it closes aiohttp's session."""
     return httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=Transport(limits=limits), **kwargs)  # type: ignore[arg-type]
+
+
+class _Upload:
+    """A streamed request body as aiohttp pulls it, with what httpcore gave the pass-through kept.
+
+    What the body's own source raised (the client hung up mid-upload) comes out of the request
+    as itself, not as a broken connection. And a write to a backend that stopped reading is
+    bounded as httpx's write timeout bounds it: the clock runs only while aiohttp holds a chunk,
+    never while the source waits for the client's next one.
+    """
+
+    def __init__(self, source: httpx.AsyncByteStream, write: float | None) -> None:
+        self._source, self._write = source, write
+        self.error: BaseException | None = None
+        self.deadline: asyncio.Timeout | None = None  # set while the request waits for its answer
+
+    def _arm(self, seconds: float | None) -> None:
+        if self.deadline is not None and self._write is not None:
+            self.deadline.reschedule(None if seconds is None else asyncio.get_running_loop().time() + seconds)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._source:
+                self._arm(self._write)
+                yield chunk
+                self._arm(None)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
+class _Slot(httpx.AsyncByteStream):
+    """The response body; the pool slot it holds goes back when it is closed, as httpcore's does."""
+
+    def __init__(self, response: aiohttp.ClientResponse, release: Callable[[], None]) -> None:
+        self._response, self._release = response, release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():  # as it arrives, as httpcore reads
+                yield chunk
+        except aiohttp.ClientError as exc:
+            raise _from_aiohttp(exc) from exc
+
+    async def aclose(self) -> None:
+        try:
+            self._response.release()
+        finally:
+            self._release()
+
+
+class _Request(aiohttp.ClientRequest):
+    """aiohttp's request, less the `Content-Length: 0` it adds to a bodiless DELETE (or any
+    method but GET, HEAD, OPTIONS, CONNECT, TRACE): the backend gets the request as httpx built it."""
+
+    def update_body_from_data(self, body: object, *args: object, **kwargs: object) -> None:
+        given = "Content-Length" in self.headers
+        super().update_body_from_data(body, *args, **kwargs)  # type: ignore[arg-type]
+        if body is None and not given:
+            self.headers.pop("Content-Length", None)
+
+
+class PassThrough(AiohttpTransport):
+    """The pass-through's transport: aiohttp's pool and parser under httpcore's pool semantics.
+
+    The proxy reads httpcore's behaviour: a request waits at most the pool timeout for one of
+    `max_connections` slots (`PoolTimeout`, a 503 `crm-busy`), held until the response is closed;
+    a stale keep-alive connection is its to retry (aiohttp's own retry is off, or an idempotent
+    request could go three times); every request header line goes as it came, repeated ones too.
+    """
+
+    def __init__(self, *, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits)
+        self._slots = asyncio.Semaphore(limits.max_connections) if limits.max_connections else None
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}  # one per (connect, read) asked
+
+    def get_client(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(keepalive_timeout=self.limits.keepalive_expiry, ssl=self.ssl_context,
+                                         limit=self.limits.max_connections or 0)
+        session = aiohttp.ClientSession(connector=connector, request_class=_Request)
+        session._retry_connection = False  # type: ignore[attr-defined]  # no public switch; a test holds it to this
+        return session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not isinstance(self.client, aiohttp.ClientSession):
+            self.client = self.get_client()
+        timeout = request.extensions.get("timeout", {})
+        if self._slots is not None:
+            if self._slots.locked():  # the wait, and its bound, only when there is one
+                try:
+                    async with asyncio.timeout(timeout.get("pool")):
+                        await self._slots.acquire()
+                except TimeoutError:
+                    raise httpx.PoolTimeout(f"no connection free within {timeout.get('pool')} s") from None
+            else:
+                await self._slots.acquire()
+        release = self._slots.release if self._slots is not None else _nothing
+        try:
+            try:
+                data: bytes | _Upload | None = request.content or None
+            except httpx.RequestNotRead:
+                data = _Upload(request.stream, timeout.get("write"))  # type: ignore[arg-type]
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
+                       if k.lower() != b"transfer-encoding"]  # aiohttp frames the body itself
+            key = (timeout.get("connect"), timeout.get("read"))
+            if (limits := self._timeouts.get(key)) is None:
+                limits = self._timeouts[key] = aiohttp.ClientTimeout(sock_connect=key[0], connect=key[0], sock_read=key[1])
+            # encoded: the target goes byte for byte as httpx holds it, never re-quoted or resolved
+            sending = self.client.request(
+                request.method, URL(str(request.url), encoded=True), headers=headers, data=data, allow_redirects=False,
+                auto_decompress=False, compress=False, skip_auto_headers=_NO_AUTO_HEADERS, timeout=limits)
+            if not isinstance(data, _Upload):
+                try:
+                    response = await sending
+                except aiohttp.ClientError as exc:
+                    raise _from_aiohttp(exc) from exc
+            else:
+                try:
+                    async with asyncio.timeout(None) as deadline:
+                        data.deadline = deadline
+                        try:
+                            response = await sending
+                        finally:
+                            data.deadline = None
+                except (aiohttp.ClientError, TimeoutError) as exc:  # aiohttp's own timeouts are both
+                    if deadline.expired():
+                        raise httpx.WriteTimeout(f"the request body could not be written within {timeout.get('write')} s") from None
+                    if data.error is not None:
+                        raise data.error from None
+                    if not isinstance(exc, aiohttp.ClientError):
+                        raise
+                    raise _from_aiohttp(exc) from exc
+        except BaseException:
+            release()
+            raise
+        return httpx.Response(status_code=response.status, headers=response.raw_headers, stream=_Slot(response, release),
+                              request=request, extensions={"http_version": b"HTTP/1.1",
+                                                           **({"reason_phrase": response.reason.encode()} if response.reason else {})})
+
+
+def _nothing() -> None:
+    return None
+
+
+# httpx has already written the headers it means to send; aiohttp adds none of its own.
+_NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+
+class _NoJar(httpx.Cookies):
+    """A cookie jar that keeps nothing."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+class _Jarless(httpx.AsyncClient):
+    """An httpx client with no cookie jar of its own.
+
+    httpx's client keeps every Set-Cookie an answer carries and sends it with later requests
+    that have no Cookie header: through a proxy shared by every caller, one caller's session
+    cookie went to the backend on the next caller's requests. A proxy passes cookies, it keeps none.
+    """
+
+    @property  # type: ignore[override]
+    def cookies(self) -> httpx.Cookies:
+        return _NO_JAR
+
+    @cookies.setter
+    def cookies(self, value: object) -> None:
+        return None  # httpx's constructor sets one; there is none to set
+
+
+_NO_JAR = _NoJar()
+
+
+def passthrough_client(*, base_url: str, timeout: httpx.Timeout, limits: httpx.Limits) -> httpx.AsyncClient:
+    """The pass-through's httpx client over aiohttp (`PassThrough`), without a cookie jar; closing it closes aiohttp's session."""
+    return _Jarless(base_url=base_url, timeout=timeout, transport=PassThrough(limits=limits), follow_redirects=False)

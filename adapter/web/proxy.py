@@ -27,19 +27,27 @@ from litestar.response.streaming import ASGIStreamingResponse
 from ..context import check_header_size, request_id
 from ..upstreams.crm import IDEMPOTENT, STALE_CONNECTION
 from ..errors import BadRequest, ClientGone, CrmBusy, CrmUnavailable
+from ..settings import Settings
+from ..upstreams import transport
 from ..upstreams.http import transport_error
 
-# RFC 9110 §7.6.1, plus the names a Connection header lists.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
+# RFC 9110 §7.6.1, plus the names a Connection header lists. Names as ASGI and aiohttp's raw headers hold them: bytes.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
 # The sidecar's own server writes these; two of each would confuse clients.
-OWN = frozenset({"host", "date", "server", "x-request-id"})
+OWN = frozenset({b"host", b"date", b"server", b"x-request-id"})
+# An answer this small (its Content-Length says so) is read whole and sent in one body message:
+# no streaming response, no task listening for the client's disconnect, one write.
+WHOLE = 64 * 1024
+# Litestar's streaming response, which the proxy used for every answer, added this to an answer
+# with a body and no Content-Type; the whole-answer path keeps that.
+_DEFAULT_TYPE = (b"content-type", b"application/json")
 
 
-def _strip(headers: httpx.Headers | list[tuple[str, str]], extra: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-    items = list(headers.multi_items()) if isinstance(headers, httpx.Headers) else list(headers)
-    named = {t.strip().lower() for k, v in items if k.lower() == "connection" for t in v.split(",")}
+def _strip(items: list[tuple[bytes, bytes]], extra: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
+    """Header lines less the hop-by-hop ones, names lower-cased."""
+    named = {t.strip().lower() for k, v in items if k.lower() == b"connection" for t in v.split(b",")}
     drop = HOP_BY_HOP | named | extra
-    return [(k, v) for k, v in items if (lk := k.lower()) not in drop and not lk.startswith("proxy-")]
+    return [(lk, v) for k, v in items if (lk := k.lower()) not in drop and not lk.startswith(b"proxy-")]
 
 
 class Proxy:
@@ -49,31 +57,46 @@ class Proxy:
         # How the backend names itself in absolute redirects: scheme://host[:port], as httpx sends Host.
         self.origin = f"{self.base.scheme}://{self.base.netloc.decode('ascii')}"
 
+    @staticmethod
+    def client(settings: Settings, *, pool: float = 5.0) -> httpx.AsyncClient:
+        """The pass-through's own client, as the app builds it: httpx's API over aiohttp's pool.
+
+        httpcore, anyio and h11 were about two thirds of a pass-through's CPU (bench.cpu);
+        `transport.PassThrough` keeps the pool wait, retry and header behaviour the proxy relies on.
+        """
+        return transport.passthrough_client(
+            base_url=settings.crm_backend_url,
+            timeout=httpx.Timeout(settings.crm_connect_timeout, read=settings.proxy_read_timeout, write=settings.proxy_read_timeout,
+                                  pool=pool),
+            limits=httpx.Limits(max_connections=settings.proxy_max_connections, max_keepalive_connections=100,
+                                keepalive_expiry=settings.upstream_keepalive_expiry))
+
     def target(self, raw_path: bytes, query: bytes) -> httpx.URL:
         if not raw_path.startswith(b"/"):
             raise BadRequest("only origin-form request targets (a path starting with `/`) are accepted")
         # httpx resolves `.`/`..` segments: `/x/../api/v1/ai/...` would reach a path the sidecar chose
         # to serve itself, past its validation and rate limits. Such paths are refused, not resolved.
         # Percent-encoded dots and slashes count: a server behind may decode before it resolves.
-        if any(segment in (".", "..") for segment in re.split(r"[/\\]", unquote(raw_path.decode("latin-1")))):
+        # (A path with neither `.` nor `%` cannot have such a segment: the common case skips the decoding.)
+        if (b"." in raw_path or b"%" in raw_path) and \
+                any(segment in (".", "..") for segment in re.split(r"[/\\]", unquote(raw_path.decode("latin-1")))):
             raise BadRequest("the path has `.` or `..` segments; send the path they resolve to")
         return self.base.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
 
-    def request_headers(self, request: Request) -> list[tuple[str, str]]:
-        scope = request.scope
-        headers = _strip([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]], OWN)
-        client = scope.get("client")
-        prior = request.headers.get("x-forwarded-for")
-        headers = [(k, v) for k, v in headers if not k.lower().startswith("x-forwarded-")]
-        if client:
-            headers.append(("X-Forwarded-For", f"{prior}, {client[0]}" if prior else client[0]))
-        headers.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
-        if host := request.headers.get("host"):
-            headers.append(("X-Forwarded-Host", host))
-        headers.append(("X-Request-ID", request_id(scope)))  # middleware does not run for unrouted paths
+    def request_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        raw = scope["headers"]
+        headers = [(k, v) for k, v in _strip(raw, OWN) if not k.startswith(b"x-forwarded-")]
+        prior = next((v for k, v in raw if k == b"x-forwarded-for"), None)
+        if client := scope.get("client"):
+            peer = client[0].encode("latin-1")
+            headers.append((b"X-Forwarded-For", prior + b", " + peer if prior else peer))
+        headers.append((b"X-Forwarded-Proto", scope.get("scheme", "http").encode("latin-1")))
+        if host := next((v for k, v in raw if k == b"host"), None):
+            headers.append((b"X-Forwarded-Host", host))
+        headers.append((b"X-Request-ID", request_id(scope).encode("latin-1")))  # middleware does not run for unrouted paths
         return headers
 
-    def public_location(self, location: str, request: Request) -> str:
+    def public_location(self, location: str, scope: Scope) -> str:
         """A redirect to the backend's own address, pointed at the sidecar's public origin instead.
 
         The backend builds absolute `Location`s from the Host it was sent (its internal name).
@@ -82,20 +105,25 @@ class Proxy:
         """
         if not location.startswith(self.origin) or location[len(self.origin):][:1] not in ("/", "?", ""):
             return location
-        proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip() or request.scope.get("scheme", "http")
-        host = request.headers.get("x-forwarded-host", "").split(",")[0].strip() or request.headers.get("host", "")
+        raw = scope["headers"]
+
+        def header(name: bytes) -> str:
+            return next((v for k, v in raw if k == name), b"").decode("latin-1")
+
+        proto = header(b"x-forwarded-proto").split(",")[0].strip() or scope.get("scheme", "http")
+        host = header(b"x-forwarded-host").split(",")[0].strip() or header(b"host")
         if not host or proto not in ("http", "https"):
             return location[len(self.origin):] or "/"  # no usable origin: a relative reference works as well
         return f"{proto}://{host}{location[len(self.origin):] or '/'}"
 
-    async def forward(self, request: Request) -> ASGIStreamingResponse:
+    async def forward(self, request: Request) -> ASGIApp:
         scope = request.scope
         check_header_size(scope, request.app.state.settings.max_header_bytes)
         url = self.target(scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""))
-        has_body = "content-length" in request.headers and request.headers["content-length"] != "0" \
-            or "transfer-encoding" in request.headers
-        headers = self.request_headers(request)
-        upstream = self.http.build_request(request.method, url, headers=headers, content=_body(request) if has_body else None)
+        has_body = any(k == b"transfer-encoding" or k == b"content-length" and v != b"0" for k, v in scope["headers"])
+        method = scope["method"]
+        headers = self.request_headers(scope)
+        upstream = self.http.build_request(method, url, headers=headers, content=_body(request) if has_body else None)
         try:
             try:
                 response = await self.http.send(upstream, stream=True)
@@ -103,9 +131,9 @@ class Proxy:
                 # The backend drops a keep-alive connection after an unhandled 500 without saying so.
                 # A bodiless idempotent request that died before any response byte goes once more,
                 # as nginx's `proxy_next_upstream error` does; the pool discarded the dead connection.
-                if has_body or request.method not in IDEMPOTENT:
+                if has_body or method not in IDEMPOTENT:
                     raise
-                retry = self.http.build_request(request.method, url, headers=headers)
+                retry = self.http.build_request(method, url, headers=headers)
                 response = await self.http.send(retry, stream=True)
         except httpx.PoolTimeout:
             pool = self.http.timeout.pool
@@ -118,10 +146,43 @@ class Proxy:
         # every header line kept (several Set-Cookie lines stay several).
         # With CORS on, the sidecar answers for it: a second Access-Control-Allow-Origin makes browsers refuse.
         cors = request.app.state.settings.cors_origins
-        headers = [(k, v) for k, v in _strip(response.headers, OWN) if not (cors and k.lower().startswith("access-control-"))]
-        headers = [(k, self.public_location(v, request) if k.lower() == "location" else v) for k, v in headers]
-        return ASGIStreamingResponse(iterator=_relay(response), status_code=response.status_code, headers=headers,
-                                     is_head_response=request.method == "HEAD", background=BackgroundTask(response.aclose))
+        headers = [(k, self.public_location(v.decode("latin-1"), scope).encode("latin-1") if k == b"location" else v)
+                   for k, v in _strip(response.headers.raw, OWN) if not (cors and k.startswith(b"access-control-"))]
+        status, head = response.status_code, method == "HEAD"
+        length = next((v for k, v in headers if k == b"content-length"), None)
+        if not head and not (length is not None and length.isdigit() and int(length) <= WHOLE):
+            return ASGIStreamingResponse(iterator=_relay(response), status_code=status, headers=_text(headers),
+                                         background=BackgroundTask(response.aclose))
+        chunks: list[bytes] = []
+        try:
+            if not head:
+                async for chunk in response.aiter_raw():
+                    chunks.append(chunk)
+        except httpx.TransportError:
+            # The backend broke off mid-body: the client gets the same short body, as it would directly.
+            return ASGIStreamingResponse(iterator=_replay(chunks), status_code=status, headers=_text(headers))
+        finally:
+            await response.aclose()
+        if not head and status not in (204, 304) and status >= 200 and not any(k == b"content-type" for k, _ in headers):
+            headers.append(_DEFAULT_TYPE)
+        return _whole(status, headers, b"".join(chunks))
+
+
+def _text(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+
+
+def _whole(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> ASGIApp:
+    async def send_whole(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return send_whole
+
+
+async def _replay(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:
