@@ -189,3 +189,16 @@ async def test_a_bodiless_delete_goes_without_a_content_length(echo, gateway, cr
         r = await client.delete("/api/v1/leads/7")
     assert r.status_code == 200
     assert [k for k, _ in echo.seen[-1]["headers"] if k.lower() in ("content-length", "transfer-encoding")] == []
+
+
+async def test_the_upstream_clients_keep_no_cookies_between_callers(echo):
+    """The CRM and gateway clients (`transport.client`) act for every caller in turn: no jar either."""
+    from adapter.upstreams import transport
+
+    async with serving(echo) as url, transport.client(base_url=url, timeout=httpx.Timeout(5.0),
+                                                      limits=httpx.Limits(max_connections=4)) as upstream:
+        given = await upstream.get("/api/v1/me")  # the echo backend sets two cookies here
+        await upstream.get("/api/v1/leads/1", headers={"Authorization": "Bearer someone-else"})
+    assert given.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    cookies = [[v for k, v in seen["headers"] if k.lower() == "cookie"] for seen in echo.seen]
+    assert cookies == [[], []]

@@ -90,8 +90,12 @@ class Transport(AiohttpTransport):
 
 
 def client(*, base_url: str, timeout: httpx.Timeout, limits: httpx.Limits, **kwargs: object) -> httpx.AsyncClient:
-    """An httpx client sending over aiohttp; closing it closes aiohttp's session."""
-    return httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=Transport(limits=limits), **kwargs)  # type: ignore[arg-type]
+    """An httpx client sending over aiohttp, without a cookie jar; closing it closes aiohttp's session.
+
+    No jar: the CRM lookups and write-backs go with each caller's own token, so a cookie one
+    caller's answer set must never go with the next caller's request (see `_Jarless`).
+    """
+    return _Jarless(base_url=base_url, timeout=timeout, transport=Transport(limits=limits), **kwargs)  # type: ignore[arg-type]
 
 
 class _Upload:
