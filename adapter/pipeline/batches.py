@@ -36,7 +36,7 @@ from ..errors import AdapterError, BatchItemLost, RateLimited, ShuttingDown
 from ..storage.job_state import Job
 from ..tasks import Task
 from ..upstreams.resilience import BACKGROUND
-from .cache import cache_key
+from .cache import Outcome, cache_key
 from .jobs import Jobs
 
 log = structlog.get_logger("adapter.batches")
@@ -126,14 +126,18 @@ class Batches:
             await self._finish(job, cancelled=False, note=f"batch {job.id} is for task {job.task}, which this sidecar does not serve")
             return
         inputs = await self.mirror.load_inputs(job.id) if self.mirror is not None else {}
-        done = sum(1 for item in items_of(job).values() if item["status"] in FINAL)
+        items = items_of(job)
+        done = sum(1 for item in items.values() if item["status"] in FINAL)
+        # The items the dead runner was asking: their single-flight locks outlive it (CACHE_LOCK_TIMEOUT).
+        in_flight = frozenset(i for i, item in items.items() if item["status"] == "running")
         log.info("batch.resumed", batch_id=job.id, replica=self.mirror.replica if self.mirror else None, done=done,
-                 read=len(inputs))
+                 read=len(inputs), in_flight=len(in_flight))
         self.jobs.emit(job, "status", {"state": "running", "resumed": True,
                                        "message": f"resumed on another replica after {done} item(s)"})
-        self.jobs.run_owned(job, self._run(job, task, None, inputs))
+        self.jobs.run_owned(job, self._run(job, task, None, inputs, in_flight))
 
-    async def _run(self, job: Job, task: Task, authorization: str | None, inputs: dict[str, str] | None) -> None:
+    async def _run(self, job: Job, task: Task, authorization: str | None, inputs: dict[str, str] | None,
+                   in_flight: frozenset[str] = frozenset()) -> None:
         spec = spec_of(job)
         ids: list[str] = spec["ids"]
         note = None
@@ -143,7 +147,7 @@ class Batches:
                 if job.status == "queued":
                     self.jobs.emit(job, "status", {"state": "running", "message": "reading the records"})
                 read = await self._read(job, task, ids, spec, authorization, inputs)
-                await self._ask_all(job, task, ids, read, spec["user"], authorization)
+                await self._ask_all(job, task, ids, read, spec["user"], authorization, in_flight)
         except TimeoutError:
             note = "the batch reached BATCH_MAX_SECONDS: the items not done were cancelled"
             self._cancel_rest(job, ids, note)
@@ -188,7 +192,7 @@ class Batches:
         return inputs
 
     async def _ask_all(self, job: Job, task: Task, ids: list[str], inputs: dict[str, str], user: str,
-                       authorization: str | None) -> None:
+                       authorization: str | None, in_flight: frozenset[str] = frozenset()) -> None:
         gate = asyncio.Semaphore(self.settings.batch_concurrency)
         items = items_of(job)
         todo = [i for i in ids if i in inputs and items.get(i, {}).get("status") not in FINAL]
@@ -200,7 +204,7 @@ class Batches:
                     return
                 self._item(job, ids, {"id": item_id, "status": "running", "cached": False}, progress=False)
                 try:
-                    body, x_cache = await self._ask(task, item_id, inputs[item_id], user)
+                    body, x_cache = await self._ask(task, item_id, inputs[item_id], user, rerun=item_id in in_flight)
                 except AdapterError as exc:
                     self._fail(job, ids, item_id, exc)
                     return
@@ -211,17 +215,40 @@ class Batches:
 
         await asyncio.gather(*(one(i) for i in todo))
 
-    async def _ask(self, task: Task, item_id: str, agent_input: str, user: str) -> tuple[bytes, str]:
-        """One item through the synchronous routes' cache, single flight and model call."""
+    async def _ask(self, task: Task, item_id: str, agent_input: str, user: str, *, rerun: bool = False) -> tuple[bytes, str]:
+        """One item through the synchronous routes' cache, single flight and model call.
+
+        `rerun`: the item was being asked by the replica this batch was taken over from.
+        """
         key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, item_id, agent_input)
 
         async def compute() -> bytes:
             return _encode(await self.service.ask_agent(task, item_id, agent_input))
 
-        outcome = await self.service.cache.get_or_compute(key, self.settings.ttl_for(task), "default", compute,
-                                                          admit=lambda: self._admit(task, user))
+        if rerun:
+            outcome = await self._ask_again(task, key, compute, user)
+        else:
+            outcome = await self.service.cache.get_or_compute(key, self.settings.ttl_for(task), "default", compute,
+                                                              admit=lambda: self._admit(task, user))
         self.service.metrics.cache.labels(task.name, outcome.x_cache.lower()).inc()
         return outcome.body, outcome.x_cache
+
+    async def _ask_again(self, task: Task, key: str, compute: Callable[[], Any], user: str) -> Outcome:
+        """An item the dead runner was asking, as a taken-over job asks again: its cross-process lock
+        on the question is still held on paper (renewed until the runner died, then kept until
+        CACHE_LOCK_TIMEOUT), so following it would stall the item for that long: ask without it.
+        The cache's other rules stay: a fresh answer is a hit, a model-side fault may serve a stale one."""
+        cache, ttl = self.service.cache, self.settings.ttl_for(task)
+        if (entry := await cache.lookup(key, ttl)) is not None:
+            return Outcome(entry.body, "HIT", cache.age(entry))
+        if not cache.in_flight(key):
+            await self._admit(task, user)
+        try:
+            return Outcome(await cache.share(key, ttl, compute, coordinate=False), "MISS")
+        except AdapterError as exc:
+            if (entry := await cache.stale_for(key, ttl, exc)) is not None:
+                return Outcome(entry.body, "STALE", cache.age(entry))
+            raise
 
     async def _admit(self, task: Task, user: str) -> None:
         """A model call spends a token of the user's budget; a batch waits for one rather than fail,
