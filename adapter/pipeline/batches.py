@@ -66,6 +66,41 @@ def counts_of(ids: Iterable[str], items: dict[str, dict[str, Any]]) -> dict[str,
     return counts
 
 
+class _Head(msgspec.Struct):
+    """What the counts need of an `item` event: its result or problem is not decoded."""
+
+    id: str
+    status: str
+    cached: bool = False
+
+
+_decode_head = msgspec.json.Decoder(_Head).decode
+
+
+class Tally:
+    """A running batch's counts, folded in from its log as it grows: a `progress` event costs the
+    events since the last one, not a pass over the whole log (which made a batch quadratic)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.seen = 0
+        self.status: dict[str, str] = {}
+        self.cached: set[str] = set()
+        self.counts = counts_of(ids, {})
+
+    def fold(self, job: Job) -> dict[str, int]:
+        for ev in job.events[self.seen:]:
+            if ev.event == "item":
+                head = _decode_head(ev.data)
+                self.counts[self.status.get(head.id, "queued")] -= 1
+                self.counts[head.status] += 1
+                self.status[head.id] = head.status
+                if head.cached != (head.id in self.cached):
+                    self.counts["cached"] += 1 if head.cached else -1
+                    (self.cached.add if head.cached else self.cached.discard)(head.id)
+        self.seen = len(job.events)
+        return dict(self.counts)
+
+
 def spec_of(job: Job) -> dict[str, Any]:
     """What the batch asks: its ids, the task request's other fields, and whose budget it spends."""
     return _decode(job.agent_input)
@@ -79,6 +114,7 @@ class Batches:
         self.mirror = jobs.mirror
         self._clock = clock
         self._cancelled: set[str] = set()
+        self._tallies: dict[str, Tally] = {}
         self._sweeper: asyncio.Task[None] | None = None
         jobs.resumers[PREFIX] = self.resume
 
@@ -142,6 +178,7 @@ class Batches:
         ids: list[str] = spec["ids"]
         note = None
         background = BACKGROUND.set(True)  # its model calls yield to interactive ones (resilience.Bulkhead)
+        self._tallies[job.id] = Tally(ids)
         try:
             async with asyncio.timeout(max(job.expires - self.settings.job_retention_seconds - self._clock(), 1)):
                 if job.status == "queued":
@@ -157,6 +194,7 @@ class Batches:
             self._cancel_rest(job, ids, note)
         finally:
             BACKGROUND.reset(background)
+            self._tallies.pop(job.id, None)
         if not job.finished:
             await self._finish(job, cancelled=await self.cancel_requested(job), note=note)
 
@@ -275,7 +313,8 @@ class Batches:
             body = body[:-1] + b',"error":' + error + b"}"
         self.jobs.emit(job, "item", body)
         if progress:
-            self.jobs.emit(job, "progress", counts_of(ids, items_of(job)))
+            tally = self._tallies.get(job.id)
+            self.jobs.emit(job, "progress", tally.fold(job) if tally is not None else counts_of(ids, items_of(job)))
 
     def _fail(self, job: Job, ids: list[str], item_id: str, exc: Exception) -> None:
         problem = self.jobs.describe(exc, f"/api/v1/ai/batches/{job.id}")
