@@ -36,7 +36,7 @@ from ..errors import AdapterError, BatchItemLost, RateLimited, ShuttingDown
 from ..storage.job_state import Job
 from ..tasks import Task
 from ..upstreams.resilience import BACKGROUND
-from .cache import cache_key
+from .cache import Outcome, cache_key
 from .jobs import Jobs
 
 log = structlog.get_logger("adapter.batches")
@@ -66,6 +66,41 @@ def counts_of(ids: Iterable[str], items: dict[str, dict[str, Any]]) -> dict[str,
     return counts
 
 
+class _Head(msgspec.Struct):
+    """What the counts need of an `item` event: its result or problem is not decoded."""
+
+    id: str
+    status: str
+    cached: bool = False
+
+
+_decode_head = msgspec.json.Decoder(_Head).decode
+
+
+class Tally:
+    """A running batch's counts, folded in from its log as it grows: a `progress` event costs the
+    events since the last one, not a pass over the whole log (which made a batch quadratic)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.seen = 0
+        self.status: dict[str, str] = {}
+        self.cached: set[str] = set()
+        self.counts = counts_of(ids, {})
+
+    def fold(self, job: Job) -> dict[str, int]:
+        for ev in job.events[self.seen:]:
+            if ev.event == "item":
+                head = _decode_head(ev.data)
+                self.counts[self.status.get(head.id, "queued")] -= 1
+                self.counts[head.status] += 1
+                self.status[head.id] = head.status
+                if head.cached != (head.id in self.cached):
+                    self.counts["cached"] += 1 if head.cached else -1
+                    (self.cached.add if head.cached else self.cached.discard)(head.id)
+        self.seen = len(job.events)
+        return dict(self.counts)
+
+
 def spec_of(job: Job) -> dict[str, Any]:
     """What the batch asks: its ids, the task request's other fields, and whose budget it spends."""
     return _decode(job.agent_input)
@@ -79,6 +114,7 @@ class Batches:
         self.mirror = jobs.mirror
         self._clock = clock
         self._cancelled: set[str] = set()
+        self._tallies: dict[str, Tally] = {}
         self._sweeper: asyncio.Task[None] | None = None
         jobs.resumers[PREFIX] = self.resume
 
@@ -126,24 +162,29 @@ class Batches:
             await self._finish(job, cancelled=False, note=f"batch {job.id} is for task {job.task}, which this sidecar does not serve")
             return
         inputs = await self.mirror.load_inputs(job.id) if self.mirror is not None else {}
-        done = sum(1 for item in items_of(job).values() if item["status"] in FINAL)
+        items = items_of(job)
+        done = sum(1 for item in items.values() if item["status"] in FINAL)
+        # The items the dead runner was asking: their single-flight locks outlive it (CACHE_LOCK_TIMEOUT).
+        in_flight = frozenset(i for i, item in items.items() if item["status"] == "running")
         log.info("batch.resumed", batch_id=job.id, replica=self.mirror.replica if self.mirror else None, done=done,
-                 read=len(inputs))
+                 read=len(inputs), in_flight=len(in_flight))
         self.jobs.emit(job, "status", {"state": "running", "resumed": True,
                                        "message": f"resumed on another replica after {done} item(s)"})
-        self.jobs.run_owned(job, self._run(job, task, None, inputs))
+        self.jobs.run_owned(job, self._run(job, task, None, inputs, in_flight))
 
-    async def _run(self, job: Job, task: Task, authorization: str | None, inputs: dict[str, str] | None) -> None:
+    async def _run(self, job: Job, task: Task, authorization: str | None, inputs: dict[str, str] | None,
+                   in_flight: frozenset[str] = frozenset()) -> None:
         spec = spec_of(job)
         ids: list[str] = spec["ids"]
         note = None
         background = BACKGROUND.set(True)  # its model calls yield to interactive ones (resilience.Bulkhead)
+        self._tallies[job.id] = Tally(ids)
         try:
             async with asyncio.timeout(max(job.expires - self.settings.job_retention_seconds - self._clock(), 1)):
                 if job.status == "queued":
                     self.jobs.emit(job, "status", {"state": "running", "message": "reading the records"})
                 read = await self._read(job, task, ids, spec, authorization, inputs)
-                await self._ask_all(job, task, ids, read, spec["user"], authorization)
+                await self._ask_all(job, task, ids, read, spec["user"], authorization, in_flight)
         except TimeoutError:
             note = "the batch reached BATCH_MAX_SECONDS: the items not done were cancelled"
             self._cancel_rest(job, ids, note)
@@ -153,6 +194,7 @@ class Batches:
             self._cancel_rest(job, ids, note)
         finally:
             BACKGROUND.reset(background)
+            self._tallies.pop(job.id, None)
         if not job.finished:
             await self._finish(job, cancelled=await self.cancel_requested(job), note=note)
 
@@ -188,7 +230,7 @@ class Batches:
         return inputs
 
     async def _ask_all(self, job: Job, task: Task, ids: list[str], inputs: dict[str, str], user: str,
-                       authorization: str | None) -> None:
+                       authorization: str | None, in_flight: frozenset[str] = frozenset()) -> None:
         gate = asyncio.Semaphore(self.settings.batch_concurrency)
         items = items_of(job)
         todo = [i for i in ids if i in inputs and items.get(i, {}).get("status") not in FINAL]
@@ -200,7 +242,7 @@ class Batches:
                     return
                 self._item(job, ids, {"id": item_id, "status": "running", "cached": False}, progress=False)
                 try:
-                    body, x_cache = await self._ask(task, item_id, inputs[item_id], user)
+                    body, x_cache = await self._ask(task, item_id, inputs[item_id], user, rerun=item_id in in_flight)
                 except AdapterError as exc:
                     self._fail(job, ids, item_id, exc)
                     return
@@ -211,17 +253,40 @@ class Batches:
 
         await asyncio.gather(*(one(i) for i in todo))
 
-    async def _ask(self, task: Task, item_id: str, agent_input: str, user: str) -> tuple[bytes, str]:
-        """One item through the synchronous routes' cache, single flight and model call."""
+    async def _ask(self, task: Task, item_id: str, agent_input: str, user: str, *, rerun: bool = False) -> tuple[bytes, str]:
+        """One item through the synchronous routes' cache, single flight and model call.
+
+        `rerun`: the item was being asked by the replica this batch was taken over from.
+        """
         key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, item_id, agent_input)
 
         async def compute() -> bytes:
             return _encode(await self.service.ask_agent(task, item_id, agent_input))
 
-        outcome = await self.service.cache.get_or_compute(key, self.settings.ttl_for(task), "default", compute,
-                                                          admit=lambda: self._admit(task, user))
+        if rerun:
+            outcome = await self._ask_again(task, key, compute, user)
+        else:
+            outcome = await self.service.cache.get_or_compute(key, self.settings.ttl_for(task), "default", compute,
+                                                              admit=lambda: self._admit(task, user))
         self.service.metrics.cache.labels(task.name, outcome.x_cache.lower()).inc()
         return outcome.body, outcome.x_cache
+
+    async def _ask_again(self, task: Task, key: str, compute: Callable[[], Any], user: str) -> Outcome:
+        """An item the dead runner was asking, as a taken-over job asks again: its cross-process lock
+        on the question is still held on paper (renewed until the runner died, then kept until
+        CACHE_LOCK_TIMEOUT), so following it would stall the item for that long: ask without it.
+        The cache's other rules stay: a fresh answer is a hit, a model-side fault may serve a stale one."""
+        cache, ttl = self.service.cache, self.settings.ttl_for(task)
+        if (entry := await cache.lookup(key, ttl)) is not None:
+            return Outcome(entry.body, "HIT", cache.age(entry))
+        if not cache.in_flight(key):
+            await self._admit(task, user)
+        try:
+            return Outcome(await cache.share(key, ttl, compute, coordinate=False), "MISS")
+        except AdapterError as exc:
+            if (entry := await cache.stale_for(key, ttl, exc)) is not None:
+                return Outcome(entry.body, "STALE", cache.age(entry))
+            raise
 
     async def _admit(self, task: Task, user: str) -> None:
         """A model call spends a token of the user's budget; a batch waits for one rather than fail,
@@ -248,7 +313,8 @@ class Batches:
             body = body[:-1] + b',"error":' + error + b"}"
         self.jobs.emit(job, "item", body)
         if progress:
-            self.jobs.emit(job, "progress", counts_of(ids, items_of(job)))
+            tally = self._tallies.get(job.id)
+            self.jobs.emit(job, "progress", tally.fold(job) if tally is not None else counts_of(ids, items_of(job)))
 
     def _fail(self, job: Job, ids: list[str], item_id: str, exc: Exception) -> None:
         problem = self.jobs.describe(exc, f"/api/v1/ai/batches/{job.id}")
