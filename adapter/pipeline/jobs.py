@@ -267,10 +267,14 @@ class Jobs:
 
     def _purge(self) -> None:
         # Jobs sit in creation order with one lifetime, so the expired ones are at the front:
-        # stop at the first live one instead of scanning them all on every start.
+        # stop at the first live job instead of scanning them all on every start. A batch lives
+        # longer (BATCH_MAX_SECONDS): a live one is stepped over, not taken for the first live job.
         now = self._clock()
-        while self._jobs and (oldest := next(iter(self._jobs.values()))).expires <= now:
-            self._drop(oldest)
+        for job in list(self._jobs.values()):
+            if job.expires <= now:
+                self._drop(job)
+            elif job.mode != "batch":
+                break
         # Bounded: past the cap, forget the oldest finished jobs first.
         if len(self._jobs) > self.settings.job_max_jobs:
             for job in [j for j in self._jobs.values() if j.finished][: len(self._jobs) - self.settings.job_max_jobs]:

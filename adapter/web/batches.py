@@ -32,7 +32,8 @@ from .tokens import JobTokens
 
 _OBJECT_ID = re.compile(r"^[0-9a-fA-F]{24}$")
 ItemStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-BatchStatus = Literal["queued", "running", "completed", "cancelled"]
+# failed: the replica shut down without Redis to hand the batch to (items not done never ran).
+BatchStatus = Literal["queued", "running", "completed", "cancelled", "failed"]
 
 
 class BatchCounts(msgspec.Struct, kw_only=True):
@@ -123,7 +124,7 @@ def batch_view(job: Job, settings: Any, cancel_requested: bool, status: str | No
             # The item event's JSON as written: the result inside it is not decoded and encoded again.
             items.append(msgspec.Raw(raw) if raw else BatchItem(id=record_id, status="queued"))
     counts = counts_of(spec["ids"], {k: msgspec.json.decode(v) for k, v in latest.items()})
-    state = job.status if job.status in ("queued", "running", "completed", "cancelled") else "running"
+    state = job.status if job.status in ("queued", "running", "completed", "cancelled", "failed") else "running"
     return BatchView(batch_id=job.id, task=job.task, status=state, total=len(spec["ids"]),  # type: ignore[arg-type]
                      counts=BatchCounts(**counts), cancel_requested=cancel_requested, expires_at=_expires(job, settings),
                      items=items)  # type: ignore[arg-type]
@@ -140,8 +141,8 @@ def batch_routers(tasks: Registry) -> list[Router]:
 
     async def create_batch(data: Any, request: Request, jobs: Jobs, batches: Batches, tokens: JobTokens,
                            caller: Caller) -> Response[BatchCreated]:
-        # The request's body is validated before Litestar's own parse, so a task name that is no
-        # task says so in words, rather than as an enum mismatch.
+        # Litestar has checked the shape (an unknown task is its enum error, naming `task`);
+        # what a schema cannot say (ids' form, duplicates, the task's own options) is checked here.
         task, ids, options = checked(tasks, data, jobs.settings.batch_max_items)
         job = await batches.create(task, ids, options, caller.authorization, caller.user)
         expires = _expires(job, jobs.settings)

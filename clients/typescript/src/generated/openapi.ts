@@ -320,7 +320,7 @@ export interface components {
             /** Format: date-time */
             expires_at: string;
             /** @enum {string} */
-            status: "queued" | "running" | "completed" | "cancelled";
+            status: "queued" | "running" | "completed" | "cancelled" | "failed";
             total: number;
         };
         /** BatchItem */
@@ -359,7 +359,7 @@ export interface components {
             expires_at: string;
             items: components["schemas"]["BatchItem"][];
             /** @enum {string} */
-            status: "queued" | "running" | "completed" | "cancelled";
+            status: "queued" | "running" | "completed" | "cancelled" | "failed";
             task: string;
             total: number;
         };
