@@ -418,3 +418,40 @@ class Reader(Changes):
         ids = [e.id for e in self.events]
         assert ids == list(range(1, len(ids) + 1)), ids
         assert self.done and sum(e.event == "done" for e in self.events) == 1
+
+
+# --- several `adapter serve` replicas against the doubles and one Redis --------------------------
+
+NO_RATE_LIMITS = {"RATE_LIMIT_LEAD_QUALIFY": "off", "RATE_LIMIT_DEAL_PREDICT": "off", "RATE_LIMIT_EMAIL_GENERATE": "off"}
+
+
+@asynccontextmanager
+async def replica_cluster(n: int, *, gateway_url: str, crm_url: str, redis_url: str, lease: float, prefix: str,
+                          logged: tuple[str, ...], **overrides: object) -> AsyncIterator[tuple[list[Replica], httpx.AsyncClient]]:
+    """`n` real replicas sharing Redis (env overrides by setting name), and a client; each replica is
+    SIGKILLed by pid and reaped at the end. When the test fails, pytest shows what each replica
+    logged under the `logged` event prefixes."""
+    from contextlib import AsyncExitStack
+    import uuid
+
+    env = {"REDIS_URL": redis_url, "CACHE_PREFIX": f"{prefix}-{uuid.uuid4().hex[:8]}",
+           "CONDUCTOR_GATEWAY_URL": gateway_url, "CRM_BACKEND_URL": crm_url, "JOB_TOKEN_SECRET": "r" * 40,
+           "JOB_LEASE_SECONDS": str(lease), "SSE_HEARTBEAT_SECONDS": "0.5", "SHUTDOWN_GRACE_SECONDS": "5",
+           "GATEWAY_CALL_TIMEOUT": "30", "RETRY_BASE_DELAY": "0.01", "RETRY_MAX_DELAY": "0.05",
+           **NO_RATE_LIMITS, **{k.upper(): str(v) for k, v in overrides.items()}}
+    async with AsyncExitStack() as stack:
+        replicas = [Replica(f"replica-{i}", free_port(), env) for i in range(n)]
+        for r in replicas:
+            stack.push_async_callback(r.stop)
+        stack.callback(print_logs, replicas, logged)
+        await asyncio.gather(*(r.start() for r in replicas))
+        client = await stack.enter_async_context(httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=1000)))
+        yield replicas, client
+
+
+def print_logs(replicas: list[Replica], prefixes: tuple[str, ...]) -> None:
+    # Shown by pytest when a test fails: what each replica logged under these event prefixes.
+    for r in replicas:
+        for line in r.lines:
+            if str(line.get("event", "")).startswith(prefixes):
+                print(r.name, line)

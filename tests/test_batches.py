@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -21,7 +20,7 @@ import pytest
 
 from adapter.app import create_app
 from tests.helpers import (EMAIL_AGENT, LEAD_AGENT, QUALIFY, RECORD_ID, Reader, Replica, asgi_client, assert_problem,
-                           free_port, job_done, make_settings, serving)
+                           job_done, make_settings, replica_cluster, serving)
 
 BATCHES = "/api/v1/ai/batches"
 NO_LIMITS = {"rate_limit_lead_qualify": "off", "rate_limit_email_generate": "off", "rate_limit_deal_predict": "off"}
@@ -311,31 +310,13 @@ def cluster(gateway, crm, redis_process):
 
     @asynccontextmanager
     async def start(n: int = 2, **overrides: object):
-        async with AsyncExitStack() as stack:
-            gw_url = await stack.enter_async_context(serving(gateway.app))
-            crm_url = await stack.enter_async_context(serving(crm.app))
-            env = {"REDIS_URL": redis_process.url, "CACHE_PREFIX": f"batches-{uuid.uuid4().hex[:8]}",
-                   "CONDUCTOR_GATEWAY_URL": gw_url, "CRM_BACKEND_URL": crm_url, "JOB_TOKEN_SECRET": "r" * 40,
-                   "JOB_LEASE_SECONDS": str(LEASE), "SSE_HEARTBEAT_SECONDS": "0.5", "SHUTDOWN_GRACE_SECONDS": "5",
-                   "GATEWAY_CALL_TIMEOUT": "30", "RETRY_BASE_DELAY": "0.01", "RETRY_MAX_DELAY": "0.05",
-                   **{k.upper(): str(v) for k, v in {**NO_LIMITS, **overrides}.items()}}
-            replicas = [Replica(f"replica-{i}", free_port(), env) for i in range(n)]
-            for r in replicas:
-                stack.push_async_callback(r.stop)  # SIGKILL by pid, and reaped
-            stack.callback(dump, replicas)
-            await asyncio.gather(*(r.start() for r in replicas))
-            client = await stack.enter_async_context(httpx.AsyncClient(timeout=30))
-            yield replicas, client
+        async with serving(gateway.app) as gw_url, serving(crm.app) as crm_url, replica_cluster(
+                n, gateway_url=gw_url, crm_url=crm_url, redis_url=redis_process.url, lease=LEASE, prefix="batches",
+                logged=("batch.", "job.", "shutdown."), **overrides) as cluster:
+            yield cluster
 
     return start
 
-
-def dump(replicas: list[Replica]) -> None:
-    # Shown by pytest when a test fails: what each replica logged about its batches.
-    for r in replicas:
-        for line in r.lines:
-            if str(line.get("event", "")).startswith(("batch.", "job.", "shutdown.")):
-                print(r.name, line)
 
 
 @pytest.mark.redis

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 import pytest
 
-from tests.helpers import DEAL_AGENT, LEAD_AGENT, Reader, Replica, Restartable, free_port, serving
+from tests.helpers import DEAL_AGENT, LEAD_AGENT, Reader, Replica, Restartable, replica_cluster, serving
 
 pytestmark = pytest.mark.redis
 
@@ -31,36 +30,13 @@ def cluster(gateway, crm, seed, redis_process):
     @asynccontextmanager
     async def start(n: int = 2, *, gateway_server: Restartable | None = None, **overrides: object):
         async with AsyncExitStack() as stack:
-            if gateway_server is None:
-                gw_url = await stack.enter_async_context(serving(gateway.app))
-            else:
-                gw_url = gateway_server.url
+            gw_url = gateway_server.url if gateway_server else await stack.enter_async_context(serving(gateway.app))
             crm_url = await stack.enter_async_context(serving(crm.app))
-            env = {
-                "REDIS_URL": redis_process.url, "CACHE_PREFIX": f"replicas-{uuid.uuid4().hex[:8]}",
-                "CONDUCTOR_GATEWAY_URL": gw_url, "CRM_BACKEND_URL": crm_url, "JOB_TOKEN_SECRET": "r" * 40,
-                "JOB_LEASE_SECONDS": str(LEASE), "SSE_HEARTBEAT_SECONDS": "0.5", "SHUTDOWN_GRACE_SECONDS": "5",
-                "RATE_LIMIT_LEAD_QUALIFY": "off", "RATE_LIMIT_DEAL_PREDICT": "off", "RATE_LIMIT_EMAIL_GENERATE": "off",
-                "GATEWAY_CALL_TIMEOUT": "30", "RETRY_BASE_DELAY": "0.01", "RETRY_MAX_DELAY": "0.05",
-                **{k.upper(): str(v) for k, v in overrides.items()},
-            }
-            replicas = [Replica(f"replica-{i}", free_port(), env) for i in range(n)]
-            for r in replicas:
-                stack.push_async_callback(r.stop)
-            stack.callback(dump, replicas)
-            await asyncio.gather(*(r.start() for r in replicas))
-            client = await stack.enter_async_context(httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=1000)))
-            yield replicas, client
+            yield await stack.enter_async_context(replica_cluster(
+                n, gateway_url=gw_url, crm_url=crm_url, redis_url=redis_process.url, lease=LEASE, prefix="replicas",
+                logged=("job.", "shutdown.", "cache."), **overrides))
 
     return start
-
-
-def dump(replicas: list[Replica]) -> None:
-    # Shown by pytest when a test fails: what each replica logged about its jobs.
-    for r in replicas:
-        for line in r.lines:
-            if str(line.get("event", "")).startswith(("job.", "shutdown.", "cache.")):
-                print(r.name, line)
 
 
 async def create_job(client: httpx.AsyncClient, replica: Replica, seed: dict, task: str = "lead.qualify",
