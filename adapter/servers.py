@@ -106,21 +106,52 @@ def _problem(status: int, slug: str, title: str, detail: str) -> bytes:
 
 
 class LingeringClose:
-    """A transport whose close() lingers, as nginx's `lingering_close` does.
+    """The client's transport as the sidecar's protocol sees it: writes coalesced, close lingering.
 
-    Closing a socket with unread input makes the kernel answer the next bytes with a reset,
-    which can destroy a 408 or 431 before the client reads it (a body still trickling in when
-    BODY_TIMEOUT_SECONDS ends, say). So close() half-closes, the protocol drops what still
-    arrives, and the socket closes for good LINGER_SECONDS later or when the client closes.
+    Writes made in one turn of the event loop go out as one: uvicorn writes a response's head
+    and its body separately, and for a small answer (a cache hit, a pass-through GET) the second
+    system call was a measurable share of the request's CPU. They are flushed at the end of the
+    turn (`call_soon`), and before a close or half-close, so nothing is reordered or lost.
+
+    Close lingers, as nginx's `lingering_close` does: closing a socket with unread input makes
+    the kernel answer the next bytes with a reset, which can destroy a 408 or 431 before the
+    client reads it (a body still trickling in when BODY_TIMEOUT_SECONDS ends, say). So close()
+    half-closes, the protocol drops what still arrives, and the socket closes for good
+    LINGER_SECONDS later or when the client closes.
     """
 
     def __init__(self, transport: asyncio.Transport, on_close: Any) -> None:
         self._transport = transport
         self._on_close = on_close
         self._closing = False
+        self._pending: list[bytes] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(data)
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
 
     def is_closing(self) -> bool:
         return self._closing or self._transport.is_closing()
@@ -128,6 +159,7 @@ class LingeringClose:
     def close(self) -> None:
         if self._closing:
             return
+        self._flush()
         self._closing = True
         self._on_close()
         transport = self._transport
@@ -136,6 +168,10 @@ class LingeringClose:
             return
         transport.write_eof()
         asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
 
 
 def bounded_protocol(limits: Limits) -> type[HttpToolsProtocol]:

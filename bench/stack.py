@@ -64,13 +64,17 @@ def main() -> None:
             sys.path.insert(0, root)
         for name in filter(None, os.environ.get("BENCH_BLOCK_MODULES", "").split(",")):
             sys.modules[name] = None  # type: ignore[assignment]  # `import name` now raises ImportError
-        from adapter import logs
+        from adapter import logs, servers
         from adapter.app import create_app
         from adapter.settings import Settings
 
         settings = Settings.from_env()
         logs.configure(settings.log_level, "json")  # as `adapter serve` logs to a pipe; stderr is /dev/null here
-        _serve(create_app(settings), port, keepalive=int(settings.keepalive_seconds))
+        # Served as `adapter serve` serves it (its own protocol: client limits, lingering close, drain),
+        # so the figures are production's, not plain uvicorn's.
+        sock = servers.bind("127.0.0.1", port)
+        servers.server(create_app(settings), graceful=settings.shutdown_grace_seconds, keepalive=settings.keepalive_seconds,
+                       loop="auto", quiet=True).run(sockets=[sock])
 
 
 class Stack:
