@@ -1,10 +1,13 @@
 import createClient, { type Client } from "openapi-fetch";
 
 import { SidecarProblem, problemOf } from "./errors.js";
-import { openJobStream, type EventSourceConstructor, type JobStream, type StreamOptions } from "./stream.js";
+import {
+  openBatchStream, openJobStream, type BatchStream, type EventSourceConstructor, type JobStream, type StreamOptions,
+} from "./stream.js";
 import type {
-  AiHealth, DealPredictRequest, DealPredictResult, EmailGenerateRequest, EmailGenerateResult, JobCreated, JobView,
-  LeadQualifyRequest, LeadQualifyResult, StartedJob, Task, TaskInput, TaskResult, paths,
+  AiHealth, BatchCreated, BatchItemStatus, BatchOptions, BatchView, DealPredictRequest, DealPredictResult,
+  EmailGenerateRequest, EmailGenerateResult, JobCreated, JobView, LeadQualifyRequest, LeadQualifyResult, StartedBatch,
+  StartedJob, Task, TaskInput, TaskResult, paths,
 } from "./types.js";
 
 /** The bearer token of the signed-in CRM user, or nothing (the sidecar then answers 401). */
@@ -56,8 +59,37 @@ export interface SidecarClient {
    * A dropped connection resumes after the last event received (`Last-Event-ID`).
    */
   streamJob<T extends Task = Task>(job: JobCreated & { readonly task?: T }, options?: StreamOptions): JobStream<TaskResult<T>>;
+  /**
+   * `POST /api/v1/ai/batches`: runs `task` over every record of `ids` (no duplicates, at most
+   * BATCH_MAX_ITEMS), with the same `options` (the task's request fields other than the record id)
+   * for each. Bad input is a 400 naming the field (`ids[1]`, `options.tone`) before anything runs.
+   * Follow it with `streamBatch`, or poll `getBatch`.
+   */
+  startBatch<T extends Task>(task: T, ids: readonly string[], options?: BatchOptions<T>, callOptions?: Pick<CallOptions, "signal">): Promise<StartedBatch<T>>;
+  /**
+   * `GET /api/v1/ai/batches/{batch_id}` (with the creator's token): the counts and every item in the
+   * order given, with its result or problem; `status` keeps only the items in that state.
+   */
+  getBatch<T extends Task = Task>(batch: Pick<BatchCreated, "batch_id"> & { readonly task?: T }, options?: BatchQueryOptions): Promise<BatchView<TaskResult<T>>>;
+  /**
+   * `DELETE /api/v1/ai/batches/{batch_id}` (the creator only): running items finish, queued ones end
+   * `cancelled`, then the stream's `done` says `cancelled`. On a finished batch it changes nothing
+   * (`cancel_requested` stays false). Answers the batch's state.
+   */
+  cancelBatch<T extends Task = Task>(batch: Pick<BatchCreated, "batch_id"> & { readonly task?: T }, options?: Pick<CallOptions, "signal">): Promise<BatchView<TaskResult<T>>>;
+  /**
+   * The batch's events over EventSource, items typed by the batch's task, in order and ending after
+   * `done`. A dropped connection resumes after the last event received (`Last-Event-ID`), as `streamJob`.
+   */
+  streamBatch<T extends Task = Task>(batch: BatchCreated & { readonly task?: T }, options?: StreamOptions): BatchStream<TaskResult<T>>;
   /** The underlying openapi-fetch client, typed by the contract, for anything else (response headers, `/readyz`). */
   readonly api: Client<paths>;
+}
+
+export interface BatchQueryOptions {
+  /** Only the items in this state (`failed`, to start a batch of just those). */
+  status?: BatchItemStatus;
+  signal?: AbortSignal;
 }
 
 export function createSidecarClient(options: SidecarClientOptions = {}): SidecarClient {
@@ -101,14 +133,32 @@ export function createSidecarClient(options: SidecarClientOptions = {}): Sidecar
     },
     getJob: (job, o) =>
       unwrap(api.GET("/api/v1/ai/jobs/{job_id}", { params: { path: { job_id: job.job_id } }, signal: o?.signal })),
-    streamJob(job, streamOptions) {
-      const EventSourceImpl = options.EventSource ?? (globalThis as { EventSource?: EventSourceConstructor }).EventSource;
-      if (!EventSourceImpl) {
-        throw new TypeError("no EventSource here: pass one in the options (in Node: `import { EventSource } from 'eventsource'`)");
-      }
-      // `events_url` is the sidecar's own absolute path, carrying the job token; no bearer token goes with it.
-      const url = /^https?:\/\//.test(job.events_url) ? job.events_url : `${baseUrl}${job.events_url}`;
-      return openJobStream(url, { EventSource: EventSourceImpl, fetch: fetchFn }, streamOptions);
+    streamJob: (job, streamOptions) => openJobStream(eventsUrl(job.events_url), streamDeps(), streamOptions),
+    async startBatch(task, ids, batchOptions, o) {
+      const body = { task, ids: [...ids], ...(batchOptions ? { options: batchOptions as { [key: string]: unknown } } : {}) };
+      const created = await unwrap(api.POST("/api/v1/ai/batches", { body, signal: o?.signal }));
+      return { ...created, task };
     },
+    getBatch: <T extends Task>(batch: { batch_id: string }, o?: BatchQueryOptions) =>
+      unwrap(api.GET("/api/v1/ai/batches/{batch_id}", {
+        params: { path: { batch_id: batch.batch_id }, query: o?.status ? { status: o.status } : {} }, signal: o?.signal,
+      })) as Promise<BatchView<TaskResult<T>>>, // the contract types `result` loosely; the task's route defines it
+    cancelBatch: <T extends Task>(batch: { batch_id: string }, o?: Pick<CallOptions, "signal">) =>
+      unwrap(api.DELETE("/api/v1/ai/batches/{batch_id}", { params: { path: { batch_id: batch.batch_id } }, signal: o?.signal })) as
+        Promise<BatchView<TaskResult<T>>>,
+    streamBatch: (batch, streamOptions) => openBatchStream(eventsUrl(batch.events_url), streamDeps(), streamOptions),
   } satisfies SidecarClient;
+
+  function streamDeps() {
+    const EventSourceImpl = options.EventSource ?? (globalThis as { EventSource?: EventSourceConstructor }).EventSource;
+    if (!EventSourceImpl) {
+      throw new TypeError("no EventSource here: pass one in the options (in Node: `import { EventSource } from 'eventsource'`)");
+    }
+    return { EventSource: EventSourceImpl, fetch: fetchFn };
+  }
+
+  // `events_url` is the sidecar's own absolute path, carrying the job's or batch's token; no bearer token goes with it.
+  function eventsUrl(path: string): string {
+    return /^https?:\/\//.test(path) ? path : `${baseUrl}${path}`;
+  }
 }

@@ -24,7 +24,7 @@ export class SidecarProblem extends Error {
   }
 }
 
-/** A job's event stream broke its protocol or could not be resumed (never an HTTP problem: see SidecarProblem). */
+/** A job's or batch's event stream broke its protocol or could not be resumed (never an HTTP problem: see SidecarProblem). */
 export class SidecarStreamError extends Error {
   override readonly name = "SidecarStreamError";
 }

@@ -1,11 +1,15 @@
 // @crm-ai/sidecar-client: a typed client for the CRM AI sidecar, framework-agnostic.
 // The Angular service is in "@crm-ai/sidecar-client/angular".
 export { createSidecarClient } from "./client.js";
-export type { CallOptions, SidecarClient, SidecarClientOptions, TokenProvider } from "./client.js";
+export type { BatchQueryOptions, CallOptions, SidecarClient, SidecarClientOptions, TokenProvider } from "./client.js";
 export { SidecarProblem, SidecarStreamError, isProblem } from "./errors.js";
-export type { EventSourceConstructor, EventSourceLike, JobStream, StreamOptions } from "./stream.js";
 export type {
-  AiHealth, Bant, DealPredictRequest, DealPredictResult, EmailGenerateRequest, EmailGenerateResult, EmailVariation,
-  FieldError, JobCreated, JobEvent, JobEventPayloads, JobEventType, JobStatus, JobView, LeadQualifyRequest,
-  LeadQualifyResult, Problem, StartedJob, Task, TaskInput, TaskResult, TaskTypes, components, operations, paths,
+  BatchStream, EventSourceConstructor, EventSourceLike, JobStream, SidecarEventStream, StreamOptions,
+} from "./stream.js";
+export type {
+  AiHealth, Bant, BatchCounts, BatchCreated, BatchEvent, BatchEventPayloads, BatchEventType, BatchItem, BatchItemStatus,
+  BatchOptions, BatchStatus, BatchView, DealPredictRequest, DealPredictResult, EmailGenerateRequest, EmailGenerateResult,
+  EmailVariation, FieldError, JobCreated, JobEvent, JobEventPayloads, JobEventType, JobStatus, JobView, LeadQualifyRequest,
+  LeadQualifyResult, Problem, StartedBatch, StartedJob, Task, TaskInput, TaskRecordIds, TaskResult, TaskTypes, components,
+  operations, paths,
 } from "./types.js";

@@ -1,4 +1,8 @@
-// A job's events over EventSource, as an async iterable.
+// A job's or a batch's events over EventSource, as an async iterable.
+//
+// Both speak the same SSE protocol (consecutive ids from 1, `done` last, resumable with
+// Last-Event-ID); only their event names and payloads differ, so one EventStream serves both,
+// given the event names to listen for and how to type each payload (an EventProtocol).
 //
 // Why EventSource rather than fetch + a stream parser: the job's `events_url` carries a job token
 // precisely so the browser's own EventSource can follow it without the user's JWT, and the browser
@@ -7,7 +11,9 @@
 // end (`done`), cancellation, a check that ids stay consecutive, and a reason when the browser
 // gives up (EventSource reports only "error", never the HTTP status or the problem body).
 import { SidecarProblem, SidecarStreamError, problemOf } from "./errors.js";
-import type { JobEvent, JobEventPayloads, JobEventType } from "./types.js";
+import type {
+  BatchEvent, BatchEventPayloads, BatchEventType, BatchItem, JobEvent, JobEventPayloads, JobEventType,
+} from "./types.js";
 
 /** The part of the WHATWG EventSource this client uses (the browser's, or the `eventsource` package in Node). */
 export interface EventSourceLike {
@@ -21,8 +27,15 @@ export type EventSourceConstructor = new (url: string, init?: { withCredentials?
 const CONNECTING = 0;
 const CLOSED = 2;
 
-/** The contract's SSE event names: `satisfies` fails to compile when `SseEvent.event` gains or loses one. */
-const EVENT_TYPES = Object.keys({ status: 0, delta: 0, result: 0, error: 0, done: 0 } satisfies Record<JobEventType, 0>) as JobEventType[];
+/** Which events a stream listens for, and how each payload becomes a typed event. */
+interface EventProtocol<E> {
+  /** Every event name, `done` among them. `error` also names EventSource's connection errors (no data). */
+  readonly types: readonly string[];
+  toEvent(type: string, id: number, data: unknown): E;
+}
+
+/** Every event a stream delivers: an id, a name, and `done` last. */
+type StreamEvent = { readonly type: string; readonly id: number };
 
 /** How often an EventSource that gave up is reopened (after the server said the stream is there). */
 const MAX_REOPENS = 3;
@@ -36,12 +49,18 @@ export interface StreamOptions {
   onReconnecting?: () => void;
 }
 
-/** A job's typed events in order, ending after `done`. Breaking out of `for await` or `close()` closes the connection. */
-export interface JobStream<R> extends AsyncIterableIterator<JobEvent<R>> {
+/** Typed events in order, ending after `done`. Breaking out of `for await` or `close()` closes the connection. */
+export interface SidecarEventStream<E> extends AsyncIterableIterator<E> {
   close(): void;
   /** The id of the last event delivered (0 before the first). */
   readonly lastEventId: number;
 }
+
+/** A job's typed events in order, ending after `done`. */
+export interface JobStream<R> extends SidecarEventStream<JobEvent<R>> {}
+
+/** A batch's typed events in order (`status`, then `item` and `progress` as items finish), ending after `done`. */
+export interface BatchStream<R> extends SidecarEventStream<BatchEvent<R>> {}
 
 export interface StreamDeps {
   EventSource: EventSourceConstructor;
@@ -49,15 +68,19 @@ export interface StreamDeps {
 }
 
 export function openJobStream<R>(url: string, deps: StreamDeps, options: StreamOptions = {}): JobStream<R> {
-  return new EventStream<R>(url, deps, options);
+  return new EventStream<JobEvent<R>>(url, jobProtocol<R>(), deps, options);
 }
 
-type Waiter<R> = { resolve: (r: IteratorResult<JobEvent<R>>) => void; reject: (e: unknown) => void };
+export function openBatchStream<R>(url: string, deps: StreamDeps, options: StreamOptions = {}): BatchStream<R> {
+  return new EventStream<BatchEvent<R>>(url, batchProtocol<R>(), deps, options);
+}
 
-class EventStream<R> implements JobStream<R> {
+type Waiter<E> = { resolve: (r: IteratorResult<E>) => void; reject: (e: unknown) => void };
+
+class EventStream<E extends StreamEvent> implements SidecarEventStream<E> {
   #source: EventSourceLike | null = null;
-  #queue: JobEvent<R>[] = [];
-  #waiter: Waiter<R> | null = null;
+  #queue: E[] = [];
+  #waiter: Waiter<E> | null = null;
   #started = false;
   #ended = false; // `done` arrived, or the consumer closed the stream
   #failure: { error: unknown } | null = null;
@@ -67,6 +90,7 @@ class EventStream<R> implements JobStream<R> {
 
   constructor(
     private readonly url: string,
+    private readonly protocol: EventProtocol<E>,
     private readonly deps: StreamDeps,
     private readonly options: StreamOptions,
   ) {
@@ -81,7 +105,7 @@ class EventStream<R> implements JobStream<R> {
     return this;
   }
 
-  next(): Promise<IteratorResult<JobEvent<R>>> {
+  next(): Promise<IteratorResult<E>> {
     if (!this.#started) this.#start();
     const value = this.#queue.shift();
     if (value !== undefined) return Promise.resolve({ value, done: false });
@@ -96,7 +120,7 @@ class EventStream<R> implements JobStream<R> {
     return new Promise((resolve, reject) => (this.#waiter = { resolve, reject }));
   }
 
-  return(): Promise<IteratorResult<JobEvent<R>>> {
+  return(): Promise<IteratorResult<E>> {
     this.close();
     return Promise.resolve({ value: undefined, done: true });
   }
@@ -122,7 +146,9 @@ class EventStream<R> implements JobStream<R> {
   #connect(url: string): void {
     const source = new this.deps.EventSource(url);
     this.#source = source;
-    for (const type of EVENT_TYPES) {
+    const { types } = this.protocol;
+    // EventSource's own "error" (the connection's) is heard even when the protocol has no such event.
+    for (const type of types.includes("error") ? types : [...types, "error"]) {
       source.addEventListener(type, (event) => {
         if (source !== this.#source) return; // a late event of a connection we already left
         if (type === "error" && typeof (event as MessageEvent).data !== "string") this.#connectionError(source);
@@ -131,7 +157,7 @@ class EventStream<R> implements JobStream<R> {
     }
   }
 
-  #message(type: JobEventType, event: MessageEvent<string>): void {
+  #message(type: string, event: MessageEvent<string>): void {
     const id = Number(event.lastEventId);
     if (id !== this.#last + 1) {
       // The sidecar's ids are consecutive and a resume replays exactly the missed ones: anything
@@ -145,7 +171,7 @@ class EventStream<R> implements JobStream<R> {
       return this.#fail(new SidecarStreamError(`event ${id} (${type}) carries no JSON: ${event.data.slice(0, 80)}`));
     }
     this.#last = id;
-    this.#push(toEvent<R>(type, id, data));
+    this.#push(this.protocol.toEvent(type, id, data));
     if (type === "done") {
       this.#disconnect(); // else the EventSource would reconnect when the server closes the stream
       this.#ended = true;
@@ -193,7 +219,7 @@ class EventStream<R> implements JobStream<R> {
     }
   }
 
-  #push(event: JobEvent<R>): void {
+  #push(event: E): void {
     if (this.#waiter) {
       const { resolve } = this.#waiter;
       this.#waiter = null;
@@ -233,16 +259,48 @@ class EventStream<R> implements JobStream<R> {
   }
 }
 
-function toEvent<R>(type: JobEventType, id: number, data: unknown): JobEvent<R> {
-  const d = data as Record<string, unknown>;
-  const payload: { [K in JobEventType]: () => JobEventPayloads<R>[K] } = {
-    status: () => ({ state: d.state as JobEventPayloads<R>["status"]["state"], message: String(d.message ?? "") }),
-    delta: () => ({ text: String(d.text ?? "") }),
-    result: () => ({ result: data as R }),
-    error: () => ({ problem: data as JobEventPayloads<R>["error"]["problem"] }),
-    done: () => ({ status: d.status as JobEventPayloads<R>["done"]["status"], cached: Boolean(d.cached) }),
+/** A protocol from one payload builder per event name: the names are the builders' keys. */
+function protocol<P, E>(payloads: (data: unknown) => { [K in keyof P]: () => P[K] }): EventProtocol<E> {
+  // Built once here for the names only: each builder is lazy, so an empty object is enough.
+  const types = Object.keys(payloads({})) as string[];
+  return {
+    types,
+    toEvent: (type, id, data) => ({ type, id, ...payloads(data)[type as keyof P]() }) as E,
   };
-  return { type, id, ...payload[type]() } as JobEvent<R>;
+}
+
+/**
+ * A job's events. The builders' keys are checked against the contract's `SseEvent.event` by the
+ * mapped type: adding or dropping a name there fails to compile here.
+ */
+function jobProtocol<R>(): EventProtocol<JobEvent<R>> {
+  return protocol<JobEventPayloads<R>, JobEvent<R>>((data) => {
+    const d = data as Record<string, unknown>;
+    return {
+      status: () => ({ state: d.state as JobEventPayloads<R>["status"]["state"], message: String(d.message ?? "") }),
+      delta: () => ({ text: String(d.text ?? "") }),
+      result: () => ({ result: data as R }),
+      error: () => ({ problem: data as JobEventPayloads<R>["error"]["problem"] }),
+      done: () => ({ status: d.status as JobEventPayloads<R>["done"]["status"], cached: Boolean(d.cached) }),
+    } satisfies { [K in JobEventType]: () => JobEventPayloads<R>[K] };
+  });
+}
+
+/** A batch's events: the payloads of BatchEventPayloads (the contract's SseEvent does not list them). */
+function batchProtocol<R>(): EventProtocol<BatchEvent<R>> {
+  return protocol<BatchEventPayloads<R>, BatchEvent<R>>((data) => {
+    const d = data as Record<string, unknown>;
+    type P = BatchEventPayloads<R>;
+    return {
+      status: () => ({ state: d.state as P["status"]["state"], message: String(d.message ?? "") }),
+      item: () => ({ item: data as BatchItem<R> }),
+      progress: () => ({ counts: data as P["progress"]["counts"] }),
+      done: () => ({
+        status: d.status as P["done"]["status"], counts: d.counts as P["done"]["counts"],
+        ...(typeof d.message === "string" ? { message: d.message } : {}),
+      }),
+    } satisfies { [K in BatchEventType]: () => P[K] };
+  });
 }
 
 /** `url` with `key=value` set in its query; works for relative URLs (`/api/...`) too. */

@@ -60,9 +60,72 @@ export type JobEvent<R = TaskResult<Task>> = {
   [K in JobEventType]: { type: K; id: number } & JobEventPayloads<R>[K];
 }[JobEventType];
 
+/** Each task's record id field: the one a batch takes from `ids` (every other field is an option). */
+export interface TaskRecordIds {
+  "lead.qualify": "lead_id";
+  "email.generate": "lead_id";
+  "deal.predict": "deal_id";
+}
+
+/**
+ * A batch's `options` for `task`: the task's request fields other than the record id, the same for
+ * every item. The record id is refused by name (the ids go in `ids`): without that, a task with no
+ * other field would take `{}`, which accepts anything.
+ */
+export type BatchOptions<T extends Task> = Omit<TaskInput<T>, TaskRecordIds[T]> & { [K in TaskRecordIds[T]]?: never };
+
+export type BatchCreated = Schemas["BatchCreated"];
+export type BatchCounts = Schemas["BatchCounts"];
+/** A batch's state: `queued`, `running`, then `completed`, `cancelled` or `failed`. */
+export type BatchStatus = Schemas["BatchView"]["status"];
+/** An item's state: `queued`, `running`, then `succeeded`, `failed` or `cancelled`. */
+export type BatchItemStatus = Schemas["BatchItem"]["status"];
+
+/** A batch started by `startBatch`: the 202 body, remembering its task so its results are typed. */
+export type StartedBatch<T extends Task = Task> = BatchCreated & { readonly task: T };
+
+/**
+ * One record of a batch: its status and, once finished, the task's result (the synchronous route's
+ * body) or the problem that route would have answered.
+ */
+export type BatchItem<R = TaskResult<Task>> = Omit<Schemas["BatchItem"], "result" | "error"> & {
+  result?: R | null;
+  error?: Problem | null;
+};
+
+/** `GET /api/v1/ai/batches/{batch_id}`: counts, and every item in the order given (or those of one status). */
+export type BatchView<R = TaskResult<Task>> = Omit<Schemas["BatchView"], "items"> & { items: BatchItem<R>[] };
+
+/**
+ * Payloads of a batch's events. The contract's `SseEvent` names only a job's events, so these
+ * follow the README's "Batches" section (the sidecar's `adapter/pipeline/batches.py`).
+ */
+export interface BatchEventPayloads<R> {
+  status: { state: "queued" | "running"; message: string };
+  /** An item changed: `running`, then `succeeded` (with `result`), `failed` (with `error`) or `cancelled`. */
+  item: { item: BatchItem<R> };
+  /** The counts after an item finished. */
+  progress: { counts: BatchCounts };
+  /** Always last. `message` says why a batch stopped short (BATCH_MAX_SECONDS, say). */
+  done: { status: Extract<BatchStatus, "completed" | "cancelled" | "failed">; counts: BatchCounts; message?: string };
+}
+export type BatchEventType = keyof BatchEventPayloads<unknown>;
+
+/**
+ * One event of a batch's stream. `id` is the event's (consecutive from 1; the record's id is
+ * `item.id`); `done` is always last. Narrow on `type`: `if (event.type === "item") event.item.result`.
+ */
+export type BatchEvent<R = TaskResult<Task>> = {
+  [K in BatchEventType]: { type: K; id: number } & BatchEventPayloads<R>[K];
+}[BatchEventType];
+
 // Compile-time guards against drift: every task in the contract has input and result types,
 // and every SSE event name in the contract has a payload (and no others).
 type Exact<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
 type Assert<T extends true> = T;
 type TasksMatchContract = Assert<Exact<keyof TaskTypes, Task>>;
 type EventsMatchContract = Assert<Exact<keyof JobEventPayloads<unknown>, JobEventType>>;
+// Every task names its record id field, and that field is one of its request's.
+type RecordIdsMatchContract = Assert<Exact<keyof TaskRecordIds, Task>>;
+type RecordIdsAreFields = Assert<Exact<{ [T in Task]: TaskRecordIds[T] extends keyof TaskInput<T> ? true : false }[Task], true>>;
+type BatchStatusesMatchContract = Assert<Exact<BatchEventPayloads<unknown>["done"]["status"] | "queued" | "running", BatchStatus>>;

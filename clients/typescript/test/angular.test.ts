@@ -7,7 +7,9 @@ import { EventSource } from "eventsource";
 import { firstValueFrom } from "rxjs";
 import { describe, expect, inject, it } from "vitest";
 
-import { ConductorAiService, SidecarProblem, provideConductorAi, type JobEvent, type LeadQualifyResult } from "../src/angular/index.js";
+import {
+  ConductorAiService, SidecarProblem, provideConductorAi, type BatchEvent, type JobEvent, type LeadQualifyResult,
+} from "../src/angular/index.js";
 import type { EventSourceConstructor } from "../src/index.js";
 
 const sidecar = inject("sidecar");
@@ -85,6 +87,40 @@ describe("ConductorAiService", () => {
     });
     expect(opened).toHaveLength(1);
     expect(opened[0]!.readyState).toBe(EventSource.CLOSED);
+  });
+
+  it("streams a batch as typed events inside the zone, completing after done; getBatch and cancelBatch answer its state", async () => {
+    const { ai, zone } = service();
+    const batch = await firstValueFrom(ai.startBatch("lead.qualify", sidecar.leads));
+    const seen: { event: BatchEvent<LeadQualifyResult>; inZone: boolean }[] = [];
+    let completedInZone = false;
+    await new Promise<void>((resolve, reject) => zone.runOutsideAngular(() => {
+      ai.streamBatch(batch).subscribe({
+        next: (event) => seen.push({ event, inZone: NgZone.isInAngularZone() }),
+        error: reject,
+        complete: () => { completedInZone = NgZone.isInAngularZone(); resolve(); },
+      });
+    }));
+    expect(seen.map((s) => s.event.id)).toEqual(seen.map((_, i) => i + 1));
+    expect(seen.every((s) => s.inZone)).toBe(true);
+    expect(completedInZone).toBe(true);
+    const finished = seen.flatMap(({ event }) => (event.type === "item" && event.item.status === "succeeded" ? [event.item] : []));
+    expect(finished.map((item) => item.result?.lead_id).sort()).toEqual([...sidecar.leads].sort()); // typed results
+    expect(seen.at(-1)!.event).toMatchObject({ type: "done", status: "completed", counts: { succeeded: sidecar.leads.length } });
+
+    const view = await firstValueFrom(ai.getBatch(batch, { status: "succeeded" }));
+    expect(view.items.map((item) => item.id)).toEqual(sidecar.leads);
+    expect(await firstValueFrom(ai.cancelBatch(batch))).toMatchObject({ status: "completed", cancel_requested: false });
+  });
+
+  it("runBatch errors with the SidecarProblem naming the field, inside the zone", async () => {
+    const { ai } = service();
+    const failure = await new Promise<{ error: unknown; inZone: boolean }>((resolve) => {
+      ai.runBatch("lead.qualify", [lead!, lead!]).subscribe({ error: (error) => resolve({ error, inZone: NgZone.isInAngularZone() }) });
+    });
+    expect(failure.inZone).toBe(true);
+    expect(failure.error).toBeInstanceOf(SidecarProblem);
+    expect((failure.error as SidecarProblem).problem.errors?.[0]?.field).toBe("ids[1]");
   });
 
   it("errors with the SidecarProblem, inside the zone", async () => {

@@ -9,15 +9,19 @@
 import { NgZone, inject, type Provider } from "@angular/core";
 import { Observable, switchMap } from "rxjs";
 
-import { createSidecarClient, type CallOptions, type SidecarClient, type SidecarClientOptions } from "../client.js";
-import type { JobStream, StreamOptions } from "../stream.js";
+import {
+  createSidecarClient, type BatchQueryOptions, type CallOptions, type SidecarClient, type SidecarClientOptions,
+} from "../client.js";
+import type { SidecarEventStream, StreamOptions } from "../stream.js";
 import type {
-  AiHealth, DealPredictRequest, DealPredictResult, EmailGenerateRequest, EmailGenerateResult, JobCreated, JobEvent,
-  JobView, LeadQualifyRequest, LeadQualifyResult, StartedJob, Task, TaskInput, TaskResult,
+  AiHealth, BatchCreated, BatchEvent, BatchOptions, BatchView, DealPredictRequest, DealPredictResult,
+  EmailGenerateRequest, EmailGenerateResult, JobCreated, JobEvent, JobView, LeadQualifyRequest, LeadQualifyResult,
+  StartedBatch, StartedJob, Task, TaskInput, TaskResult,
 } from "../types.js";
 
 export type StreamJobOptions = Omit<StreamOptions, "signal">;
 export type RequestOptions = Omit<CallOptions, "signal">;
+export type GetBatchOptions = Omit<BatchQueryOptions, "signal">;
 
 /**
  * The sidecar's AI routes as Observables. Every callback runs inside Angular's zone (the network
@@ -60,9 +64,45 @@ export class ConductorAiService {
 
   /** The job's typed events; completes after `done`, errors with SidecarProblem or SidecarStreamError. */
   streamJob<T extends Task = Task>(job: JobCreated & { readonly task?: T }, options?: StreamJobOptions): Observable<JobEvent<TaskResult<T>>> {
-    return new Observable<JobEvent<TaskResult<T>>>((subscriber) => {
+    return this.follow((o) => this.client.streamJob(job, o), options);
+  }
+
+  /** `startJob` then `streamJob`: one subscription from the POST to `done`. */
+  run<T extends Task>(task: T, input: TaskInput<T>, options?: RequestOptions & StreamJobOptions): Observable<JobEvent<TaskResult<T>>> {
+    return this.startJob(task, input, options).pipe(switchMap((job) => this.streamJob(job, options)));
+  }
+
+  /** The 202 body (`batch_id`, `total`, `events_url`, `expires_at`) with its `task`; a 400 names the bad field. */
+  startBatch<T extends Task>(task: T, ids: readonly string[], options?: BatchOptions<T>): Observable<StartedBatch<T>> {
+    return this.call((signal) => this.client.startBatch(task, ids, options, { signal }));
+  }
+
+  /** The batch's state: counts and items (only those in `status`, if given). */
+  getBatch<T extends Task = Task>(batch: Pick<BatchCreated, "batch_id"> & { readonly task?: T }, options?: GetBatchOptions): Observable<BatchView<TaskResult<T>>> {
+    return this.call((signal) => this.client.getBatch(batch, { ...options, signal }));
+  }
+
+  /** Cancels the batch (running items finish, queued ones never start); emits its state. A finished batch is left as it is. */
+  cancelBatch<T extends Task = Task>(batch: Pick<BatchCreated, "batch_id"> & { readonly task?: T }): Observable<BatchView<TaskResult<T>>> {
+    return this.call((signal) => this.client.cancelBatch(batch, { signal }));
+  }
+
+  /** The batch's typed events (`status`, `item`, `progress`); completes after `done`, errors with SidecarProblem or SidecarStreamError. */
+  streamBatch<T extends Task = Task>(batch: BatchCreated & { readonly task?: T }, options?: StreamJobOptions): Observable<BatchEvent<TaskResult<T>>> {
+    return this.follow((o) => this.client.streamBatch(batch, o), options);
+  }
+
+  /** `startBatch` then `streamBatch`: one subscription from the POST to `done`. */
+  runBatch<T extends Task>(task: T, ids: readonly string[], options?: BatchOptions<T>, streamOptions?: StreamJobOptions): Observable<BatchEvent<TaskResult<T>>> {
+    return this.startBatch(task, ids, options).pipe(switchMap((batch) => this.streamBatch(batch, streamOptions)));
+  }
+
+  // An event stream as a cold Observable: events and the end inside the zone, the network outside it;
+  // unsubscribing closes the EventSource.
+  private follow<E>(open: (options: StreamOptions) => SidecarEventStream<E>, options?: StreamJobOptions): Observable<E> {
+    return new Observable<E>((subscriber) => {
       const onReconnecting = options?.onReconnecting && (() => this.zone.run(() => options.onReconnecting?.()));
-      const stream: JobStream<TaskResult<T>> = this.client.streamJob(job, { ...options, onReconnecting });
+      const stream = open({ ...options, onReconnecting });
       this.zone.runOutsideAngular(async () => {
         try {
           for await (const event of stream) this.zone.run(() => subscriber.next(event));
@@ -73,11 +113,6 @@ export class ConductorAiService {
       });
       return () => stream.close();
     });
-  }
-
-  /** `startJob` then `streamJob`: one subscription from the POST to `done`. */
-  run<T extends Task>(task: T, input: TaskInput<T>, options?: RequestOptions & StreamJobOptions): Observable<JobEvent<TaskResult<T>>> {
-    return this.startJob(task, input, options).pipe(switchMap((job) => this.streamJob(job, options)));
   }
 
   // A promise-returning call as a cold Observable: one request per subscription, aborted on unsubscribe.
@@ -110,7 +145,8 @@ export function provideConductorAi(options: SidecarClientOptions | (() => Sideca
 }
 
 export type {
-  AiHealth, DealPredictRequest, DealPredictResult, EmailGenerateRequest, EmailGenerateResult, JobCreated, JobEvent,
-  JobView, LeadQualifyRequest, LeadQualifyResult, Problem, StartedJob, Task, TaskInput, TaskResult,
+  AiHealth, BatchCounts, BatchCreated, BatchEvent, BatchItem, BatchItemStatus, BatchOptions, BatchStatus, BatchView,
+  DealPredictRequest, DealPredictResult, EmailGenerateRequest, EmailGenerateResult, JobCreated, JobEvent, JobView,
+  LeadQualifyRequest, LeadQualifyResult, Problem, StartedBatch, StartedJob, Task, TaskInput, TaskResult,
 } from "../types.js";
 export { SidecarProblem, SidecarStreamError } from "../errors.js";
