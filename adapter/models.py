@@ -42,6 +42,17 @@ class SseEvent(msgspec.Struct, kw_only=True):
     id: Annotated[str, Meta(pattern="^[1-9][0-9]*$", description="consecutive from 1; resume with Last-Event-ID")]
 
 
+class BatchSseEvent(msgspec.Struct, kw_only=True):
+    """One server-sent event of a batch: `data` is JSON text (see each event's description)."""
+
+    event: Annotated[Literal["status", "item", "progress", "done"], Meta(
+        description="status {state, message}; item {id, status: running|succeeded|failed|cancelled, cached, "
+                    "result (the task's synchronous body) | error (a problem object)}; progress {queued, running, "
+                    "succeeded, failed, cancelled, cached}; done {status: completed|cancelled|failed, counts}, always last")]
+    data: Annotated[str, Meta(description="the event's JSON payload")]
+    id: Annotated[str, Meta(pattern="^[1-9][0-9]*$", description="consecutive from 1; resume with Last-Event-ID")]
+
+
 class FieldError(msgspec.Struct, kw_only=True, omit_defaults=True):
     field: str | None = None
     message: str

@@ -25,7 +25,7 @@ from ..pipeline.jobs import Jobs
 from ..storage.job_state import Job
 from ..tasks import Registry
 from .auth import CALLER, Caller, read_caller
-from .openapi import SSE_RESPONSE, batch_responses
+from .openapi import BATCH_SSE_RESPONSE, batch_responses
 from .requests import require_json
 from .sse import last_event_id, sse_response
 from .tokens import JobTokens
@@ -204,6 +204,6 @@ def batch_routers(tasks: Registry) -> list[Router]:
             summary="A batch's state: counts, and each item's status with its result or problem")(get_batch),
         delete("/{batch_id:str}", status_code=202, responses=batch_responses(),
                summary="Cancel a batch: running items finish, queued ones never start")(cancel_batch),
-        get("/{batch_id:str}/events", responses={**batch_responses(), 200: SSE_RESPONSE},
+        get("/{batch_id:str}/events", responses={**batch_responses(), 200: BATCH_SSE_RESPONSE},
             summary="The batch's events as SSE (item, progress, done); resumes after Last-Event-ID")(batch_events)])
     return [starting, reading]

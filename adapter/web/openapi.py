@@ -12,7 +12,7 @@ from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example, Link, OpenAPI, OpenAPIHeader, OpenAPIType, Schema
 
-from ..models import Problem, SseEvent
+from ..models import BatchSseEvent, Problem, SseEvent
 
 if TYPE_CHECKING:
     from ..tasks import Registry, Task
@@ -72,6 +72,11 @@ SSE_DESCRIPTION = (
     "A `: ping` comment is sent while nothing else is."
 )
 SSE_RESPONSE = ResponseSpec(SseEvent, description=SSE_DESCRIPTION, media_type="text/event-stream", generate_examples=False)
+BATCH_SSE_RESPONSE = ResponseSpec(BatchSseEvent, media_type="text/event-stream", generate_examples=False, description=(
+    "Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` (queued, running, "
+    "resumed on another replica), per item `item` (running, then succeeded, failed or cancelled) and `progress` (the "
+    "counts), and `done` {status: completed|cancelled|failed, counts} always last. A `: ping` comment is sent while "
+    "nothing else is."))
 
 
 def stream_responses(task: Task) -> dict[int, ResponseSpec]:

@@ -286,7 +286,7 @@ function jobProtocol<R>(): EventProtocol<JobEvent<R>> {
   });
 }
 
-/** A batch's events: the payloads of BatchEventPayloads (the contract's SseEvent does not list them). */
+/** A batch's events: the builders' keys are checked against the contract's `BatchSseEvent.event`. */
 function batchProtocol<R>(): EventProtocol<BatchEvent<R>> {
   return protocol<BatchEventPayloads<R>, BatchEvent<R>>((data) => {
     const d = data as Record<string, unknown>;

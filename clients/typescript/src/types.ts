@@ -96,10 +96,10 @@ export type BatchItem<R = TaskResult<Task>> = Omit<Schemas["BatchItem"], "result
 /** `GET /api/v1/ai/batches/{batch_id}`: counts, and every item in the order given (or those of one status). */
 export type BatchView<R = TaskResult<Task>> = Omit<Schemas["BatchView"], "items"> & { items: BatchItem<R>[] };
 
-/**
- * Payloads of a batch's events. The contract's `SseEvent` names only a job's events, so these
- * follow the README's "Batches" section (the sidecar's `adapter/pipeline/batches.py`).
- */
+/** The names of a batch's SSE events: the contract's `BatchSseEvent.event`. */
+export type BatchEventName = Schemas["BatchSseEvent"]["event"];
+
+/** Payloads of a batch's events, as the contract's `BatchSseEvent` describes them. */
 export interface BatchEventPayloads<R> {
   status: { state: "queued" | "running"; message: string };
   /** An item changed: `running`, then `succeeded` (with `result`), `failed` (with `error`) or `cancelled`. */
@@ -128,4 +128,5 @@ type EventsMatchContract = Assert<Exact<keyof JobEventPayloads<unknown>, JobEven
 // Every task names its record id field, and that field is one of its request's.
 type RecordIdsMatchContract = Assert<Exact<keyof TaskRecordIds, Task>>;
 type RecordIdsAreFields = Assert<Exact<{ [T in Task]: TaskRecordIds[T] extends keyof TaskInput<T> ? true : false }[Task], true>>;
+type BatchEventsMatchContract = Assert<Exact<keyof BatchEventPayloads<unknown>, BatchEventName>>;
 type BatchStatusesMatchContract = Assert<Exact<BatchEventPayloads<unknown>["done"]["status"] | "queued" | "running", BatchStatus>>;

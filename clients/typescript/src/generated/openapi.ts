@@ -350,6 +350,18 @@ export interface components {
              */
             task: "email.generate" | "lead.qualify" | "deal.predict";
         };
+        /** BatchSseEvent */
+        BatchSseEvent: {
+            /** @description the event's JSON payload */
+            data: string;
+            /**
+             * @description status {state, message}; item {id, status: running|succeeded|failed|cancelled, cached, result (the task's synchronous body) | error (a problem object)}; progress {queued, running, succeeded, failed, cancelled, cached}; done {status: completed|cancelled|failed, counts}, always last
+             * @enum {string}
+             */
+            event: "status" | "item" | "progress" | "done";
+            /** @description consecutive from 1; resume with Last-Event-ID */
+            id: string;
+        };
         /** BatchView */
         BatchView: {
             batch_id: string;
@@ -769,7 +781,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` {state: queued|running|validating, message}, `delta` {text}, `result` (the synchronous route's body, plus `warnings`: the X-Agent-Warnings list, when there are any), `error` (a problem object), and `done` {status: succeeded|failed, cached} always last. A `: ping` comment is sent while nothing else is. */
+            /** @description Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` (queued, running, resumed on another replica), per item `item` (running, then succeeded, failed or cancelled) and `progress` (the counts), and `done` {status: completed|cancelled|failed, counts} always last. A `: ping` comment is sent while nothing else is. */
             200: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -777,7 +789,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": components["schemas"]["SseEvent"];
+                    "text/event-stream": components["schemas"]["BatchSseEvent"];
                 };
             };
             /** @description An invalid query parameter (`status` must be an item status) */
