@@ -15,8 +15,7 @@ import time
 
 import httpx
 
-from adapter.tasks.prompting import lead_qualify_input
-from bench.stack import Stack, percentile
+from bench.stack import Stack, lead_qualify_input, percentile
 
 
 def run(n: int) -> dict[str, float]:

@@ -24,8 +24,7 @@ import uuid
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from adapter.tasks.prompting import lead_qualify_input
-from bench.stack import Stack, _wait_up
+from bench.stack import Stack, _wait_up, lead_qualify_input
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS, DURATION = 32, "10s"

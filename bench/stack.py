@@ -137,6 +137,15 @@ def _wait_up(url: str, deadline: float = 30.0) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def lead_qualify_input(record: dict) -> str:
+    """What the sidecar sends the gateway for this lead (its task module renders it)."""
+    import datetime as dt
+
+    from adapter.tasks import TASKS
+
+    return TASKS["lead.qualify"].render(record, None, dt.date.today())
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]

@@ -17,8 +17,7 @@ import httpx
 import msgspec
 from httpx_sse import aconnect_sse
 
-from adapter.tasks.prompting import lead_qualify_input
-from bench.stack import Stack, percentile
+from bench.stack import Stack, lead_qualify_input, percentile
 
 decode = msgspec.json.decode
 

@@ -359,3 +359,11 @@ async def test_a_sync_request_sharing_a_stopped_jobs_call_gets_a_retryable_probl
         answer = await sync
     assert answer.status_code == 503 and decode(answer)["type"].endswith("shared-call-cancelled")
     assert answer.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__"))
+def test_every_benchmark_still_imports(module):
+    """The benchmarks are not run by the suite, so a refactor could break them unseen (one did)."""
+    import importlib
+
+    importlib.import_module(f"bench.{module}")
