@@ -11,9 +11,10 @@ import time
 import msgspec
 import uvicorn
 
-from adapter.doubles.answers import lead_qualify
+from adapter.tasks import TASKS
 
-ANSWER = msgspec.json.encode(lead_qualify({"name": "Maria Silva", "company": "Acme", "job_title": "VP of Sales"})).decode()
+ANSWER = msgspec.json.encode(TASKS["lead.qualify"].sample_answer(
+    {"name": "Maria Silva", "company": "Acme", "job_title": "VP of Sales"}, {})).decode()
 
 
 async def app(scope, receive, send) -> None:
