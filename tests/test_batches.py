@@ -415,6 +415,48 @@ async def test_an_interactive_request_gets_a_slot_at_once_during_a_big_batch(rig
     assert bulkhead.in_flight == 0
 
 
+async def test_an_interactive_request_joining_a_queued_batch_call_does_not_wait_behind_the_batch(rig, gateway, crm,
+                                                                                                seed, auth):
+    leads = add_leads(crm, seed["alice"], 4)
+    held = gateway.gate = asyncio.Event()
+    # 4 slots: the batch may hold 3, so its 4th item waits at the bulkhead, its flight already in the air.
+    async with rig(batch_concurrency=4, gateway_max_concurrency=4, gateway_queue_timeout=5,
+                   gateway_call_timeout=60) as (client, app):
+        created = await create(client, auth, leads)
+        bulkhead = app.state.jobs.service.gateway.bulkhead
+        await asyncio.wait_for(gateway.calls.reach(3), 10)
+        job = app.state.jobs.get(created["batch_id"])
+        await until_log(app, created["batch_id"], lambda j: len(running_ids(j)) == 4, what="4 items running")
+        waiting = next(i for i in leads if tag(leads.index(i)) not in asked(gateway))
+        assert bulkhead.in_flight == 3
+        # Someone asks about the waiting item's lead: they join its call, which now takes the last slot.
+        person = asyncio.create_task(client.post(QUALIFY, json={"lead_id": waiting}, headers=auth))
+        # While the batch's 3 calls are still held (nothing times out for a minute): the joined call
+        # took the last slot at once, as the person's own call would have.
+        await asyncio.wait_for(gateway.calls.reach(4), 3)
+        assert tag(leads.index(waiting)) in asked(gateway) and bulkhead.in_flight == 4 and not job.finished
+        held.set()
+        answer = await asyncio.wait_for(person, 10)
+        await job_done(app, created["batch_id"], timeout=15)
+    assert answer.status_code == 200 and answer.json()["lead_id"] == waiting
+    assert gateway.calls[LEAD_AGENT] == 4  # one call for the waiting item, shared by the batch and the person
+
+
+async def test_cancel_while_reading_the_records_reads_no_more(rig, gateway, crm, seed, auth):
+    leads = add_leads(crm, seed["alice"], 12)
+    async with rig(batch_concurrency=2) as (client, app):
+        crm.gate = asyncio.Event()  # the CRM holds every read until released
+        created = await create(client, auth, leads)
+        await asyncio.wait_for(crm.calls.reach(8), 10)  # the batch reads 8 at a time
+        r = await client.delete(f"{BATCHES}/{created['batch_id']}", headers=auth)
+        assert r.status_code == 202
+        crm.gate.set()
+        await job_done(app, created["batch_id"], timeout=15)
+        view = (await client.get(f"{BATCHES}/{created['batch_id']}", headers=auth)).json()
+    assert crm.calls.total() == 8  # the reads in flight when it was cancelled, and no more
+    assert view["counts"]["cancelled"] == 12 and gateway.calls[LEAD_AGENT] == 0
+
+
 # --- 6. bad input: refused whole, nothing runs --------------------------------------------------
 
 

@@ -65,6 +65,7 @@ class CrmDouble:
         self.fail_status: int | None = None
         self.fail_patch: int | None = None  # only PATCH answers this status
         self.delay = 0.0
+        self.gate: asyncio.Event | None = None  # set by a test to hold record requests until released
         self.in_flight = 0
         self.max_in_flight = 0  # the most record requests it was ever answering at once
         self.calls = Tally()
@@ -118,6 +119,8 @@ class CrmDouble:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            if self.gate is not None:
+                await self.gate.wait()
             if self.delay:
                 await asyncio.sleep(self.delay)
         finally:

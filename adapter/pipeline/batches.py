@@ -35,7 +35,7 @@ import structlog
 from ..errors import AdapterError, BatchItemLost, RateLimited, ShuttingDown
 from ..storage.job_state import Job
 from ..tasks import Task
-from ..upstreams.resilience import BACKGROUND
+from ..upstreams.resilience import BACKGROUND, Background
 from .cache import Outcome, cache_key
 from .jobs import Jobs
 
@@ -177,7 +177,6 @@ class Batches:
         spec = spec_of(job)
         ids: list[str] = spec["ids"]
         note = None
-        background = BACKGROUND.set(True)  # its model calls yield to interactive ones (resilience.Bulkhead)
         self._tallies[job.id] = Tally(ids)
         try:
             async with asyncio.timeout(max(job.expires - self.settings.job_retention_seconds - self._clock(), 1)):
@@ -193,7 +192,6 @@ class Batches:
             note = "the batch stopped unexpectedly: the items not done were cancelled"
             self._cancel_rest(job, ids, note)
         finally:
-            BACKGROUND.reset(background)
             self._tallies.pop(job.id, None)
         if not job.finished:
             await self._finish(job, cancelled=await self.cancel_requested(job), note=note)
@@ -216,6 +214,9 @@ class Batches:
 
         async def read(item_id: str) -> None:
             async with gate:
+                if await self.cancel_requested(job):  # cancelled while reading: the rest is never read
+                    self._item(job, ids, {"id": item_id, "status": "cancelled", "cached": False})
+                    return
                 request = msgspec.convert({task.id_field: item_id, **spec["options"]}, task.request_type)
                 try:
                     prepared = await self.service.prepare(task, request, authorization)
@@ -263,6 +264,9 @@ class Batches:
         async def compute() -> bytes:
             return _encode(await self.service.ask_agent(task, item_id, agent_input))
 
+        # Each item's model call yields to interactive ones at the bulkhead, until an interactive
+        # request joins that very call (resilience.Background): set here, in the item's own task.
+        BACKGROUND.set(Background())
         if rerun:
             outcome = await self._ask_again(task, key, compute, user)
         else:

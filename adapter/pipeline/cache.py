@@ -34,6 +34,7 @@ from ..errors import (
     UpstreamTimeout,
 )
 from ..storage.store import Entry, Store
+from ..upstreams.resilience import BACKGROUND, Background
 
 Mode = Literal["default", "no-cache", "no-store"]
 XCache = Literal["HIT", "MISS", "STALE", "BYPASS"]
@@ -77,6 +78,7 @@ class ResultCache:
         self._grace = grace
         self._clock = clock
         self._flights: dict[str, asyncio.Task[bytes]] = {}
+        self._background: dict[str, Background] = {}  # flights a batch started, while none but batches joined
         self._on_coalesced = on_coalesced
         self._admitting: dict[str, asyncio.Lock] = {}
 
@@ -157,7 +159,7 @@ class ResultCache:
         not wait out the lock that replica still holds on paper.
         """
         if (flight := self._flights.get(key)) is not None:
-            self.note_coalesced(key)
+            self._joined(key)
             on_join()
             return await self._shared(flight)
         return await self._launch(key, ttl, compute, coordinate)
@@ -165,6 +167,8 @@ class ResultCache:
     def _launch(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> asyncio.Task[bytes]:
         flight = asyncio.create_task(self._fly(key, ttl, compute, coordinate), name=f"flight {key}")
         self._flights[key] = flight
+        if (background := BACKGROUND.get()) is not None:
+            self._background[key] = background
         flight.add_done_callback(lambda landed: self._landed(key, landed))
         return flight
 
@@ -175,8 +179,13 @@ class ResultCache:
         if flight is None:
             flight = self._launch(key, ttl, compute)
         else:
-            self.note_coalesced(key)
+            self._joined(key)
         return await self._shared(flight)
+
+    def _joined(self, key: str) -> None:
+        self.note_coalesced(key)
+        if BACKGROUND.get() is None and (background := self._background.pop(key, None)) is not None:
+            background.promote()  # an interactive request must not wait behind a batch's queue
 
     @staticmethod
     async def _shared(flight: asyncio.Task[bytes]) -> bytes:
@@ -193,6 +202,7 @@ class ResultCache:
     def _landed(self, key: str, flight: asyncio.Task[bytes]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
+            self._background.pop(key, None)
         if not flight.cancelled():
             flight.exception()  # retrieved here, so an error nobody awaited is not reported as lost
 

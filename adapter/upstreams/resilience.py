@@ -14,8 +14,24 @@ import structlog
 log = structlog.get_logger("adapter.resilience")
 T = TypeVar("T")
 State = Literal["closed", "open", "half_open"]
-# Set by work nobody is waiting for at a screen (a batch's items): it yields to interactive calls.
-BACKGROUND: ContextVar[bool] = ContextVar("background", default=False)
+class Background:
+    """The mark of work nobody waits for at a screen (a batch's item): it yields to interactive calls,
+    until an interactive request comes to share its model call (`promote`): from then on it waits
+    as that request would, or the request would wait behind the batch."""
+
+    __slots__ = ("promoted", "_waiting_on")
+
+    def __init__(self) -> None:
+        self.promoted = False
+        self._waiting_on: asyncio.Event | None = None
+
+    def promote(self) -> None:
+        self.promoted = True
+        if self._waiting_on is not None:
+            self._waiting_on.set()
+
+
+BACKGROUND: ContextVar[Background | None] = ContextVar("background", default=None)
 
 
 async def retrying(call: Callable[[], Awaitable[T]], *, attempts: int, base: float, cap: float,
@@ -88,7 +104,8 @@ class Bulkhead:
 
     Background calls (BACKGROUND set: a batch's items) go last: they wait, without a deadline,
     while an interactive call is waiting, and never take the last quarter of the slots, so an
-    interactive request finds a slot at once even while a big batch runs.
+    interactive request finds a slot at once even while a big batch runs. A background call an
+    interactive request joined (promoted) waits as an interactive one.
     """
 
     def __init__(self, limit: int, wait: float) -> None:
@@ -104,12 +121,18 @@ class Bulkhead:
         return self.limit - self._slots._value  # noqa: SLF001 - the semaphore's count is the truth
 
     async def acquire(self) -> bool:
-        if BACKGROUND.get():
-            while self._interactive_waiting or self.in_flight >= self.limit - self.headroom:
-                self._freed.clear()
-                await self._freed.wait()
-            await self._slots.acquire()  # free at once: nothing can take it between the check and here
-            return True
+        background = BACKGROUND.get()
+        if background is not None and not background.promoted:
+            background._waiting_on = self._freed  # noqa: SLF001 - so that promote() wakes this wait
+            try:
+                while not background.promoted and (self._interactive_waiting or self.in_flight >= self.limit - self.headroom):
+                    self._freed.clear()
+                    await self._freed.wait()
+            finally:
+                background._waiting_on = None  # noqa: SLF001
+            if not background.promoted:
+                await self._slots.acquire()  # free at once: nothing can take it between the check and here
+                return True
         self._interactive_waiting += 1
         try:
             async with asyncio.timeout(self.wait):
