@@ -140,6 +140,8 @@ def examples(tasks: Registry) -> tuple[dict[str, dict], dict[str, dict]]:
         responses[path] = dict(task.result_example)
     first = next(iter(tasks.values()))
     requests["/api/v1/ai/jobs"] = {"task": first.name, "input": dict(first.request_example)}
+    options = {k: v for k, v in first.request_example.items() if k != first.id_field}
+    requests["/api/v1/ai/batches"] = {"task": first.name, "ids": [first.request_example[first.id_field]], "options": options}
     responses["/api/v1/ai/jobs"] = {
         "job_id": "aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d", "status": "queued",
         "events_url": "/api/v1/ai/jobs/aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d/events?token=eyJhbGciOi...",
@@ -180,5 +182,16 @@ def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
                        description="The job's state and result (polling)"),
         "JobEvents": Link(operation_id=operation_ids[("get", "/api/v1/ai/jobs/{job_id}/events")], parameters={"job_id": job},
                           description="The job's events as SSE (the events_url carries a job token for EventSource)"),
+    }
+    started = schema.paths["/api/v1/ai/batches"].post.responses["202"]  # type: ignore[index,union-attr]
+    batch = "$response.body#/batch_id"
+    started.links = {
+        "GetBatch": Link(operation_id=operation_ids[("get", "/api/v1/ai/batches/{batch_id}")], parameters={"batch_id": batch},
+                         description="The batch's counts and items (polling; `?status=` filters)"),
+        "BatchEvents": Link(operation_id=operation_ids[("get", "/api/v1/ai/batches/{batch_id}/events")],
+                            parameters={"batch_id": batch},
+                            description="The batch's events as SSE (the events_url carries a batch token for EventSource)"),
+        "CancelBatch": Link(operation_id=operation_ids[("delete", "/api/v1/ai/batches/{batch_id}")],
+                            parameters={"batch_id": batch}, description="Cancel it: running items finish, queued ones never start"),
     }
     return schema
