@@ -34,50 +34,39 @@ def test_every_operation_honours_the_contract(case):
     case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS)
 
 
-class JobWorkflow(schema.include(path_regex="^/api/v1/ai/jobs").as_state_machine()):  # type: ignore[misc]
-    """Follows the links: POST /api/v1/ai/jobs, then the job's state and its events."""
-
+def walk_links(path_regex: str) -> list[tuple[str, str, int]]:
+    """Run schemathesis' state machine over the operations under `path_regex`, following the
+    OpenAPI links from one answer to the next; what it called, and with what status."""
     seen: list[tuple[str, str, int]] = []
 
-    def get_call_kwargs(self, case):
-        return {"headers": {"Authorization": f"Bearer {TOKEN}"}}
+    class Workflow(schema.include(path_regex=path_regex).as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case):
+            return {"headers": {"Authorization": f"Bearer {TOKEN}"}}
 
-    def after_call(self, response, case):
-        super().after_call(response, case)
-        JobWorkflow.seen.append((case.method, case.operation.path, response.status_code))
+        def after_call(self, response, case):
+            super().after_call(response, case)
+            seen.append((case.method, case.operation.path, response.status_code))
 
-    def validate_response(self, response, case, additional_checks=None, **kwargs):
-        case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+
+    Workflow.run(settings=settings(max_examples=30, stateful_step_count=5, deadline=None,
+                                   suppress_health_check=list(HealthCheck)))
+    return seen
 
 
 def test_stateful_job_workflow_follows_the_links():
-    JobWorkflow.run(settings=settings(max_examples=30, stateful_step_count=5, deadline=None,
-                                      suppress_health_check=list(HealthCheck)))
-    followed = {(m, p) for m, p, status in JobWorkflow.seen if status == 200}
-    assert ("GET", "/api/v1/ai/jobs/{job_id}") in followed, JobWorkflow.seen[:20]
+    """POST /api/v1/ai/jobs, then the job's state and its events."""
+    seen = walk_links("^/api/v1/ai/jobs")
+    followed = {(m, p) for m, p, status in seen if status == 200}
+    assert ("GET", "/api/v1/ai/jobs/{job_id}") in followed, seen[:20]
     assert ("GET", "/api/v1/ai/jobs/{job_id}/events") in followed
 
 
-class BatchWorkflow(schema.include(path_regex="^/api/v1/ai/batches").as_state_machine()):  # type: ignore[misc]
-    """Follows the links: POST /api/v1/ai/batches, then the batch's state, its events and its cancel."""
-
-    seen: list[tuple[str, str, int]] = []
-
-    def get_call_kwargs(self, case):
-        return {"headers": {"Authorization": f"Bearer {TOKEN}"}}
-
-    def after_call(self, response, case):
-        super().after_call(response, case)
-        BatchWorkflow.seen.append((case.method, case.operation.path, response.status_code))
-
-    def validate_response(self, response, case, additional_checks=None, **kwargs):
-        case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
-
-
 def test_stateful_batch_workflow_follows_the_links():
-    BatchWorkflow.run(settings=settings(max_examples=30, stateful_step_count=5, deadline=None,
-                                        suppress_health_check=list(HealthCheck)))
-    followed = {(m, p) for m, p, status in BatchWorkflow.seen if status in (200, 202)}
-    assert ("POST", "/api/v1/ai/batches") in followed, BatchWorkflow.seen[:20]
+    """POST /api/v1/ai/batches, then the batch's state, its events and its cancel."""
+    seen = walk_links("^/api/v1/ai/batches")
+    followed = {(m, p) for m, p, status in seen if status in (200, 202)}
+    assert ("POST", "/api/v1/ai/batches") in followed, seen[:20]
     assert ("GET", "/api/v1/ai/batches/{batch_id}") in followed
     assert ("GET", "/api/v1/ai/batches/{batch_id}/events") in followed
