@@ -455,3 +455,19 @@ def print_logs(replicas: list[Replica], prefixes: tuple[str, ...]) -> None:
         for line in r.lines:
             if str(line.get("event", "")).startswith(prefixes):
                 print(r.name, line)
+
+
+@asynccontextmanager
+async def stale_after_500(app: Any) -> AsyncIterator[Any]:
+    """`app` (the CRM double's) served over TCP behind `StaleAfter500`, which drops the keep-alive
+    connection after each 500 as the real backend does; yields the front (`.url`, `.dropped`)."""
+    from adapter.doubles.crm import StaleAfter500
+
+    async with serving(app) as backend:
+        host, port = backend.removeprefix("http://").split(":")
+        front = StaleAfter500(host, int(port))
+        front.url = await front.start()
+        try:
+            yield front
+        finally:
+            await front.stop()

@@ -14,13 +14,12 @@ from structlog.testing import capture_logs
 
 from adapter.agent_sync import local_agents, sync_agents
 from adapter.tasks import TASKS
-from adapter.doubles.crm import StaleAfter500
 from adapter.doubles.gateway import NO_CWD, NO_SCREENPLAY, GatewayDouble
 from adapter.errors import GatewayRejected
 from adapter.upstreams.gateway import GatewayClient, _status_error, listed_agents
 from adapter.settings import Settings
 from tests.helpers import (DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, QUALIFY, QUALIFY_STREAM, asgi_client, assert_problem,
-                           decode, make_settings, run_adapter_async, serving)
+                           decode, make_settings, run_adapter_async, serving, stale_after_500)
 
 AGENT_IDS = TASKS.agent_ids
 NO_STORE = {"Cache-Control": "no-store"}
@@ -305,21 +304,15 @@ async def test_one_request_runs_the_model_a_bounded_number_of_times(make_client,
 # --- the CRM backend as it really is ---------------------------------------------------------------
 
 async def test_a_lookup_on_a_connection_dropped_after_a_500_is_retried_once(make_client, crm, seed, auth):
-    async with serving(crm.app) as backend:
-        host, port = backend.removeprefix("http://").split(":")
-        front = StaleAfter500(host, int(port))
-        url = await front.start()
-        try:
-            limits = httpx.Limits(max_connections=1)  # one connection: the next request must reuse the poisoned one
-            async with httpx.AsyncClient(base_url=url, limits=limits) as http, make_client(crm_http=http) as client:
-                assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500  # the CRM's own
-                lookup = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
-                assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
-                proxied = await client.get(f"/api/v1/leads/{seed['leads'][0]}", headers=auth)
-                assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
-                post = await client.post("/api/v1/leads/", json={"name": "x"}, headers=auth)  # never retried
-        finally:
-            await front.stop()
+    async with stale_after_500(crm.app) as front:
+        limits = httpx.Limits(max_connections=1)  # one connection: the next request must reuse the poisoned one
+        async with httpx.AsyncClient(base_url=front.url, limits=limits) as http, make_client(crm_http=http) as client:
+            assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500  # the CRM's own
+            lookup = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+            assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
+            proxied = await client.get(f"/api/v1/leads/{seed['leads'][0]}", headers=auth)
+            assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
+            post = await client.post("/api/v1/leads/", json={"name": "x"}, headers=auth)  # never retried
     assert lookup.status_code == 200 and proxied.status_code == 200
     assert front.dropped == 3
     assert_problem(post, 502, "crm-unavailable")

@@ -17,10 +17,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from adapter.app import create_app
-from adapter.doubles.crm import StaleAfter500
 from adapter.web.proxy import Proxy
 from tests.echo_backend import EchoBackend
-from tests.helpers import Changes, asgi_client, assert_problem, decode, make_settings, serving
+from tests.helpers import Changes, asgi_client, assert_problem, decode, make_settings, serving, stale_after_500
 
 DEADLINE = 10.0
 
@@ -64,19 +63,13 @@ async def test_a_pool_wait_past_its_bound_is_503_crm_busy(echo, gateway, crm):
 
 
 async def test_a_stale_connection_is_retried_once_for_get_and_never_for_delete(gateway, crm, seed, auth):
-    async with serving(crm.app) as crm_url:
-        host, port = crm_url.removeprefix("http://").split(":")
-        front = StaleAfter500(host, int(port))
-        url = await front.start()
-        try:
-            # One connection: the request after a 500 must reuse the poisoned one.
-            async with fronted(url, gateway, crm, proxy_max_connections=1) as (client, _):
-                assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
-                got = await client.get(f"/api/v1/leads/{seed['leads'][0]}", headers=auth)
-                assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
-                deleted = await client.delete(f"/api/v1/leads/{seed['leads'][1]}", headers=auth)
-        finally:
-            await front.stop()
+    async with stale_after_500(crm.app) as front:
+        # One connection: the request after a 500 must reuse the poisoned one.
+        async with fronted(front.url, gateway, crm, proxy_max_connections=1) as (client, _):
+            assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
+            got = await client.get(f"/api/v1/leads/{seed['leads'][0]}", headers=auth)
+            assert (await client.get("/api/v1/leads/not-an-id", headers=auth)).status_code == 500
+            deleted = await client.delete(f"/api/v1/leads/{seed['leads'][1]}", headers=auth)
     assert got.status_code == 200 and seed["leads"][0] in got.text
     assert_problem(deleted, 502, "crm-unavailable")  # sent once into the dead connection, not again
     assert front.dropped == 2

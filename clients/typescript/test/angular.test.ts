@@ -4,13 +4,14 @@ import "zone.js";
 
 import { InjectionToken, Injector, NgZone, inject as ngInject } from "@angular/core";
 import { EventSource } from "eventsource";
-import { firstValueFrom } from "rxjs";
+import { type Observable, firstValueFrom } from "rxjs";
 import { describe, expect, inject, it } from "vitest";
 
 import {
   ConductorAiService, SidecarProblem, provideConductorAi, type BatchEvent, type JobEvent, type LeadQualifyResult,
 } from "../src/angular/index.js";
 import type { EventSourceConstructor } from "../src/index.js";
+import { recordingEventSource } from "./support.js";
 
 const sidecar = inject("sidecar");
 const [lead] = sidecar.leads;
@@ -28,6 +29,19 @@ function service(EventSourceImpl: EventSourceConstructor = EventSource) {
     ],
   });
   return { ai: injector.get(ConductorAiService), zone: injector.get(NgZone) };
+}
+
+/** Every value of `source`, subscribed from outside Angular's zone (as a timer callback might), with
+ * whether each value and the completion were delivered inside it. */
+function collectInZone<T>(zone: NgZone, source: Observable<T>): Promise<{ seen: { event: T; inZone: boolean }[]; completedInZone: boolean }> {
+  const seen: { event: T; inZone: boolean }[] = [];
+  return new Promise((resolve, reject) => zone.runOutsideAngular(() => {
+    source.subscribe({
+      next: (event) => seen.push({ event, inZone: NgZone.isInAngularZone() }),
+      error: reject,
+      complete: () => resolve({ seen, completedInZone: NgZone.isInAngularZone() }),
+    });
+  }));
 }
 
 describe("ConductorAiService", () => {
@@ -49,16 +63,9 @@ describe("ConductorAiService", () => {
 
   it("runs a job as typed events, every one delivered inside the zone, completing after done", async () => {
     const { ai, zone } = service();
-    const seen: { event: JobEvent<LeadQualifyResult>; inZone: boolean }[] = [];
-    let completedInZone = false;
     // Subscribed from outside the zone, as a timer callback might: delivery still enters it.
-    await new Promise<void>((resolve, reject) => zone.runOutsideAngular(() => {
-      ai.run("lead.qualify", { lead_id: lead }, { cache: "no-cache" }).subscribe({
-        next: (event) => seen.push({ event, inZone: NgZone.isInAngularZone() }),
-        error: reject,
-        complete: () => { completedInZone = NgZone.isInAngularZone(); resolve(); },
-      });
-    }));
+    const { seen, completedInZone } = await collectInZone<JobEvent<LeadQualifyResult>>(
+      zone, ai.run("lead.qualify", { lead_id: lead }, { cache: "no-cache" }));
     expect(seen.map((s) => s.event.id)).toEqual(seen.map((_, i) => i + 1));
     expect(seen.every((s) => s.inZone)).toBe(true);
     expect(completedInZone).toBe(true);
@@ -68,14 +75,8 @@ describe("ConductorAiService", () => {
   });
 
   it("closes the EventSource when the subscriber unsubscribes", async () => {
-    const opened: EventSource[] = [];
-    class Recording extends EventSource {
-      constructor(url: string | URL, init?: EventSourceInit) {
-        super(url, init);
-        opened.push(this);
-      }
-    }
-    const { ai } = service(Recording as EventSourceConstructor);
+    const { opened, EventSource: Recording } = recordingEventSource();
+    const { ai } = service(Recording);
     const job = await firstValueFrom(ai.startJob("lead.qualify", { lead_id: lead }, { cache: "no-cache" }));
     await new Promise<void>((resolve) => {
       const subscription = ai.streamJob(job).subscribe((event) => {
@@ -92,15 +93,7 @@ describe("ConductorAiService", () => {
   it("streams a batch as typed events inside the zone, completing after done; getBatch and cancelBatch answer its state", async () => {
     const { ai, zone } = service();
     const batch = await firstValueFrom(ai.startBatch("lead.qualify", sidecar.leads));
-    const seen: { event: BatchEvent<LeadQualifyResult>; inZone: boolean }[] = [];
-    let completedInZone = false;
-    await new Promise<void>((resolve, reject) => zone.runOutsideAngular(() => {
-      ai.streamBatch(batch).subscribe({
-        next: (event) => seen.push({ event, inZone: NgZone.isInAngularZone() }),
-        error: reject,
-        complete: () => { completedInZone = NgZone.isInAngularZone(); resolve(); },
-      });
-    }));
+    const { seen, completedInZone } = await collectInZone<BatchEvent<LeadQualifyResult>>(zone, ai.streamBatch(batch));
     expect(seen.map((s) => s.event.id)).toEqual(seen.map((_, i) => i + 1));
     expect(seen.every((s) => s.inZone)).toBe(true);
     expect(completedInZone).toBe(true);

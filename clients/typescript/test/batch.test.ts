@@ -6,8 +6,9 @@ import { EventSource } from "eventsource";
 import { afterEach, describe, expect, inject, it } from "vitest";
 
 import {
-  SidecarProblem, createSidecarClient, type BatchEvent, type BatchStream, type EventSourceConstructor,
+  SidecarProblem, createSidecarClient, type BatchEvent, type BatchStream,
 } from "../src/index.js";
+import { recordingEventSource } from "./support.js";
 
 const sidecar = inject("sidecar");
 const client = createSidecarClient({ baseUrl: sidecar.baseUrl, getToken: () => sidecar.token, EventSource });
@@ -161,15 +162,9 @@ describe("a batch stream that drops", () => {
   }
 
   it("resumes after the last event received, with no gap and no repeat", async () => {
-    const opened: EventSource[] = [];
-    class Recording extends EventSource {
-      constructor(url: string | URL, init?: EventSourceInit) {
-        super(url, init);
-        opened.push(this);
-      }
-    }
+    const { opened, EventSource: Recording } = recordingEventSource();
     const { origin, streams } = await droppingProxy(3);
-    const flaky = createSidecarClient({ baseUrl: origin, getToken: () => sidecar.token, EventSource: Recording as EventSourceConstructor });
+    const flaky = createSidecarClient({ baseUrl: origin, getToken: () => sidecar.token, EventSource: Recording });
     const batch = await flaky.startBatch("lead.qualify", sidecar.leads);
     let reconnects = 0;
     let beforeDrop = -1;

@@ -8,25 +8,14 @@ import { EventSource } from "eventsource";
 import { describe, expect, inject, it } from "vitest";
 
 import {
-  SidecarProblem, SidecarStreamError, createSidecarClient, type EventSourceConstructor, type JobEvent, type JobStream,
+  SidecarProblem, SidecarStreamError, createSidecarClient, type JobEvent, type JobStream,
 } from "../src/index.js";
+import { recordingEventSource } from "./support.js";
 
 const sidecar = inject("sidecar");
 const [lead, , injectionLead] = sidecar.leads;
 const [deal] = sidecar.deals;
 const client = createSidecarClient({ baseUrl: sidecar.baseUrl, getToken: () => sidecar.token, EventSource });
-
-/** An EventSource that remembers its instances, to see what the client opened and closed. */
-function recordingEventSource() {
-  const opened: EventSource[] = [];
-  class Recording extends EventSource {
-    constructor(url: string | URL, init?: EventSourceInit) {
-      super(url, init);
-      opened.push(this);
-    }
-  }
-  return { opened, EventSource: Recording as EventSourceConstructor };
-}
 
 async function collect<R>(stream: JobStream<R>): Promise<JobEvent<R>[]> {
   const events: JobEvent<R>[] = [];
