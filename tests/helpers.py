@@ -149,6 +149,59 @@ async def serving(app: Litestar) -> AsyncIterator[str]:
         sock.close()
 
 
+@asynccontextmanager
+async def serving_by_name(app: Any) -> AsyncIterator[str]:
+    """`serving`, with the base URL naming the host (`http://localhost:<port>`) instead of its address.
+
+    Clients treat the two differently: aiohttp's cookie jar ignores cookies from IP addresses, so
+    state kept between callers shows only when an upstream is reached by name, as deployments do.
+    """
+    async with serving(app) as url:
+        yield url.replace("://127.0.0.1:", "://localhost:", 1)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    method: str
+    path: str
+    authorization: str | None
+    cookie: str | None  # every Cookie line it carried, joined; None when there was none
+
+
+class CookieSetter:
+    """An upstream (any ASGI app) whose every answer sets a cookie, and which keeps what reached it.
+
+    Answer n sets `session=set-by-answer-<n>`: a client that keeps cookies sends one back with a
+    later request, whoever that request is for. `arrivals` lists each request's method, path,
+    Authorization and Cookie.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.arrivals: list[Arrival] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        cookies = [v.decode("latin-1") for k, v in headers if k == b"cookie"]
+        authorization = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None)
+        n = len(self.arrivals)
+        self.arrivals.append(Arrival(scope["method"], scope["path"], authorization, "; ".join(cookies) if cookies else None))
+
+        async def setting(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                cookie = (b"set-cookie", b"session=set-by-answer-%d; Path=/" % n)
+                message = {**message, "headers": [*message.get("headers", []), cookie]}
+            await send(message)
+
+        await self.app(scope, receive, setting)
+
+    def sent_by(self, authorization: str) -> list[Arrival]:
+        return [a for a in self.arrivals if a.authorization == authorization]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
