@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -210,7 +210,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
 def _check_base_url(var: str, value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ValueError(f"{var} must be an absolute http(s) URL, got {value!r}")
+        raise ValueError(f"{var} must be an absolute http(s) URL, got {redact_url(value)!r}")
     if parts.query or parts.fragment:
         raise ValueError(f"{var} must not carry a query or fragment")
 
@@ -248,3 +248,30 @@ def _in_words(name: str, value: str, message: str) -> str:
     if words is None:  # our own checks (__post_init__) already speak in words, naming the variable
         return f"{name}: {message.removeprefix(name).strip()}"
     return f"{name}: {words}{shown}"
+
+
+# --- secrets in URLs (issue 22 §5) ------------------------------------------------------------
+# A URL is shown (by `adapter check`, the start-up line, /api/v1/ai/health, any log event) only
+# through `redact_url`: REDIS_URL carries Redis's password, and a gateway behind basic auth its own.
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by `***`: the userinfo's, and a `password` query value
+    (redis-py reads one there too). Scheme, user, host, port, path and the rest stay, so an
+    operator still sees which server is meant. String surgery, not urlunsplit, so nothing else
+    of the URL is rewritten; the netloc ends where urlsplit ends it (the first `/`, `?` or `#`).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    before, question, query = tail.partition("?")
+    if question and "password" in query.lower():
+        query, hash_, fragment = query.partition("#")
+        items = [f"{name}=***" if unquote(name).lower() == "password" else f"{name}{eq}{value}"
+                 for name, eq, value in (item.partition("=") for item in query.split("&"))]
+        tail = f"{before}?{'&'.join(items)}{hash_}{fragment}"
+    return f"{scheme}://{netloc}{tail}"

@@ -246,22 +246,27 @@ def redis_answers(url: str) -> bool:
 
 
 class RedisProcess:
-    """A redis-server the suite owns: it can be stopped and restarted on the same port."""
+    """A redis-server the suite owns: it can be stopped and restarted on the same port.
 
-    def __init__(self, port: int | None = None) -> None:
+    With `password`, it asks for one (`requirepass`), and `url` carries it.
+    """
+
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         # Redis prints this line once it accepts connections: read until it appears, no polling.
         for line in self.proc.stdout:  # type: ignore[union-attr]
