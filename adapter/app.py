@@ -39,6 +39,7 @@ from .web import openapi, problems
 from .web.batches import batch_routers
 from .web.demo import DemoSession, demo_router
 from .web.dependencies import STATE
+from .web.forwarding import Forwarding
 from .web.health import health_router
 from .web.jobs import job_routers
 from .web.ops import healthz, readyz
@@ -162,7 +163,7 @@ def create_app(
             for client in {gw, backend, passthrough}:  # client spans and traceparent to both upstreams
                 tracing.instrument(client)
                 stack.callback(tracing.uninstrument, client)
-            app.state.proxy = Proxy(passthrough) if settings.crm_proxy_fallthrough else None
+            app.state.proxy = Proxy(passthrough, Forwarding(settings.forwarders)) if settings.crm_proxy_fallthrough else None
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
                                 on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc())
             limiter = RateLimiter(

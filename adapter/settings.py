@@ -6,6 +6,7 @@ msgspec conversion error already names the variable an operator must fix.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ PROVIDERS = r"^[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*$"
 Port = Annotated[int, Meta(ge=0, le=65_535)]
 # Settings with one variable per task, named `<FIELD>_<TASK>` (CACHE_TTL_LEAD_QUALIFY).
 PER_TASK = ("CACHE_TTL", "RATE_LIMIT")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -151,6 +153,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
 
+    # Forwarding headers (issue 22 §6): peers whose X-Forwarded-*, Forwarded and X-Real-IP are believed
+    # (an ingress in front), as uvicorn's variable of the same name: comma-separated addresses or networks
+    # (10.0.0.0/8), `*` for any peer. From any other peer they are ignored and never reach the backend.
+    forwarded_allow_ips: str = "127.0.0.1"
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -162,6 +169,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
                              "(current gateways refuse runs without a working directory)")
         if self.redis_url is not None and urlsplit(self.redis_url).scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        self.forwarders  # noqa: B018  # a bad FORWARDED_ALLOW_IPS stops start-up, naming the variable
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -199,6 +207,18 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     @property
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
+
+    @property
+    def forwarders(self) -> tuple[IPNetwork, ...] | None:
+        """FORWARDED_ALLOW_IPS as networks (an address is a network of one); None when every peer is trusted."""
+        items = [item.strip() for item in self.forwarded_allow_ips.split(",") if item.strip()]
+        if "*" in items:
+            return None
+        try:
+            return tuple(ipaddress.ip_network(item) for item in items)
+        except ValueError as exc:
+            raise ValueError(f"FORWARDED_ALLOW_IPS must be `*` or comma-separated IP addresses or networks "
+                             f"(127.0.0.1, 10.0.0.0/8): {exc}") from None
 
     def ttl_for(self, task: TaskDefaults) -> float:
         return self.cache_ttl.get(task.env_suffix, task.cache_ttl)
