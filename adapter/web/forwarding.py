@@ -21,14 +21,11 @@ from litestar.types import Scope
 
 from ..settings import IPNetwork
 
-# Every header that claims something about an earlier hop; `x-forwarded-*` by prefix.
+# The headers that claim something about an earlier hop, besides every `x-forwarded-*` (names as ASGI holds them).
 _CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
+# What the sidecar sets itself, from what it saw and what it believed.
+_SET_HERE = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 _PUBLIC_SCHEMES = ("http", "https")
-
-
-def is_claim(name: bytes) -> bool:
-    """A forwarding header (name lower-cased, as ASGI holds it)."""
-    return name in _CLAIMS or name.startswith(b"x-forwarded-")
 
 
 class Forwarding:
@@ -59,13 +56,18 @@ class Forwarding:
         else the request's own scheme and `Host` ("" when there is none)."""
         if trusted is None:
             trusted = self.trusted(scope)
-        raw = scope["headers"]
-        proto = scheme = scope.get("scheme", "http")
-        host = _first(raw, b"host")
-        if trusted:
-            proto = _first(raw, b"x-forwarded-proto").split(",")[0].strip().lower() or scheme
-            host = _first(raw, b"x-forwarded-host").split(",")[0].strip() or host
-        return (proto if proto in _PUBLIC_SCHEMES else scheme), host
+        scheme = scope.get("scheme", "http")
+        host = proto = forwarded_host = b""
+        for k, v in scope["headers"]:  # one pass: this runs on every pass-through request
+            if k == b"host":
+                host = host or v
+            elif trusted and k == b"x-forwarded-proto":
+                proto = proto or v
+            elif trusted and k == b"x-forwarded-host":
+                forwarded_host = forwarded_host or v
+        public = proto.split(b",")[0].strip().lower().decode("latin-1") or scheme
+        return (public if public in _PUBLIC_SCHEMES else scheme), \
+            (forwarded_host.split(b",")[0].strip() or host).decode("latin-1")
 
     def upstream_headers(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """`headers` (the request's, hop-by-hop ones gone) as the backend gets them.
@@ -75,9 +77,12 @@ class Forwarding:
         are the public origin either way.
         """
         trusted = self.trusted(scope)
-        own = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
-        out = [(k, v) for k, v in headers if not (is_claim(k) and (not trusted or k in own))]
-        chain = b", ".join(v for k, v in scope["headers"] if k == b"x-forwarded-for") if trusted else b""
+        if trusted:
+            out = [(k, v) for k, v in headers if k not in _SET_HERE]
+            chain = b", ".join(v for k, v in scope["headers"] if k == b"x-forwarded-for")
+        else:
+            out = [(k, v) for k, v in headers if not (k in _CLAIMS or k.startswith(b"x-forwarded-"))]
+            chain = b""
         if client := scope.get("client"):
             peer = client[0].encode("latin-1")
             chain = chain + b", " + peer if chain else peer
@@ -88,7 +93,3 @@ class Forwarding:
         if host:
             out.append((b"X-Forwarded-Host", host.encode("latin-1")))
         return out
-
-
-def _first(raw: list[tuple[bytes, bytes]], name: bytes) -> str:
-    return next((v for k, v in raw if k == name), b"").decode("latin-1")
