@@ -26,7 +26,7 @@ from .pipeline.batches import Batches
 from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
 from .pipeline.service import AiService
-from .settings import Settings
+from .settings import Settings, redact_url
 from .storage.job_log import RedisJobLog
 from .storage.memory import MemoryStore
 from .storage.ratelimit import Policy, RateLimiter
@@ -39,6 +39,7 @@ from .web import openapi, problems
 from .web.batches import batch_routers
 from .web.demo import DemoSession, demo_router
 from .web.dependencies import STATE
+from .web.forwarding import Forwarding
 from .web.health import health_router
 from .web.jobs import job_routers
 from .web.ops import healthz, readyz
@@ -162,7 +163,7 @@ def create_app(
             for client in {gw, backend, passthrough}:  # client spans and traceparent to both upstreams
                 tracing.instrument(client)
                 stack.callback(tracing.uninstrument, client)
-            app.state.proxy = Proxy(passthrough) if settings.crm_proxy_fallthrough else None
+            app.state.proxy = Proxy(passthrough, Forwarding(settings.forwarders)) if settings.crm_proxy_fallthrough else None
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
                                 on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc())
             limiter = RateLimiter(
@@ -189,7 +190,8 @@ def create_app(
             metrics.gateway_in_flight.set_function(lambda: service.gateway.bulkhead.in_flight)
             app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl)
             stack.callback(app.state.jobs.cancel_all)
-            log.info("startup", gateway=settings.conductor_gateway_url, crm=settings.crm_backend_url, cache=cache_store.backend)
+            log.info("startup", gateway=redact_url(settings.conductor_gateway_url), crm=redact_url(settings.crm_backend_url),
+                     cache=cache_store.backend, **({"redis": redact_url(settings.redis_url)} if settings.redis_url else {}))
             if isinstance(cache_store, RedisStore) and settings.redis_url:
                 await _probe_redis(cache_store, settings.redis_url)
             stack.callback(cache.cancel_flights)

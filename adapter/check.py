@@ -13,7 +13,7 @@ from .agent_sync import drift, local_agents
 from .storage.redis_store import redis_client
 from .tasks import TASKS
 from .upstreams.gateway import GatewayClient, listed_agents
-from .settings import ConfigError, Settings
+from .settings import ConfigError, Settings, redact_url
 
 
 async def run_checks(settings: Settings, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -38,15 +38,16 @@ async def run_checks(settings: Settings, out: TextIO = sys.stdout, err: TextIO =
     async with httpx.AsyncClient(timeout=timeout) as client, \
             httpx.AsyncClient(base_url=gateway_url, timeout=timeout) as gateway_http:
         async def probe(name: str, url: str) -> httpx.Response | None:
+            shown = redact_url(url)
             try:
                 response = await client.get(url)
             except httpx.HTTPError as exc:
-                problems.append(f"{name} unreachable at {url}: {type(exc).__name__} {exc}".strip())
+                problems.append(f"{name} unreachable at {shown}: {type(exc).__name__} {exc}".strip())
                 return None
             if response.status_code != 200:
-                problems.append(f"{name} at {url} answered {response.status_code}: {response.text[:120]}")
+                problems.append(f"{name} at {shown} answered {response.status_code}: {response.text[:120]}")
                 return None
-            ok(f"{name} at {url}")
+            ok(f"{name} at {shown}")
             return response
 
         gateway = GatewayClient(gateway_http, settings)
@@ -62,9 +63,9 @@ async def run_checks(settings: Settings, out: TextIO = sys.stdout, err: TextIO =
         redis = redis_client(settings.redis_url)
         try:
             await redis.ping()
-            ok(f"Redis at {settings.redis_url}")
+            ok(f"Redis at {redact_url(settings.redis_url)}")
         except Exception as exc:  # any failure to ping is the one line we owe
-            problems.append(f"Redis unreachable at {settings.redis_url}: {type(exc).__name__}: {exc}")
+            problems.append(f"Redis unreachable at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
         finally:
             await redis.aclose()
     else:

@@ -11,7 +11,7 @@ import msgspec
 import structlog
 
 from .servers import CannotListen
-from .settings import ConfigError, Settings
+from .settings import ConfigError, Settings, redact_url
 
 
 def _settings(**overrides: object) -> Settings:
@@ -79,7 +79,7 @@ def cmd_agents_sync(_: argparse.Namespace) -> int:
             try:
                 results = await sync_agents(GatewayClient(http, settings), agents)
             except (httpx.HTTPError, ValueError) as exc:
-                print(f"adapter: cannot list the gateway's agents at {settings.conductor_gateway_url}: "
+                print(f"adapter: cannot list the gateway's agents at {redact_url(settings.conductor_gateway_url)}: "
                       f"{type(exc).__name__} {exc}".strip(), file=sys.stderr)
                 return 1
         for r in results:

@@ -284,8 +284,9 @@ def server(app: ASGIApp, *, quiet: bool = False, lifespan: str = "on", graceful:
     if limits is not None:
         extra["http"] = bounded_protocol(limits)
         app = bounded_body(app, limits.body_timeout)
-    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from loopback peers;
-    # the sidecar appends the real peer to the chain itself and trusts none of it.
+    # proxy_headers off: uvicorn would otherwise rewrite the scope's client and scheme from
+    # X-Forwarded-* by its own reading; which peers are believed is decided in one place,
+    # web/forwarding.py (FORWARDED_ALLOW_IPS), and the scope keeps the real peer.
     config = uvicorn.Config(app, lifespan=lifespan, access_log=False, log_config=None, loop=loop, proxy_headers=False,
                             timeout_graceful_shutdown=graceful, log_level="warning" if quiet else "info",
                             timeout_keep_alive=int(keepalive), **extra)

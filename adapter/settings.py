@@ -6,12 +6,13 @@ msgspec conversion error already names the variable an operator must fix.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -33,6 +34,7 @@ PROVIDERS = r"^[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*$"
 Port = Annotated[int, Meta(ge=0, le=65_535)]
 # Settings with one variable per task, named `<FIELD>_<TASK>` (CACHE_TTL_LEAD_QUALIFY).
 PER_TASK = ("CACHE_TTL", "RATE_LIMIT")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -151,6 +153,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
 
+    # Forwarding headers (issue 22 §6): peers whose X-Forwarded-*, Forwarded and X-Real-IP are believed
+    # (an ingress in front), as uvicorn's variable of the same name: comma-separated addresses or networks
+    # (10.0.0.0/8), `*` for any peer. From any other peer they are ignored and never reach the backend.
+    forwarded_allow_ips: str = "127.0.0.1"
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -162,6 +169,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
                              "(current gateways refuse runs without a working directory)")
         if self.redis_url is not None and urlsplit(self.redis_url).scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        self.forwarders  # noqa: B018  # a bad FORWARDED_ALLOW_IPS stops start-up, naming the variable
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -200,6 +208,18 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
+    @property
+    def forwarders(self) -> tuple[IPNetwork, ...] | None:
+        """FORWARDED_ALLOW_IPS as networks (an address is a network of one); None when every peer is trusted."""
+        items = [item.strip() for item in self.forwarded_allow_ips.split(",") if item.strip()]
+        if "*" in items:
+            return None
+        try:
+            return tuple(ipaddress.ip_network(item) for item in items)
+        except ValueError as exc:
+            raise ValueError(f"FORWARDED_ALLOW_IPS must be `*` or comma-separated IP addresses or networks "
+                             f"(127.0.0.1, 10.0.0.0/8): {exc}") from None
+
     def ttl_for(self, task: TaskDefaults) -> float:
         return self.cache_ttl.get(task.env_suffix, task.cache_ttl)
 
@@ -210,7 +230,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
 def _check_base_url(var: str, value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ValueError(f"{var} must be an absolute http(s) URL, got {value!r}")
+        raise ValueError(f"{var} must be an absolute http(s) URL, got {redact_url(value)!r}")
     if parts.query or parts.fragment:
         raise ValueError(f"{var} must not carry a query or fragment")
 
@@ -248,3 +268,30 @@ def _in_words(name: str, value: str, message: str) -> str:
     if words is None:  # our own checks (__post_init__) already speak in words, naming the variable
         return f"{name}: {message.removeprefix(name).strip()}"
     return f"{name}: {words}{shown}"
+
+
+# --- secrets in URLs (issue 22 §5) ------------------------------------------------------------
+# A URL is shown (by `adapter check`, the start-up line, /api/v1/ai/health, any log event) only
+# through `redact_url`: REDIS_URL carries Redis's password, and a gateway behind basic auth its own.
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by `***`: the userinfo's, and a `password` query value
+    (redis-py reads one there too). Scheme, user, host, port, path and the rest stay, so an
+    operator still sees which server is meant. String surgery, not urlunsplit, so nothing else
+    of the URL is rewritten; the netloc ends where urlsplit ends it (the first `/`, `?` or `#`).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    before, question, query = tail.partition("?")
+    if question and "password" in query.lower():
+        query, hash_, fragment = query.partition("#")
+        items = [f"{name}=***" if unquote(name).lower() == "password" else f"{name}{eq}{value}"
+                 for name, eq, value in (item.partition("=") for item in query.split("&"))]
+        tail = f"{before}?{'&'.join(items)}{hash_}{fragment}"
+    return f"{scheme}://{netloc}{tail}"

@@ -149,6 +149,59 @@ async def serving(app: Litestar) -> AsyncIterator[str]:
         sock.close()
 
 
+@asynccontextmanager
+async def serving_by_name(app: Any) -> AsyncIterator[str]:
+    """`serving`, with the base URL naming the host (`http://localhost:<port>`) instead of its address.
+
+    Clients treat the two differently: aiohttp's cookie jar ignores cookies from IP addresses, so
+    state kept between callers shows only when an upstream is reached by name, as deployments do.
+    """
+    async with serving(app) as url:
+        yield url.replace("://127.0.0.1:", "://localhost:", 1)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    method: str
+    path: str
+    authorization: str | None
+    cookie: str | None  # every Cookie line it carried, joined; None when there was none
+
+
+class CookieSetter:
+    """An upstream (any ASGI app) whose every answer sets a cookie, and which keeps what reached it.
+
+    Answer n sets `session=set-by-answer-<n>`: a client that keeps cookies sends one back with a
+    later request, whoever that request is for. `arrivals` lists each request's method, path,
+    Authorization and Cookie.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.arrivals: list[Arrival] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        cookies = [v.decode("latin-1") for k, v in headers if k == b"cookie"]
+        authorization = next((v.decode("latin-1") for k, v in headers if k == b"authorization"), None)
+        n = len(self.arrivals)
+        self.arrivals.append(Arrival(scope["method"], scope["path"], authorization, "; ".join(cookies) if cookies else None))
+
+        async def setting(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                cookie = (b"set-cookie", b"session=set-by-answer-%d; Path=/" % n)
+                message = {**message, "headers": [*message.get("headers", []), cookie]}
+            await send(message)
+
+        await self.app(scope, receive, setting)
+
+    def sent_by(self, authorization: str) -> list[Arrival]:
+        return [a for a in self.arrivals if a.authorization == authorization]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -193,22 +246,27 @@ def redis_answers(url: str) -> bool:
 
 
 class RedisProcess:
-    """A redis-server the suite owns: it can be stopped and restarted on the same port."""
+    """A redis-server the suite owns: it can be stopped and restarted on the same port.
 
-    def __init__(self, port: int | None = None) -> None:
+    With `password`, it asks for one (`requirepass`), and `url` carries it.
+    """
+
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         # Redis prints this line once it accepts connections: read until it appears, no polling.
         for line in self.proc.stdout:  # type: ignore[union-attr]

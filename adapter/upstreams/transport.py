@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import httpx
@@ -77,8 +78,28 @@ class _Body(httpx.AsyncByteStream):
             raise _httpx_error(exc) from exc.__cause__
 
 
+def _session(transport: AiohttpTransport, *, limit: int, **kwargs: Any) -> aiohttp.ClientSession:
+    """The aiohttp session under one of our transports: its pool, and no cookie jar.
+
+    aiohttp's default `CookieJar` keeps every Set-Cookie an answer carries and sends it with
+    later requests to the same host, whoever they are for. It skips IP addresses, so it went
+    unseen on 127.0.0.1, but it keeps them for host names (`localhost:8001`, `crm-backend:8000`):
+    one user's CRM session went out with the next user's lookups. Each session here acts for
+    every caller in turn, so it keeps none (`DummyCookieJar`); a caller's own Cookie header is
+    a header like any other and still goes through.
+    """
+    connector = aiohttp.TCPConnector(keepalive_timeout=transport.limits.keepalive_expiry, ssl=transport.ssl_context,
+                                     limit=limit)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), **kwargs)
+
+
 class Transport(AiohttpTransport):
     """`AiohttpTransport` whose failures are the httpx exceptions httpcore would raise."""
+
+    def get_client(self) -> aiohttp.ClientSession:
+        # As the package builds it (its default of 100 connections when none is set), without the jar.
+        limit = self.limits.max_connections
+        return _session(self, limit=100 if limit is None else limit)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
@@ -93,7 +114,8 @@ def client(*, base_url: str, timeout: httpx.Timeout, limits: httpx.Limits, **kwa
     """An httpx client sending over aiohttp, without a cookie jar; closing it closes aiohttp's session.
 
     No jar: the CRM lookups and write-backs go with each caller's own token, so a cookie one
-    caller's answer set must never go with the next caller's request (see `_Jarless`).
+    caller's answer set must never go with the next caller's request: neither httpx's jar
+    (see `_Jarless`) nor aiohttp's underneath it (see `_session`).
     """
     return _Jarless(base_url=base_url, timeout=timeout, transport=Transport(limits=limits), **kwargs)  # type: ignore[arg-type]
 
@@ -173,9 +195,7 @@ class PassThrough(AiohttpTransport):
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}  # one per (connect, read) asked
 
     def get_client(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(keepalive_timeout=self.limits.keepalive_expiry, ssl=self.ssl_context,
-                                         limit=self.limits.max_connections or 0)
-        session = aiohttp.ClientSession(connector=connector, request_class=_Request)
+        session = _session(self, limit=self.limits.max_connections or 0, request_class=_Request)
         session._retry_connection = False  # type: ignore[attr-defined]  # no public switch; a test holds it to this
         return session
 

@@ -12,6 +12,7 @@ from litestar.di import NamedDependency
 
 from ..models import AiHealth, DependencyState
 from ..pipeline.service import AiService
+from ..settings import redact_url
 
 
 async def _probe(call: Awaitable[Any], url: str | None = None) -> tuple[DependencyState, Any]:
@@ -27,9 +28,9 @@ async def _probe(call: Awaitable[Any], url: str | None = None) -> tuple[Dependen
 async def ai_health(service: NamedDependency[AiService]) -> AiHealth:
     s = service.settings
     (gateway, _), (listing, listed), (crm, _), cache = await asyncio.gather(
-        _probe(service.gateway.health(), s.conductor_gateway_url),
+        _probe(service.gateway.health(), redact_url(s.conductor_gateway_url)),
         _probe(service.gateway.agent_ids()),
-        _probe(service.crm.health(), s.crm_backend_url),
+        _probe(service.crm.health(), redact_url(s.crm_backend_url)),
         service.cache.store.state(),
     )
     if gateway.status == "up" and listing.status == "down":

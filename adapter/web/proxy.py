@@ -30,6 +30,7 @@ from ..errors import BadRequest, ClientGone, CrmBusy, CrmUnavailable
 from ..settings import Settings
 from ..upstreams import transport
 from ..upstreams.http import transport_error
+from .forwarding import Forwarding
 
 # RFC 9110 §7.6.1, plus the names a Connection header lists. Names as ASGI and aiohttp's raw headers hold them: bytes.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
@@ -51,8 +52,9 @@ def _strip(items: list[tuple[bytes, bytes]], extra: frozenset[bytes] = frozenset
 
 
 class Proxy:
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, forwarding: Forwarding) -> None:
         self.http = http
+        self.forwarding = forwarding
         self.base = http.base_url
         # How the backend names itself in absolute redirects: scheme://host[:port], as httpx sends Host.
         self.origin = f"{self.base.scheme}://{self.base.netloc.decode('ascii')}"
@@ -84,15 +86,8 @@ class Proxy:
         return self.base.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
 
     def request_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
-        raw = scope["headers"]
-        headers = [(k, v) for k, v in _strip(raw, OWN) if not k.startswith(b"x-forwarded-")]
-        prior = next((v for k, v in raw if k == b"x-forwarded-for"), None)
-        if client := scope.get("client"):
-            peer = client[0].encode("latin-1")
-            headers.append((b"X-Forwarded-For", prior + b", " + peer if prior else peer))
-        headers.append((b"X-Forwarded-Proto", scope.get("scheme", "http").encode("latin-1")))
-        if host := next((v for k, v in raw if k == b"host"), None):
-            headers.append((b"X-Forwarded-Host", host))
+        # Forwarding headers: a trusted peer's go on (its chain appended to), anyone else's never reach the backend.
+        headers = self.forwarding.upstream_headers(scope, _strip(scope["headers"], OWN))
         headers.append((b"X-Request-ID", request_id(scope).encode("latin-1")))  # middleware does not run for unrouted paths
         return headers
 
@@ -101,18 +96,13 @@ class Proxy:
 
         The backend builds absolute `Location`s from the Host it was sent (its internal name).
         As nginx's `proxy_redirect default`: the public origin is the caller's, from
-        `X-Forwarded-Proto`/`-Host` when an ingress set them, else the request's scheme and Host.
+        `X-Forwarded-Proto`/`-Host` when a trusted ingress set them (FORWARDED_ALLOW_IPS), else
+        the request's scheme and Host: nobody else can point a redirect at a host of their choosing.
         """
         if not location.startswith(self.origin) or location[len(self.origin):][:1] not in ("/", "?", ""):
             return location
-        raw = scope["headers"]
-
-        def header(name: bytes) -> str:
-            return next((v for k, v in raw if k == name), b"").decode("latin-1")
-
-        proto = header(b"x-forwarded-proto").split(",")[0].strip() or scope.get("scheme", "http")
-        host = header(b"x-forwarded-host").split(",")[0].strip() or header(b"host")
-        if not host or proto not in ("http", "https"):
+        proto, host = self.forwarding.origin(scope)
+        if not host:
             return location[len(self.origin):] or "/"  # no usable origin: a relative reference works as well
         return f"{proto}://{host}{location[len(self.origin):] or '/'}"
 
