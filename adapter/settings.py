@@ -233,6 +233,10 @@ def _check_base_url(var: str, value: str) -> None:
         raise ValueError(f"{var} must be an absolute http(s) URL, got {redact_url(value)!r}")
     if parts.query or parts.fragment:
         raise ValueError(f"{var} must not carry a query or fragment")
+    # Credentials in the URL would replace the caller's bearer on every call (and aiohttp refuses
+    # to send both): each request carries its caller's own identity, never one of ours.
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{var} must not carry credentials (user:password@); got {redact_url(value)!r}")
 
 
 # What a pattern-checked variable must look like, in words rather than its regex.

@@ -41,6 +41,14 @@ def test_a_url_is_shown_with_its_password_hidden_and_the_rest_kept(url, shown):
     assert redact_url(url) == shown
 
 
+@pytest.mark.parametrize("variable", ["CONDUCTOR_GATEWAY_URL", "CRM_BACKEND_URL"])
+def test_an_upstream_url_with_credentials_is_refused_without_showing_them(variable):
+    """Credentials there would replace each caller's own identity on every call (aiohttp refuses both at once)."""
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({variable: f"http://svc:{GATEWAY_PASSWORD}@upstream:8000"})
+    assert str(refused.value) == f"{variable}: must not carry credentials (user:password@); got 'http://svc:***@upstream:8000'"
+
+
 def test_a_refused_url_setting_names_it_without_its_password():
     with pytest.raises(ConfigError) as refused:
         Settings.from_env({"CONDUCTOR_GATEWAY_URL": "ftp://svc:gateway-hunter2@gateway"})
@@ -53,10 +61,8 @@ async def test_check_serve_and_every_kind_of_request_never_show_a_password(gatew
     wrong = locked_redis.url.replace(REDIS_PASSWORD, WRONG_PASSWORD)
     shown_redis = f"redis://:***@127.0.0.1:{locked_redis.port}/0"
     async with serving(gateway.app) as gateway_url, serving(crm.app) as crm_url:
-        # `check` probes with plain httpx, which sends a URL's credentials as basic auth: a gateway behind it.
-        # (The served clients refuse credentials in a URL; there only Redis's password is tried.)
-        behind_auth = gateway_url.replace("http://", f"http://svc:{GATEWAY_PASSWORD}@")
-        env = {"REDIS_URL": locked_redis.url, "CONDUCTOR_GATEWAY_URL": behind_auth, "CRM_BACKEND_URL": crm_url}
+        # Upstream URLs may not carry credentials (the settings refuse them): Redis's password is the one to hide.
+        env = {"REDIS_URL": locked_redis.url, "CONDUCTOR_GATEWAY_URL": gateway_url, "CRM_BACKEND_URL": crm_url}
         checked = await run_adapter_async("check", env=env)
         refused = await run_adapter_async("check", env={**env, "REDIS_URL": wrong})
         async with replica_cluster(1, gateway_url=gateway_url, crm_url=crm_url, redis_url=locked_redis.url, lease=10,
@@ -83,24 +89,22 @@ async def test_check_serve_and_every_kind_of_request_never_show_a_password(gatew
     # ... and the URLs are there, with `***`: the search looked where they are shown.
     assert checked[0] == 0 and f"ok    Redis at {shown_redis}" in checked[1]
     assert refused[0] == 1 and f"FAIL  Redis unreachable at {shown_redis}: AuthenticationError" in refused[2]
-    assert f"ok    Conductor Gateway at {gateway_url.replace('http://', 'http://svc:***@')}/health" in checked[1]
+    assert f"ok    Conductor Gateway at {gateway_url}/health" in checked[1]
     assert replica.logged("startup")[0]["redis"] == shown_redis
     assert decode(health)["cache"]["status"] == "up"  # the replica used the locked Redis, with its password
 
 
 async def test_health_and_the_start_up_lines_show_urls_without_their_password(make_client):
-    """In process, with a password in every URL (and no Redis listening): nothing logged or answered shows one."""
+    """In process, with a password in Redis's URL (and no Redis listening): nothing logged or answered shows it."""
     closed = closed_port_url().replace("http://", f"redis://:{REDIS_PASSWORD}@") + "/0"
-    settings = make_settings(conductor_gateway_url=f"http://svc:{GATEWAY_PASSWORD}@gateway.test",
-                             crm_backend_url=f"http://svc:{GATEWAY_PASSWORD}@crm.test", redis_url=closed)
+    settings = make_settings(redis_url=closed)
     with capture_logs() as logs:
         async with make_client(settings=settings) as client:
             health = await client.get("/api/v1/ai/health")
     for password in PASSWORDS:
         assert password not in health.text, password
         assert password not in repr(logs), password
-    body = decode(health)
-    assert body["gateway"]["url"] == "http://svc:***@gateway.test" and body["crm_backend"]["url"] == "http://svc:***@crm.test"
+    assert decode(health)["cache"]["status"] != "up"  # it did try the Redis named (and failed)
     [startup] = [line for line in logs if line["event"] == "startup"]
     assert startup["redis"] == redact_url(closed) and ":***@127.0.0.1:" in startup["redis"]
     assert [line["event"] for line in logs if line["log_level"] == "warning"] == ["cache.redis_unavailable"]
