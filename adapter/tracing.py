@@ -159,6 +159,8 @@ def name_after_route(scope: Scope) -> None:
 # Query values that are credentials (a job's `?token=`, keys a proxied backend may take) stay out of traces.
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key|password|secret|signature|sig|code)=)[^&#]*")
 _URL_ATTRIBUTES = ("http.url", "url.full", "url.query", "http.target")
+# The caller's URL is hostile text of any length: a trace keeps this much of it, and redacts only that.
+URL_ATTRIBUTE_MAX = 8 * 1024
 
 
 def _redact(span: Span) -> None:
@@ -166,6 +168,6 @@ def _redact(span: Span) -> None:
     for key in _URL_ATTRIBUTES:
         value = attributes.get(key)
         if isinstance(value, str) and "=" in value:
-            query = key == "url.query"
+            query, value = key == "url.query", value[:URL_ATTRIBUTE_MAX]
             cleaned = _SECRET_QUERY.sub(r"\1REDACTED", ("?" + value) if query else value)
             span.set_attribute(key, cleaned[1:] if query else cleaned)

@@ -56,8 +56,8 @@ def test_first_object_that_parses_wins_after_a_broken_one():
     ('{"unterminated": ', "truncated"),
     ("[1, 2, 3]", "no JSON object"),
     ('```json\n"{x}"\n```', "no parseable JSON object"),
-    ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "no parseable JSON object"),  # nesting too deep to decode
-    ('{"a": ' + "[" * 5000 + "]" * 5000 + ",}", "no parseable JSON object"),  # ... or to repair
+    ('{"a": ' + "[" * 3000 + "]" * 3000 + "}", "no parseable JSON object"),  # nesting too deep to decode
+    ('{"a": ' + "[" * 3000 + "]" * 3000 + ",}", "no parseable JSON object"),  # ... or to repair (under REPAIR_MAX)
 ])
 def test_no_object_is_reported(answer, reason):
     with pytest.raises(NoJsonObject, match=reason):

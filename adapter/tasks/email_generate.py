@@ -24,14 +24,22 @@ Tone = Literal["professional", "formal", "casual", "direct"]
 VariationType = Literal["formal", "casual", "direct"]
 _FIELDS = frozenset({"variations"})
 _VARIATION_TYPES = {"formal": "formal", "casual": "casual", "direct": "direct", "direto": "direct", "informal": "casual"}
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+# The patterns below read model output, cached answers included: each runs in linear time on any text
+# (tests/test_text_bounds.py). A run of digits is read once, from its first digit (`(?<!\d)` and the
+# possessive `\d++`), not again from each of its digits: `\d+\s?%` took 1.7 s on `'%' + '1' * 16000` (5 s in
+# issue 22's report), 29 s on 64 KiB of digits.
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*+\n")
 _PRICING = re.compile(
-    r"(?:R\$|US\$|\$|€|£)\s?\d[\d.,]*|\d+\s?%\s?(?:off|de desconto)|\b(?:discounts?|discounted|descontos?|pricing|prices?|"
+    r"(?:R\$|US\$|\$|€|£)\s?\d[\d.,]*+|(?<!\d)\d++\s?%\s?(?:off|de desconto)|\b(?:discounts?|discounted|descontos?|pricing|prices?|"
     r"preços?|orçamento de \d|per seat|per user|por usuário)\b", re.IGNORECASE)
 _SPAM = re.compile(
     r"\b(?:free|grátis|gratuito|guarantee[ds]?|garantia|garantido|act now|aja agora|risk[- ]free|limited time|"
     r"no obligation|click here|clique aqui|buy now|compre já)\b", re.IGNORECASE)
 _NOT_SPAM = re.compile(r"\bfeel free\b|\bfree to\b", re.IGNORECASE)
+# What the guidance reads of each email's body. It runs on every cache hit too (the warnings are recomputed
+# from the served body), so its cost must not grow with what a model chose to write; the persona's emails
+# are 1-5 KB, and a longer one is judged on its beginning.
+GUIDANCE_MAX = 8 * 1024
 # Cheap substring tests that every match of the patterns above contains: most emails contain none,
 # and these checks run on every cache hit (the warnings are recomputed), so the regexes run rarely.
 _PRICING_HINTS = ("$", "€", "£", "%", "discount", "desconto", "pric", "preço", "orçamento de", "per seat", "per user",
@@ -101,11 +109,12 @@ def validate(text: str, lead_id: str, agent: str) -> Verdict:
 
 def _breaches(v: EmailVariation) -> list[Breach]:
     out = []
-    paragraphs = [p for p in _PARAGRAPH_BREAK.split(v.body.strip()) if p.strip()]
+    body = v.body[:GUIDANCE_MAX]
+    paragraphs = [p for p in _PARAGRAPH_BREAK.split(body.strip()) if p.strip()]
     if not PARAGRAPHS[0] <= len(paragraphs) <= PARAGRAPHS[1]:
         out.append(Breach("email-paragraphs", f"the {v.type} email has {len(paragraphs)} paragraph(s); the persona asks "
                                               f"for {PARAGRAPHS[0]} to {PARAGRAPHS[1]}"))
-    text = f"{v.subject}\n{v.body}"
+    text = f"{v.subject}\n{body}"  # the subject is at most SUBJECT_MAX characters (the result struct says so)
     lower = text.lower()
     if any(h in lower for h in _PRICING_HINTS) and (m := _PRICING.search(text)):
         out.append(Breach("email-pricing", f"the {v.type} email mentions pricing ({m.group(0)!r})"))

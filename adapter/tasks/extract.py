@@ -26,15 +26,26 @@ import msgspec
 
 MAX_TEXT = 256 * 1024  # a longer answer is not an answer we can use
 MAX_CANDIDATES = 32  # bounds the work on adversarial text full of braces
-# json-repair is pure Python and blocks the event loop while it works: about 0.1 s for a broken
-# 16 KB object, 0.5 s at 64 KB, 5 s at 250 KB (measured here). Persona answers are 1-5 KB, so a
-# broken candidate longer than this goes to a repair call instead.
-REPAIR_MAX = 16 * 1024
+# json-repair is pure Python and blocks the event loop while it works, and its time grows with the
+# square of the length on some broken text (`{a: b, a: b, ...}`: 80 ms at 4 KB, 0.3 s at 8 KB, 1.1 s
+# at 16 KB, measured here; json_repair issue #203). Persona answers are 1-5 KB (the corpus's largest
+# is 2.2 KB), so a broken candidate longer than this goes to a repair call instead,
+REPAIR_MAX = 8 * 1024
+# and one answer hands json-repair this many characters in all, however many candidates it holds (the
+# longest first; 32 were each read before): one candidate's worth, as time grows faster than length.
+REPAIR_BUDGET = REPAIR_MAX
 
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5|jsonc)?[ \t]*\r?\n(.*?)```", re.DOTALL)
+# Each pattern here reads at most MAX_TEXT characters, and in linear time (tests/test_text_bounds.py).
+# The fence's opening line is read possessively: two `[ \t]*` around an optional word backtracked into
+# each other, so "```" and 64 KiB of spaces took 19 s, and every answer is searched. (The longer languages
+# come first: an atomic group does not come back to try `json5` after `json`.)
+_FENCE = re.compile(r"```[ \t]*+(?:json5|jsonc|json|JSON)?+[ \t]*+\r?\n(.*?)```", re.DOTALL)
 # Terminal colour and cursor codes: CLI agents print them to stdout.
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-_SPECIAL = re.compile(r'[{}"\\]')
+_ANSI = re.compile(r"\x1b\[[0-9;?]*+[ -/]*+[@-~]")
+# A brace, or a whole JSON string (its braces are text): a string is skipped in one step, not one
+# Python iteration per quote and backslash in it (a string of 128 K `\"`: 33 ms that way, 3 ms now). An
+# unclosed string runs to the end of the text.
+_TOKEN = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[{}]', re.DOTALL)
 _decode = msgspec.json.Decoder().decode
 
 
@@ -67,11 +78,16 @@ def objects(text: str) -> Iterator[Found]:
             found = True
             yield Found(value, repaired=False)
     # The answer itself is most often the longest span; a `{name}` in the prose is not.
-    too_long = 0
+    too_long = over_budget = 0
+    budget = REPAIR_BUDGET
     for candidate in sorted(broken, key=len, reverse=True):
         if len(candidate) > REPAIR_MAX:
             too_long = too_long or len(candidate)
             continue
+        if len(candidate) > budget:
+            over_budget += 1
+            continue
+        budget -= len(candidate)
         try:
             value = json_repair.loads(candidate, skip_json_loads=True)
         except (RecursionError, ValueError):  # it recurses per nesting level, and says so with a ValueError
@@ -84,6 +100,9 @@ def objects(text: str) -> Iterator[Found]:
     if too_long:
         raise NoJsonObject(f"the answer's JSON object is not valid JSON, and at {too_long} characters too long to be "
                            f"read as such (at most {REPAIR_MAX})")
+    if over_budget:
+        raise NoJsonObject(f"none of the answer's {len(broken)} JSON objects is valid JSON, and they hold more than the "
+                           f"{REPAIR_BUDGET} characters read as such per answer")
     if "{" not in text:
         raise NoJsonObject("the answer contains no JSON object (plain prose)")
     if not candidates:
@@ -126,25 +145,12 @@ def _candidates(text: str) -> Iterator[str]:
 def _balanced_end(text: str, start: int) -> int | None:
     """Index of the brace closing the one at `start`, skipping braces inside strings."""
     depth = 0
-    in_string = False
-    escaped_at = -1
-    # Jump from one character that matters to the next: answers are mostly prose inside strings.
-    for match in _SPECIAL.finditer(text, start):
-        i = match.start()
-        if i == escaped_at:
-            continue
-        ch = text[i]
-        if in_string:
-            if ch == "\\":
-                escaped_at = i + 1
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "{":
+    for match in _TOKEN.finditer(text, start):
+        ch = text[match.start()]
+        if ch == "{":
             depth += 1
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return i
+                return match.start()
     return None

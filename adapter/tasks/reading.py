@@ -32,8 +32,12 @@ import msgspec
 from .extract import NoJsonObject, objects
 
 T = TypeVar("T")
-_NUMBER = re.compile(r"([+-]?\d+(?:[.,]\d+)?)\s*(%?)")
-_BR_DATE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})(?:[ T,]+\d{1,2}:\d{2}(?::\d{2})?)?")
+# Both read one string field of a model's answer, whole (fullmatch), in linear time
+# (tests/test_text_bounds.py); and only when it is short enough to be what they look for.
+_NUMBER = re.compile(r"([+-]?\d++(?:[.,]\d++)?+)\s*+(%?)")
+NUMBER_MAX = 32  # "  99.5 %": a longer string is no percentage, and is not read as one
+_BR_DATE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})(?:[ T,]++\d{1,2}:\d{2}(?::\d{2})?)?")
+DATE_MAX = 32  # "31/12/2024, 23:59:59"
 
 class OutputInvalid(ValueError):
     """The answer breaks the contract; `errors` are contract errors only, one readable line each."""
@@ -97,7 +101,7 @@ class Reader:
         if not there:
             return None
         value: float
-        if isinstance(raw, str) and (m := _NUMBER.fullmatch(raw.strip())):
+        if isinstance(raw, str) and len(stripped := raw.strip()) <= NUMBER_MAX and (m := _NUMBER.fullmatch(stripped)):
             value = float(m.group(1).replace(",", "."))
         elif isinstance(raw, int | float) and not isinstance(raw, bool):
             value = raw
@@ -182,7 +186,7 @@ class Reader:
             return dt.date.fromisoformat(value) if len(value) == 10 else self._dated(field, raw, dt.datetime.fromisoformat(value).date())
         except ValueError:
             pass
-        if m := _BR_DATE.fullmatch(value):
+        if len(value) <= DATE_MAX and (m := _BR_DATE.fullmatch(value)):
             day, month, year = (int(g) for g in m.groups())
             try:
                 return self._dated(field, raw, dt.date(year, month, day))

@@ -55,7 +55,13 @@ log = structlog.get_logger("adapter.gateway")
 UPSTREAM = "Conductor Gateway"
 # The only 503 that means "nothing was started": the gateway could not even look the agent up.
 _DB_DOWN = "MongoDB connection not available"
-_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>)\]}]+|\b\d{1,3}(?:\.\d{1,3}){3}:\d{2,5}\b", re.IGNORECASE)
+# Internal addresses in the gateway's error texts (upstream text: hostile). A scheme is read from the start
+# of its run of scheme characters only (the lookbehind) and possessively, so each run is read once: reading
+# it again from every `\b` in it made `"a." * 8000` take 0.5 s (2.4 s in issue 22's report), 64 KiB 8 s. The
+# whole run goes (`x.http://` too).
+_URL = re.compile(r"(?<![a-z0-9+.-])[a-z0-9+.-]++://[^\s'\"<>)\]}]++|\b\d{1,3}(?:\.\d{1,3}){3}:\d{2,5}\b", re.IGNORECASE)
+# What `_URL` reads of one text: every caller keeps at most 500 characters of what it returns.
+URL_SCAN_MAX = 16 * 1024
 # A 500 that is the gateway's own database (pymongo gave up after 30 s), not a refusal: it passes.
 _DB_FAULT = re.compile(r"ServerSelectionTimeout|Topology Description|Connection refused|No servers found|"
                        r"connection closed|timed out", re.IGNORECASE)
@@ -131,6 +137,11 @@ class _StreamLost(Exception):
         self.reason = reason
 
 
+def redacted(text: str, limit: int) -> str:
+    """At most `limit` characters of an upstream's text, its internal URLs replaced."""
+    return _URL.sub("<internal URL>", text[:URL_SCAN_MAX])[:limit]
+
+
 def public_detail(response: httpx.Response) -> str:
     """The gateway's `detail`, with the Conductor API's own words unwrapped and no internal URL."""
     detail = detail_of(response)
@@ -144,7 +155,7 @@ def public_detail(response: httpx.Response) -> str:
         if isinstance(nested, dict) and nested.get("detail") is not None:
             inner = nested["detail"]
             detail = f"{head.strip()} {inner if isinstance(inner, str) else _encode(inner).decode()}".strip()
-    return _URL.sub("<internal URL>", detail)[:500]
+    return redacted(detail, 500)
 
 
 def run_text(agent_id: str, run: _RunDocument) -> str:
@@ -152,7 +163,7 @@ def run_text(agent_id: str, run: _RunDocument) -> str:
     if (run.status or "").lower() in _FAILED or (run.exit_code or 0) != 0:
         text = run.result if isinstance(run.result, str) else None
         reason = run.error or run.stderr or text or run.message or "no reason given"
-        raise AgentFailed(f"agent {agent_id} failed (exit code {run.exit_code}): {_URL.sub('<internal URL>', reason)[:300]}")
+        raise AgentFailed(f"agent {agent_id} failed (exit code {run.exit_code}): {redacted(reason, 300)}")
     text = run.result if run.result not in (None, "") else run.stdout
     if isinstance(text, (dict, list)):  # some Conductor versions hand back parsed JSON
         return _encode(text).decode()
@@ -347,7 +358,7 @@ class GatewayClient:
                         return run_text(agent_id, _as_run(data))
                     if name == "error":
                         reason = data.get("error") if isinstance(data, dict) else data
-                        raise AgentFailed(f"agent {agent_id} failed: {_URL.sub('<internal URL>', str(reason))[:300]}")
+                        raise AgentFailed(f"agent {agent_id} failed: {redacted(str(reason), 300)}")
                     if name == "on_llm_new_token":
                         if (piece := _token_text(data)) is not None:
                             on_event("delta", {"text": piece})
@@ -385,7 +396,7 @@ class GatewayClient:
             self._metrics.gateway_calls.labels(agent_id, "stream_started").inc()
             return answer["job_id"]
         self._metrics.gateway_calls.labels(agent_id, "stream_start_failed").inc()
-        reason = _URL.sub("<internal URL>", _start_error(answer) or f"status {response.status_code}, no job id")
+        reason = redacted(_start_error(answer) or f"status {response.status_code}, no job id", 300)
         if reason.startswith(("400:", "404:")):  # its own validation (no cwd, unknown agent): final
             raise GatewayRejected(f"the {UPSTREAM} refused to start the job: {reason}")
         raise GatewayUnavailable(f"the {UPSTREAM} could not start the job: {reason}")
