@@ -151,6 +151,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
 
+    # Issue 22: every value read back from Redis carries an HMAC under this key (storage/signing.py).
+    # Replicas must share it; `adapter serve` with REDIS_URL refuses to start without it. While
+    # rotating, the other key is accepted too (never signed with): see the README's Security section.
+    redis_signing_key: Annotated[str, Meta(min_length=32)] | None = None
+    redis_signing_key_previous: Annotated[str, Meta(min_length=32)] | None = None
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -162,6 +168,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
                              "(current gateways refuse runs without a working directory)")
         if self.redis_url is not None and urlsplit(self.redis_url).scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        if self.redis_signing_key_previous is not None and self.redis_signing_key is None:
+            raise ValueError("REDIS_SIGNING_KEY_PREVIOUS is only accepted beside REDIS_SIGNING_KEY (the key that signs)")
+
+    def serving_problems(self) -> list[str]:
+        """What `adapter serve` refuses although each variable alone is valid (the demo and in-process apps allow it)."""
+        if self.redis_url and self.redis_signing_key is None:
+            return ["REDIS_SIGNING_KEY: must be set (32+ characters, the same on every replica) when REDIS_URL is: "
+                    "it authenticates everything the sidecar reads back from Redis"]
+        return []
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -220,7 +235,7 @@ _SHAPES = {
     "RATE_LIMIT_": "`<requests>/<seconds>` (for example 20/60) or `off`",
     "CACHE_PREFIX": "1 to 64 letters, digits or `:_.-`",
 }
-_SECRET = ("SECRET", "TOKEN", "PASSWORD")
+_SECRET = ("SECRET", "TOKEN", "PASSWORD", "SIGNING_KEY")
 
 
 def _in_words(name: str, value: str, message: str) -> str:
