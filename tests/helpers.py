@@ -156,6 +156,20 @@ async def serving(app: Litestar) -> AsyncIterator[str]:
         sock.close()
 
 
+@asynccontextmanager
+async def replica_pair(gateway: Any, crm: Any, settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, list[Litestar]]]:
+    """Two sidecars in this process, each over TCP, sharing one Redis (through `settings`), one gateway
+    double (over TCP) and one CRM double: a client of each, and the two apps."""
+    from adapter.app import create_app
+
+    async with serving(gateway.app) as gw_url, httpx.AsyncClient(base_url=gw_url) as gw, \
+            asgi_client(crm.app, "http://crm.test") as backend:
+        apps = [create_app(settings, gateway_http=gw, crm_http=backend) for _ in range(2)]
+        async with serving(apps[0]) as url_a, serving(apps[1]) as url_b, \
+                httpx.AsyncClient(base_url=url_a, timeout=30) as a, httpx.AsyncClient(base_url=url_b, timeout=30) as b:
+            yield a, b, apps
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
