@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from adapter.storage.memory import MemoryStore
 from adapter.storage.store import Entry
-from tests.helpers import (LEAD_AGENT, QUALIFY, assert_problem, decode, make_settings, metric, replica_pair,
+from tests.helpers import (LEAD_AGENT, QUALIFY, assert_problem, decode, job_done, make_settings, metric, replica_pair,
                            run_adapter_async)
 
 pytestmark = pytest.mark.redis
@@ -309,6 +309,7 @@ async def test_a_forged_event_ends_a_following_replicas_readers(gateway, crm, se
                                id=f"{seq}-0")
                     events += [sse async for sse in stream if sse.id]
             gateway.gate.set()
+            await job_done(apps[0], job["job_id"], timeout=30)  # A's run ends before the apps do
     assert_ends_tampered(events)
     [line] = tampered_lines(logs)
     assert line["kind"] == "job-log" and line["key"] == f"{log_key}#{n + 1}"
@@ -331,6 +332,7 @@ async def test_a_claim_pointed_at_another_users_job_is_not_followed(make_client,
             gateway.gate.set()
             async with asyncio.timeout(30):
                 body = (await client.get(job["events_url"])).text
+                await client.get(other["events_url"])  # Bob's job ends before the app does
     assert job["job_id"] != other["job_id"]
     result = next(line for line in body.split("\n\n") if "event: result" in line)
     assert f'"lead_id":"{mine}"' in result and theirs not in body
