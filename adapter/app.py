@@ -31,6 +31,7 @@ from .storage.job_log import RedisJobLog
 from .storage.memory import MemoryStore
 from .storage.ratelimit import Policy, RateLimiter
 from .storage.redis_store import FAULTS, RedisStore, redis_client
+from .storage.signing import Signer, Tampering
 from .storage.store import Store
 from .tasks import TASKS, Registry
 from .tracing import Tracing, name_after_route
@@ -66,6 +67,17 @@ async def _probe_redis(store: RedisStore, url: str) -> None:
         store.fault(exc)
     finally:
         await probe.aclose()
+
+
+def redis_signer(settings: Settings) -> Signer:
+    """REDIS_SIGNING_KEY (and the previous one, while rotating); unset, a key of this app alone.
+
+    `adapter serve` refuses Redis without the setting (cli.py): replicas must share the key. An app
+    built in process (the tests, the benchmarks' single sidecar) reads back only what it wrote.
+    """
+    if settings.redis_signing_key is None:
+        return Signer.random()
+    return Signer(settings.redis_signing_key, settings.redis_signing_key_previous)
 
 
 def request_context(app: ASGIApp) -> ASGIApp:
@@ -150,11 +162,13 @@ def create_app(
                 base_url=settings.crm_backend_url, timeout=crm.client_timeout(settings),
                 limits=httpx.Limits(max_connections=settings.crm_max_connections, max_keepalive_connections=settings.crm_max_connections,
                                     keepalive_expiry=settings.upstream_keepalive_expiry)))
+            tampering = Tampering(lambda kind: metrics.tampered.labels(kind).inc())
             cache_store = store
             if cache_store is None:
                 cache_store = (
                     RedisStore(redis_client(settings.redis_url), prefix=settings.cache_prefix,
-                               lock_ttl=settings.cache_lock_timeout, retry_log_interval=settings.cache_retry_interval)
+                               lock_ttl=settings.cache_lock_timeout, retry_log_interval=settings.cache_retry_interval,
+                               signer=redis_signer(settings), tampering=tampering)
                     if settings.redis_url else MemoryStore(settings.cache_memory_max_entries, clock)
                 )
                 stack.push_async_callback(cache_store.aclose)
@@ -165,7 +179,8 @@ def create_app(
                 stack.callback(tracing.uninstrument, client)
             app.state.proxy = Proxy(passthrough, Forwarding(settings.forwarders)) if settings.crm_proxy_fallthrough else None
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
-                                on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc())
+                                on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc(),
+                                readers={t.name: t.reread for t in tasks.values()}, tampering=tampering)
             limiter = RateLimiter(
                 {t.name: Policy.parse(settings.rate_limit_for(t)) for t in tasks.values()},
                 prefix=settings.cache_prefix, store=cache_store if isinstance(cache_store, RedisStore) else None, clock=clock)

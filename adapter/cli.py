@@ -25,6 +25,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     settings = _settings(ADAPTER_HOST=args.host, ADAPTER_PORT=args.port, ADAPTER_WORKERS=args.workers)
+    if problems := settings.serving_problems():
+        raise ConfigError(*problems)
     logs.configure(settings.log_level, settings.log_format)
     # Bound before uvicorn starts: a taken port is one line naming --port, not a logged traceback.
     sock = servers.bind(settings.adapter_host, settings.adapter_port)

@@ -28,6 +28,7 @@ AdapterError                       status, slug, title, detail, headers, errors[
 ├── UpstreamTimeout                504 (slug per upstream)
 ├── JobExpired                     410
 ├── JobLogUnavailable              503 (Retry-After)
+├── JobLogTampered                 502 (the job's log in Redis failed its integrity check)
 ├── ShuttingDown                   503 (this replica drains; Retry-After)
 └── NotReady                       503 (readiness probe)
 
@@ -243,6 +244,13 @@ class JobLogUnavailable(AdapterError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, headers={"Retry-After": "1"})
+
+
+class JobLogTampered(AdapterError):
+    """The job's log in Redis failed its check (storage/signing.py): changed outside the sidecar, or
+    signed with a key this replica does not accept. Nothing in it is served; the job must be started again."""
+
+    status, slug, title = 502, "job-log-tampered", "Job log failed its integrity check"
 
 
 class ShuttingDown(AdapterError):

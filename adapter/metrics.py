@@ -39,6 +39,9 @@ class Metrics:
         self.lost_streams = Counter("crm_ai_gateway_lost_streams", "Gateway jobs whose stream was lost before the outcome "
                                     "(404, broken off, ended without a result): recovered by one synchronous run", ["agent"], registry=r)
         self.rate_limited = Counter("crm_ai_rate_limited", "Requests refused by the per-user rate limit", ["task"], registry=r)
+        # Issue 22: what came back from Redis (or a stored body that is no answer of its task) and was never served.
+        self.tampered = Counter("crm_ai_cache_tampered", "Stored values that failed their check and were not used, once "
+                                "per value: cache, flight, job-log, batch-inputs", ["kind"], registry=r)
 
     def request_done(self, route: str, method: str, status: str, seconds: float) -> None:
         """One served request: its count and its latency. The labelled children are kept, not looked up each time."""

@@ -158,6 +158,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # (10.0.0.0/8), `*` for any peer. From any other peer they are ignored and never reach the backend.
     forwarded_allow_ips: str = "127.0.0.1"
 
+    # Issue 22: every value read back from Redis carries an HMAC under this key (storage/signing.py).
+    # Replicas must share it; `adapter serve` with REDIS_URL refuses to start without it. While
+    # rotating, the other key is accepted too (never signed with): see the README's Security section.
+    redis_signing_key: Annotated[str, Meta(min_length=32)] | None = None
+    redis_signing_key_previous: Annotated[str, Meta(min_length=32)] | None = None
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -170,6 +176,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
         if self.redis_url is not None and urlsplit(self.redis_url).scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
         self.forwarders  # noqa: B018  # a bad FORWARDED_ALLOW_IPS stops start-up, naming the variable
+        if self.redis_signing_key_previous is not None and self.redis_signing_key is None:
+            raise ValueError("REDIS_SIGNING_KEY_PREVIOUS is only accepted beside REDIS_SIGNING_KEY (the key that signs)")
+
+    def serving_problems(self) -> list[str]:
+        """What `adapter serve` refuses although each variable alone is valid (the demo and in-process apps allow it)."""
+        if self.redis_url and self.redis_signing_key is None:
+            return ["REDIS_SIGNING_KEY: must be set (32+ characters, the same on every replica) when REDIS_URL is: "
+                    "it authenticates everything the sidecar reads back from Redis"]
+        return []
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -244,7 +259,7 @@ _SHAPES = {
     "RATE_LIMIT_": "`<requests>/<seconds>` (for example 20/60) or `off`",
     "CACHE_PREFIX": "1 to 64 letters, digits or `:_.-`",
 }
-_SECRET = ("SECRET", "TOKEN", "PASSWORD")
+_SECRET = ("SECRET", "TOKEN", "PASSWORD", "SIGNING_KEY")
 
 
 def _in_words(name: str, value: str, message: str) -> str:

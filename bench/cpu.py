@@ -214,6 +214,7 @@ class Servers:
 def sidecar_env(servers: Servers, **extra: str) -> dict[str, str]:
     return {"CONDUCTOR_GATEWAY_URL": servers.url("gateway"), "CRM_BACKEND_URL": servers.url("crm"),
             "REDIS_URL": "redis://127.0.0.1:6379/0", "CACHE_PREFIX": f"cpu-{uuid.uuid4().hex[:8]}",
+            "REDIS_SIGNING_KEY": "bench-signing-key-" + "b" * 24,  # as `adapter serve` needs it (a baseline ignores it)
             "RATE_LIMIT_LEAD_QUALIFY": "off", "LOG_LEVEL": "info", **extra}
 
 

@@ -133,7 +133,7 @@ class Bench:
             async with _serving(self.gateway.app) as gw, _serving(self.crm.app) as crm, \
                     httpx.AsyncClient(timeout=30) as client:
                 env = {"REDIS_URL": redis_url, "CACHE_PREFIX": f"bench-{uuid.uuid4().hex[:6]}", "CONDUCTOR_GATEWAY_URL": gw,
-                       "CRM_BACKEND_URL": crm, "JOB_TOKEN_SECRET": "b" * 40, "JOB_LEASE_SECONDS": str(self.args.lease),
+                       "CRM_BACKEND_URL": crm, "JOB_TOKEN_SECRET": "b" * 40, "REDIS_SIGNING_KEY": "s" * 40, "JOB_LEASE_SECONDS": str(self.args.lease),
                        "SHUTDOWN_GRACE_SECONDS": str(self.args.grace), "SSE_HEARTBEAT_SECONDS": "1",
                        "RATE_LIMIT_LEAD_QUALIFY": "off", "CRM_WRITE_BACK": "false"}
                 self.replicas = list(await asyncio.gather(*(self.replica(env, f"replica-{i}") for i in range(3))))

@@ -43,9 +43,16 @@ RECORD_ID = "65f1c0ffee0000000000a001"  # a well-formed record id the validators
 
 # --- the app under test, its settings and answers -------------------------------------------
 
+# What every test app with Redis signs with (unless the test names its own): apps of one test share it,
+# as replicas do. An app built without any would use a key of its own (adapter/app.py redis_signer).
+TEST_SIGNING_KEY = "test-signing-key-" + "k" * 24
+
+
 def make_settings(**overrides: object) -> Settings:
     env = {"GATEWAY_CALL_TIMEOUT": "5", "CRM_CALL_TIMEOUT": "5", "RETRY_BASE_DELAY": "0.005", "RETRY_MAX_DELAY": "0.01"}
     env.update({k.upper(): str(v) for k, v in overrides.items()})
+    if env.get("REDIS_URL"):
+        env.setdefault("REDIS_SIGNING_KEY", TEST_SIGNING_KEY)
     return Settings.from_env(env)
 
 
@@ -200,6 +207,20 @@ class CookieSetter:
 
     def sent_by(self, authorization: str) -> list[Arrival]:
         return [a for a in self.arrivals if a.authorization == authorization]
+
+
+@asynccontextmanager
+async def replica_pair(gateway: Any, crm: Any, settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, list[Litestar]]]:
+    """Two sidecars in this process, each over TCP, sharing one Redis (through `settings`), one gateway
+    double (over TCP) and one CRM double: a client of each, and the two apps."""
+    from adapter.app import create_app
+
+    async with serving(gateway.app) as gw_url, httpx.AsyncClient(base_url=gw_url) as gw, \
+            asgi_client(crm.app, "http://crm.test") as backend:
+        apps = [create_app(settings, gateway_http=gw, crm_http=backend) for _ in range(2)]
+        async with serving(apps[0]) as url_a, serving(apps[1]) as url_b, \
+                httpx.AsyncClient(base_url=url_a, timeout=30) as a, httpx.AsyncClient(base_url=url_b, timeout=30) as b:
+            yield a, b, apps
 
 
 def free_port() -> int:
@@ -494,6 +515,7 @@ async def replica_cluster(n: int, *, gateway_url: str, crm_url: str, redis_url: 
 
     env = {"REDIS_URL": redis_url, "CACHE_PREFIX": f"{prefix}-{uuid.uuid4().hex[:8]}",
            "CONDUCTOR_GATEWAY_URL": gateway_url, "CRM_BACKEND_URL": crm_url, "JOB_TOKEN_SECRET": "r" * 40,
+           "REDIS_SIGNING_KEY": TEST_SIGNING_KEY,  # replicas share it; `adapter serve` with Redis refuses to start without
            "JOB_LEASE_SECONDS": str(lease), "SSE_HEARTBEAT_SECONDS": "0.5", "SHUTDOWN_GRACE_SECONDS": "5",
            "GATEWAY_CALL_TIMEOUT": "30", "RETRY_BASE_DELAY": "0.01", "RETRY_MAX_DELAY": "0.05",
            **NO_RATE_LIMITS, **{k.upper(): str(v) for k, v in overrides.items()}}

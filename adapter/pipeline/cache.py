@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+import msgspec
 
 from ..errors import (
     AdapterError,
@@ -33,9 +35,11 @@ from ..errors import (
     SharedCallCancelled,
     UpstreamTimeout,
 )
+from ..storage.signing import Tampering
 from ..storage.store import Entry, Store
 from ..upstreams.resilience import BACKGROUND, Background
 
+_encode = msgspec.json.Encoder().encode
 Mode = Literal["default", "no-cache", "no-store"]
 XCache = Literal["HIT", "MISS", "STALE", "BYPASS"]
 # Faults of the model's side, where an older answer beats none; never the CRM's refusals.
@@ -49,12 +53,24 @@ class Outcome:
     age: int | None = None
 
 
+# Entries are signed (storage/signing.py) since issue 22, and their keys moved with them: during a
+# rolling upgrade a replica of the older release would serve a signed value's bytes as an answer,
+# and its unsigned entries would only be misses here. Separate keys keep the two releases apart
+# (their single-flight locks too, which follow the key).
+KEY_FORMAT = "signed-1"
+
+
 def cache_key(prefix: str, task: str, agent: str, version: str, record_id: str, agent_input: str) -> str:
     # The prompt holds the record's content, so an edited record is a new key. The record id
     # is in it too: two leads with the same content must not share an answer that names one
     # of them. Hashing keeps keys short whatever the record's size.
-    digest = hashlib.sha256(f"{agent}\0{version}\0{record_id}\0{agent_input}".encode()).hexdigest()[:40]
+    digest = hashlib.sha256(f"{KEY_FORMAT}\0{agent}\0{version}\0{record_id}\0{agent_input}".encode()).hexdigest()[:40]
     return f"{prefix}:result:{task}:{digest}"
+
+
+def task_of(key: str) -> str:
+    """The task a `cache_key` is for."""
+    return key.rsplit(":", 2)[-2]
 
 
 @asynccontextmanager
@@ -73,8 +89,15 @@ class ResultCache:
     `keep` (how long an answer is stored), and single flight for the synchronous routes."""
 
     def __init__(self, store: Store, grace: float, clock: Callable[[], float] = time.time,
-                 on_coalesced: Callable[[str], None] = lambda key: None) -> None:
+                 on_coalesced: Callable[[str], None] = lambda key: None,
+                 readers: Mapping[str, Callable[[bytes], Any]] | None = None, tampering: Tampering | None = None) -> None:
         self.store = store
+        # Each task's result struct, by task name (Task.reread): a stored body that is not exactly an
+        # encoded result of its task is never served. The store's signature (Redis) says who wrote an
+        # entry, not that it is an answer this release gives (an older release's shape, a bug): both
+        # checks, on every read, whatever the store.
+        self._readers = dict(readers or {})
+        self._tampering = tampering or Tampering()
         self._grace = grace
         self._clock = clock
         self._flights: dict[str, asyncio.Task[bytes]] = {}
@@ -92,16 +115,28 @@ class ResultCache:
         """Past its freshness but within CACHE_STALE_GRACE: may stand in for a model-side fault."""
         return self._clock() - entry.stored_at < ttl + self._grace
 
+    async def _get(self, key: str) -> Entry | None:
+        """The stored entry, if its body is still an answer of its task (the one way entries are read)."""
+        entry = await self.store.get(key)
+        if entry is None or (read := self._readers.get(task_of(key))) is None:
+            return entry
+        # Decoded and encoded again, it must give the very bytes stored (what the pipeline writes is an
+        # encoded result): an extra field, a missing one, or an older release's shape is no answer of ours.
+        if (result := read(entry.body)) is not None and _encode(result) == entry.body:
+            return entry
+        self._tampering("cache", key, "not-a-result", entry.body, effect="served as a miss")
+        return None
+
     async def lookup(self, key: str, ttl: float) -> Entry | None:
         """A fresh answer for `key`, or None."""
-        entry = await self.store.get(key)
+        entry = await self._get(key)
         return entry if entry is not None and self.is_fresh(entry, ttl) else None
 
     async def stale_for(self, key: str, ttl: float, exc: Exception) -> Entry | None:
         """The stale-if-error rule: an answer within the grace stands in for a fault of the model's side."""
         if not isinstance(exc, STALE_ON):
             return None
-        entry = await self.store.get(key)
+        entry = await self._get(key)
         return entry if entry is not None and self.is_usable_stale(entry, ttl) else None
 
     async def keep(self, key: str, body: bytes, ttl: float) -> None:
@@ -118,7 +153,7 @@ class ResultCache:
             if admit is not None:
                 await admit()
             return Outcome(await compute(), "BYPASS")
-        stale = await self.store.get(key) if mode == "default" else None
+        stale = await self._get(key) if mode == "default" else None
         if stale is not None:
             if self.is_fresh(stale, ttl):
                 return Outcome(stale.body, "HIT", self.age(stale))

@@ -30,7 +30,7 @@ import structlog
 from ..storage.job_state import Event, Job, Status
 from ..tasks import Task
 from .cache import key_lock
-from ..errors import AdapterError, GatewayProtocolError, ShuttingDown, UpstreamTimeout
+from ..errors import AdapterError, GatewayProtocolError, JobLogTampered, ShuttingDown, UpstreamTimeout
 from .service import AiService, Prepared
 
 log = structlog.get_logger("adapter.jobs")
@@ -90,8 +90,13 @@ class Jobs:
                 # or take it over at once if its runner is gone.
                 holder = await self.mirror.claim(key, job_id)
                 if holder != job_id:
-                    remote = await self.find(holder)
-                    if remote is not None and not remote.finished:
+                    try:
+                        remote = await self.find(holder)
+                    except JobLogTampered:
+                        remote = None  # reported by the job log; this question gets a job of its own
+                    # The claim itself is not signed: its job's (signed) metadata must name this very
+                    # question, or a claim pointed at another user's job would serve that job here.
+                    if remote is not None and not remote.finished and remote.key == key:
                         await self.mirror.take_over_now(remote)
                         self.service.cache.note_coalesced(key)
                         return remote, "MISS"

@@ -16,6 +16,12 @@ follows it with a blocking XREAD (on a client whose socket timeout is longer tha
 block, so a silent model is never taken for a Redis fault). Between reads it checks
 the lease: a job whose lease lapsed before `done` is orphaned, and the follower takes
 it over (`Jobs.resume`). Redis faults are retried with backoff, from the last id read.
+
+What a replica reads back is checked (signing.py): the metadata carries a MAC over its fields
+(`sig`; not over `owner`, which only says who writes), each stream entry one over its id, name
+and data (`s`), each of a batch's inputs one over its item id. A follower whose log fails the
+check ends its copy with `error` (`job-log-tampered`) and `done`; a job whose metadata fails it
+is answered as that problem (502), since nothing about it can be trusted.
 """
 
 from __future__ import annotations
@@ -33,14 +39,15 @@ import msgspec
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from ..errors import JobExpired, JobLogUnavailable
+from ..errors import JobExpired, JobLogTampered, JobLogUnavailable
 from .job_state import Job
 from .redis_store import FAULTS, RELEASE_SCRIPT, RedisStore
+from .signing import Tampered
 
 log = structlog.get_logger("adapter.jobs")
 _encode = msgspec.json.Encoder().encode
 
-# KEYS: meta, log, lease. ARGV: owner, lease_ms, ttl_ms, n_meta, <meta field, value>..., <id, name, data>...
+# KEYS: meta, log, lease. ARGV: owner, lease_ms, ttl_ms, n_meta, <meta field, value>..., <id, name, data, mac>...
 # Returns the stream's last id after the write, or -1 (another replica owns the job),
 # -2 (the job is gone from Redis: send the metadata and every event), -3 (a gap before this batch).
 _APPEND = """
@@ -67,10 +74,10 @@ if i <= #ARGV and tonumber(ARGV[i]) > top + 1 then return -3 end
 while i <= #ARGV do
   local id = tonumber(ARGV[i])
   if id > top then
-    redis.call('xadd', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+    redis.call('xadd', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2], 's', ARGV[i + 3])
     top = id
   end
-  i = i + 3
+  i = i + 4
 end
 if top > 0 then redis.call('pexpire', KEYS[2], ARGV[3]) end
 return top
@@ -90,6 +97,8 @@ return 1
 
 
 FOLLOWER_CONNECTIONS = 1_000
+# The metadata fields the `sig` field's MAC covers, in this order.
+SIGNED_META = ("task", "record_id", "key", "expires", "mode", "input")
 
 
 def replica_id() -> str:
@@ -202,10 +211,55 @@ class RedisJobLog:
         else:
             del self._waiters[job_id]
 
-    def _meta_args(self, job: Job) -> list[str]:
-        meta = {"task": job.task, "record_id": job.record_id, "key": job.key, "expires": repr(job.expires),
-                "mode": job.mode, "input": job.agent_input, "owner": self.replica}
+    def _meta_args(self, job: Job) -> list[str | bytes]:
+        meta: dict[str, str | bytes] = {"task": job.task, "record_id": job.record_id, "key": job.key,
+                                        "expires": repr(job.expires), "mode": job.mode, "input": job.agent_input}
+        meta["sig"] = self._s.signer.mac(self._meta(job.id), *(str(meta[f]).encode() for f in SIGNED_META))
+        meta["owner"] = self.replica
         return [str(len(meta)), *(x for kv in meta.items() for x in kv)]
+
+    def _entry_mac(self, job_id: str, seq: int, event: bytes, data: bytes) -> bytes:
+        # The entry's id is in the MAC: a valid entry moved to another place in the log fails its check.
+        return self._s.signer.mac(self._log(job_id), b"%d" % seq, event, data)
+
+    def _checked_meta(self, job_id: str, raw: dict[bytes, bytes]) -> dict[str, str]:
+        """The job's metadata once its MAC checks out; else reported, and raised as JobLogTampered."""
+        fields = {k.decode(errors="replace"): v for k, v in raw.items()}
+        try:
+            self._s.signer.check(fields.get("sig"), self._meta(job_id), *(fields.get(f, b"") for f in SIGNED_META))
+        except Tampered as exc:
+            self._s.tampering("job-log", self._meta(job_id), exc.reason, b"\0".join(sorted(k + b"=" + v for k, v in raw.items())),
+                              effect="the job is answered as job-log-tampered (502)")
+            raise JobLogTampered(f"job {job_id}'s metadata in Redis failed its integrity check (REDIS_SIGNING_KEY): "
+                                 "it was changed outside the sidecar, or signed with a key this replica does not accept; "
+                                 "start the job again") from None
+        return {k: v.decode(errors="replace") for k, v in fields.items() if k != "sig"}  # `owner` is not signed
+
+    def _replay(self, job: Job, entries: list[Any]) -> bool:
+        """Append the entries that come next to the local copy, exactly once and in order, each once its MAC
+        checks out. The first that fails ends the copy with `error` and `done` (False)."""
+        for entry_id, fields in entries:
+            seq = _seq(entry_id)
+            if seq != len(job.events) + 1:
+                continue
+            event, data, mac = fields.get(b"e", b""), fields.get(b"d", b""), fields.get(b"s")
+            try:
+                self._s.signer.check(mac, self._log(job.id), b"%d" % seq, event, data)
+            except Tampered as exc:
+                self._s.tampering("job-log", f"{self._log(job.id)}#{seq}", exc.reason, event + b"\0" + data,
+                                  effect="the job's readers get error job-log-tampered and done")
+                self._end_tampered(job, f"event {seq} of its log")
+                return False
+            job.emit(event.decode(), data)
+        return True
+
+    def _end_tampered(self, job: Job, what: str) -> None:
+        # Ends this replica's copy as _expire does: every reader gets `error` then `done`, none is served what failed.
+        job.emit("error", self._describe(JobLogTampered(
+            f"{what} in Redis failed its integrity check (REDIS_SIGNING_KEY): it was changed outside the sidecar, "
+            "or signed with a key this replica does not accept; nothing from it was served; start the job again"),
+            f"/api/v1/ai/jobs/{job.id}"))
+        job.emit("done", {"status": "failed", "cached": False})
 
     async def _flush(self, job: Job) -> None:
         delay = 0.05
@@ -220,7 +274,7 @@ class RedisJobLog:
                 args: list[Any] = [self.replica, self._lease_ms, self._ttl_ms]
                 args += self._meta_args(job) if repair or done == 0 else ["0"]
                 for ev in batch:
-                    args += [ev.id, ev.event, ev.data]
+                    args += [ev.id, ev.event, ev.data, self._entry_mac(job.id, ev.id, ev.event.encode(), ev.data)]
                 try:
                     top = int(await self._append(keys=[self._meta(job.id), self._log(job.id), self._lease(job.id)], args=args))
                 except FAULTS as exc:
@@ -366,10 +420,13 @@ class RedisJobLog:
         without the creator's token (which is never stored)."""
         if not inputs:
             return
+        key = self._inputs(job_id)
+        # Each input sealed with its item's id: a replica taking the batch over asks the model exactly this.
+        sealed = {item: self._s.signer.seal(key, text.encode(), item.encode()) for item, text in inputs.items()}
         try:
             async with self._r.pipeline(transaction=False) as pipe:
-                pipe.hset(self._inputs(job_id), mapping=inputs)
-                pipe.pexpire(self._inputs(job_id), self._ttl_ms)
+                pipe.hset(key, mapping=sealed)  # type: ignore[arg-type]
+                pipe.pexpire(key, self._ttl_ms)
                 await pipe.execute()
         except FAULTS as exc:
             self._s.fault(exc)
@@ -380,7 +437,15 @@ class RedisJobLog:
         except FAULTS as exc:
             self._s.fault(exc)
             return {}
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        key, inputs = self._inputs(job_id), {}
+        for item, value in raw.items():
+            name = item.decode(errors="replace")  # the MAC covers the field's bytes: a forged name fails it
+            try:
+                inputs[name] = self._s.signer.unseal(key, value, item).decode()
+            except Tampered as exc:
+                # Left out: the item counts as never read, and fails with batch-item-lost instead of asking this.
+                self._s.tampering("batch-inputs", f"{key}#{name}", exc.reason, value, effect="the item fails as never read")
+        return inputs
 
     async def request_cancel(self, job_id: str) -> None:
         try:
@@ -418,12 +483,8 @@ class RedisJobLog:
                     raise JobLogUnavailable(f"the job log store (Redis) is unavailable: {self._s.degraded}") from None
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay *= 2
-        m = {k.decode(): v.decode() for k, v in meta.items()}
-        job = _job_of(job_id, m)
-        for entry_id, fields in entries:
-            if _seq(entry_id) == len(job.events) + 1:
-                job.emit(fields[b"e"].decode(), fields[b"d"])
-        if not job.finished:
+        job = _job_of(job_id, self._checked_meta(job_id, meta))
+        if self._replay(job, entries) and not job.finished:
             self.follow(job, len(job.events))
         return job
 
@@ -458,9 +519,8 @@ class RedisJobLog:
                 if stream in (nudge, nudge.encode()):
                     nudged_at, handed_over = entries[-1][0], True
                     continue
-                for entry_id, fields in entries:
-                    if _seq(entry_id) == len(job.events) + 1:  # exactly once, in order
-                        job.emit(fields[b"e"].decode(), fields[b"d"])
+                if not self._replay(job, entries):
+                    return
             if job.finished or not self.accepting:
                 continue
             if answer and not handed_over and time.monotonic() - last_check < self.block:
@@ -498,11 +558,14 @@ class RedisJobLog:
             except FAULTS as exc:
                 self._s.fault(exc)
                 await asyncio.sleep(self._backoff_cap)
-        for entry_id, fields in entries:
-            if _seq(entry_id) == len(job.events) + 1:
-                job.emit(fields[b"e"].decode(), fields[b"d"])
-        m = {k.decode(): v.decode() for k, v in meta.items()}
-        job.agent_input, job.mode = m.get("input", ""), m.get("mode", "default")  # type: ignore[assignment]
+        if not self._replay(job, entries):
+            return  # the lease we took lapses by itself: whoever takes it next finds the same
+        try:
+            m = self._checked_meta(job.id, meta) if meta else {}  # gone since the takeover: what was loaded stands
+        except JobLogTampered:
+            self._end_tampered(job, "its metadata")
+            return
+        job.agent_input, job.mode = m.get("input", job.agent_input), m.get("mode", job.mode)  # type: ignore[assignment]
         log.info("job.taken_over", job_id=job.id, replica=self.replica, after_event=len(job.events))
         self.own(job, len(job.events))
         if self.on_orphan is not None:

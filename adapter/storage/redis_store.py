@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .signing import Signer, Tampered, Tampering
 from .store import Entry
 from ..errors import AdapterError, from_record, to_record
 from ..models import DependencyState
@@ -42,8 +43,12 @@ def redis_client(url: str) -> Redis:
 class RedisStore:
     backend = "redis"
 
-    def __init__(self, client: Redis, *, prefix: str, lock_ttl: float, retry_log_interval: float) -> None:
+    def __init__(self, client: Redis, *, prefix: str, lock_ttl: float, retry_log_interval: float, signer: Signer,
+                 tampering: Tampering | None = None) -> None:
         self.redis = client
+        # Every value read back is checked (signing.py); the job log and the flights use the same two.
+        self.signer = signer
+        self.tampering = tampering or Tampering()
         self.prefix = prefix
         self.lock_ttl = lock_ttl
         self._log_every = retry_log_interval
@@ -70,11 +75,17 @@ class RedisStore:
             self.fault(exc)
             return None
         self.ok()
-        return Entry.unpack(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            return Entry.unpack(self.signer.unseal(key, raw))
+        except Tampered as exc:
+            self.tampering("cache", key, exc.reason, raw, effect="served as a miss")
+            return None
 
     async def put(self, key: str, entry: Entry, keep: float) -> None:
         try:
-            await self.redis.set(key, entry.pack(), px=max(int(keep * 1000), 1))
+            await self.redis.set(key, self.signer.seal(key, entry.pack()), px=max(int(keep * 1000), 1))
         except FAULTS as exc:
             self.fault(exc)
         else:
@@ -109,11 +120,15 @@ class RedisFlight:
         self._holder: str | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._pubsub = None
+        # Set when the holder's outcome failed its check: this flight stops coordinating and computes.
+        self._untrusted = False
 
     def _outcome_key(self, token: str) -> str:
         return f"{self._s.prefix}:outcome:{token}"
 
     async def lead(self) -> bool | None:
+        if self._untrusted:
+            return None  # whoever holds the lock wrote an outcome we cannot trust: waiting on it again would spin
         ttl_ms = int(self._s.lock_ttl * 1000)
         try:
             if await self._r.set(self._lock, self._token, nx=True, px=ttl_ms):
@@ -146,18 +161,30 @@ class RedisFlight:
                 await self._pubsub.subscribe(self._channel)  # before the first check: no lost wake-up
             while True:
                 if (raw := await self._r.get(key)) is not None:
-                    return _decode_outcome(raw)
+                    return self._outcome(key, raw)
                 if (await self._r.get(self._lock) or b"").decode() != self._holder:
                     raw = await self._r.get(key)  # it may have finished between the two reads
-                    return None if raw is None else _decode_outcome(raw)
+                    return None if raw is None else self._outcome(key, raw)
                 await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=min(1.0, self._s.lock_ttl / 3))
         except FAULTS as exc:
             self._s.fault(exc)
             return None
 
+    def _outcome(self, key: str, raw: bytes) -> bytes | AdapterError | None:
+        # The outcome's MAC binds it to this question's lock as well as to its own key: the lock's
+        # value (the holder) is not signed, and pointing it at another question's valid outcome
+        # must not serve that answer here.
+        try:
+            return _decode_outcome(self._s.signer.unseal(key, raw, self._lock.encode()))
+        except Tampered as exc:
+            self._s.tampering("flight", key, exc.reason, raw, effect="ignored: this request asks the model itself")
+            self._untrusted = True
+            return None
+
     async def _finish(self, payload: bytes) -> None:
         try:
-            await self._r.set(self._outcome_key(self._token), payload, px=30_000)
+            key = self._outcome_key(self._token)
+            await self._r.set(key, self._s.signer.seal(key, payload, self._lock.encode()), px=30_000)
             await self._r.publish(self._channel, self._token)
             await self._r.eval(RELEASE_SCRIPT, 1, self._lock, self._token)
         except FAULTS as exc:
