@@ -22,7 +22,7 @@ from tests.helpers import DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, ROOT
 SETTING_NAMES = {f.encode_name for f in msgspec.structs.fields(Settings)}
 DEFAULTS = Settings.from_env({})
 # The dependencies' wire contracts (shared/context/upstreams.md): container port and health path.
-UPSTREAM_PORTS = {"conductor-gateway": 5006, "crm-backend": 8000, "redis": 6379, "conductor-api": 8000}
+UPSTREAM_PORTS = {"conductor-gateway": 5006, "crm-backend": 8000, "redis": 6379, "crm-redis": 6379, "conductor-api": 8000}
 
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -168,6 +168,36 @@ def test_compose_publishes_only_the_sidecar_and_never_redis_unauthenticated():
     redis = services["redis"]
     if _published(redis):
         assert "--requirepass" in " ".join(map(str, redis.get("command", []))), "Redis is published without a password"
+
+
+def test_compose_redis_requires_the_password_the_sidecar_uses():
+    """Issue 22: one Redis without a password, shared with the backend, let a neighbour decide answers."""
+    services = compose()["services"]
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[:2] == ["redis-server", "--requirepass"], "the sidecar's Redis must require a password"
+    password = re.fullmatch(r"\$\{(\w+):\?.+\}", command[2])
+    assert password, "the password must come from a required variable, never a literal"
+    url = urlsplit(services["crm-ai-sidecar"]["environment"]["REDIS_URL"])
+    assert url.password == "${%s}" % password.group(1), "the sidecar must authenticate with the same variable"
+    # The health check authenticates too, without putting the password in its arguments.
+    assert redis["environment"]["REDISCLI_AUTH"] == "${%s}" % password.group(1)
+    assert not _published(redis), "the sidecar's Redis is never published"
+    signing = services["crm-ai-sidecar"]["environment"]["REDIS_SIGNING_KEY"]
+    assert re.fullmatch(r"\$\{REDIS_SIGNING_KEY:\?.+\}", signing), "the signing key is required, never a literal"
+
+
+def test_compose_gives_the_crm_backend_its_own_redis():
+    services = compose()["services"]
+    sidecar_redis = urlsplit(services["crm-ai-sidecar"]["environment"]["REDIS_URL"]).hostname
+    for name, service in services.items():
+        if name == "crm-ai-sidecar":
+            continue
+        hosts = {urlsplit(str(v)).hostname for v in service.get("environment", {}).values() if "://" in str(v)}
+        assert sidecar_redis not in hosts | set(service.get("depends_on", {})), \
+            f"{name} reaches the sidecar's Redis, which only the sidecar may write"
+    backend_redis = urlsplit(services["crm-backend"]["environment"]["REDIS_URL"]).hostname
+    assert backend_redis != sidecar_redis and backend_redis in services
 
 
 def test_compose_wires_the_crm_secret_into_the_sidecar():
