@@ -31,8 +31,17 @@ def dockerfile() -> list[tuple[str, str]]:
             for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently (a merge once left two REDIS_SIGNING_KEY lines)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.value != "<<"]
+        assert len(keys) == len(set(keys)), f"duplicate keys at line {node.start_mark.line + 1}: {sorted(keys)}"
+        return super().construct_mapping(node, deep)
+
+
 def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return yaml.load((ROOT / "docker-compose.yml").read_text(), Loader=_StrictLoader)
 
 
 def app_paths() -> set[str]:
