@@ -9,9 +9,13 @@ import msgspec
 from msgspec import Meta
 
 # MongoDB ObjectId: checked here because the CRM backend answers 500 for any other form.
+# msgspec applies the pattern with re.search, where `$` also matches before a final "\n": the
+# length bounds leave no room for one. (`\Z` would say it too, but the pattern is also the
+# OpenAPI document's, read by ECMAScript regex engines, which have no `\Z`.)
 ObjectId = Annotated[
     str,
-    Meta(pattern="^[0-9a-fA-F]{24}$", description="MongoDB ObjectId: 24 hexadecimal characters", examples=["65f1c0ffee0000000000a001"]),
+    Meta(pattern="^[0-9a-fA-F]{24}$", min_length=24, max_length=24, description="MongoDB ObjectId: 24 hexadecimal characters",
+         examples=["65f1c0ffee0000000000a001"]),
 ]
 Percent = Annotated[int, Meta(ge=0, le=100)]
 

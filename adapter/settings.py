@@ -28,8 +28,9 @@ class TaskDefaults(Protocol):
     def rate_limit(self) -> str: ...
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
-RATE = r"^(off|[1-9][0-9]{0,6}/[0-9]+(\.[0-9]+)?)$"
-PROVIDERS = r"^[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*$"
+# msgspec applies a pattern with re.search, where `$` also matches before a final newline: `\Z` ends them.
+RATE = r"^(off|[1-9][0-9]{0,6}/[0-9]+(\.[0-9]+)?)\Z"
+PROVIDERS = r"^[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*\Z"
 Port = Annotated[int, Meta(ge=0, le=65_535)]
 # Settings with one variable per task, named `<FIELD>_<TASK>` (CACHE_TTL_LEAD_QUALIFY).
 PER_TASK = ("CACHE_TTL", "RATE_LIMIT")
@@ -126,7 +127,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
 
     agent_repair_attempts: Annotated[int, Meta(ge=0, le=5)] = 1
 
-    cache_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "crm-ai"
+    cache_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}\Z")] = "crm-ai"
     # CACHE_TTL_<TASK>: freshness in seconds, keyed like rate_limit; else the task module's default.
     cache_ttl: dict[str, Seconds] = {}
     cache_stale_grace: Annotated[float, Meta(ge=0, le=7 * 86_400)] = 86_400.0

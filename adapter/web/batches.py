@@ -30,7 +30,7 @@ from .requests import require_json
 from .sse import last_event_id, sse_response
 from .tokens import JobTokens
 
-_OBJECT_ID = re.compile(r"^[0-9a-fA-F]{24}$")
+_OBJECT_ID = re.compile(r"[0-9a-fA-F]{24}")  # fullmatch: `$` would also match before a final newline
 ItemStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # failed: the replica shut down without Redis to hand the batch to (items not done never ran).
 BatchStatus = Literal["queued", "running", "completed", "cancelled", "failed"]
@@ -89,7 +89,7 @@ def checked(tasks: Registry, data: Any, max_items: int) -> tuple[Any, list[str],
                          field="ids")
     seen: dict[str, int] = {}
     for i, record_id in enumerate(ids):
-        if not _OBJECT_ID.match(record_id):
+        if not _OBJECT_ID.fullmatch(record_id):
             raise BadRequest(f"invalid request body: `ids[{i}]`: {record_id[:40]!r} is not a MongoDB ObjectId "
                              "(24 hexadecimal characters)", field=f"ids[{i}]")
         if (first := seen.setdefault(record_id.lower(), i)) != i:
