@@ -39,6 +39,8 @@ class Metrics:
         self.lost_streams = Counter("crm_ai_gateway_lost_streams", "Gateway jobs whose stream was lost before the outcome "
                                     "(404, broken off, ended without a result): recovered by one synchronous run", ["agent"], registry=r)
         self.rate_limited = Counter("crm_ai_rate_limited", "Requests refused by the per-user rate limit", ["task"], registry=r)
+        # Refusals at a concurrency limit, by the setting that sets it (MAX_STREAMS_PER_USER, MAX_STREAMS, MAX_BATCHES_PER_USER).
+        self.limit_refusals = Counter("crm_ai_limit_refusals", "Requests refused at a concurrency limit", ["limit"], registry=r)
 
     def request_done(self, route: str, method: str, status: str, seconds: float) -> None:
         """One served request: its count and its latency. The labelled children are kept, not looked up each time."""

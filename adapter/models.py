@@ -52,7 +52,8 @@ class BatchSseEvent(msgspec.Struct, kw_only=True):
     event: Annotated[Literal["status", "item", "progress", "done"], Meta(
         description="status {state, message}; item {id, status: running|succeeded|failed|cancelled, cached, "
                     "result (the task's synchronous body) | error (a problem object)}; progress {queued, running, "
-                    "succeeded, failed, cancelled, cached}; done {status: completed|cancelled|failed, counts}, always last")]
+                    "succeeded, failed, cancelled, cached}; done {status: completed|cancelled|failed, counts, ended_at: "
+                    "when it ended (the batch is kept JOB_RETENTION_SECONDS after)}, always last")]
     data: Annotated[str, Meta(description="the event's JSON payload")]
     id: Annotated[str, Meta(pattern="^[1-9][0-9]*$", description="consecutive from 1; resume with Last-Event-ID")]
 

@@ -152,6 +152,19 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
 
+    # Every user's work is bounded (a user: the verified `sub` with CRM_JWT_SECRET, else a hash of
+    # the bearer token; job and batch tokens carry their creator's). Beyond a limit: 429 naming it.
+    # Open event streams (task streams, job and batch events) per user, on each replica.
+    max_streams_per_user: Annotated[int, Meta(ge=1, le=100_000)] = 20
+    # Open event streams per replica (503 beyond): lowered at start-up to what the process's
+    # file-descriptor limit leaves once the upstream pools have theirs (web/streams.py).
+    max_streams: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    # Running batches per user, across replicas when REDIS_URL is set.
+    max_batches_per_user: Annotated[int, Meta(ge=1, le=10_000)] = 2
+    # CRM record reads per user, `<reads>/<seconds>` or `off`: interactive requests beyond it get 429;
+    # batches wait for the bucket, leaving a quarter of it to the user's interactive requests.
+    crm_reads_per_user: Annotated[str, Meta(pattern=RATE)] = "20/1"
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -219,6 +232,7 @@ def _check_base_url(var: str, value: str) -> None:
 # What a pattern-checked variable must look like, in words rather than its regex.
 _SHAPES = {
     "RATE_LIMIT_": "`<requests>/<seconds>` (for example 20/60) or `off`",
+    "CRM_READS_PER_USER": "`<reads>/<seconds>` (for example 20/1) or `off`",
     "CACHE_PREFIX": "1 to 64 letters, digits or `:_.-`",
 }
 _SECRET = ("SECRET", "TOKEN", "PASSWORD")

@@ -174,7 +174,8 @@ TOKEN = crm.token(SEED["alice"], expires_in=86_400)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REQUESTS, _ = examples(TASKS)  # each route's example body: every field it takes
 # The limits that would answer before the code under test (429s) are lifted: the run is about input.
-app = create_app(make_settings(rate_limit_lead_qualify="off", rate_limit_email_generate="off", rate_limit_deal_predict="off"),
+app = create_app(make_settings(rate_limit_lead_qualify="off", rate_limit_email_generate="off", rate_limit_deal_predict="off",
+                               crm_reads_per_user="off", max_batches_per_user=1_000, max_streams_per_user=1_000),
                  gateway_http=asgi_client(gateway.app, "http://gateway.test"), crm_http=asgi_client(crm.app, "http://crm.test"))
 
 

