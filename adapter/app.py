@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,8 @@ from .pipeline.service import AiService
 from .settings import Settings, redact_url
 from .storage.job_log import RedisJobLog
 from .storage.memory import MemoryStore
-from .storage.ratelimit import Policy, RateLimiter
+from .storage.quota import RunningBatches
+from .storage.ratelimit import CRM_READS, Policy, RateLimiter
 from .storage.redis_store import FAULTS, RedisStore, redis_client
 from .storage.signing import Signer, Tampering
 from .storage.store import Store
@@ -46,6 +48,7 @@ from .web.jobs import job_routers
 from .web.ops import healthz, readyz
 from .web.ops import metrics as metrics_route
 from .web.proxy import Forward, Proxy
+from .web.streams import StreamSlots, release, stream_limit
 from .web.tasks import task_routers
 from .web.tokens import JobTokens
 
@@ -90,6 +93,7 @@ def request_context(app: ASGIApp) -> ASGIApp:
             check_header_size(scope, scope["app"].state.settings.max_header_bytes)
             await app(scope, receive, send)
         finally:
+            release(scope)  # the open-stream place the request took, however its response ended
             structlog.contextvars.reset_contextvars(**bound)
             current_request_id.reset(token)
 
@@ -133,6 +137,7 @@ def create_app(
     proxy_http: httpx.AsyncClient | None = None,
     store: Store | None = None,
     clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     demo: DemoSession | None = None,
     tracer_provider: TracerProvider | None = None,
     tasks: Registry = TASKS,
@@ -140,8 +145,9 @@ def create_app(
     """Clients handed in are the caller's to close; the ones made here are closed at shutdown.
 
     `tasks`: the AI tasks served (every route, setting, health entry and OpenAPI operation of a
-    task follows from its entry). Traces: the tracer provider handed in, else what the OTEL_*
-    variables ask for (off when none is set).
+    task follows from its entry). `sleep`: how batches wait for a user's rate-limit buckets to
+    refill (a test that moves `clock` by hand moves time for them with it). Traces: the tracer
+    provider handed in, else what the OTEL_* variables ask for (off when none is set).
     """
     tasks = tasks.load(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
     tasks.check_overrides({"CACHE_TTL_": settings.cache_ttl, "RATE_LIMIT_": settings.rate_limit})
@@ -181,9 +187,11 @@ def create_app(
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
                                 on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc(),
                                 readers={t.name: t.reread for t in tasks.values()}, tampering=tampering)
+            redis_store = cache_store if isinstance(cache_store, RedisStore) else None
             limiter = RateLimiter(
-                {t.name: Policy.parse(settings.rate_limit_for(t)) for t in tasks.values()},
-                prefix=settings.cache_prefix, store=cache_store if isinstance(cache_store, RedisStore) else None, clock=clock)
+                {**{t.name: Policy.parse(settings.rate_limit_for(t), setting=f"RATE_LIMIT_{t.env_suffix}") for t in tasks.values()},
+                 CRM_READS: Policy.parse(settings.crm_reads_per_user, setting="CRM_READS_PER_USER", what="CRM record reads", shared=False)},
+                prefix=settings.cache_prefix, store=redis_store, clock=clock, sleep=sleep)
             service = AiService(
                 tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics, clock=clock),
                 crm=crm.CrmClient(backend, settings, clock=clock),
@@ -196,7 +204,16 @@ def create_app(
                                      lease=settings.job_lease_seconds, describe=problems.problem_json)
                 stack.push_async_callback(mirror.aclose)
             app.state.jobs = Jobs(service, describe=problems.problem_json, clock=clock, mirror=mirror)
-            app.state.batches = batches = Batches(app.state.jobs, clock=clock)
+            # A batch counts as running until it ends, or at the latest until its deadline (plus a lease for a takeover).
+            running = RunningBatches(settings.max_batches_per_user, lifetime=settings.batch_max_seconds + settings.job_lease_seconds,
+                                     prefix=settings.cache_prefix, store=redis_store, clock=clock)
+            app.state.batches = batches = Batches(app.state.jobs, clock=clock, running=running)
+            max_streams, fd_limit = stream_limit(settings)
+            if max_streams < settings.max_streams:
+                log.warning("streams.capped", max_streams=max_streams, fd_limit=fd_limit,
+                            detail=f"MAX_STREAMS={settings.max_streams} lowered to what the file-descriptor limit leaves "
+                                   "after the upstream pools; raise `ulimit -n` (nofile) to open more")
+            app.state.streams = StreamSlots(settings.max_streams_per_user, max_streams, metrics.limit_refusals)
             batches.start_sweeper()
             stack.callback(batches.stop)
             metrics.watch_jobs(lambda: app.state.jobs.running)

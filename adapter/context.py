@@ -11,7 +11,7 @@ from litestar.types import Message, Scope
 
 from .errors import HeadersTooLarge
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: `$` would also match before a final newline
 _ID_KEY, _T0_KEY = "adapter.request_id", "adapter.t0"
 
 current_request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -23,7 +23,7 @@ def request_id(scope: Scope) -> str:
     if rid is None:
         given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
         # A header we did not mint goes into our logs and two upstreams: accept only a tame shape.
-        rid = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        rid = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
         scope[_ID_KEY] = rid  # type: ignore[literal-required]
         scope[_T0_KEY] = time.perf_counter()  # type: ignore[literal-required]
     return rid

@@ -9,6 +9,7 @@ AdapterError                       status, slug, title, detail, headers, errors[
 ├── RequestTimeout                 408 (the client was too slow; Connection: close)
 ├── UnsupportedMediaType           415
 ├── RateLimited                    429 (storage/ratelimit.py; Retry-After, RateLimit-*)
+│   └── TooManyAtOnce              429 too-many-at-once (a user's open streams or running batches; Retry-After)
 ├── HeadersTooLarge                431
 ├── ClientGone                     499 (the client hung up mid-request; nobody reads the answer)
 ├── CrmRefused                     the CRM backend's own 4xx, passed on
@@ -30,6 +31,7 @@ AdapterError                       status, slug, title, detail, headers, errors[
 ├── JobLogUnavailable              503 (Retry-After)
 ├── JobLogTampered                 502 (the job's log in Redis failed its integrity check)
 ├── ShuttingDown                   503 (this replica drains; Retry-After)
+├── StreamsFull                    503 (this replica holds MAX_STREAMS open streams; Retry-After)
 └── NotReady                       503 (readiness probe)
 
 `to_record`/`from_record` carry an error to another process (the Redis single flight):
@@ -97,6 +99,15 @@ class Unauthenticated(AdapterError):
 
 class RateLimited(AdapterError):
     status, slug, title = 429, "rate-limited", "Too many AI requests"
+
+
+class TooManyAtOnce(RateLimited):
+    """One user holds as many open event streams, or running batches, as their limit allows."""
+
+    slug, title = "too-many-at-once", "Too many at once for this user"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
 class HeadersTooLarge(AdapterError):
@@ -260,6 +271,15 @@ class ShuttingDown(AdapterError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, headers={"Retry-After": "1"})
+
+
+class StreamsFull(AdapterError):
+    """This replica holds MAX_STREAMS open event streams: another replica (or a later try) answers."""
+
+    status, slug, title = 503, "streams-full", "Too many open event streams"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
 class NotReady(AdapterError):

@@ -42,6 +42,8 @@ class Metrics:
         # Issue 22: what came back from Redis (or a stored body that is no answer of its task) and was never served.
         self.tampered = Counter("crm_ai_cache_tampered", "Stored values that failed their check and were not used, once "
                                 "per value: cache, flight, job-log, batch-inputs", ["kind"], registry=r)
+        # Refusals at a concurrency limit, by the setting that sets it (MAX_STREAMS_PER_USER, MAX_STREAMS, MAX_BATCHES_PER_USER).
+        self.limit_refusals = Counter("crm_ai_limit_refusals", "Requests refused at a concurrency limit", ["limit"], registry=r)
 
     def request_done(self, route: str, method: str, status: str, seconds: float) -> None:
         """One served request: its count and its latency. The labelled children are kept, not looked up each time."""

@@ -9,9 +9,13 @@ import msgspec
 from msgspec import Meta
 
 # MongoDB ObjectId: checked here because the CRM backend answers 500 for any other form.
+# msgspec applies the pattern with re.search, where `$` also matches before a final "\n": the
+# length bounds leave no room for one. (`\Z` would say it too, but the pattern is also the
+# OpenAPI document's, read by ECMAScript regex engines, which have no `\Z`.)
 ObjectId = Annotated[
     str,
-    Meta(pattern="^[0-9a-fA-F]{24}$", description="MongoDB ObjectId: 24 hexadecimal characters", examples=["65f1c0ffee0000000000a001"]),
+    Meta(pattern="^[0-9a-fA-F]{24}$", min_length=24, max_length=24, description="MongoDB ObjectId: 24 hexadecimal characters",
+         examples=["65f1c0ffee0000000000a001"]),
 ]
 Percent = Annotated[int, Meta(ge=0, le=100)]
 
@@ -48,7 +52,8 @@ class BatchSseEvent(msgspec.Struct, kw_only=True):
     event: Annotated[Literal["status", "item", "progress", "done"], Meta(
         description="status {state, message}; item {id, status: running|succeeded|failed|cancelled, cached, "
                     "result (the task's synchronous body) | error (a problem object)}; progress {queued, running, "
-                    "succeeded, failed, cancelled, cached}; done {status: completed|cancelled|failed, counts}, always last")]
+                    "succeeded, failed, cancelled, cached}; done {status: completed|cancelled|failed, counts, ended_at: "
+                    "when it ended (the batch is kept JOB_RETENTION_SECONDS after)}, always last")]
     data: Annotated[str, Meta(description="the event's JSON payload")]
     id: Annotated[str, Meta(pattern="^[1-9][0-9]*$", description="consecutive from 1; resume with Last-Event-ID")]
 

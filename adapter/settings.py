@@ -29,8 +29,9 @@ class TaskDefaults(Protocol):
     def rate_limit(self) -> str: ...
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
-RATE = r"^(off|[1-9][0-9]{0,6}/[0-9]+(\.[0-9]+)?)$"
-PROVIDERS = r"^[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*$"
+# msgspec applies a pattern with re.search, where `$` also matches before a final newline: `\Z` ends them.
+RATE = r"^(off|[1-9][0-9]{0,6}/[0-9]+(\.[0-9]+)?)\Z"
+PROVIDERS = r"^[A-Za-z0-9_.-]+(\s*,\s*[A-Za-z0-9_.-]+)*\Z"
 Port = Annotated[int, Meta(ge=0, le=65_535)]
 # Settings with one variable per task, named `<FIELD>_<TASK>` (CACHE_TTL_LEAD_QUALIFY).
 PER_TASK = ("CACHE_TTL", "RATE_LIMIT")
@@ -128,7 +129,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
 
     agent_repair_attempts: Annotated[int, Meta(ge=0, le=5)] = 1
 
-    cache_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "crm-ai"
+    cache_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}\Z")] = "crm-ai"
     # CACHE_TTL_<TASK>: freshness in seconds, keyed like rate_limit; else the task module's default.
     cache_ttl: dict[str, Seconds] = {}
     cache_stale_grace: Annotated[float, Meta(ge=0, le=7 * 86_400)] = 86_400.0
@@ -163,6 +164,19 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # rotating, the other key is accepted too (never signed with): see the README's Security section.
     redis_signing_key: Annotated[str, Meta(min_length=32)] | None = None
     redis_signing_key_previous: Annotated[str, Meta(min_length=32)] | None = None
+
+    # Every user's work is bounded (a user: the verified `sub` with CRM_JWT_SECRET, else a hash of
+    # the bearer token; job and batch tokens carry their creator's). Beyond a limit: 429 naming it.
+    # Open event streams (task streams, job and batch events) per user, on each replica.
+    max_streams_per_user: Annotated[int, Meta(ge=1, le=100_000)] = 20
+    # Open event streams per replica (503 beyond): lowered at start-up to what the process's
+    # file-descriptor limit leaves once the upstream pools have theirs (web/streams.py).
+    max_streams: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    # Running batches per user, across replicas when REDIS_URL is set.
+    max_batches_per_user: Annotated[int, Meta(ge=1, le=10_000)] = 2
+    # CRM record reads per user, `<reads>/<seconds>` or `off`: interactive requests beyond it get 429;
+    # batches wait for the bucket, leaving a quarter of it to the user's interactive requests.
+    crm_reads_per_user: Annotated[str, Meta(pattern=RATE)] = "20/1"
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -257,6 +271,7 @@ def _check_base_url(var: str, value: str) -> None:
 # What a pattern-checked variable must look like, in words rather than its regex.
 _SHAPES = {
     "RATE_LIMIT_": "`<requests>/<seconds>` (for example 20/60) or `off`",
+    "CRM_READS_PER_USER": "`<reads>/<seconds>` (for example 20/1) or `off`",
     "CACHE_PREFIX": "1 to 64 letters, digits or `:_.-`",
 }
 _SECRET = ("SECRET", "TOKEN", "PASSWORD", "SIGNING_KEY")

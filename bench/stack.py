@@ -68,6 +68,10 @@ def main() -> None:
         from adapter.app import create_app
         from adapter.settings import Settings
 
+        # The benchmarks load the sidecar as one user: its per-user bounds (CRM_READS_PER_USER 20/s,
+        # MAX_STREAMS_PER_USER 20, MAX_BATCHES_PER_USER 2) would be what they measured. A benchmark may still set them.
+        for name, value in {"CRM_READS_PER_USER": "off", "MAX_STREAMS_PER_USER": "100000", "MAX_BATCHES_PER_USER": "10000"}.items():
+            os.environ.setdefault(name, value)
         settings = Settings.from_env()
         logs.configure(settings.log_level, "json")  # as `adapter serve` logs to a pipe; stderr is /dev/null here
         # Served as `adapter serve` serves it (its own protocol: client limits, lingering close, drain),

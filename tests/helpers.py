@@ -501,7 +501,9 @@ class Reader(Changes):
 
 # --- several `adapter serve` replicas against the doubles and one Redis --------------------------
 
-NO_RATE_LIMITS = {"RATE_LIMIT_LEAD_QUALIFY": "off", "RATE_LIMIT_DEAL_PREDICT": "off", "RATE_LIMIT_EMAIL_GENERATE": "off"}
+# The replica tests load the cluster as one user: its per-user bounds (tests/test_limits.py) are lifted too.
+NO_RATE_LIMITS = {"RATE_LIMIT_LEAD_QUALIFY": "off", "RATE_LIMIT_DEAL_PREDICT": "off", "RATE_LIMIT_EMAIL_GENERATE": "off",
+                  "CRM_READS_PER_USER": "off", "MAX_STREAMS_PER_USER": "100000", "MAX_BATCHES_PER_USER": "10000"}
 
 
 @asynccontextmanager

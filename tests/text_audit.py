@@ -85,7 +85,7 @@ TRUSTED = (
                 r"Expected `(\w+)(?: \| null)?`, got")),
     Audited("adapter/settings.py", "the operator's environment (RATE_LIMIT_*)", "RATE"),
     Audited("adapter/settings.py", "the operator's environment (CONDUCTOR_AI_PROVIDER)", "PROVIDERS"),
-    Audited("adapter/settings.py", "the operator's environment (CACHE_PREFIX)", source=r"^[A-Za-z0-9:_.-]{1,64}$"),
+    Audited("adapter/settings.py", "the operator's environment (CACHE_PREFIX)", source=r"^[A-Za-z0-9:_.-]{1,64}\Z"),
     Audited("adapter/models.py", "SSE event ids in our OpenAPI document: nothing is decoded with it",
             source="^[1-9][0-9]*$"),
     Audited("adapter/doubles/crm.py", "the CRM double (the demo and the tests only)", "_OBJECT_ID"),

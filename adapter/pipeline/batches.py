@@ -16,14 +16,18 @@ Two phases:
    validation and repair, and the write-back (skipped after a takeover, as for jobs).
 
 A batch is background work: its model calls yield to interactive ones at the gateway bulkhead
-(`resilience.BACKGROUND`), and it takes a rate-limit token only while a quarter of the user's
-budget stays free for their interactive requests, waiting for the bucket to refill instead of
-failing an item. Cancelling lets running items finish; queued ones never start.
+(`resilience.BACKGROUND`), and each model call and each CRM read takes a token of the user's
+bucket (RATE_LIMIT_<TASK>, CRM_READS_PER_USER) only while a quarter of it stays free for their
+interactive requests, waiting for the bucket to refill instead of failing an item. A user runs
+at most MAX_BATCHES_PER_USER batches at a time (storage/quota.py). Cancelling lets running items
+finish; queued ones never start. An ended batch is kept JOB_RETENTION_SECONDS (its `done` says
+when it ended), then it and its token are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -32,8 +36,9 @@ from typing import Any
 import msgspec
 import structlog
 
-from ..errors import AdapterError, BatchItemLost, RateLimited, ShuttingDown
+from ..errors import AdapterError, BatchItemLost, ShuttingDown, TooManyAtOnce
 from ..storage.job_state import Job
+from ..storage.quota import RunningBatches
 from ..tasks import Task
 from ..upstreams.resilience import BACKGROUND, Background
 from .cache import Outcome, cache_key
@@ -106,13 +111,22 @@ def spec_of(job: Job) -> dict[str, Any]:
     return _decode(job.agent_input)
 
 
+def ended_at(job: Job) -> float | None:
+    """When the batch ended, from its `done` (None while it runs, or for a batch ended before `done` said)."""
+    if not job.finished or not job.events or job.events[-1].event != "done":
+        return None
+    stamp = _decode(job.events[-1].data).get("ended_at")
+    return dt.datetime.fromisoformat(stamp).timestamp() if isinstance(stamp, str) else None
+
+
 class Batches:
-    def __init__(self, jobs: Jobs, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, jobs: Jobs, *, clock: Callable[[], float] = time.time, running: RunningBatches | None = None) -> None:
         self.jobs = jobs
         self.service = jobs.service
         self.settings = jobs.settings
         self.mirror = jobs.mirror
         self._clock = clock
+        self.running = running  # each user's running batches (MAX_BATCHES_PER_USER)
         self._cancelled: set[str] = set()
         self._tallies: dict[str, Tally] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -124,8 +138,17 @@ class Batches:
         """Start a batch (validated by the caller): 202 at once, items run in the background."""
         if self.jobs.draining:
             raise ShuttingDown("this replica is shutting down and takes no new batches; retry (another replica answers)")
+        batch_id = f"{PREFIX}_{uuid.uuid4().hex}"
+        if self.running is not None:
+            # 429 naming MAX_BATCHES_PER_USER; from here to the runner's start nothing awaits, so the
+            # place taken is given back by the runner (`_finish`) and by nothing else.
+            try:
+                await self.running.start(user, batch_id)
+            except TooManyAtOnce:
+                self.service.metrics.limit_refusals.labels("MAX_BATCHES_PER_USER").inc()
+                raise
         ttl = self.settings.batch_max_seconds + self.settings.job_retention_seconds
-        job = Job(id=f"{PREFIX}_{uuid.uuid4().hex}", task=task.name, record_id="", key=f"{self.settings.cache_prefix}:batch",
+        job = Job(id=batch_id, task=task.name, record_id="", key=f"{self.settings.cache_prefix}:batch",
                   expires=self._clock() + ttl, agent_input=_encode({"ids": ids, "options": options, "user": user}).decode(),
                   mode="batch")
         self.jobs.adopt(job)
@@ -136,6 +159,11 @@ class Batches:
             await self.mirror.written(job)  # its events_url must work on every replica from now on
         log.info("batch.created", batch_id=job.id, task=task.name, items=len(ids))
         return job
+
+    def expired(self, job: Job) -> bool:
+        """An ended batch is kept JOB_RETENTION_SECONDS: after that neither its token nor its creator reads it."""
+        ended = ended_at(job)
+        return ended is not None and ended + self.settings.job_retention_seconds <= self._clock()
 
     async def cancel(self, job: Job) -> None:
         """Queued items never start; running ones finish. Whichever replica runs it sees the request."""
@@ -211,16 +239,23 @@ class Batches:
                     "never stored: start a batch for the failed items"))
             return inputs
         gate = asyncio.Semaphore(READ_CONCURRENCY)
+        refused: list[AdapterError] = []
 
         async def read(item_id: str) -> None:
             async with gate:
                 if await self.cancel_requested(job):  # cancelled while reading: the rest is never read
                     self._item(job, ids, {"id": item_id, "status": "cancelled", "cached": False})
                     return
+                if refused:  # the backend refused the creator's token: it would refuse every other read too
+                    self._fail(job, ids, item_id, refused[0])
+                    return
                 request = msgspec.convert({task.id_field: item_id, **spec["options"]}, task.request_type)
                 try:
-                    prepared = await self.service.prepare(task, request, authorization)
+                    # Paced by the user's CRM_READS_PER_USER bucket: a batch waits for it, never fails on it.
+                    prepared = await self.service.prepare(task, request, authorization, spec["user"], background=True)
                 except AdapterError as exc:  # the backend's 403 or 404 fails this item alone
+                    if exc.status == 401:
+                        refused.append(exc)
                     self._fail(job, ids, item_id, exc)
                     return
                 inputs[item_id] = prepared.agent_input
@@ -298,13 +333,8 @@ class Batches:
         limiter = self.service.limiter
         if limiter is None or not user:
             return
-        while True:
-            try:
-                await limiter.take(task.name, user, reserve=limiter.reserve_for(task.name))
-                return
-            except RateLimited as exc:
-                self.service.metrics.rate_limited.labels(task.name).inc()
-                await asyncio.sleep(float(exc.headers.get("Retry-After", "1")))
+        await limiter.wait(task.name, user, reserve=limiter.reserve_for(task.name),
+                           on_wait=self.service.metrics.rate_limited.labels(task.name).inc)
 
     # --- events ---------------------------------------------------------------------------------
 
@@ -336,9 +366,14 @@ class Batches:
         if cancelled:
             self._cancel_rest(job, ids, "cancelled")
         counts = counts_of(ids, items_of(job))
+        ended = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
         self.jobs.emit(job, "done", {"status": "cancelled" if cancelled else "completed", "counts": counts,
-                                     **({"message": note} if note else {})})
+                                     "ended_at": ended, **({"message": note} if note else {})})
+        # Kept JOB_RETENTION_SECONDS from now, not from its BATCH_MAX_SECONDS deadline.
+        job.expires = min(job.expires, ended.timestamp() + self.settings.job_retention_seconds)
         log.info("batch.done", batch_id=job.id, status=job.status, **counts)
+        if self.running is not None:
+            await self.running.ended(spec_of(job)["user"], job.id)
         if self.mirror is not None:
             await self.mirror.drop_batch(job.id)
 
@@ -364,6 +399,8 @@ class Batches:
                 except AdapterError:
                     continue  # Redis is failing: the next sweep tries again
                 if found is None or found.finished:
+                    if found is not None and self.running is not None:
+                        await self.running.ended(spec_of(found)["user"], batch_id)
                     await self.mirror.drop_batch(batch_id)
 
     def stop(self) -> None:

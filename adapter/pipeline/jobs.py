@@ -69,7 +69,7 @@ class Jobs:
         """A job for this question and the X-Cache it amounts to. The CRM check runs first."""
         if self.draining:
             raise ShuttingDown("this replica is shutting down and takes no new jobs; retry (another replica answers)")
-        prepared = await self.service.prepare(task, request, authorization)
+        prepared = await self.service.prepare(task, request, authorization, user)
         record_id, agent_input, key = prepared.record_id, prepared.agent_input, prepared.key
         self._purge()
         if mode == "default" and (entry := await self.service.cache.lookup(key, self.settings.ttl_for(task))) is not None:

@@ -20,7 +20,7 @@ from ..upstreams.crm import CrmClient
 from ..errors import AdapterError, InvalidAgentOutput
 from ..upstreams.gateway import GatewayClient, ProviderPlan
 from ..metrics import Metrics
-from ..storage.ratelimit import RateLimiter
+from ..storage.ratelimit import CRM_READS, RateLimiter
 from ..settings import Settings
 from ..tasks.prompting import repair_input
 from ..tasks.reading import OutputInvalid, rules
@@ -68,12 +68,15 @@ class AiService:
         self.settings = settings
         self._today = today
 
-    async def prepare(self, task: Task, request: Any, authorization: str) -> Prepared:
+    async def prepare(self, task: Task, request: Any, authorization: str, user: str = "", *,
+                      background: bool = False) -> Prepared:
         """Read the record as the caller (the backend's refusal ends it here), render the input, key it.
 
-        The one key derivation of both paths: the cache is consulted only after this.
+        The one key derivation of both paths: the cache is consulted only after this. The read
+        spends a token of the user's CRM_READS_PER_USER bucket (`background`: wait for one).
         """
         record_id = getattr(request, task.id_field)
+        await self.admit_read(user, background=background)
         with self.tracing.span("crm.lookup", **{"crm.record.kind": task.record_kind, "crm.record.id": record_id}):
             record = await self.crm.get_record(task.record_kind, record_id, authorization)
         agent_input = task.render(record, request, self._today())
@@ -81,7 +84,7 @@ class AiService:
         return Prepared(task, record_id, agent_input, key)
 
     async def run(self, task: Task, request: Any, authorization: str, mode: Mode, user: str = "") -> Outcome:
-        prepared = await self.prepare(task, request, authorization)
+        prepared = await self.prepare(task, request, authorization, user)
 
         async def compute() -> bytes:
             return _encode(await self.ask_agent(task, prepared.record_id, prepared.agent_input))
@@ -100,6 +103,21 @@ class AiService:
             except AdapterError:
                 self.metrics.rate_limited.labels(task_name).inc()
                 raise
+
+    async def admit_read(self, user: str, *, background: bool = False) -> None:
+        """Spend the user's token for a CRM record read: an interactive request is refused (RateLimited),
+        background work waits, leaving a quarter of the bucket to the user's interactive requests."""
+        if self.limiter is None or not user:
+            return
+        if background:
+            await self.limiter.wait(CRM_READS, user, reserve=self.limiter.reserve_for(CRM_READS),
+                                    on_wait=self.metrics.rate_limited.labels(CRM_READS).inc)
+            return
+        try:
+            await self.limiter.take(CRM_READS, user)
+        except AdapterError:
+            self.metrics.rate_limited.labels(CRM_READS).inc()
+            raise
 
     async def after_fresh(self, task: Task, record_id: str, authorization: str | None, body: bytes,
                           x_cache: str = "MISS") -> str | None:

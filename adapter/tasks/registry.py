@@ -28,7 +28,7 @@ Render = Callable[[dict[str, Any], Any, dt.date], str]
 # (model text, record id, agent id) -> the normalised result with its guidance breaches;
 # raises reading.OutputInvalid when the contract is broken.
 Validate = Callable[[str, str, str], Verdict]
-_NAME = re.compile(r"^[a-z][a-z0-9]*(?:[._][a-z][a-z0-9]*)+$")
+_NAME = re.compile(r"[a-z][a-z0-9]*(?:[._][a-z][a-z0-9]*)+")  # fullmatch: `$` would also match before a final newline
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ class Task:
     _decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             raise ValueError(f"task name {self.name!r} must look like `<record kind>.<verb>`")
         if self.id_field not in self.request_type.__struct_fields__:
             raise ValueError(f"task {self.name}: {self.request_type.__name__} has no `{self.id_field}`")

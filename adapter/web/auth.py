@@ -28,6 +28,17 @@ class Caller:
 
 
 def user_key(token: str, verified_sub: str | None) -> str:
+    """Whose budget a request spends: every per-user limit (rate limits, CRM reads, open streams,
+    running batches) is keyed by this, and job and batch tokens carry it.
+
+    The verified `sub` when CRM_JWT_SECRET checked the signature. Otherwise the token itself,
+    hashed: the CRM backend verifies it on the record read that every AI route makes first, and a
+    token it refuses ends there (a batch stops reading at the first 401). The `sub` inside an
+    unverified token is never used, not even once the CRM has accepted the token: the budgets are
+    charged before the CRM is asked (its reads are what they protect), and a key taken from a claim
+    nobody checked would let anyone spend, and exhaust, another user's budget. The price: without
+    CRM_JWT_SECRET a person holding several tokens has a budget per token; set it to bound people.
+    """
     if verified_sub:
         return f"sub:{verified_sub}"
     return "tok:" + hashlib.sha256(token.encode()).hexdigest()[:32]

@@ -1,8 +1,10 @@
 """Batch runs: one task over many records (`POST /api/v1/ai/batches`), followed like a job.
 
-Bad input is refused whole (400 naming the field) before anything runs. A batch is read with
-its events_url's token, or by the bearer of the user who created it (the verified `sub` with
-CRM_JWT_SECRET set, else the same token); only its creator may cancel it.
+Bad input is refused whole (400 naming the field) before anything runs; a user with
+MAX_BATCHES_PER_USER batches running gets 429. A batch is read with its events_url's token, or
+by the bearer of the user who created it (the verified `sub` with CRM_JWT_SECRET set, else the
+same token); only its creator may cancel it. Once it has ended, it (and its token) lasts
+JOB_RETENTION_SECONDS, then it is gone (404).
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ from msgspec import Meta
 
 from ..errors import BadRequest, Forbidden, NotFound, Unauthenticated
 from ..models import Inbound, Problem
-from ..pipeline.batches import PREFIX, Batches, counts_of, spec_of
+from ..pipeline.batches import PREFIX, Batches, counts_of, ended_at, spec_of
 from ..pipeline.jobs import Jobs
 from ..storage.job_state import Job
 from ..tasks import Registry
 from .auth import CALLER, Caller, read_caller
-from .openapi import BATCH_SSE_RESPONSE, batch_responses
+from .openapi import batch_events_responses, batch_responses
 from .requests import require_json
 from .sse import last_event_id, sse_response
+from .streams import StreamSlots
 from .tokens import JobTokens
 
-_OBJECT_ID = re.compile(r"^[0-9a-fA-F]{24}$")
+_OBJECT_ID = re.compile(r"[0-9a-fA-F]{24}")  # fullmatch: `$` would also match before a final newline
 ItemStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # failed: the replica shut down without Redis to hand the batch to (items not done never ran).
 BatchStatus = Literal["queued", "running", "completed", "cancelled", "failed"]
@@ -73,7 +76,11 @@ class BatchCreated(msgspec.Struct, kw_only=True):
 
 
 def _expires(job: Job, settings: Any) -> dt.datetime:
-    return dt.datetime.fromtimestamp(job.expires - settings.job_retention_seconds, dt.UTC).replace(microsecond=0)
+    """Until when the batch's token works: its BATCH_MAX_SECONDS deadline, or JOB_RETENTION_SECONDS after it ended."""
+    deadline = job.expires - settings.job_retention_seconds
+    if (ended := ended_at(job)) is not None:
+        deadline = min(deadline, ended + settings.job_retention_seconds)
+    return dt.datetime.fromtimestamp(deadline, dt.UTC).replace(microsecond=0)
 
 
 def checked(tasks: Registry, data: Any, max_items: int) -> tuple[Any, list[str], dict[str, Any]]:
@@ -89,7 +96,7 @@ def checked(tasks: Registry, data: Any, max_items: int) -> tuple[Any, list[str],
                          field="ids")
     seen: dict[str, int] = {}
     for i, record_id in enumerate(ids):
-        if not _OBJECT_ID.match(record_id):
+        if not _OBJECT_ID.fullmatch(record_id):
             raise BadRequest(f"invalid request body: `ids[{i}]`: {record_id[:40]!r} is not a MongoDB ObjectId "
                              "(24 hexadecimal characters)", field=f"ids[{i}]")
         if (first := seen.setdefault(record_id.lower(), i)) != i:
@@ -146,7 +153,8 @@ def batch_routers(tasks: Registry) -> list[Router]:
         task, ids, options = checked(tasks, data, jobs.settings.batch_max_items)
         job = await batches.create(task, ids, options, caller.authorization, caller.user)
         expires = _expires(job, jobs.settings)
-        token, _ = tokens.issue(job.id, expires=expires)  # the events_url works as long as the batch may run
+        # The events_url works as long as the batch may run, and JOB_RETENTION_SECONDS once it has ended (`authorized`).
+        token, _ = tokens.issue(job.id, caller.user, expires=expires)
         created = BatchCreated(batch_id=job.id, status="queued", total=len(ids), expires_at=expires,
                                events_url=f"/api/v1/ai/batches/{job.id}/events?token={token}")
         return Response(created, status_code=202, headers={"Location": f"/api/v1/ai/batches/{job.id}"})
@@ -155,16 +163,20 @@ def batch_routers(tasks: Registry) -> list[Router]:
                                     "batches": NamedDependency[Batches], "tokens": NamedDependency[JobTokens],
                                     "caller": NamedDependency[Caller], "return": Response[BatchCreated]}
 
-    async def authorized(batch_id: str, request: Request, jobs: Jobs, tokens: JobTokens, *, creator_only: bool = False) -> Job:
+    async def authorized(batch_id: str, request: Request, jobs: Jobs, batches: Batches, tokens: JobTokens, *,
+                         creator_only: bool = False) -> tuple[Job, str]:
+        """The batch, if the request carries its token or its creator's bearer; and the user the reader counts as."""
         job = await jobs.find(batch_id) if batch_id.startswith(PREFIX + "_") else None
-        if job is None:
+        # Ended longer than JOB_RETENTION_SECONDS ago: gone, for its token and its creator alike (the
+        # token's own expiry is the batch's deadline, hours later).
+        if job is None or batches.expired(job):
             raise NotFound(f"no batch {batch_id} (unknown, or expired)")
         scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
         token = "" if creator_only else request.query_params.get("token", "")
         if token:
-            scoped = tokens.job_of(token)
-            if scoped == job.id:
-                return job
+            scoped = tokens.scope_of(token)
+            if scoped is not None and scoped.job == job.id:
+                return job, scoped.user
             raise Forbidden("this batch token is for another batch" if scoped else "the batch token is invalid or expired")
         if scheme.lower() != "bearer" or not bearer.strip():
             raise Unauthenticated("the batch token (`?token=` from events_url) or the creator's bearer token is required"
@@ -172,27 +184,29 @@ def batch_routers(tasks: Registry) -> list[Router]:
         caller = read_caller(request.headers["authorization"], jobs.settings.crm_jwt_secret)
         if caller.user != spec_of(job)["user"]:
             raise Forbidden("this batch belongs to another user")
-        return job
+        return job, caller.user
 
     StatusParam = Annotated[ItemStatus | None, QueryParameter(description="only the items with this status")]  # noqa: N806
 
     async def get_batch(batch_id: FromPath[str], request: Request, jobs: NamedDependency[Jobs],
                         batches: NamedDependency[Batches], tokens: NamedDependency[JobTokens],
                         status: Any = None) -> BatchView:
-        job = await authorized(batch_id, request, jobs, tokens)
+        job, _ = await authorized(batch_id, request, jobs, batches, tokens)
         return batch_view(job, jobs.settings, await batches.cancel_requested(job), status)
 
     get_batch.__annotations__ = {**get_batch.__annotations__, "status": StatusParam, "return": BatchView}
 
     async def cancel_batch(batch_id: FromPath[str], request: Request, jobs: NamedDependency[Jobs],
                            batches: NamedDependency[Batches], tokens: NamedDependency[JobTokens]) -> Response[BatchView]:
-        job = await authorized(batch_id, request, jobs, tokens, creator_only=True)
+        job, _ = await authorized(batch_id, request, jobs, batches, tokens, creator_only=True)
         await batches.cancel(job)
         return Response(batch_view(job, jobs.settings, await batches.cancel_requested(job)), status_code=202)
 
     async def batch_events(batch_id: FromPath[str], request: Request, jobs: NamedDependency[Jobs],
-                           tokens: NamedDependency[JobTokens]) -> Stream:
-        job = await authorized(batch_id, request, jobs, tokens)
+                           batches: NamedDependency[Batches], tokens: NamedDependency[JobTokens],
+                           streams: NamedDependency[StreamSlots]) -> Stream:
+        job, user = await authorized(batch_id, request, jobs, batches, tokens)
+        streams.take(request.scope, user)  # 429 MAX_STREAMS_PER_USER, 503 MAX_STREAMS
         after = last_event_id(request.headers.get("last-event-id"), request.query_params.get("lastEventId"))
         return sse_response(job, jobs, after)
 
@@ -204,6 +218,6 @@ def batch_routers(tasks: Registry) -> list[Router]:
             summary="A batch's state: counts, and each item's status with its result or problem")(get_batch),
         delete("/{batch_id:str}", status_code=202, responses=batch_responses(),
                summary="Cancel a batch: running items finish, queued ones never start")(cancel_batch),
-        get("/{batch_id:str}/events", responses={**batch_responses(), 200: BATCH_SSE_RESPONSE},
+        get("/{batch_id:str}/events", responses=batch_events_responses(),
             summary="The batch's events as SSE (item, progress, done); resumes after Last-Event-ID")(batch_events)])
     return [starting, reading]

@@ -20,10 +20,11 @@ from ..models import Inbound, JobCreated, Problem
 from ..pipeline.jobs import Jobs
 from ..storage.job_state import Job
 from ..tasks import Registry
-from .auth import CALLER, Caller
-from .openapi import SSE_RESPONSE, job_responses
+from .auth import CALLER, Caller, read_caller
+from .openapi import job_events_responses, job_responses
 from .requests import cache_mode, require_json
 from .sse import last_event_id, sse_response
+from .streams import StreamSlots
 from .tokens import JobTokens
 
 
@@ -57,7 +58,7 @@ def job_routers(tasks: Registry) -> list[Router]:
             raise BadRequest(f"invalid request body: `{field}`: {message}", field=field) from None
         job, x_cache = await jobs.start(task, body, caller.authorization, cache_mode(request), caller.user)
         jobs.service.metrics.cache.labels(task.name, x_cache.lower()).inc()
-        token, expires = tokens.issue(job.id)
+        token, expires = tokens.issue(job.id, caller.user)
         created = JobCreated(job_id=job.id, status=job.status, expires_at=expires,  # type: ignore[arg-type]
                              events_url=f"/api/v1/ai/jobs/{job.id}/events?token={token}")
         return Response(created, status_code=202, headers={"X-Cache": x_cache, "Location": f"/api/v1/ai/jobs/{job.id}"})
@@ -65,8 +66,9 @@ def job_routers(tasks: Registry) -> list[Router]:
     create_job.__annotations__ = {"data": JSONBody[JobRequest], "request": Request, "jobs": NamedDependency[Jobs], "tokens": NamedDependency[JobTokens],  # type: ignore[valid-type]
                                   "caller": NamedDependency[Caller], "return": Response[JobCreated]}
 
-    async def authorized_job(job_id: str, request: Request, jobs: Jobs, tokens: JobTokens) -> Job:
-        """The job, if the request carries its job token or a bearer token the CRM accepts for its record."""
+    async def authorized_job(job_id: str, request: Request, jobs: Jobs, tokens: JobTokens) -> tuple[Job, str]:
+        """The job, if the request carries its job token or a bearer token the CRM accepts for its record;
+        and the user the reader counts as (the token's creator, or the bearer's `Caller.user`)."""
         job = await jobs.find(job_id)
         if job is None or job.mode == "batch":  # a batch's log is read at /api/v1/ai/batches
             raise NotFound(f"no job {job_id} (unknown, or expired)")
@@ -74,9 +76,9 @@ def job_routers(tasks: Registry) -> list[Router]:
         token = request.query_params.get("token") or (bearer.strip() if scheme.lower() == "bearer" else "")
         if not token:
             raise Unauthenticated("a job token (`?token=` from events_url) or the caller's bearer token is required")
-        scoped = tokens.job_of(token)
-        if scoped == job.id:
-            return job
+        scoped = tokens.scope_of(token)
+        if scoped is not None and scoped.job == job.id:
+            return job, scoped.user
         if scoped is not None:
             raise Forbidden("this job token is for another job")
         if not bearer or token != bearer.strip():
@@ -85,14 +87,16 @@ def job_routers(tasks: Registry) -> list[Router]:
         task = tasks.get(job.task)
         if task is None:  # a job another replica runs for a task this one does not serve
             raise NotFound(f"job {job_id} is for task {job.task}, which this sidecar does not serve")
+        user = read_caller(f"Bearer {token}", jobs.settings.crm_jwt_secret).user
+        await jobs.service.admit_read(user)  # the record read below is one of the user's CRM_READS_PER_USER
         try:
             await jobs.service.crm.get_record(task.record_kind, job.record_id, f"Bearer {token}")
         except CrmRefused:
             raise Forbidden(f"the CRM backend does not let this caller read the job's {task.record_kind}") from None
-        return job
+        return job, user
 
     async def get_job(job_id: str, request: Request, jobs: Jobs, tokens: JobTokens) -> Any:
-        job = await authorized_job(job_id, request, jobs, tokens)
+        job, _ = await authorized_job(job_id, request, jobs, tokens)
         return JobView(job_id=job.id, task=job.task, status=job.status,
                        result=msgspec.Raw(job.result) if job.result else None,
                        error=msgspec.Raw(job.error) if job.error else None)
@@ -101,8 +105,9 @@ def job_routers(tasks: Registry) -> list[Router]:
                                "return": JobView}
 
     async def job_events_route(job_id: FromPath[str], request: Request, jobs: NamedDependency[Jobs],
-                               tokens: NamedDependency[JobTokens]) -> Stream:
-        job = await authorized_job(job_id, request, jobs, tokens)
+                               tokens: NamedDependency[JobTokens], streams: NamedDependency[StreamSlots]) -> Stream:
+        job, user = await authorized_job(job_id, request, jobs, tokens)
+        streams.take(request.scope, user)  # 429 MAX_STREAMS_PER_USER, 503 MAX_STREAMS
         after = last_event_id(request.headers.get("last-event-id"), request.query_params.get("lastEventId"))
         drop = request.query_params.get("drop_after")
         # Demo only, and only on the first connection: the browser's reconnect then resumes for real.
@@ -116,6 +121,6 @@ def job_routers(tasks: Registry) -> list[Router]:
     reading = Router(path="/api/v1/ai/jobs", tags=["ai-streams"], route_handlers=[
         get("/{job_id:str}", responses=job_responses(),
             summary="A job's state and, once finished, its result or error")(get_job),
-        get("/{job_id:str}/events", responses={**job_responses(), 200: SSE_RESPONSE},
+        get("/{job_id:str}/events", responses=job_events_responses(),
             summary="The job's events as SSE; resumes after Last-Event-ID")(job_events_route)])
     return [starting, reading]

@@ -39,8 +39,25 @@ WRITE_BACK_HEADER = ResponseHeader(
                 "skipped: a cached or stale answer, or CRM_WRITE_BACK is off")
 
 
+# The per-user limits a 429 may name (its detail names the setting).
+TASK_RATE = "the task's model calls (RATE_LIMIT_<TASK>; cache hits are free)"
+CRM_READS = "CRM record reads (CRM_READS_PER_USER)"
+USER_STREAMS = "open event streams (MAX_STREAMS_PER_USER)"
+USER_BATCHES = "running batches (MAX_BATCHES_PER_USER): start another once one has ended"
+STREAMS_FULL = "this replica has MAX_STREAMS event streams open"
+STREAMS_503 = "This replica has MAX_STREAMS event streams open; another replica may have room (see Retry-After)"
+
+
 def problem(description: str) -> ResponseSpec:
     return ResponseSpec(Problem, description=description, media_type=PROBLEM, generate_examples=False)
+
+
+def limited(*limits: str) -> ResponseSpec:
+    """The 429 of a route and the limits it may hit; rate limits (per window) add RateLimit-*."""
+    windowed = any(TASK_RATE in limit or CRM_READS in limit for limit in limits)
+    named = limits[0] if len(limits) == 1 else f"{', '.join(limits[:-1])} or {limits[-1]}"
+    return problem(f"A per-user limit is reached: {named}. See Retry-After"
+                   + (" (and RateLimit-* for a rate limit)" if windowed else ""))
 
 
 def ai_responses(task: Task) -> dict[int, ResponseSpec]:
@@ -54,7 +71,7 @@ def ai_responses(task: Task) -> dict[int, ResponseSpec]:
         408: problem("The body did not arrive within BODY_TIMEOUT_SECONDS"),
         413: problem("The body is larger than MAX_BODY_BYTES"),
         415: problem("The body is not application/json"),
-        429: problem("The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-*"),
+        429: limited(TASK_RATE, CRM_READS),
         431: problem("The request headers are larger than MAX_HEADER_BYTES"),
         502: problem("CRM backend unavailable, agent missing, agent failed, the gateway refused the call "
                      "(gateway-error: its own or the Conductor API's validation message), or invalid agent output after repair"),
@@ -75,12 +92,15 @@ SSE_RESPONSE = ResponseSpec(SseEvent, description=SSE_DESCRIPTION, media_type="t
 BATCH_SSE_RESPONSE = ResponseSpec(BatchSseEvent, media_type="text/event-stream", generate_examples=False, description=(
     "Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` (queued, running, "
     "resumed on another replica), per item `item` (running, then succeeded, failed or cancelled) and `progress` (the "
-    "counts), and `done` {status: completed|cancelled|failed, counts} always last. A `: ping` comment is sent while "
-    "nothing else is."))
+    "counts), and `done` {status: completed|cancelled|failed, counts, ended_at} always last (the batch and its token "
+    "last JOB_RETENTION_SECONDS after ended_at). A `: ping` comment is sent while nothing else is."))
 
 
 def stream_responses(task: Task) -> dict[int, ResponseSpec]:
-    return {**ai_responses(task), 200: SSE_RESPONSE}
+    responses = ai_responses(task)
+    return {**responses, 200: SSE_RESPONSE, 429: limited(USER_STREAMS, TASK_RATE, CRM_READS),
+            503: problem(f"{responses[503].description.removesuffix(' (see Retry-After)')}, or {STREAMS_FULL} "
+                         "(see Retry-After)")}
 
 
 def batch_responses(create: bool = False) -> dict[int, ResponseSpec]:
@@ -90,12 +110,18 @@ def batch_responses(create: bool = False) -> dict[int, ResponseSpec]:
                 401: problem("No bearer token, or CRM_JWT_SECRET refused it"),
                 408: problem("The body did not arrive within BODY_TIMEOUT_SECONDS"),
                 413: problem("The body is larger than MAX_BODY_BYTES"), 415: problem("The body is not application/json"),
+                429: limited(USER_BATCHES),
                 431: problem("The request headers are larger than MAX_HEADER_BYTES"),
                 503: problem("This replica is shutting down (see Retry-After)")}
     return {400: problem("An invalid query parameter (`status` must be an item status)"),
             401: problem("Neither the batch token nor a bearer token"),
             403: problem("The token is invalid, expired or for another batch, or the bearer is not the batch's creator"),
-            404: problem("No such batch, or it expired")}
+            404: problem("No such batch, or it ended more than JOB_RETENTION_SECONDS ago")}
+
+
+def batch_events_responses() -> dict[int, ResponseSpec]:
+    return {**batch_responses(), 200: BATCH_SSE_RESPONSE, 429: limited(USER_STREAMS),
+            503: problem(STREAMS_503)}
 
 
 def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
@@ -104,12 +130,18 @@ def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
                 403: problem("The CRM backend does not let the caller read the record"),
                 404: problem("No such record"), 408: problem("The body did not arrive within BODY_TIMEOUT_SECONDS"),
                 413: problem("The body is larger than MAX_BODY_BYTES"), 415: problem("The body is not application/json"),
-                429: problem("The user's rate limit for this task is spent; see Retry-After and RateLimit-*"),
+                429: limited(TASK_RATE, CRM_READS),
                 431: problem("The request headers are larger than MAX_HEADER_BYTES"),
                 502: problem("CRM backend unavailable"), 503: problem("A circuit is open (see Retry-After)"),
                 504: problem("CRM backend timeout")}
     return {401: problem("Neither a job token nor a bearer token"), 403: problem("The token is invalid, expired or for another job, "
-            "or the CRM backend does not let the caller read the record"), 404: problem("No such job, or it expired")}
+            "or the CRM backend does not let the caller read the record"), 404: problem("No such job, or it expired"),
+            429: limited(f"{CRM_READS}, read with a bearer token")}
+
+
+def job_events_responses() -> dict[int, ResponseSpec]:
+    return {**job_responses(), 200: SSE_RESPONSE, 429: limited(USER_STREAMS, f"{CRM_READS}, read with a bearer token"),
+            503: problem(STREAMS_503)}
 
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -123,11 +155,13 @@ def _header(description: str, *, required: bool = False, integer: bool = False) 
 REQUEST_ID = _header("The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too",
                      required=True)
 RETRY_AFTER = _header("Seconds to wait before trying again", required=True, integer=True)
+# Sent when a rate limit (so many per window) refused the request; a concurrency limit (open
+# streams, running batches) has no window, and sends Retry-After alone.
 RATE_LIMIT = {
-    "RateLimit-Limit": _header("Requests allowed per window for this user and task", required=True, integer=True),
-    "RateLimit-Remaining": _header("Requests left in the window", required=True, integer=True),
-    "RateLimit-Reset": _header("Seconds until a request is allowed again", required=True, integer=True),
-    "RateLimit-Policy": _header("The policy: `<limit>;w=<seconds>`", required=True),
+    "RateLimit-Limit": _header("Requests allowed per window for this user and limit (rate limits only)", integer=True),
+    "RateLimit-Remaining": _header("Requests left in the window (rate limits only)", integer=True),
+    "RateLimit-Reset": _header("Seconds until a request is allowed again (rate limits only)", integer=True),
+    "RateLimit-Policy": _header("The policy: `<limit>;w=<seconds>` (rate limits only)"),
 }
 
 def examples(tasks: Registry) -> tuple[dict[str, dict], dict[str, dict]]:

@@ -24,6 +24,7 @@ from .auth import CALLER, Caller
 from .openapi import CACHE_HEADERS, WARNINGS_HEADER, WRITE_BACK_HEADER, ai_responses, stream_responses
 from .requests import cache_mode, require_json
 from .sse import sse_response
+from .streams import StreamSlots
 
 log = structlog.get_logger("adapter.routes")
 
@@ -66,8 +67,11 @@ def sync_route(task: Task) -> HTTPRouteHandler:
 
 
 def stream_route(task: Task) -> HTTPRouteHandler:
-    async def handler(data: Any, request: Request, jobs: Jobs, caller: Caller, cache: Mode = "default") -> Stream:
-        # The CRM check and the body's validation happen before the stream opens: they answer as problems.
+    async def handler(data: Any, request: Request, jobs: Jobs, caller: Caller, streams: StreamSlots,
+                      cache: Mode = "default") -> Stream:
+        # The stream's place first (429 MAX_STREAMS_PER_USER, 503 MAX_STREAMS): a user at their limit starts
+        # no work. The CRM check and the body's validation happen before the stream opens: they answer as problems.
+        streams.take(request.scope, caller.user)
         job, x_cache = await jobs.start(task, data, caller.authorization, cache, caller.user)
         jobs.service.metrics.cache.labels(task.name, x_cache.lower()).inc()
         return sse_response(job, jobs, 0, **{"X-Cache": x_cache})
@@ -77,7 +81,7 @@ def stream_route(task: Task) -> HTTPRouteHandler:
                 summary=task.stream_summary)(
         _named(handler, task.name.replace(".", "_") + "_stream", {
             "data": JSONBody[task.request_type], "request": Request, "jobs": NamedDependency[Jobs], "caller": NamedDependency[Caller],
-            "cache": CacheParam, "return": Stream}))
+            "streams": NamedDependency[StreamSlots], "cache": CacheParam, "return": Stream}))
 
 
 def task_routers(tasks: Registry) -> list[Router]:

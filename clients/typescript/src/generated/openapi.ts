@@ -355,7 +355,7 @@ export interface components {
             /** @description the event's JSON payload */
             data: string;
             /**
-             * @description status {state, message}; item {id, status: running|succeeded|failed|cancelled, cached, result (the task's synchronous body) | error (a problem object)}; progress {queued, running, succeeded, failed, cancelled, cached}; done {status: completed|cancelled|failed, counts}, always last
+             * @description status {state, message}; item {id, status: running|succeeded|failed|cancelled, cached, result (the task's synchronous body) | error (a problem object)}; progress {queued, running, succeeded, failed, cancelled, cached}; done {status: completed|cancelled|failed, counts, ended_at: when it ended (the batch is kept JOB_RETENTION_SECONDS after)}, always last
              * @enum {string}
              */
             event: "status" | "item" | "progress" | "done";
@@ -605,6 +605,27 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description A per-user limit is reached: running batches (MAX_BATCHES_PER_USER): start another once one has ended. See Retry-After */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The request headers are larger than MAX_HEADER_BYTES */
             431: {
                 headers: {
@@ -689,7 +710,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description No such batch, or it expired */
+            /** @description No such batch, or it ended more than JOB_RETENTION_SECONDS ago */
             404: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -757,7 +778,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description No such batch, or it expired */
+            /** @description No such batch, or it ended more than JOB_RETENTION_SECONDS ago */
             404: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -781,7 +802,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` (queued, running, resumed on another replica), per item `item` (running, then succeeded, failed or cancelled) and `progress` (the counts), and `done` {status: completed|cancelled|failed, counts} always last. A `: ping` comment is sent while nothing else is. */
+            /** @description Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` (queued, running, resumed on another replica), per item `item` (running, then succeeded, failed or cancelled) and `progress` (the counts), and `done` {status: completed|cancelled|failed, counts, ended_at} always last (the batch and its token last JOB_RETENTION_SECONDS after ended_at). A `: ping` comment is sent while nothing else is. */
             200: {
                 headers: {
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -825,9 +846,43 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description No such batch, or it expired */
+            /** @description No such batch, or it ended more than JOB_RETENTION_SECONDS ago */
             404: {
                 headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: open event streams (MAX_STREAMS_PER_USER). See Retry-After */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This replica has MAX_STREAMS event streams open; another replica may have room (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
                     [name: string]: unknown;
@@ -947,17 +1002,17 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-* */
+            /** @description A per-user limit is reached: the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
             429: {
                 headers: {
-                    /** @description Requests allowed per window for this user and task */
-                    "RateLimit-Limit": number;
-                    /** @description The policy: `<limit>;w=<seconds>` */
-                    "RateLimit-Policy": string;
-                    /** @description Requests left in the window */
-                    "RateLimit-Remaining": number;
-                    /** @description Seconds until a request is allowed again */
-                    "RateLimit-Reset": number;
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
                     /** @description Seconds to wait before trying again */
                     "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -1120,17 +1175,17 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-* */
+            /** @description A per-user limit is reached: open event streams (MAX_STREAMS_PER_USER), the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
             429: {
                 headers: {
-                    /** @description Requests allowed per window for this user and task */
-                    "RateLimit-Limit": number;
-                    /** @description The policy: `<limit>;w=<seconds>` */
-                    "RateLimit-Policy": string;
-                    /** @description Requests left in the window */
-                    "RateLimit-Remaining": number;
-                    /** @description Seconds until a request is allowed again */
-                    "RateLimit-Reset": number;
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
                     /** @description Seconds to wait before trying again */
                     "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -1163,7 +1218,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open (see Retry-After) */
+            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open, or this replica has MAX_STREAMS event streams open (see Retry-After) */
             503: {
                 headers: {
                     /** @description Seconds to wait before trying again */
@@ -1298,17 +1353,17 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-* */
+            /** @description A per-user limit is reached: the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
             429: {
                 headers: {
-                    /** @description Requests allowed per window for this user and task */
-                    "RateLimit-Limit": number;
-                    /** @description The policy: `<limit>;w=<seconds>` */
-                    "RateLimit-Policy": string;
-                    /** @description Requests left in the window */
-                    "RateLimit-Remaining": number;
-                    /** @description Seconds until a request is allowed again */
-                    "RateLimit-Reset": number;
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
                     /** @description Seconds to wait before trying again */
                     "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -1471,17 +1526,17 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-* */
+            /** @description A per-user limit is reached: open event streams (MAX_STREAMS_PER_USER), the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
             429: {
                 headers: {
-                    /** @description Requests allowed per window for this user and task */
-                    "RateLimit-Limit": number;
-                    /** @description The policy: `<limit>;w=<seconds>` */
-                    "RateLimit-Policy": string;
-                    /** @description Requests left in the window */
-                    "RateLimit-Remaining": number;
-                    /** @description Seconds until a request is allowed again */
-                    "RateLimit-Reset": number;
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
                     /** @description Seconds to wait before trying again */
                     "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -1514,7 +1569,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open (see Retry-After) */
+            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open, or this replica has MAX_STREAMS event streams open (see Retry-After) */
             503: {
                 headers: {
                     /** @description Seconds to wait before trying again */
@@ -1663,17 +1718,17 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The user's rate limit for this task is spent; see Retry-After and RateLimit-* */
+            /** @description A per-user limit is reached: the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
             429: {
                 headers: {
-                    /** @description Requests allowed per window for this user and task */
-                    "RateLimit-Limit": number;
-                    /** @description The policy: `<limit>;w=<seconds>` */
-                    "RateLimit-Policy": string;
-                    /** @description Requests left in the window */
-                    "RateLimit-Remaining": number;
-                    /** @description Seconds until a request is allowed again */
-                    "RateLimit-Reset": number;
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
                     /** @description Seconds to wait before trying again */
                     "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -1804,6 +1859,27 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description A per-user limit is reached: CRM record reads (CRM_READS_PER_USER), read with a bearer token. See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
         };
     };
     ApiV1AiJobsJobIdEventsJobEventsRoute: {
@@ -1870,6 +1946,40 @@ export interface operations {
             /** @description No such job, or it expired */
             404: {
                 headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: open event streams (MAX_STREAMS_PER_USER) or CRM record reads (CRM_READS_PER_USER), read with a bearer token. See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description This replica has MAX_STREAMS event streams open; another replica may have room (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
                     [name: string]: unknown;
@@ -1991,17 +2101,17 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-* */
+            /** @description A per-user limit is reached: the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
             429: {
                 headers: {
-                    /** @description Requests allowed per window for this user and task */
-                    "RateLimit-Limit": number;
-                    /** @description The policy: `<limit>;w=<seconds>` */
-                    "RateLimit-Policy": string;
-                    /** @description Requests left in the window */
-                    "RateLimit-Remaining": number;
-                    /** @description Seconds until a request is allowed again */
-                    "RateLimit-Reset": number;
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
                     /** @description Seconds to wait before trying again */
                     "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -2164,17 +2274,17 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description The user's rate limit for this task is spent (cache hits are free); see Retry-After and RateLimit-* */
+            /** @description A per-user limit is reached: open event streams (MAX_STREAMS_PER_USER), the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
             429: {
                 headers: {
-                    /** @description Requests allowed per window for this user and task */
-                    "RateLimit-Limit": number;
-                    /** @description The policy: `<limit>;w=<seconds>` */
-                    "RateLimit-Policy": string;
-                    /** @description Requests left in the window */
-                    "RateLimit-Remaining": number;
-                    /** @description Seconds until a request is allowed again */
-                    "RateLimit-Reset": number;
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
                     /** @description Seconds to wait before trying again */
                     "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
@@ -2207,7 +2317,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open (see Retry-After) */
+            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open, or this replica has MAX_STREAMS event streams open (see Retry-After) */
             503: {
                 headers: {
                     /** @description Seconds to wait before trying again */
