@@ -107,7 +107,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     upstream_retries: Annotated[int, Meta(ge=0, le=10)] = 2
     retry_base_delay: Seconds = 0.2
     retry_max_delay: Seconds = 2.0
-    circuit_failure_threshold: Annotated[int, Meta(ge=1, le=1000)] = 5
+    # Circuit breakers (one per upstream, per process): open when at least CIRCUIT_FAILURE_RATIO of
+    # the calls in the last CIRCUIT_WINDOW_SECONDS failed, once the window holds CIRCUIT_MIN_CALLS;
+    # after CIRCUIT_RESET_SECONDS, CIRCUIT_HALF_OPEN_PROBES calls go through, and that many successes
+    # close it. CIRCUIT_FAILURE_THRESHOLD (once: consecutive failures) is still read, as the minimum
+    # number of calls when CIRCUIT_MIN_CALLS is unset: with the upstream down, that many failures
+    # still open the circuit, as before.
+    circuit_failure_threshold: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    circuit_min_calls: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    circuit_failure_ratio: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    circuit_window_seconds: Annotated[float, Meta(ge=1, le=3600)] = 60.0
+    circuit_half_open_probes: Annotated[int, Meta(ge=1, le=100)] = 3
     circuit_reset_seconds: Seconds = 30.0
     gateway_max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 200
     gateway_queue_timeout: Annotated[float, Meta(ge=0, le=3600)] = 10.0
@@ -195,6 +205,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     def providers(self) -> tuple[str, ...]:
         """CONDUCTOR_AI_PROVIDER as a list; empty means the gateway's default provider."""
         return tuple(p.strip() for p in (self.conductor_ai_provider or "").split(",") if p.strip())
+
+    @property
+    def circuit_breaker_min_calls(self) -> int:
+        """CIRCUIT_MIN_CALLS, else the older CIRCUIT_FAILURE_THRESHOLD, else 20."""
+        return self.circuit_min_calls or self.circuit_failure_threshold or 20
 
     @property
     def cors_origins(self) -> list[str]:

@@ -36,8 +36,7 @@ class CrmClient:
         self._base = str(http.base_url).rstrip("/")
         self._settings = settings
         self._slots = asyncio.Semaphore(settings.crm_max_connections)
-        self.breaker = CircuitBreaker("crm-backend", threshold=settings.circuit_failure_threshold,
-                                      reset=settings.circuit_reset_seconds, clock=clock)
+        self.breaker = CircuitBreaker.of("crm-backend", settings, clock)
 
     async def get_record(self, kind: Literal["lead", "deal"], record_id: str, authorization: str) -> dict[str, Any]:
         """The record as the caller may see it; the backend's refusal becomes ours."""
@@ -59,8 +58,7 @@ class CrmClient:
 
     async def _call(self, method: str, path: str, authorization: str, body: bytes | None = None) -> httpx.Response:
         if not self.breaker.admit():
-            raise CrmCircuitOpen(f"the {UPSTREAM} failed {self.breaker.failures} times in a row; calls are paused",
-                                 retry_after=self.breaker.retry_after())
+            raise CrmCircuitOpen(self.breaker.describe(UPSTREAM), retry_after=self.breaker.retry_after())
         try:
             response = await self._attempt(method, path, authorization, body)
         except (CrmUnavailable, UpstreamTimeout):
