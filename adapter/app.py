@@ -170,20 +170,23 @@ def create_app(
                 prefix=settings.cache_prefix, store=cache_store if isinstance(cache_store, RedisStore) else None, clock=clock)
             service = AiService(
                 tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics, clock=clock),
-                crm=crm.CrmClient(backend, settings, clock=clock),
+                crm=crm.CrmClient(backend, settings, clock=clock, metrics=metrics),
                 cache=cache, settings=settings, metrics=metrics, limiter=limiter, tracing=tracing,
             )
             app.state.service = service
             mirror = None
             if isinstance(cache_store, RedisStore):
                 mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
-                                     lease=settings.job_lease_seconds, describe=problems.problem_json)
+                                     lease=settings.job_lease_seconds, describe=problems.problem_json, metrics=metrics)
                 stack.push_async_callback(mirror.aclose)
             app.state.jobs = Jobs(service, describe=problems.problem_json, clock=clock, mirror=mirror)
             app.state.batches = batches = Batches(app.state.jobs, clock=clock)
             batches.start_sweeper()
             stack.callback(batches.stop)
             metrics.watch_jobs(lambda: app.state.jobs.running)
+            metrics.running_batches.set_function(lambda: batches.running)
+            metrics.watch_store(cache_store.backend, lambda: getattr(cache_store, "degraded", None) is None)
+            metrics.prime(tasks)
             metrics.watch_breaker("conductor-gateway", lambda: service.gateway.breaker.state)
             metrics.watch_breaker("crm-backend", lambda: service.crm.breaker.state)
             metrics.gateway_in_flight.set_function(lambda: service.gateway.bulkhead.in_flight)

@@ -118,6 +118,11 @@ class Batches:
         self._sweeper: asyncio.Task[None] | None = None
         jobs.resumers[PREFIX] = self.resume
 
+    @property
+    def running(self) -> int:
+        """Batches this replica runs now (each has its tally while its runner lives)."""
+        return len(self._tallies)
+
     # --- the API's side -------------------------------------------------------------------------
 
     async def create(self, task: Task, ids: list[str], options: dict[str, Any], authorization: str, user: str) -> Job:

@@ -34,6 +34,7 @@ import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from ..errors import JobExpired, JobLogUnavailable
+from ..metrics import Metrics
 from .job_state import Job
 from .redis_store import FAULTS, RELEASE_SCRIPT, RedisStore
 
@@ -64,10 +65,13 @@ local top = 0
 local last = redis.call('xrevrange', KEYS[2], '+', '-', 'COUNT', 1)
 if #last > 0 then top = tonumber(string.match(last[1][1], '^(%d+)')) end
 if i <= #ARGV and tonumber(ARGV[i]) > top + 1 then return -3 end
+-- when Redis received the event (ms): a follower's lag is measured against it
+local clock = redis.call('time')
+local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 1000))
 while i <= #ARGV do
   local id = tonumber(ARGV[i])
   if id > top then
-    redis.call('xadd', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2])
+    redis.call('xadd', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2], 't', now)
     top = id
   end
   i = i + 3
@@ -102,8 +106,9 @@ Describe = Callable[[Exception, str], bytes]
 
 class RedisJobLog:
     def __init__(self, store: RedisStore, ttl: float, *, lease: float, describe: Describe,
-                 replica: str | None = None) -> None:
+                 replica: str | None = None, metrics: Metrics | None = None) -> None:
         self._s = store
+        self._metrics = metrics or Metrics()
         self._describe = describe
         self._r = store.redis
         self.replica = replica or replica_id()
@@ -293,6 +298,7 @@ class RedisJobLog:
             except TimeoutError:
                 pass
         self._forget(job.id)
+        self._metrics.job_handovers.inc()
         if (writer := self._writers.get(job.id)) is not None:
             writer.cancel()
         try:
@@ -458,9 +464,12 @@ class RedisJobLog:
                 if stream in (nudge, nudge.encode()):
                     nudged_at, handed_over = entries[-1][0], True
                     continue
+                now = time.time()
                 for entry_id, fields in entries:
                     if _seq(entry_id) == len(job.events) + 1:  # exactly once, in order
                         job.emit(fields[b"e"].decode(), fields[b"d"])
+                        if (written := fields.get(b"t")) is not None:  # clocks a little apart: never below 0
+                            self._metrics.follower_lag.observe(max(now - int(written) / 1000, 0.0))
             if job.finished or not self.accepting:
                 continue
             if answer and not handed_over and time.monotonic() - last_check < self.block:
@@ -504,6 +513,7 @@ class RedisJobLog:
         m = {k.decode(): v.decode() for k, v in meta.items()}
         job.agent_input, job.mode = m.get("input", ""), m.get("mode", "default")  # type: ignore[assignment]
         log.info("job.taken_over", job_id=job.id, replica=self.replica, after_event=len(job.events))
+        self._metrics.job_takeovers.inc()
         self.own(job, len(job.events))
         if self.on_orphan is not None:
             await self.on_orphan(job, m)
