@@ -160,6 +160,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     batch_max_seconds: Seconds = 21_600.0
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
+    # Placeholder for issue 22's REDIS_SIGNING_KEY (HMAC of what is read back from Redis), added in
+    # parallel on another branch: deploy/kubernetes already references it. The lead keeps that
+    # branch's definition at merge; this one only lets the manifests' check know the name.
+    redis_signing_key: Annotated[str, Meta(min_length=32)] | None = None
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
