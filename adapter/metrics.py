@@ -48,11 +48,13 @@ class Metrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.store_up = Gauge("crm_ai_cache_store_up", "1 while the cache store answers, 0 while Redis fails (then answers are uncached)",
                               ["backend"], registry=r)
-        self.ready = Gauge("crm_ai_ready", "1 when /readyz last answered ready, 0 when it answered 503 (draining, or the gateway failing)",
-                           registry=r)
+        self.ready = Gauge("crm_ai_ready", "1 when /readyz last answered ready, 0 when it answered 503 (draining, or the gateway "
+                           "failing), NaN before the first probe", registry=r)
+        self.ready.set(float("nan"))  # unknown, not "not ready": where nothing probes (compose), nothing alerts
         self.running_batches = Gauge("crm_ai_running_batches", "Batches this process runs (crm_ai_running_jobs counts them too)",
                                      registry=r)
-        self.job_takeovers = Counter("crm_ai_job_takeovers", "Jobs and batches taken over from a replica whose lease lapsed", registry=r)
+        self.job_takeovers = Counter("crm_ai_job_takeovers", "Jobs and batches taken over from another replica: handed_over "
+                                     "(it drained) or lease_lapsed (it died)", ["reason"], registry=r)
         self.job_handovers = Counter("crm_ai_job_handovers", "Jobs and batches handed over to other replicas while shutting down",
                                      registry=r)
         self.follower_lag = Histogram("crm_ai_job_follower_lag_seconds", "From an event's write to Redis by the replica running a "

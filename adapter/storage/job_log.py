@@ -109,6 +109,8 @@ class RedisJobLog:
                  replica: str | None = None, metrics: Metrics | None = None) -> None:
         self._s = store
         self._metrics = metrics or Metrics()
+        for reason in ("handed_over", "lease_lapsed"):
+            self._metrics.job_takeovers.labels(reason)  # both series from the start: the alert rates them
         self._describe = describe
         self._r = store.redis
         self.replica = replica or replica_id()
@@ -503,6 +505,9 @@ class RedisJobLog:
             try:
                 entries = await self._r.xrange(self._log(job.id), min=f"{len(job.events) + 1}-0")
                 meta = await self._r.hgetall(self._meta(job.id))
+                # A replica that drains writes the handover nudge: a takeover after it is the plan,
+                # one without it means the runner died (what the "takeovers" alert is about).
+                handed_over = bool(await self._r.exists(self._nudge(job.id)))
                 break
             except FAULTS as exc:
                 self._s.fault(exc)
@@ -513,7 +518,7 @@ class RedisJobLog:
         m = {k.decode(): v.decode() for k, v in meta.items()}
         job.agent_input, job.mode = m.get("input", ""), m.get("mode", "default")  # type: ignore[assignment]
         log.info("job.taken_over", job_id=job.id, replica=self.replica, after_event=len(job.events))
-        self._metrics.job_takeovers.inc()
+        self._metrics.job_takeovers.labels("handed_over" if handed_over else "lease_lapsed").inc()
         self.own(job, len(job.events))
         if self.on_orphan is not None:
             await self.on_orphan(job, m)
