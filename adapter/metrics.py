@@ -57,6 +57,8 @@ class Metrics:
                                      "(it drained) or lease_lapsed (it died)", ["reason"], registry=r)
         self.job_handovers = Counter("crm_ai_job_handovers", "Jobs and batches handed over to other replicas while shutting down",
                                      registry=r)
+        for reason in ("handed_over", "lease_lapsed"):
+            self.job_takeovers.labels(reason)  # both series from the start: the alert counts one of them
         self.follower_lag = Histogram("crm_ai_job_follower_lag_seconds", "From an event's write to Redis by the replica running a "
                                       "job to its read by a replica following the job", buckets=LAG_BUCKETS, registry=r)
 

@@ -109,8 +109,6 @@ class RedisJobLog:
                  replica: str | None = None, metrics: Metrics | None = None) -> None:
         self._s = store
         self._metrics = metrics or Metrics()
-        for reason in ("handed_over", "lease_lapsed"):
-            self._metrics.job_takeovers.labels(reason)  # both series from the start: the alert rates them
         self._describe = describe
         self._r = store.redis
         self.replica = replica or replica_id()
