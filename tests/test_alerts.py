@@ -116,6 +116,8 @@ CASES = [
          "CrmAiRedisUnavailable", "6m", [{**POD_LABELS, "backend": "redis"}]),
     Case("Redis failing for a minute: no page", {f'crm_ai_cache_store_up{{{POD},backend="redis"}}': "1 1 0 1 1 1 1"},
          "CrmAiRedisUnavailable", "6m"),
+    Case("Redis failing for the second minute: still no page", {f'crm_ai_cache_store_up{{{POD},backend="redis"}}': "1 1 0 0 1"},
+         "CrmAiRedisUnavailable", "3m"),
     Case("a replica not ready for 12 minutes: ticket", {f"crm_ai_ready{{{POD}}}": "1 1 0x12"}, "CrmAiReplicaNotReady", "14m",
          [POD_LABELS]),
     Case("a replica draining for a minute, then gone: no ticket", {f"crm_ai_ready{{{POD}}}": "1x10 0 0 stale"},
