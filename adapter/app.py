@@ -194,20 +194,20 @@ def create_app(
                 prefix=settings.cache_prefix, store=redis_store, clock=clock, sleep=sleep)
             service = AiService(
                 tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics, clock=clock),
-                crm=crm.CrmClient(backend, settings, clock=clock),
+                crm=crm.CrmClient(backend, settings, clock=clock, metrics=metrics),
                 cache=cache, settings=settings, metrics=metrics, limiter=limiter, tracing=tracing,
             )
             app.state.service = service
             mirror = None
             if isinstance(cache_store, RedisStore):
                 mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
-                                     lease=settings.job_lease_seconds, describe=problems.problem_json)
+                                     lease=settings.job_lease_seconds, describe=problems.problem_json, metrics=metrics)
                 stack.push_async_callback(mirror.aclose)
             app.state.jobs = Jobs(service, describe=problems.problem_json, clock=clock, mirror=mirror)
             # A batch counts as running until it ends, or at the latest until its deadline (plus a lease for a takeover).
             running = RunningBatches(settings.max_batches_per_user, lifetime=settings.batch_max_seconds + settings.job_lease_seconds,
                                      prefix=settings.cache_prefix, store=redis_store, clock=clock)
-            app.state.batches = batches = Batches(app.state.jobs, clock=clock, running=running)
+            app.state.batches = batches = Batches(app.state.jobs, clock=clock, quota=running)
             max_streams, fd_limit = stream_limit(settings)
             if max_streams < settings.max_streams:
                 log.warning("streams.capped", max_streams=max_streams, fd_limit=fd_limit,
@@ -217,10 +217,14 @@ def create_app(
             batches.start_sweeper()
             stack.callback(batches.stop)
             metrics.watch_jobs(lambda: app.state.jobs.running)
+            metrics.running_batches.set_function(lambda: batches.running)
+            metrics.watch_store(cache_store.backend, lambda: getattr(cache_store, "degraded", None) is None)
+            metrics.prime(tasks)
             metrics.watch_breaker("conductor-gateway", lambda: service.gateway.breaker.state)
             metrics.watch_breaker("crm-backend", lambda: service.crm.breaker.state)
             metrics.gateway_in_flight.set_function(lambda: service.gateway.bulkhead.in_flight)
-            app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl)
+            app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl,
+                                         previous=settings.job_token_secret_previous)
             stack.callback(app.state.jobs.cancel_all)
             log.info("startup", gateway=redact_url(settings.conductor_gateway_url), crm=redact_url(settings.crm_backend_url),
                      cache=cache_store.backend, **({"redis": redact_url(settings.redis_url)} if settings.redis_url else {}))

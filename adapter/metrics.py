@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -44,6 +45,27 @@ class Metrics:
                                 "per value: cache, flight, job-log, batch-inputs", ["kind"], registry=r)
         # Refusals at a concurrency limit, by the setting that sets it (MAX_STREAMS_PER_USER, MAX_STREAMS, MAX_BATCHES_PER_USER).
         self.limit_refusals = Counter("crm_ai_limit_refusals", "Requests refused at a concurrency limit", ["limit"], registry=r)
+        # What a fleet is watched by (deploy/grafana, deploy/prometheus): the CRM's latency, the
+        # shared store, readiness, and how jobs move between replicas.
+        self.crm_calls = Counter("crm_ai_crm_calls", "CRM backend calls (record reads and write-backs) by method and outcome",
+                                 ["method", "outcome"], registry=r)
+        self.crm_seconds = Histogram("crm_ai_crm_call_duration_seconds", "CRM backend call latency by method", ["method"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.store_up = Gauge("crm_ai_cache_store_up", "1 while the cache store answers, 0 while Redis fails (then answers are uncached)",
+                              ["backend"], registry=r)
+        self.ready = Gauge("crm_ai_ready", "1 when /readyz last answered ready, 0 when it answered 503 (draining, or the gateway "
+                           "failing), NaN before the first probe", registry=r)
+        self.ready.set(float("nan"))  # unknown, not "not ready": where nothing probes (compose), nothing alerts
+        self.running_batches = Gauge("crm_ai_running_batches", "Batches this process runs (crm_ai_running_jobs counts them too)",
+                                     registry=r)
+        self.job_takeovers = Counter("crm_ai_job_takeovers", "Jobs and batches taken over from another replica: handed_over "
+                                     "(it drained) or lease_lapsed (it died)", ["reason"], registry=r)
+        self.job_handovers = Counter("crm_ai_job_handovers", "Jobs and batches handed over to other replicas while shutting down",
+                                     registry=r)
+        for reason in ("handed_over", "lease_lapsed"):
+            self.job_takeovers.labels(reason)  # both series from the start: the alert counts one of them
+        self.follower_lag = Histogram("crm_ai_job_follower_lag_seconds", "From an event's write to Redis by the replica running a "
+                                      "job to its read by a replica following the job", buckets=LAG_BUCKETS, registry=r)
 
     def request_done(self, route: str, method: str, status: str, seconds: float) -> None:
         """One served request: its count and its latency. The labelled children are kept, not looked up each time."""
@@ -57,6 +79,22 @@ class Metrics:
 
     def watch_jobs(self, running: Callable[[], int]) -> None:
         self.running_jobs.set_function(running)
+
+    def watch_store(self, backend: str, healthy: Callable[[], bool]) -> None:
+        self.store_up.labels(backend).set_function(lambda: 1 if healthy() else 0)
+
+    def prime(self, tasks: Any) -> None:
+        """Every task's series at 0 from the start: a rate over a series that appears with its first
+        event reads as no data, and an alert on it would not fire until the second."""
+        for task in tasks.values():
+            for result in ("hit", "miss", "stale", "bypass", "coalesced"):
+                self.cache.labels(task.name, result)
+            self.rate_limited.labels(task.name)
+            for outcome in ("valid", "normalised", "invalid", "repaired", "corrected", "failed"):
+                self.agent_output.labels(task.agent_id, outcome)
+            self.gateway_calls.labels(task.agent_id, "ok")
+        for method in ("GET", "PATCH"):
+            self.crm_calls.labels(method, "ok")
 
     def watch_breaker(self, upstream: str, state: Callable[[], str]) -> None:
         codes = {"closed": 0, "half_open": 1, "open": 2}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import structlog
 import uvicorn
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -30,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .errors import RequestTimeout
 from .models import Problem
 
+log = structlog.get_logger("adapter.servers")
 _encode = msgspec.json.Encoder().encode
 LINGER_SECONDS = 2.0
 
@@ -314,27 +316,34 @@ def serve_workers(make_app: Any, sock: socket.socket, workers: int, **options: A
             finally:
                 os._exit(code)
         children.append(pid)
-    stopping = False
+    # Two reasons to stop, kept apart: asked (a signal to this process) ends with 0; a worker that
+    # died unasked ends with 1 even though the parent then stops the rest itself, or the
+    # orchestrator would read a crash as a clean exit and might not restart the container.
+    asked = False
+    died_unasked = False
 
-    def forward(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
+    def stop_all(signum: int) -> None:
+        for child in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal asked
+        asked = True
+        stop_all(signum)
+
+    alive = set(children)
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    failed = False
-    alive = set(children)
     while alive:
         pid, status = os.wait()
         alive.discard(pid)
-        if not stopping and alive:  # one died unasked: stop the rest
-            failed = True
-            forward(signal.SIGTERM, None)
-        failed = failed or os.waitstatus_to_exitcode(status) not in (0,)
-    return 1 if failed and not stopping else 0
+        if not asked and not died_unasked:  # the first to die unasked, whatever its code: stop the rest
+            died_unasked = True
+            log.error("workers.worker_died", pid=pid, exit_code=os.waitstatus_to_exitcode(status),
+                      effect="stopping the other workers; exiting 1 so that the container is restarted whole")
+            stop_all(signal.SIGTERM)
+    return 1 if died_unasked else 0
 
 
 def url_of(sock: socket.socket) -> str:

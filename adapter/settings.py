@@ -110,7 +110,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     upstream_retries: Annotated[int, Meta(ge=0, le=10)] = 2
     retry_base_delay: Seconds = 0.2
     retry_max_delay: Seconds = 2.0
-    circuit_failure_threshold: Annotated[int, Meta(ge=1, le=1000)] = 5
+    # Circuit breakers (one per upstream, per process): open when at least CIRCUIT_FAILURE_RATIO of
+    # the calls in the last CIRCUIT_WINDOW_SECONDS failed, once the window holds CIRCUIT_MIN_CALLS;
+    # after CIRCUIT_RESET_SECONDS, CIRCUIT_HALF_OPEN_PROBES calls go through, and that many successes
+    # close it. CIRCUIT_FAILURE_THRESHOLD (once: consecutive failures) is still read, as the minimum
+    # number of calls when CIRCUIT_MIN_CALLS is unset: with the upstream down, that many failures
+    # still open the circuit, as before.
+    circuit_failure_threshold: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    circuit_min_calls: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    circuit_failure_ratio: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    circuit_window_seconds: Annotated[float, Meta(ge=1, le=3600)] = 60.0
+    circuit_half_open_probes: Annotated[int, Meta(ge=1, le=100)] = 3
     circuit_reset_seconds: Seconds = 30.0
     gateway_max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 200
     gateway_queue_timeout: Annotated[float, Meta(ge=0, le=3600)] = 10.0
@@ -153,6 +163,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     batch_max_seconds: Seconds = 21_600.0
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
+    # While rotating JOB_TOKEN_SECRET: also accepted (never issued with), as REDIS_SIGNING_KEY_PREVIOUS.
+    job_token_secret_previous: Annotated[str, Meta(min_length=32)] | None = None
 
     # Forwarding headers (issue 22 §6): peers whose X-Forwarded-*, Forwarded and X-Real-IP are believed
     # (an ingress in front), as uvicorn's variable of the same name: comma-separated addresses or networks
@@ -190,6 +202,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
         if self.redis_url is not None and urlsplit(self.redis_url).scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
         self.forwarders  # noqa: B018  # a bad FORWARDED_ALLOW_IPS stops start-up, naming the variable
+        if self.job_token_secret_previous is not None and self.job_token_secret is None:
+            raise ValueError("JOB_TOKEN_SECRET_PREVIOUS is only accepted beside JOB_TOKEN_SECRET (the secret that issues)")
         if self.redis_signing_key_previous is not None and self.redis_signing_key is None:
             raise ValueError("REDIS_SIGNING_KEY_PREVIOUS is only accepted beside REDIS_SIGNING_KEY (the key that signs)")
 
@@ -232,6 +246,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     def providers(self) -> tuple[str, ...]:
         """CONDUCTOR_AI_PROVIDER as a list; empty means the gateway's default provider."""
         return tuple(p.strip() for p in (self.conductor_ai_provider or "").split(",") if p.strip())
+
+    @property
+    def circuit_breaker_min_calls(self) -> int:
+        """CIRCUIT_MIN_CALLS, else the older CIRCUIT_FAILURE_THRESHOLD, else 20."""
+        return self.circuit_min_calls or self.circuit_failure_threshold or 20
 
     @property
     def cors_origins(self) -> list[str]:

@@ -553,3 +553,15 @@ async def stale_after_500(app: Any) -> AsyncIterator[Any]:
             yield front
         finally:
             await front.stop()
+
+
+def deploy_tool(*names: str) -> str:
+    """The path of the first of these command-line tools on PATH (kubectl, kustomize, promtool).
+
+    Outside CI a missing tool skips the checks that need it; in CI (.ci/run installs them) it fails."""
+    for name in names:
+        if found := shutil.which(name):
+            return found
+    if os.environ.get("CI"):
+        pytest.fail(f"none of {', '.join(names)} is installed: .ci/run installs them")
+    pytest.skip(f"none of {', '.join(names)} is installed (.ci/run installs them)")

@@ -123,3 +123,49 @@ def test_readme_batch_flow_works_against_the_demo(demo):
     assert done["status"] == "completed" and done["counts"]["succeeded"] == leads
     assert failed["batch_id"] == created["batch_id"] and failed["items"] == [] and failed["counts"]["succeeded"] == leads
     assert cancelled["status"] == "completed" and cancelled["cancel_requested"] is False  # finished: nothing to cancel
+
+
+def migration_blocks(kind: str) -> list[str]:
+    return re.findall(rf"```{kind}\n(.*?)```", (ROOT / "docs" / "migration.md").read_text(), re.DOTALL)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_migration_guides_commands_work_against_the_demo(demo):
+    """docs/migration.md's `sh` blocks, in order, in one shell, after the demo's /demo/env (which also points
+    CONDUCTOR_GATEWAY_URL and CRM_BACKEND_URL at the demo's doubles for `adapter agents sync` and `adapter check`)."""
+    port, printed = demo
+    setter = next(line for line in printed if line.startswith("eval "))
+    blocks = migration_blocks("sh")
+    assert len(blocks) >= 7
+    script = "\n".join(["set -euo pipefail", setter] + [f"echo '### block {i}'\n{block}" for i, block in enumerate(blocks)])
+    script = script.replace("localhost:8080", f"127.0.0.1:{port}")
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # this venv's `adapter`
+    env.pop("REDIS_URL", None)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
+    text = out.stdout
+    assert f"### block {len(blocks) - 1}" in text
+    assert len(re.findall(r"^(unchanged|created|updated) +\w+_CRM_Agent$", text, re.MULTILINE)) == 3  # agents sync
+    assert "FAIL" not in text + out.stderr and text.count("the gateway knows agent") == 3  # adapter check
+    assert "through the sidecar: " in text and "AI health: ok" in text
+    assert re.search(r"\['agent', 'bant', 'classification', 'lead_id', 'next_actions', 'provider', 'reasoning', 'score'\] (Hot|Warm|Cold)", text)
+    assert re.search(r"^x-cache: HIT\r?$", text, re.MULTILINE | re.IGNORECASE)  # the guide's second ask of the same lead
+    problem = json.loads(next(line for line in text.splitlines() if line.startswith('{"type"')))
+    assert problem["status"] == 404 and problem["detail"] == "Lead not found" and problem["request_id"]
+    assert re.search(r'^crm_ai_http_requests_total\{.*route="/api/v1/ai/lead/qualify".*\} [1-9]', text, re.MULTILINE)
+
+
+def test_the_migration_guides_cluster_steps_name_what_the_repository_ships():
+    cluster = "\n".join(migration_blocks("shell"))
+    for target in re.findall(r"kubectl apply -k (\S+)", cluster):
+        assert (ROOT / target / "kustomization.yaml").exists(), target
+    ingress = (ROOT / "deploy" / "kubernetes" / "ingress" / "ingress.yaml").read_text()
+    [deleted] = re.findall(r"kubectl delete ingress (\S+)", cluster)
+    assert f"\n  name: {deleted}\n" in ingress  # the rollback deletes the Ingress the switch created
+    keys = set(re.findall(r"--from-literal=([\w-]+)=", cluster))
+    manifests = "\n".join(p.read_text() for p in (ROOT / "deploy" / "kubernetes").rglob("*.yaml"))
+    assert keys == set(re.findall(r"key: ([\w-]+)", manifests)), "the secret's keys are the ones the manifests reference"
+    text = (ROOT / "docs" / "migration.md").read_text()
+    assert "shared/" not in text
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        assert (ROOT / "docs" / target).resolve().exists(), target

@@ -196,3 +196,41 @@ async def test_redis_killed_mid_job_and_restarted():
             assert (await rig.qualify(fresh)).headers["x-cache"] == "HIT"  # caching resumed by itself
     finally:
         redis.stop()
+
+
+@asynccontextmanager
+async def hanging_up(reads_request: bool):
+    """A 'gateway' that accepts each connection and closes it without a byte of answer
+    (after reading the request, or at once): what a crashing or restarting upstream does."""
+    seen = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if reads_request:
+            seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("reads_request", [True, False])
+async def test_a_gateway_that_drops_the_connection_is_described_in_words(reads_request):
+    """Fleet trial (issue 27): the problem said "cannot reach the Conductor Gateway: RemoteProtocolError".
+    The gateway was reached; the detail says what it did, and names no exception of ours."""
+    crm = CrmDouble()
+    alice = crm.add_user()
+    lead = crm.add_lead(alice, name="Drop Tester")
+    async with hanging_up(reads_request) as (gateway_url, seen), serving(crm.app) as backend:
+        settings = make_settings(conductor_gateway_url=gateway_url, crm_backend_url=backend, upstream_retries=0)
+        async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            r = await client.post("/api/v1/ai/lead/qualify", json={"lead_id": lead},
+                                  headers={"Authorization": f"Bearer {crm.token(alice)}"})
+    problem = msgspec.json.decode(r.content)
+    assert r.status_code == 503 and problem["type"].endswith("gateway-unavailable"), r.text
+    assert problem["detail"] == "the Conductor Gateway closed the connection before answering"
+    assert "Error" not in r.text and "cannot reach" not in r.text
+    assert not reads_request or seen and seen[0].startswith(b"POST /api/agents/")

@@ -70,6 +70,33 @@ async def test_metrics_move_for_hit_miss_repair_stream_and_write_back(client, se
     assert metric(text, "crm_ai_http_request_duration_seconds_count", route="/api/v1/ai/lead/qualify") == 2
     assert metric(text, "crm_ai_open_streams") == 0  # the stream was read to its end and closed
     assert ("crm_ai_running_jobs", ()) in samples(text)  # a sample, not just its HELP line
+    # The CRM's side (issue 27): three reads (miss, hit, stream) and two write-backs, each timed.
+    assert metric(text, "crm_ai_crm_calls_total", method="GET", outcome="ok") == 3
+    assert metric(text, "crm_ai_crm_calls_total", method="PATCH", outcome="ok") == 2
+    assert metric(text, "crm_ai_crm_call_duration_seconds_count", method="GET") == 3
+    assert metric(text, "crm_ai_cache_store_up", backend="memory") == 1
+    # Primed at start-up: a task nobody asked for yet has its series at 0, so a rate over it is 0, not "no data".
+    assert ("crm_ai_cache_events_total", (("result", "hit"), ("task", "deal.predict"))) in samples(text)
+
+
+async def test_readiness_is_a_metric_too(make_client):
+    import httpx
+
+    up = True
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        if up:
+            return httpx.Response(200, json={"status": "healthy"})
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async with httpx.AsyncClient(base_url="http://gateway.test", transport=httpx.MockTransport(gateway)) as gw, \
+            make_client(gateway_http=gw) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        ready = metric((await client.get("/metrics")).text, "crm_ai_ready")
+        up = False
+        not_ready = await client.get("/readyz")
+        after = metric((await client.get("/metrics")).text, "crm_ai_ready")
+    assert ready == 1 and not_ready.status_code == 503 and after == 0
 
 
 async def test_proxied_requests_are_labelled_proxy(client):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
 from adapter.doubles.gateway import DB_DOWN
+from adapter.settings import Settings
+from adapter.upstreams.resilience import CircuitBreaker
 from tests.helpers import LEAD_AGENT, QUALIFY, Clock, assert_problem, decode, make_settings
 
 
@@ -128,7 +131,8 @@ async def test_read_timeout_is_never_retried(make_client, seed, auth, gateway):
 
 async def test_gateway_circuit_opens_fails_fast_probes_and_closes(make_client, seed, auth, gateway):
     clock = Clock()
-    settings = make_settings(circuit_failure_threshold=3, circuit_reset_seconds=30, upstream_retries=0)
+    # CIRCUIT_FAILURE_THRESHOLD, the older setting, still reads as the minimum number of calls.
+    settings = make_settings(circuit_failure_threshold=3, circuit_reset_seconds=30, circuit_half_open_probes=1, upstream_retries=0)
     async with make_client(settings=settings, clock=clock) as client:
         gateway.default = "error_500"
         for _ in range(3):
@@ -136,6 +140,7 @@ async def test_gateway_circuit_opens_fails_fast_probes_and_closes(make_client, s
         fast = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
         body = assert_problem(fast, 503, "gateway-circuit-open")
         assert fast.headers["retry-after"] == "30" and gateway.calls[LEAD_AGENT] == 3  # failed fast: no call
+        assert body["detail"].startswith("3 of the last 3 calls to the Conductor Gateway within 60 s failed")
         health = decode(await client.get("/api/v1/ai/health"))
         assert health["circuits"]["conductor-gateway"] == "open" and health["status"] == "degraded"
         metrics = (await client.get("/metrics")).text
@@ -168,11 +173,11 @@ async def test_crm_circuit_opens_on_failures_but_not_on_refusals(make_client, cr
         for _ in range(3):  # 403s are the backend working: they never open the circuit
             await client.post(QUALIFY, json={"lead_id": seed["bobs_lead"]}, headers=auth)
         crm.fail_status = 500
-        for _ in range(2):
+        for _ in range(3):  # 3 of 6 calls: the 50 % that opens it (the refusals count as successes)
             assert_problem(await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth), 502, "crm-unavailable")
         r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
-    assert_problem(r, 503, "crm-circuit-open")
-    assert int(r.headers["retry-after"]) > 0 and crm.calls.total() == 5
+    assert "3 of the last 6 calls to the CRM backend" in assert_problem(r, 503, "crm-circuit-open")["detail"]
+    assert int(r.headers["retry-after"]) > 0 and crm.calls.total() == 6
 
 
 async def test_bulkhead_bounds_calls_in_flight(make_client, seed, crm, auth, gateway):
@@ -215,3 +220,94 @@ async def test_settings_reject_a_malformed_rate():
 
     with pytest.raises(ConfigError, match="RATE_LIMIT_LEAD_QUALIFY"):
         Settings.from_env({"RATE_LIMIT_LEAD_QUALIFY": "lots"})
+
+
+# --- the circuit breaker's window (issue 27: it opened on consecutive failures, per replica) -------
+
+def _drive(breaker: CircuitBreaker, clock: Clock, *, calls: int, fail: float, every: float, seed: int) -> int:
+    """`calls` calls `every` seconds apart, each failing with probability `fail`; how many the circuit refused."""
+    rng, refused = random.Random(seed), 0
+    for _ in range(calls):
+        clock.now += every
+        if not breaker.admit():
+            refused += 1
+            continue
+        (breaker.failed if rng.random() < fail else breaker.succeeded)()
+    return refused
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("every", [0.01, 1.0])  # 6,000 and 60 calls in a window
+def test_twenty_percent_random_failures_never_open_the_circuit(seed, every):
+    # 20,000 calls with the default settings: consecutive failures (5 in a row) happened about 5 times.
+    clock = Clock()
+    breaker = CircuitBreaker.of("conductor-gateway", Settings.from_env({}), clock)
+    assert _drive(breaker, clock, calls=20_000, fail=0.2, every=every, seed=seed) == 0
+    assert breaker.state == "closed"
+
+
+def test_a_high_failure_ratio_opens_the_circuit_once_the_window_holds_enough_calls():
+    clock = Clock()
+    breaker = CircuitBreaker("crm-backend", min_calls=20, ratio=0.5, window=60, reset=30, probes=3, clock=clock)
+    for _ in range(19):  # every call failed, but too few calls to judge
+        clock.now += 1
+        breaker.failed()
+    assert breaker.state == "closed"
+    clock.now += 61  # they leave the window: the count starts again
+    for _ in range(10):
+        clock.now += 0.5
+        breaker.succeeded()
+    for _ in range(9):
+        clock.now += 0.5
+        breaker.failed()
+    assert breaker.state == "closed" and (breaker.calls, breaker.failures) == (19, 9)
+    breaker.failed()  # 10 of 20: the ratio reached with the minimum number of calls
+    assert breaker.state == "open" and not breaker.admit() and breaker.retry_after() == 30
+    assert breaker.describe("CRM backend").startswith("10 of the last 20 calls to the CRM backend within 60 s failed")
+
+
+def test_sixty_percent_random_failures_open_the_circuit():
+    clock = Clock()
+    breaker = CircuitBreaker.of("conductor-gateway", Settings.from_env({}), clock)
+    assert _drive(breaker, clock, calls=200, fail=0.6, every=0.1, seed=7) > 0
+
+
+def test_half_open_lets_n_probes_through_and_closes_after_n_successes():
+    clock = Clock()
+    breaker = CircuitBreaker("conductor-gateway", min_calls=4, ratio=0.5, window=60, reset=30, probes=3, clock=clock)
+    for _ in range(4):
+        breaker.failed()
+    assert breaker.state == "open"
+    clock.now += 30
+    assert breaker.state == "half_open"
+    assert [breaker.admit() for _ in range(4)] == [True, True, True, False]  # three probes at a time, no more
+    breaker.released()  # a probe that ended without a verdict gives its place back
+    assert breaker.admit() and not breaker.admit()
+    breaker.succeeded()
+    breaker.succeeded()
+    assert breaker.state == "half_open" and not breaker.admit()  # two successes, one probe still out
+    breaker.succeeded()
+    assert breaker.state == "closed" and breaker.admit() and (breaker.calls, breaker.failures) == (0, 0)
+
+
+def test_a_failed_probe_opens_the_circuit_for_another_cool_down():
+    clock = Clock()
+    breaker = CircuitBreaker("conductor-gateway", min_calls=2, ratio=0.5, window=60, reset=30, probes=3, clock=clock)
+    breaker.failed()
+    breaker.failed()
+    clock.now += 30
+    assert breaker.admit() and breaker.admit()
+    breaker.succeeded()
+    breaker.failed()
+    assert breaker.state == "open" and breaker.retry_after() == 30
+    breaker.succeeded()  # the other probe's late success changes nothing
+    clock.now += 29
+    assert breaker.state == "open" and not breaker.admit()
+    clock.now += 1
+    assert [breaker.admit() for _ in range(4)] == [True, True, True, False]  # a fresh set of probes
+
+
+def test_the_circuit_settings_and_the_older_threshold():
+    assert Settings.from_env({}).circuit_breaker_min_calls == 20
+    assert Settings.from_env({"CIRCUIT_FAILURE_THRESHOLD": "5"}).circuit_breaker_min_calls == 5
+    assert Settings.from_env({"CIRCUIT_FAILURE_THRESHOLD": "5", "CIRCUIT_MIN_CALLS": "50"}).circuit_breaker_min_calls == 50

@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 import pytest
 
-from tests.helpers import DEAL_AGENT, LEAD_AGENT, Reader, Replica, Restartable, replica_cluster, serving
+from tests.helpers import DEAL_AGENT, LEAD_AGENT, Reader, Replica, Restartable, metric, replica_cluster, serving
 
 pytestmark = pytest.mark.redis
 
@@ -70,7 +70,13 @@ async def test_kill_9_of_the_runner_mid_job(cluster, gateway, seed):
         await a.exited()
         gateway.gate.set()
         events = await reading
+        scraped = (await client.get(b.url + "/metrics")).text
     reader.check_sequence()
+    # What the fleet's dashboard and alerts read: one takeover, and b's lag behind a's writes while it followed.
+    assert metric(scraped, "crm_ai_job_takeovers_total", reason="lease_lapsed") == 1
+    assert metric(scraped, "crm_ai_job_takeovers_total", reason="handed_over") == 0
+    assert 1 <= metric(scraped, "crm_ai_job_follower_lag_seconds_count") <= len(events)
+    assert metric(scraped, "crm_ai_job_follower_lag_seconds_sum") < 5
     assert events[-2].event == "result" and events[-1].json == {"status": "succeeded", "cached": False}
     resumed = [s for s in statuses(reader) if s.get("resumed")]
     assert len(resumed) == 1 and events.index(next(e for e in events if e.event == "status" and e.json.get("resumed"))) == 4
@@ -98,6 +104,9 @@ async def test_sigterm_hands_over_what_does_not_fit_and_finishes_what_does(clust
                                     headers={"Authorization": f"Bearer {seed['token']}"})
         await asyncio.gather(*tasks)
         await a.exited()
+        scraped = (await client.get(b.url + "/metrics")).text
+    assert metric(scraped, "crm_ai_job_takeovers_total", reason="handed_over") == 1  # planned: no alert
+    assert metric(scraped, "crm_ai_job_takeovers_total", reason="lease_lapsed") == 0
     assert ready.status_code == 503 and ready.json()["type"].endswith("not-ready") and "shutting down" in ready.json()["detail"]
     assert refused.status_code == 503 and refused.json()["type"].endswith("shutting-down") and refused.headers["retry-after"]
     for r in readers:

@@ -157,6 +157,48 @@ async def test_serve_with_workers_runs_that_many_processes_and_warns_without_red
     assert "Traceback" not in logs
 
 
+async def test_a_worker_killed_unasked_stops_the_others_and_the_parent_exits_non_zero():
+    """Fleet trial (issue 27): after `kill -9` of one worker the parent drained the other and exited 0,
+    so the orchestrator saw a clean exit. A worker that dies unasked must make the parent exit 1."""
+    import asyncio
+    import contextlib
+    import re
+    import signal
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), "--workers", "2", cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "REDIS_URL": "", "LOG_FORMAT": "json"})
+    seen: list[str] = []
+    workers: list[int] = []
+    try:
+        async def until_both_started() -> None:
+            async for line in proc.stderr:
+                seen.append(line.decode())
+                if sum("Application startup complete" in s for s in seen) == 2:
+                    return
+
+        await asyncio.wait_for(until_both_started(), 60)
+        workers = [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", "".join(seen))]
+        assert len(workers) == 2, seen
+        victim, survivor = workers
+        os.kill(victim, signal.SIGKILL)
+        _, rest = await asyncio.wait_for(proc.communicate(), 30)
+        code = proc.returncode
+    finally:
+        for pid in [proc.pid, *workers]:  # whatever happened above, nothing outlives the test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.returncode is None:
+            await asyncio.wait_for(proc.wait(), 10)
+    logs = "".join(seen) + rest.decode()
+    assert code == 1, logs
+    with pytest.raises(ProcessLookupError):  # the survivor was stopped and reaped by the parent
+        os.kill(survivor, 0)
+    died = [json.loads(line) for line in logs.splitlines() if "workers.worker_died" in line]
+    assert len(died) == 1 and died[0]["pid"] == victim and died[0]["exit_code"] == -signal.SIGKILL, logs
+
+
 def decode_json(raw: bytes) -> dict:
     return json.loads(raw)
 

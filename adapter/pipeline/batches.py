@@ -120,17 +120,22 @@ def ended_at(job: Job) -> float | None:
 
 
 class Batches:
-    def __init__(self, jobs: Jobs, *, clock: Callable[[], float] = time.time, running: RunningBatches | None = None) -> None:
+    def __init__(self, jobs: Jobs, *, clock: Callable[[], float] = time.time, quota: RunningBatches | None = None) -> None:
         self.jobs = jobs
         self.service = jobs.service
         self.settings = jobs.settings
         self.mirror = jobs.mirror
         self._clock = clock
-        self.running = running  # each user's running batches (MAX_BATCHES_PER_USER)
+        self.quota = quota  # each user's running batches (MAX_BATCHES_PER_USER)
         self._cancelled: set[str] = set()
         self._tallies: dict[str, Tally] = {}
         self._sweeper: asyncio.Task[None] | None = None
         jobs.resumers[PREFIX] = self.resume
+
+    @property
+    def running(self) -> int:
+        """Batches this replica runs now (each has its tally while its runner lives)."""
+        return len(self._tallies)
 
     # --- the API's side -------------------------------------------------------------------------
 
@@ -139,11 +144,11 @@ class Batches:
         if self.jobs.draining:
             raise ShuttingDown("this replica is shutting down and takes no new batches; retry (another replica answers)")
         batch_id = f"{PREFIX}_{uuid.uuid4().hex}"
-        if self.running is not None:
+        if self.quota is not None:
             # 429 naming MAX_BATCHES_PER_USER; from here to the runner's start nothing awaits, so the
             # place taken is given back by the runner (`_finish`) and by nothing else.
             try:
-                await self.running.start(user, batch_id)
+                await self.quota.start(user, batch_id)
             except TooManyAtOnce:
                 self.service.metrics.limit_refusals.labels("MAX_BATCHES_PER_USER").inc()
                 raise
@@ -372,8 +377,8 @@ class Batches:
         # Kept JOB_RETENTION_SECONDS from now, not from its BATCH_MAX_SECONDS deadline.
         job.expires = min(job.expires, ended.timestamp() + self.settings.job_retention_seconds)
         log.info("batch.done", batch_id=job.id, status=job.status, **counts)
-        if self.running is not None:
-            await self.running.ended(spec_of(job)["user"], job.id)
+        if self.quota is not None:
+            await self.quota.ended(spec_of(job)["user"], job.id)
         if self.mirror is not None:
             await self.mirror.drop_batch(job.id)
 
@@ -399,8 +404,8 @@ class Batches:
                 except AdapterError:
                     continue  # Redis is failing: the next sweep tries again
                 if found is None or found.finished:
-                    if found is not None and self.running is not None:
-                        await self.running.ended(spec_of(found)["user"], batch_id)
+                    if found is not None and self.quota is not None:
+                        await self.quota.ended(spec_of(found)["user"], batch_id)
                     await self.mirror.drop_batch(batch_id)
 
     def stop(self) -> None:

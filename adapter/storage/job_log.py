@@ -40,6 +40,7 @@ import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from ..errors import JobExpired, JobLogTampered, JobLogUnavailable
+from ..metrics import Metrics
 from .job_state import Job
 from .redis_store import FAULTS, RELEASE_SCRIPT, RedisStore
 from .signing import Tampered
@@ -71,10 +72,13 @@ local top = 0
 local last = redis.call('xrevrange', KEYS[2], '+', '-', 'COUNT', 1)
 if #last > 0 then top = tonumber(string.match(last[1][1], '^(%d+)')) end
 if i <= #ARGV and tonumber(ARGV[i]) > top + 1 then return -3 end
+-- when Redis received the event (ms): a follower's lag is measured against it
+local clock = redis.call('time')
+local now = clock[1] .. string.format('%03d', math.floor(tonumber(clock[2]) / 1000))
 while i <= #ARGV do
   local id = tonumber(ARGV[i])
   if id > top then
-    redis.call('xadd', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2], 's', ARGV[i + 3])
+    redis.call('xadd', KEYS[2], ARGV[i] .. '-0', 'e', ARGV[i + 1], 'd', ARGV[i + 2], 's', ARGV[i + 3], 't', now)
     top = id
   end
   i = i + 4
@@ -111,8 +115,9 @@ Describe = Callable[[Exception, str], bytes]
 
 class RedisJobLog:
     def __init__(self, store: RedisStore, ttl: float, *, lease: float, describe: Describe,
-                 replica: str | None = None) -> None:
+                 replica: str | None = None, metrics: Metrics | None = None) -> None:
         self._s = store
+        self._metrics = metrics or Metrics()
         self._describe = describe
         self._r = store.redis
         self.replica = replica or replica_id()
@@ -235,9 +240,11 @@ class RedisJobLog:
                                  "start the job again") from None
         return {k: v.decode(errors="replace") for k, v in fields.items() if k != "sig"}  # `owner` is not signed
 
-    def _replay(self, job: Job, entries: list[Any]) -> bool:
+    def _replay(self, job: Job, entries: list[Any], *, lag: bool = False) -> bool:
         """Append the entries that come next to the local copy, exactly once and in order, each once its MAC
-        checks out. The first that fails ends the copy with `error` and `done` (False)."""
+        checks out. The first that fails ends the copy with `error` and `done` (False). `lag`: live entries,
+        whose delay from the runner's write (`t`, Redis's clock; a metric only, so unsigned) is observed."""
+        now = time.time()
         for entry_id, fields in entries:
             seq = _seq(entry_id)
             if seq != len(job.events) + 1:
@@ -251,6 +258,8 @@ class RedisJobLog:
                 self._end_tampered(job, f"event {seq} of its log")
                 return False
             job.emit(event.decode(), data)
+            if lag and (written := fields.get(b"t")) is not None:  # clocks a little apart: never below 0
+                self._metrics.follower_lag.observe(max(now - int(written) / 1000, 0.0))
         return True
 
     def _end_tampered(self, job: Job, what: str) -> None:
@@ -347,6 +356,7 @@ class RedisJobLog:
             except TimeoutError:
                 pass
         self._forget(job.id)
+        self._metrics.job_handovers.inc()
         if (writer := self._writers.get(job.id)) is not None:
             writer.cancel()
         try:
@@ -519,7 +529,7 @@ class RedisJobLog:
                 if stream in (nudge, nudge.encode()):
                     nudged_at, handed_over = entries[-1][0], True
                     continue
-                if not self._replay(job, entries):
+                if not self._replay(job, entries, lag=True):
                     return
             if job.finished or not self.accepting:
                 continue
@@ -554,6 +564,9 @@ class RedisJobLog:
             try:
                 entries = await self._r.xrange(self._log(job.id), min=f"{len(job.events) + 1}-0")
                 meta = await self._r.hgetall(self._meta(job.id))
+                # A replica that drains writes the handover nudge: a takeover after it is the plan,
+                # one without it means the runner died (what the "takeovers" alert is about).
+                handed_over = bool(await self._r.exists(self._nudge(job.id)))
                 break
             except FAULTS as exc:
                 self._s.fault(exc)
@@ -567,6 +580,7 @@ class RedisJobLog:
             return
         job.agent_input, job.mode = m.get("input", job.agent_input), m.get("mode", job.mode)  # type: ignore[assignment]
         log.info("job.taken_over", job_id=job.id, replica=self.replica, after_event=len(job.events))
+        self._metrics.job_takeovers.labels("handed_over" if handed_over else "lease_lapsed").inc()
         self.own(job, len(job.events))
         if self.on_orphan is not None:
             await self.on_orphan(job, m)

@@ -12,6 +12,7 @@ import msgspec
 
 from ..context import outbound_headers
 from ..errors import CrmCircuitOpen, CrmRefused, CrmUnavailable, UpstreamTimeout
+from ..metrics import Metrics
 from .resilience import CircuitBreaker, retrying
 from ..settings import Settings
 from .http import detail_of, transport_error
@@ -29,15 +30,16 @@ def client_timeout(settings: Settings) -> httpx.Timeout:
 
 
 class CrmClient:
-    def __init__(self, http: httpx.AsyncClient, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, http: httpx.AsyncClient, settings: Settings, clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
         self._http = http
+        self._metrics = metrics or Metrics()
         # Requests name the absolute URL: httpx then parses it once, where a path is parsed and
         # merged with base_url again (a tenth of a cache hit's CPU went to build_request).
         self._base = str(http.base_url).rstrip("/")
         self._settings = settings
         self._slots = asyncio.Semaphore(settings.crm_max_connections)
-        self.breaker = CircuitBreaker("crm-backend", threshold=settings.circuit_failure_threshold,
-                                      reset=settings.circuit_reset_seconds, clock=clock)
+        self.breaker = CircuitBreaker.of("crm-backend", settings, clock)
 
     async def get_record(self, kind: Literal["lead", "deal"], record_id: str, authorization: str) -> dict[str, Any]:
         """The record as the caller may see it; the backend's refusal becomes ours."""
@@ -59,16 +61,22 @@ class CrmClient:
 
     async def _call(self, method: str, path: str, authorization: str, body: bytes | None = None) -> httpx.Response:
         if not self.breaker.admit():
-            raise CrmCircuitOpen(f"the {UPSTREAM} failed {self.breaker.failures} times in a row; calls are paused",
-                                 retry_after=self.breaker.retry_after())
+            raise CrmCircuitOpen(self.breaker.describe(UPSTREAM), retry_after=self.breaker.retry_after())
+        t0 = time.perf_counter()
+        outcome = "cancelled"
         try:
             response = await self._attempt(method, path, authorization, body)
-        except (CrmUnavailable, UpstreamTimeout):
+            outcome = "ok" if response.status_code < 400 else str(response.status_code)
+        except (CrmUnavailable, UpstreamTimeout) as exc:
+            outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unavailable"
             self.breaker.failed()
             raise
         except BaseException:
             self.breaker.released()
             raise
+        finally:
+            self._metrics.crm_calls.labels(method, outcome).inc()
+            self._metrics.crm_seconds.labels(method).observe(time.perf_counter() - t0)
         # The backend's refusals (401/403/404) say it is healthy.
         self.breaker.succeeded()
         if response.status_code >= 400:

@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from .resilience import Bulkhead, CircuitBreaker, retrying
-from .http import detail_of, transport_error
+from .http import detail_of, transport_error, what_happened
 from ..settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
@@ -197,8 +197,7 @@ class GatewayClient:
         self._http = http
         self._settings = settings
         self._metrics = metrics or Metrics()
-        self.breaker = CircuitBreaker("conductor-gateway", threshold=settings.circuit_failure_threshold,
-                                      reset=settings.circuit_reset_seconds, clock=clock)
+        self.breaker = CircuitBreaker.of("conductor-gateway", settings, clock)
         self.bulkhead = Bulkhead(settings.gateway_max_concurrency, settings.gateway_queue_timeout)
 
     def plan(self) -> ProviderPlan:
@@ -208,9 +207,7 @@ class GatewayClient:
     async def guarded(self) -> AsyncIterator[None]:
         """Circuit breaker and bulkhead around one agent run (a synchronous call or a whole stream)."""
         if not self.breaker.admit():
-            raise GatewayCircuitOpen(
-                f"the {UPSTREAM} failed {self.breaker.failures} times in a row; calls are paused",
-                retry_after=self.breaker.retry_after())
+            raise GatewayCircuitOpen(self.breaker.describe(UPSTREAM), retry_after=self.breaker.retry_after())
         if not await self.bulkhead.acquire():
             self.breaker.released()
             raise GatewayBusy(f"{self.bulkhead.limit} agent calls are in flight (GATEWAY_MAX_CONCURRENCY); "
@@ -427,7 +424,7 @@ class GatewayClient:
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise self._failure(exc) from None
         except (httpx.TransportError, SSEError) as exc:
-            raise _StreamLost(f"the {UPSTREAM}'s stream broke off: {type(exc).__name__}") from None
+            raise _StreamLost(f"the job's stream broke off: {what_happened(exc, UPSTREAM)}") from None
 
     # --- discovery and the agent registry ------------------------------------------------
 

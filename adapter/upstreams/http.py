@@ -29,12 +29,31 @@ def detail_of(response: httpx.Response) -> str:
     return detail if isinstance(detail, str) else _encode(detail).decode()[:300]
 
 
+def what_happened(exc: Exception, upstream: str) -> str:
+    """A broken exchange in words a CRM developer reads: what the upstream did, not our exception's name.
+
+    A closed connection means the upstream was reached (it accepted, then hung up): "cannot reach"
+    would send an operator to check the network instead of the upstream's own logs.
+    """
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"cannot connect to the {upstream}: connect timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect to the {upstream} (connection refused or its address does not resolve)"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        if "disconnect" in str(exc).lower():  # httpcore's and aiohttp's words for "closed before any response byte"
+            return f"the {upstream} closed the connection before answering"
+        return f"the {upstream} answered with something that is not valid HTTP"
+    if isinstance(exc, httpx.ReadError):
+        return f"the connection to the {upstream} broke while its answer was being read"
+    if isinstance(exc, httpx.WriteError):
+        return f"the connection to the {upstream} broke while the request was being sent"
+    return f"the exchange with the {upstream} failed at the network level"
+
+
 def transport_error(exc: Exception, *, upstream: str, unavailable: type[AdapterError], slug: str,
                     read_timeout: float | None, call_timeout: float | None = None) -> AdapterError:
     """A connect failure means unavailable; a read or whole-call timeout means 504; a broken exchange, unavailable."""
-    if isinstance(exc, httpx.ConnectTimeout):
-        return unavailable(f"cannot connect to the {upstream}: connect timed out")
-    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)) and not isinstance(exc, httpx.ConnectTimeout):
         whole_call = call_timeout is not None and not isinstance(exc, httpx.TimeoutException)
         return UpstreamTimeout(upstream, call_timeout if whole_call else read_timeout, slug)
-    return unavailable(f"cannot reach the {upstream}: {type(exc).__name__}")
+    return unavailable(what_happened(exc, upstream))

@@ -62,9 +62,12 @@ async def session(request: Request) -> dict[str, Any]:
 
 @get("/env", media_type="text/plain; charset=utf-8", include_in_schema=False)
 async def env(request: Request) -> str:
-    """`eval "$(curl -s localhost:8080/demo/env)"`: the README's $TOKEN, $LEAD and $DEAL for this run."""
+    """`eval "$(curl -s localhost:8080/demo/env)"`: the README's $TOKEN, $LEAD and $DEAL for this run, and the
+    doubles' URLs, so that `adapter check` and `adapter agents sync` (docs/migration.md) run against them too."""
     demo: DemoSession = request.app.state.demo
-    return f"export TOKEN={demo.token}\nexport LEAD={demo.leads[0]['id']}\nexport DEAL={demo.deals[0]['id']}\n"
+    settings = request.app.state.settings
+    return (f"export TOKEN={demo.token}\nexport LEAD={demo.leads[0]['id']}\nexport DEAL={demo.deals[0]['id']}\n"
+            f"export CONDUCTOR_GATEWAY_URL={settings.conductor_gateway_url}\nexport CRM_BACKEND_URL={settings.crm_backend_url}\n")
 
 
 @post("/fault", status_code=204, include_in_schema=False)

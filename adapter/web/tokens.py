@@ -23,8 +23,11 @@ class Scope:
 
 
 class JobTokens:
-    def __init__(self, secret: str | None, ttl: float) -> None:
+    def __init__(self, secret: str | None, ttl: float, *, previous: str | None = None) -> None:
         self._secret = secret or secrets.token_urlsafe(48)
+        # Rotation without downtime: tokens are issued under `secret` only, and accepted under either,
+        # so a token another replica issued before the roll keeps working until it expires.
+        self._accepted = (self._secret,) if previous is None else (self._secret, previous)
         self.ttl = ttl
 
     def issue(self, job_id: str, user: str, *, expires: dt.datetime | None = None) -> tuple[str, dt.datetime]:
@@ -35,9 +38,15 @@ class JobTokens:
 
     def scope_of(self, token: str) -> Scope | None:
         """The job a valid token is for, and its user; None when expired, forged or not a job token."""
-        try:
-            claims = jwt.decode(token, self._secret, algorithms=["HS256"], audience=AUDIENCE)
-        except jwt.PyJWTError:
+        for secret in self._accepted:
+            try:
+                claims = jwt.decode(token, secret, algorithms=["HS256"], audience=AUDIENCE)
+                break
+            except jwt.InvalidSignatureError:
+                continue  # perhaps signed with the other accepted secret
+            except jwt.PyJWTError:
+                return None
+        else:
             return None
         job, user = claims.get("job"), claims.get("usr")
         if not isinstance(job, str):

@@ -1,0 +1,1 @@
+"""Deployment artefacts that are generated from code (deploy/grafana)."""
