@@ -70,6 +70,8 @@ async def run_checks(settings: Settings, out: TextIO = sys.stdout, err: TextIO =
             await redis.aclose()
     else:
         ok("REDIS_URL unset: a bounded in-process cache (no sharing between replicas)")
+    # What `adapter serve` would refuse although every variable alone is valid (REDIS_SIGNING_KEY).
+    problems.extend(settings.serving_problems())
 
     for line in problems:
         print(f"FAIL  {line}", file=err)

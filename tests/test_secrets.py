@@ -10,7 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from adapter.settings import ConfigError, Settings, redact_url
-from tests.helpers import (QUALIFY, QUALIFY_STREAM, RedisProcess, closed_port_url, decode, make_settings, replica_cluster,
+from tests.helpers import (TEST_SIGNING_KEY, QUALIFY, QUALIFY_STREAM, RedisProcess, closed_port_url, decode, make_settings, replica_cluster,
                            run_adapter_async, serving)
 
 pytestmark = pytest.mark.redis
@@ -62,7 +62,8 @@ async def test_check_serve_and_every_kind_of_request_never_show_a_password(gatew
     shown_redis = f"redis://:***@127.0.0.1:{locked_redis.port}/0"
     async with serving(gateway.app) as gateway_url, serving(crm.app) as crm_url:
         # Upstream URLs may not carry credentials (the settings refuse them): Redis's password is the one to hide.
-        env = {"REDIS_URL": locked_redis.url, "CONDUCTOR_GATEWAY_URL": gateway_url, "CRM_BACKEND_URL": crm_url}
+        env = {"REDIS_URL": locked_redis.url, "CONDUCTOR_GATEWAY_URL": gateway_url, "CRM_BACKEND_URL": crm_url,
+               "REDIS_SIGNING_KEY": TEST_SIGNING_KEY}
         checked = await run_adapter_async("check", env=env)
         refused = await run_adapter_async("check", env={**env, "REDIS_URL": wrong})
         async with replica_cluster(1, gateway_url=gateway_url, crm_url=crm_url, redis_url=locked_redis.url, lease=10,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from adapter.settings import ConfigError, Settings
-from tests.helpers import DEAL_AGENT, LEAD_AGENT, ROOT, closed_port_url, free_port, run_adapter, run_adapter_async, serving
+from tests.helpers import DEAL_AGENT, LEAD_AGENT, ROOT, TEST_SIGNING_KEY, closed_port_url, free_port, run_adapter, run_adapter_async, serving
 
 
 def test_defaults():
@@ -61,7 +61,7 @@ async def test_check_passes_with_everything_up(gateway, crm, redis_url):
 
     async with serving(gateway.app) as gw, serving(crm.app) as backend:
         code, out, err = await run_adapter_async("check", env={"CONDUCTOR_GATEWAY_URL": gw, "CRM_BACKEND_URL": backend,
-                                                                "REDIS_URL": redis_url})
+                                                                "REDIS_URL": redis_url, "REDIS_SIGNING_KEY": TEST_SIGNING_KEY})
     assert code == 0, err
     assert err == "" and out.count("the gateway knows agent") == 3 and "Redis at" in out
 
@@ -75,10 +75,12 @@ async def test_check_names_each_dependency_that_is_down(gateway):
             "REDIS_URL": closed_port_url().replace("http", "redis")})
     lines = err.strip().splitlines()
     assert code == 1
-    assert len(lines) == 3 and all(line.startswith("FAIL  ") for line in lines)
+    assert len(lines) == 4 and all(line.startswith("FAIL  ") for line in lines)
     assert any("CRM backend unreachable" in line for line in lines)
     assert any("Redis unreachable" in line for line in lines)
     assert any(f"does not know agent {DEAL_AGENT}" in line for line in lines)
+    # What `serve` would refuse is named too: Redis without the key that checks what it reads back.
+    assert any(line.startswith("FAIL  REDIS_SIGNING_KEY: must be set") for line in lines)
 
 
 async def test_check_with_the_gateway_down():
