@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import re
+import signal
 import sys
 
 import pytest
@@ -134,18 +138,8 @@ async def test_serve_with_workers_runs_that_many_processes_and_warns_without_red
 
 
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), "--workers", "2", cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "REDIS_URL": "", "LOG_FORMAT": "json"})
-    seen: list[str] = []
+    proc, seen = await serve_workers(port, 2)
     try:
-        async def until_both_started() -> None:
-            async for line in proc.stderr:
-                seen.append(line.decode())
-                if sum("Application startup complete" in s for s in seen) == 2:
-                    return
-
-        await asyncio.wait_for(until_both_started(), 60)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             assert (await client.get("/healthz")).status_code == 200
     finally:
@@ -167,20 +161,9 @@ async def test_a_worker_killed_unasked_stops_the_others_and_the_parent_exits_non
     import re
     import signal
 
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), "--workers", "2", cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "REDIS_URL": "", "LOG_FORMAT": "json"})
-    seen: list[str] = []
+    proc, seen = await serve_workers(free_port(), 2)
     workers: list[int] = []
     try:
-        async def until_both_started() -> None:
-            async for line in proc.stderr:
-                seen.append(line.decode())
-                if sum("Application startup complete" in s for s in seen) == 2:
-                    return
-
-        await asyncio.wait_for(until_both_started(), 60)
         workers = [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", "".join(seen))]
         assert len(workers) == 2, seen
         victim, survivor = workers
@@ -199,6 +182,31 @@ async def test_a_worker_killed_unasked_stops_the_others_and_the_parent_exits_non
         os.kill(survivor, 0)
     died = [json.loads(line) for line in logs.splitlines() if "workers.worker_died" in line]
     assert len(died) == 1 and died[0]["pid"] == victim and died[0]["exit_code"] == -signal.SIGKILL, logs
+
+
+async def serve_workers(port: int, count: int) -> tuple[asyncio.subprocess.Process, list[str]]:
+    """`adapter serve --workers count` without Redis, once every worker has started (60 s at most):
+    the parent process and the log lines read so far. The caller stops it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "adapter.cli", "serve", "--port", str(port), "--workers", str(count), cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "REDIS_URL": "", "LOG_FORMAT": "json"})
+    seen: list[str] = []
+
+    async def until_all_started() -> None:
+        async for line in proc.stderr:
+            seen.append(line.decode())
+            if sum("Application startup complete" in s for s in seen) == count:
+                return
+
+    try:
+        await asyncio.wait_for(until_all_started(), 60)
+    except BaseException:  # nothing outlives a start that failed: the parent and every worker it started
+        for pid in [proc.pid, *map(int, re.findall(r"Started server process \[(\d+)\]", "".join(seen)))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await proc.wait()
+        raise
+    return proc, seen
 
 
 def decode_json(raw: bytes) -> dict:
