@@ -65,6 +65,29 @@ async def test_a_trusted_peers_chain_is_appended_to_and_its_headers_go_on(allow)
     assert headers["x-forwarded-port"] == ["443"]
 
 
+async def redirect_as_the_forwarded_scheme(scope, receive, send) -> None:
+    """A backend that believes X-Forwarded-Proto from its peer, as uvicorn does from 127.0.0.1: its
+    trailing-slash redirect names its own host with the public scheme (the fidelity rig's real CRM)."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    headers = dict(scope["headers"])
+    proto = headers.get(b"x-forwarded-proto", b"http").decode()
+    location = f"{proto}://{headers[b'host'].decode()}{scope['path']}/"
+    await send({"type": "http.response.start", "status": 307, "headers": [(b"location", location.encode()), (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize(("allow", "trusted"), [(UNTRUSTED, False), ("127.0.0.1", True)])
+async def test_a_redirect_in_the_public_scheme_is_still_on_the_sidecars_origin(allow, trusted):
+    async with sidecar(redirect_as_the_forwarded_scheme, forwarded_allow_ips=allow) as (client, url):
+        r = await client.get("/api/v1/leads", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "crm.example.com"})
+    assert r.status_code == 307
+    assert r.headers["location"] == ("https://crm.example.com/api/v1/leads/" if trusted else f"{url}/api/v1/leads/")
+
+
 @pytest.mark.parametrize(("allow", "trusted"), [(UNTRUSTED, False), ("127.0.0.1", True)])
 async def test_a_redirect_names_a_forwarded_host_only_for_a_trusted_peer(crm, seed, allow, trusted):
     auth = {"Authorization": f"Bearer {seed['token']}"}

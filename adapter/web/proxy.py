@@ -58,6 +58,7 @@ class Proxy:
         self.base = http.base_url
         # How the backend names itself in absolute redirects: scheme://host[:port], as httpx sends Host.
         self.origin = f"{self.base.scheme}://{self.base.netloc.decode('ascii')}"
+        self.origins = tuple(f"{scheme}://{self.base.netloc.decode('ascii')}" for scheme in ("http", "https"))
 
     @staticmethod
     def client(settings: Settings, *, pool: float = 5.0) -> httpx.AsyncClient:
@@ -99,12 +100,15 @@ class Proxy:
         `X-Forwarded-Proto`/`-Host` when a trusted ingress set them (FORWARDED_ALLOW_IPS), else
         the request's scheme and Host: nobody else can point a redirect at a host of their choosing.
         """
-        if not location.startswith(self.origin) or location[len(self.origin):][:1] not in ("/", "?", ""):
+        # Either scheme: a backend that believes the X-Forwarded-Proto we send (uvicorn does, from a
+        # trusted peer) names its own host with the public scheme (`https://crm-backend:8000/...`).
+        origin = next((o for o in self.origins if location.startswith(o)), None)
+        if origin is None or location[len(origin):][:1] not in ("/", "?", ""):
             return location
         proto, host = self.forwarding.origin(scope)
         if not host:
-            return location[len(self.origin):] or "/"  # no usable origin: a relative reference works as well
-        return f"{proto}://{host}{location[len(self.origin):] or '/'}"
+            return location[len(origin):] or "/"  # no usable origin: a relative reference works as well
+        return f"{proto}://{host}{location[len(origin):] or '/'}"
 
     async def forward(self, request: Request) -> ASGIApp:
         scope = request.scope
