@@ -233,3 +233,23 @@ def test_hostile_ids_tokens_and_queries_on_the_reading_routes_are_never_a_500(si
     response = client.request(method, base + quote(ident, safe="") + suffix, params=query,
                               headers=AUTH if method == "DELETE" else {})
     check(response, f"{method} {base}{ident!r}{suffix} {query!r}")
+
+
+# A resume point is digits to `str.isdigit`, which also takes `²` and Arabic-Indic digits, and to `int`,
+# which refuses more than 4,300 of them: both were a 500. A resume point that is not a small ASCII
+# number is no resume point (the stream starts from its first event), like any other text there.
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "9" * 5_000])
+@pytest.mark.parametrize("where", ["header", "query"])
+@pytest.mark.parametrize("kind", ["job", "batch"])
+def test_a_resume_point_that_is_not_a_small_ascii_number_is_ignored_not_a_500(sidecar, kind, where, value):
+    client, made = sidecar
+    base = "/api/v1/ai/jobs/" if kind == "job" else BATCHES + "/"
+    query, headers = {"token": made[f"{kind}_token"]}, {}
+    if where == "query":
+        query["lastEventId"] = value
+    else:
+        headers["Last-Event-ID"] = value.encode()  # bytes: a header is not limited to ASCII on the wire
+    with client.stream("GET", base + made[kind] + "/events", params=query, headers=headers) as response:
+        assert response.status_code == 200, response.read()[:500]
+        first = next(response.iter_lines())
+    assert first.startswith("retry: ")
