@@ -62,6 +62,10 @@ _DB_DOWN = "MongoDB connection not available"
 _URL = re.compile(r"(?<![a-z0-9+.-])[a-z0-9+.-]++://[^\s'\"<>)\]}]++|\b\d{1,3}(?:\.\d{1,3}){3}:\d{2,5}\b", re.IGNORECASE)
 # What `_URL` reads of one text: every caller keeps at most 500 characters of what it returns.
 URL_SCAN_MAX = 16 * 1024
+# The most of one gateway answer read into memory (decoded; a compressed one counts as it inflates).
+# A run's text is refused beyond MAX_TEXT (256 KiB) anyway; JSON escapes and a run document holding
+# it twice (result and stdout) stay far below this. A longer answer is a 502, read no further.
+BODY_MAX = 4 * 1024 * 1024
 # A 500 that is the gateway's own database (pymongo gave up after 30 s), not a refusal: it passes.
 _DB_FAULT = re.compile(r"ServerSelectionTimeout|Topology Description|Connection refused|No servers found|"
                        r"connection closed|timed out", re.IGNORECASE)
@@ -229,7 +233,8 @@ class GatewayClient:
         refused = 0
 
         async def attempt() -> httpx.Response:
-            response = await self._http.request(method, path, **kwargs)
+            response = await self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
+            await _read_within(response, BODY_MAX)
             if response.status_code == 503 and _DB_DOWN in detail_of(response):
                 raise _Refused503(response)
             return response
@@ -459,6 +464,22 @@ class GatewayClient:
     async def health(self) -> None:
         response = await self._http.get("/health", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
         response.raise_for_status()
+
+
+async def _read_within(response: httpx.Response, limit: int) -> None:
+    """Read the answer's body, as `aread` does, but stop at `limit` bytes: the gateway's (hostile)
+    answer could otherwise fill the sidecar's memory before any bound on the text applies."""
+    chunks, size = [], 0
+    try:
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise GatewayProtocolError(f"the {UPSTREAM} answered {response.status_code} with a body of more than "
+                                           f"{limit // (1024 * 1024)} MiB; read no further")
+            chunks.append(chunk)
+    finally:
+        await response.aclose()
+    response._content = b"".join(chunks)  # what `aread` sets: `.content` and `.text` read it from here
 
 
 def _as_run(data: Any) -> _RunDocument:
