@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -98,6 +99,57 @@ async def test_nesting_within_the_limit_is_judged_on_its_merits(client, auth, se
                           headers={**auth, "Content-Type": "application/json"})
     problem = assert_problem(r, 400, "invalid-request")
     assert "levels deep" not in problem["detail"] and "`input.lead_id`" in problem["detail"], problem
+
+
+# --- an upstream's answer nested too deep is the upstream's fault, not a 500 ------------------
+# msgspec raises RecursionError, not DecodeError, past about 1,000 levels: the gateway's execute
+# document (its `result` may hold parsed JSON), its stream's envelopes, the CRM's record and either's
+# error `detail` were read with only DecodeError caught.
+
+DEEP = nested(30_000)
+
+
+def _gateway(execute: bytes, status: int = 200):
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/execute"):
+            return httpx.Response(status, content=execute, headers={"Content-Type": "application/json"})
+        if request.url.path.endswith("/stream-execute"):
+            return httpx.Response(200, json={"job_id": "deep"})
+        if request.url.path.startswith("/api/v1/stream/"):  # an envelope too deep, then nothing: the stream is lost
+            return httpx.Response(200, content=b"data: " + DEEP + b"\n\n", headers={"Content-Type": "text/event-stream"})
+        return httpx.Response(404)
+    return httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://gateway.test")
+
+
+@pytest.mark.parametrize(("status", "execute", "slug", "words"), [
+    (200, b'{"status": "ok", "result": {"status": "ok", "result": ' + DEEP + b"}}", "gateway-protocol-error",
+     "nesting arrays and objects too deep to read"),
+    (400, b'{"detail": ' + DEEP + b"}", "gateway-error", "answered 400"),
+])
+@pytest.mark.parametrize("route", [QUALIFY, QUALIFY + "/stream"])
+async def test_a_gateway_answer_nested_too_deep_is_a_502_not_a_500(make_client, auth, seed, status, execute, slug, words, route):
+    async with _gateway(execute, status) as gateway_http, make_client(gateway_http=gateway_http) as client:
+        r = await client.post(route, json={"lead_id": seed["leads"][0]}, headers=auth)
+    if route == QUALIFY:
+        problem = assert_problem(r, 502, slug)
+    else:  # the stream's envelope is unreadable, so the run is asked once synchronously: its problem ends the stream
+        assert r.status_code == 200
+        error = next(line for line in r.text.splitlines() if line.startswith("data: ") and '"status":' in line)
+        problem = json.loads(error.removeprefix("data: "))
+        assert problem["status"] == 502 and problem["type"].endswith(slug), problem
+    assert words in problem["detail"], problem
+
+
+async def test_a_crm_record_nested_too_deep_is_a_502_not_a_500(make_client, auth, seed, gateway):
+    def backend(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b'{"id": "x", "notes": ' + DEEP + b"}", headers={"Content-Type": "application/json"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(backend), base_url="http://crm.test") as crm_http, \
+            make_client(crm_http=crm_http) as client:
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    problem = assert_problem(r, 502, "crm-unavailable")
+    assert problem["detail"].endswith("with a record nesting arrays and objects too deep to read"), problem
+    assert sum(gateway.calls.values()) == 0
 
 
 # --- Hypothesis: hostile strings and nesting in every field of every AI, job and batch route ----

@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from .resilience import Bulkhead, CircuitBreaker, retrying
-from .http import detail_of, transport_error, what_happened
+from .http import UNREADABLE, detail_of, transport_error, what_happened
 from ..settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
@@ -154,7 +154,7 @@ def public_detail(response: httpx.Response) -> str:
     if brace:
         try:
             nested = _decode_any(("{" + rest).encode())
-        except msgspec.DecodeError:
+        except UNREADABLE:
             nested = None
         if isinstance(nested, dict) and nested.get("detail") is not None:
             inner = nested["detail"]
@@ -391,7 +391,7 @@ class GatewayClient:
             raise _status_error(agent_id, response)
         try:
             answer = _decode_any(response.content)
-        except msgspec.DecodeError:
+        except UNREADABLE:
             answer = None
         # A failed start comes back as 200 `[{"error": ...}, 500]`: only a job id means "started".
         if isinstance(answer, dict) and isinstance(answer.get("job_id"), str) and answer["job_id"]:
@@ -422,7 +422,7 @@ class GatewayClient:
                 async for sse in source.aiter_sse():
                     try:
                         envelope = _decode_any(sse.data)
-                    except msgspec.DecodeError:
+                    except UNREADABLE:
                         continue
                     if isinstance(envelope, dict) and isinstance(envelope.get("event"), str):
                         yield envelope["event"], envelope.get("data")
@@ -532,6 +532,9 @@ def _text_of(agent_id: str, response: httpx.Response) -> str:
         answer = _decode_execute(response.content)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise GatewayProtocolError(f"the {UPSTREAM} answered 200 with a body that is not its execute document") from None
+    except RecursionError:
+        raise GatewayProtocolError(f"the {UPSTREAM} answered 200 with a body nesting arrays and objects too deep "
+                                   "to read") from None
     if answer.result is None:
         raise GatewayProtocolError(f"the {UPSTREAM} answered 200 without a run document")
     run = answer.result
