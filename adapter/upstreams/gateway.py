@@ -66,6 +66,10 @@ URL_SCAN_MAX = 16 * 1024
 # A run's text is refused beyond MAX_TEXT (256 KiB) anyway; JSON escapes and a run document holding
 # it twice (result and stdout) stay far below this. A longer answer is a 502, read no further.
 BODY_MAX = 4 * 1024 * 1024
+# How much of a streamed run's progress (its tokens and status messages, each counted with 64 characters
+# of overhead) becomes the job's events: each is kept in memory and in Redis for the job's life, and a
+# gateway could send any number. Past it, progress is dropped; the run's result still ends the stream.
+PROGRESS_MAX = 512 * 1024
 # A 500 that is the gateway's own database (pymongo gave up after 30 s), not a refusal: it passes.
 _DB_FAULT = re.compile(r"ServerSelectionTimeout|Topology Description|Connection refused|No servers found|"
                        r"connection closed|timed out", re.IGNORECASE)
@@ -353,6 +357,7 @@ class GatewayClient:
 
     async def _stream_once(self, agent_id: str, input_text: str, provider: str | None, on_event: OnEvent) -> str:
         job = await self.start_stream(agent_id, input_text, provider)
+        relayed = 0  # progress events passed on, and the characters in them: both bounded (PROGRESS_MAX)
         try:
             async with aclosing(self.stream_events(job)) as events:
                 async for name, data in events:
@@ -362,11 +367,14 @@ class GatewayClient:
                         reason = data.get("error") if isinstance(data, dict) else data
                         raise AgentFailed(f"agent {agent_id} failed: {redacted(str(reason), 300)}")
                     if name == "on_llm_new_token":
-                        if (piece := _token_text(data)) is not None:
+                        if (piece := _token_text(data)) is not None and (relayed := relayed + 64 + len(piece)) <= PROGRESS_MAX:
                             on_event("delta", {"text": piece})
                     elif name in ("status_update", "task_started"):
                         message = data.get("message") if isinstance(data, dict) else None
-                        on_event("status", {"state": "running", "message": str(message or "running")})
+                        # Upstream text, shown to the browser: cut and without internal URLs, as the gateway's errors.
+                        message = redacted(str(message or "running"), 300)
+                        if (relayed := relayed + 64 + len(message)) <= PROGRESS_MAX:
+                            on_event("status", {"state": "running", "message": message})
                     # Every other event (on_chain_start, on_tool_end, ...) is noise to the browser.
             reason = "the stream ended without a result"
         except _StreamLost as lost:
