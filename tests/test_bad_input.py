@@ -243,9 +243,11 @@ def sidecar() -> Iterator[tuple[TestClient, dict[str, str]]]:
     gateway.stop()
 
 
-def check(response: Any, what: str) -> None:
+def check(response: Any, what: str, *, ours: bool = True) -> None:
+    """Never a 500; and a refusal of ours is a problem (`ours=False`: the path may have left the sidecar's
+    routes for the pass-through, whose answers are the backend's own)."""
     assert response.status_code < 500, f"{what}: {response.status_code} {response.text[:500]}"
-    if response.status_code >= 400:
+    if response.status_code >= 400 and ours:
         assert response.headers["content-type"] == "application/problem+json", what
         assert "Traceback" not in response.text
 
@@ -284,7 +286,8 @@ def test_hostile_ids_tokens_and_queries_on_the_reading_routes_are_never_a_500(si
     # Percent-encoded here (the client refuses control characters in a URL): the route gets the text itself.
     response = client.request(method, base + quote(ident, safe="") + suffix, params=query,
                               headers=AUTH if method == "DELETE" else {})
-    check(response, f"{method} {base}{ident!r}{suffix} {query!r}")
+    # A `/` in the id (sent as %2F, routed decoded) makes another path: the backend answers it, as it may.
+    check(response, f"{method} {base}{ident!r}{suffix} {query!r}", ours="/" not in ident)
 
 
 # A resume point is digits to `str.isdigit`, which also takes `²` and Arabic-Indic digits, and to `int`,
