@@ -15,7 +15,10 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    # No local variables in a console traceback: rich draws every frame's by default, and a request's
+    # frames hold its bearer token and the Settings (JOB_TOKEN_SECRET, REDIS_SIGNING_KEY, CRM_JWT_SECRET).
+    tracebacks = structlog.dev.RichTracebackFormatter(show_locals=False) if structlog.dev.rich else structlog.dev.plain_traceback
+    renderer = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(exception_formatter=tracebacks)
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info if as_json else structlog.dev.set_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),

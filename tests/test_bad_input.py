@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -98,6 +99,57 @@ async def test_nesting_within_the_limit_is_judged_on_its_merits(client, auth, se
                           headers={**auth, "Content-Type": "application/json"})
     problem = assert_problem(r, 400, "invalid-request")
     assert "levels deep" not in problem["detail"] and "`input.lead_id`" in problem["detail"], problem
+
+
+# --- an upstream's answer nested too deep is the upstream's fault, not a 500 ------------------
+# msgspec raises RecursionError, not DecodeError, past about 1,000 levels: the gateway's execute
+# document (its `result` may hold parsed JSON), its stream's envelopes, the CRM's record and either's
+# error `detail` were read with only DecodeError caught.
+
+DEEP = nested(30_000)
+
+
+def _gateway(execute: bytes, status: int = 200):
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/execute"):
+            return httpx.Response(status, content=execute, headers={"Content-Type": "application/json"})
+        if request.url.path.endswith("/stream-execute"):
+            return httpx.Response(200, json={"job_id": "deep"})
+        if request.url.path.startswith("/api/v1/stream/"):  # an envelope too deep, then nothing: the stream is lost
+            return httpx.Response(200, content=b"data: " + DEEP + b"\n\n", headers={"Content-Type": "text/event-stream"})
+        return httpx.Response(404)
+    return httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://gateway.test")
+
+
+@pytest.mark.parametrize(("status", "execute", "slug", "words"), [
+    (200, b'{"status": "ok", "result": {"status": "ok", "result": ' + DEEP + b"}}", "gateway-protocol-error",
+     "nesting arrays and objects too deep to read"),
+    (400, b'{"detail": ' + DEEP + b"}", "gateway-error", "answered 400"),
+])
+@pytest.mark.parametrize("route", [QUALIFY, QUALIFY + "/stream"])
+async def test_a_gateway_answer_nested_too_deep_is_a_502_not_a_500(make_client, auth, seed, status, execute, slug, words, route):
+    async with _gateway(execute, status) as gateway_http, make_client(gateway_http=gateway_http) as client:
+        r = await client.post(route, json={"lead_id": seed["leads"][0]}, headers=auth)
+    if route == QUALIFY:
+        problem = assert_problem(r, 502, slug)
+    else:  # the stream's envelope is unreadable, so the run is asked once synchronously: its problem ends the stream
+        assert r.status_code == 200
+        error = next(line for line in r.text.splitlines() if line.startswith("data: ") and '"status":' in line)
+        problem = json.loads(error.removeprefix("data: "))
+        assert problem["status"] == 502 and problem["type"].endswith(slug), problem
+    assert words in problem["detail"], problem
+
+
+async def test_a_crm_record_nested_too_deep_is_a_502_not_a_500(make_client, auth, seed, gateway):
+    def backend(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b'{"id": "x", "notes": ' + DEEP + b"}", headers={"Content-Type": "application/json"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(backend), base_url="http://crm.test") as crm_http, \
+            make_client(crm_http=crm_http) as client:
+        r = await client.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)
+    problem = assert_problem(r, 502, "crm-unavailable")
+    assert problem["detail"].endswith("with a record nesting arrays and objects too deep to read"), problem
+    assert sum(gateway.calls.values()) == 0
 
 
 # --- Hypothesis: hostile strings and nesting in every field of every AI, job and batch route ----
@@ -191,9 +243,11 @@ def sidecar() -> Iterator[tuple[TestClient, dict[str, str]]]:
     gateway.stop()
 
 
-def check(response: Any, what: str) -> None:
+def check(response: Any, what: str, *, ours: bool = True) -> None:
+    """Never a 500; and a refusal of ours is a problem (`ours=False`: the path may have left the sidecar's
+    routes for the pass-through, whose answers are the backend's own)."""
     assert response.status_code < 500, f"{what}: {response.status_code} {response.text[:500]}"
-    if response.status_code >= 400:
+    if response.status_code >= 400 and ours:
         assert response.headers["content-type"] == "application/problem+json", what
         assert "Traceback" not in response.text
 
@@ -232,4 +286,25 @@ def test_hostile_ids_tokens_and_queries_on_the_reading_routes_are_never_a_500(si
     # Percent-encoded here (the client refuses control characters in a URL): the route gets the text itself.
     response = client.request(method, base + quote(ident, safe="") + suffix, params=query,
                               headers=AUTH if method == "DELETE" else {})
-    check(response, f"{method} {base}{ident!r}{suffix} {query!r}")
+    # A `/` in the id (sent as %2F, routed decoded) makes another path: the backend answers it, as it may.
+    check(response, f"{method} {base}{ident!r}{suffix} {query!r}", ours="/" not in ident)
+
+
+# A resume point is digits to `str.isdigit`, which also takes `²` and Arabic-Indic digits, and to `int`,
+# which refuses more than 4,300 of them: both were a 500. A resume point that is not a small ASCII
+# number is no resume point (the stream starts from its first event), like any other text there.
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "9" * 5_000])
+@pytest.mark.parametrize("where", ["header", "query"])
+@pytest.mark.parametrize("kind", ["job", "batch"])
+def test_a_resume_point_that_is_not_a_small_ascii_number_is_ignored_not_a_500(sidecar, kind, where, value):
+    client, made = sidecar
+    base = "/api/v1/ai/jobs/" if kind == "job" else BATCHES + "/"
+    query, headers = {"token": made[f"{kind}_token"]}, {}
+    if where == "query":
+        query["lastEventId"] = value
+    else:
+        headers["Last-Event-ID"] = value.encode()  # bytes: a header is not limited to ASCII on the wire
+    with client.stream("GET", base + made[kind] + "/events", params=query, headers=headers) as response:
+        assert response.status_code == 200, response.read()[:500]
+        first = next(response.iter_lines())
+    assert first.startswith("retry: ")

@@ -234,3 +234,55 @@ async def test_a_gateway_that_drops_the_connection_is_described_in_words(reads_r
     assert problem["detail"] == "the Conductor Gateway closed the connection before answering"
     assert "Error" not in r.text and "cannot reach" not in r.text
     assert not reads_request or seen and seen[0].startswith(b"POST /api/agents/")
+
+
+@asynccontextmanager
+async def answering_without_end(total: int):
+    """A 'gateway' that answers 200 with a JSON body of `total` bytes, streamed in chunks; yields its URL and
+    how many bytes it managed to send before its reader hung up (the client stops reading, or reads all)."""
+    sent = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        chunk = b"a" * 65536
+        body = [b'{"status":"ok","result":{"status":"ok","result":"'] + [chunk] * (total // len(chunk)) + [b'"}}']
+        try:
+            for piece in body:
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                sent[0] += len(piece)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            pass  # the reader hung up
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", sent
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_gateway_answer_larger_than_its_bound_is_a_502_read_no_further():
+    """A model's text is bounded (MAX_TEXT), but the gateway's answer was read whole into memory first:
+    a hostile or broken gateway could send any amount. Beyond BODY_MAX it is refused, while reading."""
+    from adapter.upstreams.gateway import BODY_MAX
+    crm = CrmDouble()
+    alice = crm.add_user()
+    lead = crm.add_lead(alice, name="Flood Tester")
+    total = 64 * 1024 * 1024
+    async with answering_without_end(total) as (gateway_url, sent), serving(crm.app) as backend:
+        settings = make_settings(conductor_gateway_url=gateway_url, crm_backend_url=backend, upstream_retries=0,
+                                 gateway_call_timeout=60)
+        async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url, timeout=60) as client:
+            r = await client.post("/api/v1/ai/lead/qualify", json={"lead_id": lead},
+                                  headers={"Authorization": f"Bearer {crm.token(alice)}"})
+    problem = msgspec.json.decode(r.content)
+    assert r.status_code == 502 and problem["type"].endswith("gateway-protocol-error"), r.text[:500]
+    assert problem["detail"] == f"the Conductor Gateway answered 200 with a body of more than {BODY_MAX >> 20} MiB; read no further"
+    # The sidecar hung up soon after the bound: what the gateway got out is the bound and the sockets' buffers.
+    assert sent[0] < total // 2, sent[0]

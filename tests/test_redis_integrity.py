@@ -371,3 +371,30 @@ async def test_serve_with_redis_refuses_to_start_without_a_signing_key(redis_url
     assert err.startswith("adapter: invalid configuration: REDIS_SIGNING_KEY: must be set"), err
     assert code_short == 2 and "REDIS_SIGNING_KEY: must be at least 32 characters long" in err_short
     assert short not in err_short  # a secret's value is never echoed
+
+
+# --- ids from outside name no other key ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [":log", ":inputs", ":lease", ":cancel"])
+async def test_an_id_naming_another_of_a_jobs_keys_is_not_found_not_tampering(make_client, seed, auth, gateway, redis_url,
+                                                                                cache_prefix, suffix):
+    """A job's keys are `<prefix>:job:<id>` and `<id>:log`, `:inputs`, ...: a path's id was looked up as given,
+    so `<id>:log` read the job's stream as its metadata (a WRONGTYPE error: 503, the store marked
+    unavailable) and a batch's `<id>:inputs` failed its signature check (502 job-log-tampered, a
+    `cache.tampered` line and count): anyone, without a token, could fake Redis trouble or tampering."""
+    settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, job_token_secret="s" * 40)
+    async with make_client(settings=settings) as client:
+        job = await start_job(client, seed["leads"][0], auth)
+        await read_events(client, job["events_url"])
+        r = await client.post("/api/v1/ai/batches", json={"task": "lead.qualify", "ids": [seed["leads"][1]]}, headers=auth)
+        assert r.status_code == 202, r.text
+        batch = decode(r)
+        await read_events(client, batch["events_url"])
+        with capture_logs() as logs:
+            for path in (f"/api/v1/ai/jobs/{job['job_id']}{suffix}", f"/api/v1/ai/batches/{batch['batch_id']}{suffix}"):
+                for tail in ("", "/events"):
+                    assert_problem(await client.get(path + tail), 404, "not-found")
+            metrics = (await client.get("/metrics")).text
+    assert not [line for line in logs if line["event"] in ("cache.tampered", "cache.redis_unavailable")], logs
+    assert metric(metrics, "crm_ai_cache_tampered_total", kind="job") == 0

@@ -300,6 +300,35 @@ async def test_ai_health_with_everything_down_is_still_200(make_client):
     assert not any(body["agents"].values())
 
 
+async def test_concurrent_ai_health_requests_share_one_report(make_client):
+    """The route takes no token and each report is three upstream calls: a flood of callers made as many
+    calls, filling the pools the AI routes need. Callers that arrive while a report runs now share it."""
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        await asyncio.wait_for(release.wait(), 30)  # every caller arrives while the first report waits here
+        return httpx.Response(200, json=[] if request.url.path == "/api/agents" else {"status": "ok"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(upstream), base_url="http://upstream.test") as http, \
+            make_client(gateway_http=http, crm_http=http) as client:
+        requests = [asyncio.create_task(client.get("/api/v1/ai/health")) for _ in range(40)]
+        async with asyncio.timeout(30):
+            while len(calls) < 3:  # the first report's three calls are out
+                await asyncio.sleep(0)
+        # In process nothing waits on I/O: each turn of the loop moves every request one step, and
+        # a few hundred turns bring all 40 to the route (where, before, each made three calls).
+        for _ in range(500):
+            await asyncio.sleep(0)
+        release.set()
+        answers = await asyncio.gather(*requests)
+        assert all(r.status_code == 200 for r in answers)
+        assert sorted(calls) == ["/api/agents", "/health", "/health"], calls
+        await client.get("/api/v1/ai/health")  # a request after the report finished gets a fresh one
+    assert len(calls) == 6
+
+
 async def test_works_over_real_sockets(make_client, seed, auth, gateway, crm):
     async with serving(gateway.app) as gw_url, serving(crm.app) as crm_url:
         async with httpx.AsyncClient(base_url=gw_url) as gw, httpx.AsyncClient(base_url=crm_url) as backend:

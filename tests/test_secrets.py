@@ -4,6 +4,8 @@ URLs through `redact_url`, with `***` for the password (issue 22 §5)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -109,3 +111,19 @@ async def test_health_and_the_start_up_lines_show_urls_without_their_password(ma
     [startup] = [line for line in logs if line["event"] == "startup"]
     assert startup["redis"] == redact_url(closed) and ":***@127.0.0.1:" in startup["redis"]
     assert [line["event"] for line in logs if line["log_level"] == "warning"] == ["cache.redis_unavailable"]
+
+
+@pytest.mark.parametrize("via", ["structlog", "logging"])
+def test_a_console_traceback_shows_no_local_variables(via):
+    """On a terminal (LOG_FORMAT=console, or `auto` on a TTY: `docker run -t`), tracebacks were drawn by
+    rich with every frame's locals: an internal error printed the Settings (JOB_TOKEN_SECRET,
+    REDIS_SIGNING_KEY, CRM_JWT_SECRET in full up to 80 characters) and the request's bearer."""
+    log = ("structlog.get_logger('adapter.test').exception('failed')" if via == "structlog" else
+           "logging.getLogger('uvicorn.error').exception('Exception in ASGI application')")
+    code = ("import logging, structlog\nfrom adapter import logs\nlogs.configure('info', 'console')\n"
+            "def handler(secret):\n    try:\n        1 / 0\n    except ZeroDivisionError:\n"
+            f"        {log}\nhandler('hunter2-' + 'not-for-logs')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "ZeroDivisionError" in done.stderr and "handler" in done.stderr  # the traceback itself is there
+    assert "hunter2-not-for-logs" not in done.stderr

@@ -354,3 +354,31 @@ async def test_drain_without_redis_lets_jobs_finish_then_ends_the_rest(stack, se
     assert [e["event"] for e in logs if e["event"].startswith(("job.", "shutdown."))] == [
         "shutdown.draining", "job.done", "job.interrupted", "shutdown.drained"]
     assert late.status_code == 200 and late.text == "retry: 3000\n\n"
+
+
+async def test_a_streamed_runs_progress_is_bounded_and_its_status_texts_redacted(make_client, auth, seed):
+    """Every token and status message a gateway streams became a job event, kept in memory and in Redis for
+    the job's life, and status texts went to the browser as the gateway wrote them. A hostile or broken
+    gateway now gets at most PROGRESS_MAX characters of progress through, without internal URLs."""
+    from adapter.upstreams.gateway import PROGRESS_MAX
+    token = "t" * 1000
+    envelopes = [{"event": "status_update", "data": {"message": "queued at http://10.0.0.5:8080/internal/queue"}}]
+    envelopes += [{"event": "on_llm_new_token", "data": token}] * (4 * PROGRESS_MAX // len(token))
+    envelopes += [{"event": "result", "data": {"status": "error", "result": "the run failed", "exit_code": 1}}]
+    stream = b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" for e in envelopes)
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1/stream-execute":
+            return httpx.Response(200, json={"job_id": "flood"})
+        if request.url.path == "/api/v1/stream/flood":
+            return httpx.Response(200, content=stream, headers={"Content-Type": "text/event-stream"})
+        return httpx.Response(404, json={"detail": "not here"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(gateway), base_url="http://gateway.test") as gateway_http, \
+            make_client(gateway_http=gateway_http) as client:
+        response, events = await read_all(client, "POST", QUALIFY_STREAM, json={"lead_id": seed["leads"][0]}, headers=auth)
+    assert response.status_code == 200 and kinds(events)[-2:] == ["error", "done"]
+    deltas = [e for e in events if e.event == "delta"]
+    assert 0 < sum(len(e.data) for e in deltas) <= PROGRESS_MAX < len(stream) // 2
+    statuses = [msgspec.json.decode(e.data)["message"] for e in events if e.event == "status"]
+    assert "queued at <internal URL>" in statuses and not any("10.0.0.5" in s for s in statuses), statuses

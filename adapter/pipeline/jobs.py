@@ -37,6 +37,21 @@ log = structlog.get_logger("adapter.jobs")
 _encode = msgspec.json.Encoder().encode
 
 
+def well_formed(job_id: str) -> bool:
+    """Whether `job_id` is an id as the sidecar makes them (`<kind>_<32 hex digits>`: aijob, aibatch).
+
+    Only such an id is looked up in Redis. A job's keys are `<prefix>:job:<id>` and `<id>:log`,
+    `<id>:inputs`, ...: an id from a path (anyone's, before any token is checked), or from a claim
+    read back from Redis (unsigned), that ends in `:log` would read another key of a job as its
+    metadata, and fail as Redis trouble or as tampering that nobody did.
+    """
+    kind, _, tail = job_id.partition("_")
+    return kind.isascii() and kind.isalpha() and len(tail) == 32 and all(c in _HEX for c in tail)
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
 class Jobs:
     def __init__(self, service: AiService, *, describe: Callable[[Exception, str], bytes],
                  clock: Callable[[], float] = time.time, mirror: Any = None) -> None:
@@ -180,7 +195,7 @@ class Jobs:
     async def find(self, job_id: str) -> Job | None:
         """The job, run here or (through the Redis log) on another replica."""
         job = self.get(job_id)
-        if job is None and self.mirror is not None:
+        if job is None and self.mirror is not None and well_formed(job_id):
             # One load per job: two readers arriving together must share one copy and one follower.
             async with key_lock(self._loading, job_id):
                 if (job := self.get(job_id)) is None and (job := await self.mirror.load(job_id)) is not None:

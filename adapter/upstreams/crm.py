@@ -48,6 +48,9 @@ class CrmClient:
             record = _decode(response.content)
         except msgspec.DecodeError:
             record = None
+        except RecursionError:  # msgspec's word for absurd nesting (http.UNREADABLE): the backend's fault, not a 500
+            raise CrmUnavailable(f"the {UPSTREAM} answered GET /api/v1/{kind}s/{record_id} with a record nesting arrays "
+                                 "and objects too deep to read") from None
         if not isinstance(record, dict):
             raise CrmUnavailable(f"the {UPSTREAM} answered GET /api/v1/{kind}s/{record_id} with a body that is not a record")
         return record

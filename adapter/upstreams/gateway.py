@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from .resilience import Bulkhead, CircuitBreaker, retrying
-from .http import detail_of, transport_error, what_happened
+from .http import UNREADABLE, detail_of, transport_error, what_happened
 from ..settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
@@ -62,6 +62,14 @@ _DB_DOWN = "MongoDB connection not available"
 _URL = re.compile(r"(?<![a-z0-9+.-])[a-z0-9+.-]++://[^\s'\"<>)\]}]++|\b\d{1,3}(?:\.\d{1,3}){3}:\d{2,5}\b", re.IGNORECASE)
 # What `_URL` reads of one text: every caller keeps at most 500 characters of what it returns.
 URL_SCAN_MAX = 16 * 1024
+# The most of one gateway answer read into memory (decoded; a compressed one counts as it inflates).
+# A run's text is refused beyond MAX_TEXT (256 KiB) anyway; JSON escapes and a run document holding
+# it twice (result and stdout) stay far below this. A longer answer is a 502, read no further.
+BODY_MAX = 4 * 1024 * 1024
+# How much of a streamed run's progress (its tokens and status messages, each counted with 64 characters
+# of overhead) becomes the job's events: each is kept in memory and in Redis for the job's life, and a
+# gateway could send any number. Past it, progress is dropped; the run's result still ends the stream.
+PROGRESS_MAX = 512 * 1024
 # A 500 that is the gateway's own database (pymongo gave up after 30 s), not a refusal: it passes.
 _DB_FAULT = re.compile(r"ServerSelectionTimeout|Topology Description|Connection refused|No servers found|"
                        r"connection closed|timed out", re.IGNORECASE)
@@ -150,7 +158,7 @@ def public_detail(response: httpx.Response) -> str:
     if brace:
         try:
             nested = _decode_any(("{" + rest).encode())
-        except msgspec.DecodeError:
+        except UNREADABLE:
             nested = None
         if isinstance(nested, dict) and nested.get("detail") is not None:
             inner = nested["detail"]
@@ -229,7 +237,8 @@ class GatewayClient:
         refused = 0
 
         async def attempt() -> httpx.Response:
-            response = await self._http.request(method, path, **kwargs)
+            response = await self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
+            await _read_within(response, BODY_MAX)
             if response.status_code == 503 and _DB_DOWN in detail_of(response):
                 raise _Refused503(response)
             return response
@@ -348,6 +357,7 @@ class GatewayClient:
 
     async def _stream_once(self, agent_id: str, input_text: str, provider: str | None, on_event: OnEvent) -> str:
         job = await self.start_stream(agent_id, input_text, provider)
+        relayed = 0  # progress events passed on, and the characters in them: both bounded (PROGRESS_MAX)
         try:
             async with aclosing(self.stream_events(job)) as events:
                 async for name, data in events:
@@ -357,11 +367,14 @@ class GatewayClient:
                         reason = data.get("error") if isinstance(data, dict) else data
                         raise AgentFailed(f"agent {agent_id} failed: {redacted(str(reason), 300)}")
                     if name == "on_llm_new_token":
-                        if (piece := _token_text(data)) is not None:
+                        if (piece := _token_text(data)) is not None and (relayed := relayed + 64 + len(piece)) <= PROGRESS_MAX:
                             on_event("delta", {"text": piece})
                     elif name in ("status_update", "task_started"):
                         message = data.get("message") if isinstance(data, dict) else None
-                        on_event("status", {"state": "running", "message": str(message or "running")})
+                        # Upstream text, shown to the browser: cut and without internal URLs, as the gateway's errors.
+                        message = redacted(str(message or "running"), 300)
+                        if (relayed := relayed + 64 + len(message)) <= PROGRESS_MAX:
+                            on_event("status", {"state": "running", "message": message})
                     # Every other event (on_chain_start, on_tool_end, ...) is noise to the browser.
             reason = "the stream ended without a result"
         except _StreamLost as lost:
@@ -386,7 +399,7 @@ class GatewayClient:
             raise _status_error(agent_id, response)
         try:
             answer = _decode_any(response.content)
-        except msgspec.DecodeError:
+        except UNREADABLE:
             answer = None
         # A failed start comes back as 200 `[{"error": ...}, 500]`: only a job id means "started".
         if isinstance(answer, dict) and isinstance(answer.get("job_id"), str) and answer["job_id"]:
@@ -417,7 +430,7 @@ class GatewayClient:
                 async for sse in source.aiter_sse():
                     try:
                         envelope = _decode_any(sse.data)
-                    except msgspec.DecodeError:
+                    except UNREADABLE:
                         continue
                     if isinstance(envelope, dict) and isinstance(envelope.get("event"), str):
                         yield envelope["event"], envelope.get("data")
@@ -459,6 +472,22 @@ class GatewayClient:
     async def health(self) -> None:
         response = await self._http.get("/health", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
         response.raise_for_status()
+
+
+async def _read_within(response: httpx.Response, limit: int) -> None:
+    """Read the answer's body, as `aread` does, but stop at `limit` bytes: the gateway's (hostile)
+    answer could otherwise fill the sidecar's memory before any bound on the text applies."""
+    chunks, size = [], 0
+    try:
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise GatewayProtocolError(f"the {UPSTREAM} answered {response.status_code} with a body of more than "
+                                           f"{limit // (1024 * 1024)} MiB; read no further")
+            chunks.append(chunk)
+    finally:
+        await response.aclose()
+    response._content = b"".join(chunks)  # what `aread` sets: `.content` and `.text` read it from here
 
 
 def _as_run(data: Any) -> _RunDocument:
@@ -511,6 +540,9 @@ def _text_of(agent_id: str, response: httpx.Response) -> str:
         answer = _decode_execute(response.content)
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise GatewayProtocolError(f"the {UPSTREAM} answered 200 with a body that is not its execute document") from None
+    except RecursionError:
+        raise GatewayProtocolError(f"the {UPSTREAM} answered 200 with a body nesting arrays and objects too deep "
+                                   "to read") from None
     if answer.result is None:
         raise GatewayProtocolError(f"the {UPSTREAM} answered 200 without a run document")
     run = answer.result

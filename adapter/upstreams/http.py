@@ -15,6 +15,10 @@ class _Detail(msgspec.Struct):
 
 
 _decode_detail = msgspec.json.Decoder(_Detail).decode
+# What decoding an upstream's (hostile) JSON raises when it is not JSON we can read: msgspec decodes
+# nesting recursively and raises RecursionError, not DecodeError, past Python's recursion limit
+# (about 1,000 levels, reached in linear time). Caught as a broken answer, never a 500.
+UNREADABLE = (msgspec.DecodeError, RecursionError)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -22,7 +26,7 @@ def detail_of(response: httpx.Response) -> str:
     """A FastAPI-style `detail`, or the start of the body, as one string."""
     try:
         detail = _decode_detail(response.content).detail
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (*UNREADABLE, msgspec.ValidationError):
         detail = None
     if detail is None:
         detail = response.text[:300] or response.reason_phrase

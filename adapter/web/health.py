@@ -8,6 +8,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from litestar import Router, get
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 
 from ..models import AiHealth, DependencyState
@@ -25,7 +26,20 @@ async def _probe(call: Awaitable[Any], url: str | None = None) -> tuple[Dependen
 
 
 @get("/health", summary="State of the gateway, the CRM backend, the cache and each task's agent")
-async def ai_health(service: NamedDependency[AiService]) -> AiHealth:
+async def ai_health(service: NamedDependency[AiService], state: State) -> AiHealth:
+    # One report in flight at a time, shared by every request that arrives meanwhile: the route takes no
+    # token and each report is three upstream calls, so a flood of callers would otherwise fill the pools
+    # the AI routes need. A request that arrives after a report finished gets a fresh one.
+    flight: asyncio.Future[AiHealth] | None = state.get(_IN_FLIGHT)
+    if flight is None or flight.done() or flight.get_loop() is not asyncio.get_running_loop():
+        flight = state[_IN_FLIGHT] = asyncio.ensure_future(_report(service))
+    return await asyncio.shield(flight)  # one caller leaving does not cancel the others' report
+
+
+_IN_FLIGHT = "ai_health_in_flight"
+
+
+async def _report(service: AiService) -> AiHealth:
     s = service.settings
     (gateway, _), (listing, listed), (crm, _), cache = await asyncio.gather(
         _probe(service.gateway.health(), redact_url(s.conductor_gateway_url)),

@@ -111,7 +111,8 @@ def job_routers(tasks: Registry) -> list[Router]:
         after = last_event_id(request.headers.get("last-event-id"), request.query_params.get("lastEventId"))
         drop = request.query_params.get("drop_after")
         # Demo only, and only on the first connection: the browser's reconnect then resumes for real.
-        drop_after = int(drop) if request.app.state.demo and drop and drop.isdigit() and not after else None
+        drop_after = int(drop) if request.app.state.demo and drop and drop.isascii() and drop.isdigit() and len(drop) < 10 \
+            and not after else None
         return sse_response(job, jobs, after, drop_after)
 
     starting = Router(path="/api/v1/ai", guards=[require_json], dependencies=CALLER, tags=["ai-streams"], route_handlers=[

@@ -60,8 +60,17 @@ async def job_events(job: Job, *, after: int, heartbeat: float, retry_ms: int, o
 
 
 def last_event_id(header: str | None, query: str | None) -> int:
-    """Where a reconnecting client resumes: `Last-Event-ID`, or `lastEventId` for polyfills."""
+    """Where a reconnecting client resumes: `Last-Event-ID`, or `lastEventId` for polyfills.
+
+    Only a small ASCII number counts: `str.isdigit` also takes `²` and other scripts' digits, which
+    `int` refuses, and `int` refuses more than 4,300 digits; either was a 500. Anything else is no
+    resume point, as any other text there is.
+    """
     for value in (header, query):
-        if value and value.strip().isdigit():
-            return int(value.strip())
+        if value and (value := value.strip()).isascii() and value.isdigit() and len(value) <= _ID_DIGITS:
+            return int(value)
     return 0
+
+
+# Event ids count a job's events: far fewer than 10**18.
+_ID_DIGITS = 18
