@@ -28,6 +28,7 @@ from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
 from .pipeline.service import AiService
 from .settings import Settings, redact_url
+from .stopping import cancel_and_wait
 from .storage.job_log import RedisJobLog
 from .storage.memory import MemoryStore
 from .storage.quota import RunningBatches
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
 log = structlog.get_logger("adapter.http")
+STOP_TIMEOUT = 5.0  # seconds shutdown waits for the background tasks it cancelled, before closing their clients
 
 
 async def _probe_redis(store: RedisStore, url: str) -> None:
@@ -231,6 +233,16 @@ def create_app(
             if isinstance(cache_store, RedisStore) and settings.redis_url:
                 await _probe_redis(cache_store, settings.redis_url)
             stack.callback(cache.cancel_flights)
+
+            async def stop_background() -> None:
+                # First at shutdown, and awaited: a task still running when the Redis pools close would
+                # open a connection nobody closes (a cancel can be lost on Python 3.11: adapter/stopping.py).
+                left = await cancel_and_wait(lambda: [*cache.background(), *app.state.jobs.background(), *batches.background()],
+                                             timeout=STOP_TIMEOUT)
+                if left:
+                    log.warning("shutdown.tasks_left", tasks=sorted(t.get_name() for t in left), waited_s=STOP_TIMEOUT)
+
+            stack.push_async_callback(stop_background)
             yield
 
     app = Litestar(

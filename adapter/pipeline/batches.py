@@ -408,6 +408,9 @@ class Batches:
                         await self.quota.ended(spec_of(found)["user"], batch_id)
                     await self.mirror.drop_batch(batch_id)
 
+    def background(self) -> list[asyncio.Task[None]]:
+        return [self._sweeper] if self._sweeper is not None else []
+
     def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -270,6 +270,10 @@ class ResultCache:
     def note_coalesced(self, key: str) -> None:
         self._on_coalesced(key)
 
+    def background(self) -> list[asyncio.Task[bytes]]:
+        """The flights in the air: shutdown stops them (adapter/stopping.py) before Redis is closed."""
+        return list(self._flights.values())
+
     def cancel_flights(self) -> None:
         for flight in list(self._flights.values()):
             flight.cancel()

@@ -351,6 +351,10 @@ class Jobs:
         if self.mirror is not None:
             self.mirror.stop_following()
 
+    def background(self) -> list[asyncio.Task[None]]:
+        """Every task this replica runs for its jobs (runners, and the job log's writers and followers)."""
+        return [*self._runners, *(self.mirror.background() if self.mirror is not None else [])]
+
     def cancel_all(self) -> None:
         for runner in list(self._runners):
             runner.cancel()

@@ -609,8 +609,11 @@ class RedisJobLog:
         for follower in list(self._followers.values()):
             follower.cancel()
 
+    def background(self) -> list[asyncio.Task[None]]:
+        return [*self._writers.values(), *self._followers.values(), *([self._renewer] if self._renewer else [])]
+
     def close(self) -> None:
-        for background in [*self._writers.values(), *self._followers.values(), *([self._renewer] if self._renewer else [])]:
+        for background in self.background():
             background.cancel()
 
     async def aclose(self) -> None:

@@ -23,6 +23,7 @@ from .signing import Signer, Tampered, Tampering
 from .store import Entry
 from ..errors import AdapterError, from_record, to_record
 from ..models import DependencyState
+from ..stopping import cancel_and_wait
 
 log = structlog.get_logger("adapter.cache")
 FAULTS = (RedisError, OSError, asyncio.TimeoutError)
@@ -119,6 +120,7 @@ class RedisFlight:
         self._token = uuid.uuid4().hex
         self._holder: str | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._closed = False
         self._pubsub = None
         # Set when the holder's outcome failed its check: this flight stops coordinating and computes.
         self._untrusted = False
@@ -144,8 +146,9 @@ class RedisFlight:
         return False
 
     async def _keep_lock(self, ttl_ms: int) -> None:
-        # The lock is short so a crashed holder is noticed quickly; a live one renews it.
-        while True:
+        # The lock is short so a crashed holder is noticed quickly; a live one renews it. Checked each
+        # turn, not only cancelled: a lost cancel (adapter/stopping.py) must not renew it forever.
+        while not self._closed:
             await asyncio.sleep(self._s.lock_ttl / 3)
             try:
                 await self._r.eval(_EXTEND, 1, self._lock, self._token, ttl_ms)
@@ -199,13 +202,16 @@ class RedisFlight:
             await self._finish(_ERR + msgspec.msgpack.encode(to_record(exc)))
 
     async def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.aclose()
-            except FAULTS:
-                pass
+        self._closed = True
+        try:
+            if self._watchdog is not None:
+                await cancel_and_wait(lambda: [self._watchdog], timeout=1.0)
+        finally:
+            if self._pubsub is not None:
+                try:
+                    await self._pubsub.aclose()
+                except FAULTS:
+                    pass
 
 
 def _decode_outcome(raw: bytes) -> bytes | AdapterError:
