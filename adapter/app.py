@@ -185,7 +185,7 @@ def create_app(
                 stack.callback(tracing.uninstrument, client)
             app.state.proxy = Proxy(passthrough, Forwarding(settings.forwarders)) if settings.crm_proxy_fallthrough else None
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
-                                on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc(),
+                                on_coalesced=lambda key: metrics.cache.labels(key.task, "coalesced").inc(),
                                 readers={t.name: t.reread for t in tasks.values()}, tampering=tampering)
             redis_store = cache_store if isinstance(cache_store, RedisStore) else None
             limiter = RateLimiter(

@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .keys import CacheKey
 from .signing import Signer, Tampered, Tampering
 from .store import Entry
 from ..errors import AdapterError, from_record, to_record
@@ -91,8 +92,8 @@ class RedisStore:
         else:
             self.ok()
 
-    def flight(self, key: str) -> RedisFlight:
-        return RedisFlight(self, key.rsplit(":", 1)[-1])
+    def flight(self, key: CacheKey) -> RedisFlight:
+        return RedisFlight(self, key.digest)
 
     async def state(self) -> DependencyState:
         t0 = time.perf_counter()

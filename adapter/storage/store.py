@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import AdapterError
+from .keys import CacheKey
 from ..models import DependencyState
 
 _STAMP = struct.Struct(">d")
@@ -39,11 +40,13 @@ class Flight(Protocol):
 
 
 class Store(Protocol):
+    """Entries by their rendered key (`CacheKey.redis_key`, opaque here); the flight lock by the key itself."""
+
     backend: str
 
     async def get(self, key: str) -> Entry | None: ...
     async def put(self, key: str, entry: Entry, keep: float) -> None: ...
-    def flight(self, key: str) -> Flight: ...
+    def flight(self, key: CacheKey) -> Flight: ...
     async def state(self) -> DependencyState: ...
     async def aclose(self) -> None: ...
 
