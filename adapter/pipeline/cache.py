@@ -246,7 +246,7 @@ class ResultCache:
             return body
         lock = self.store.flight(key)
         try:
-            while await lock.lead() is False:
+            while await lock.acquire() is False:
                 outcome = await lock.follow()
                 if isinstance(outcome, bytes):
                     self.note_coalesced(key)

@@ -10,7 +10,7 @@ that sees the job takes it over, asks the model again and continues the same log
 
 Jobs share the synchronous routes' pipeline (service.py, cache.py): one key derivation
 (`prepare`), one freshness rule (`lookup`), one stale-if-error rule (`stale_for`), one way an
-answer is kept (`keep`), and one hook for a fresh answer (`after_fresh`: the write-back).
+answer is kept (`keep`), one hook for a fresh answer (`after_fresh`: the write-back),
 and one single flight (`share`): a job and a synchronous request for the same question make
 one model call between them. Stream readers also share the job itself: identical streams follow
 one job (and, across replicas, the job log's claim on the question).
@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from ..storage.job_log import RedisJobLog
 from ..storage.job_state import Event, Job, Status
 from ..storage.keys import CacheKey
 from ..tasks import Task
@@ -55,7 +56,7 @@ _HEX = frozenset("0123456789abcdef")
 
 class Jobs:
     def __init__(self, service: AiService, *, describe: Callable[[Exception, str], bytes],
-                 clock: Callable[[], float] = time.time, mirror: Any = None) -> None:
+                 clock: Callable[[], float] = time.time, mirror: RedisJobLog | None = None) -> None:
         self.service = service
         self.describe = describe  # an error -> the `error` event's problem JSON (web/problems.py renders it)
         self.settings = service.settings
@@ -63,7 +64,7 @@ class Jobs:
         self._jobs: dict[str, Job] = {}
         self._by_key: dict[CacheKey, Job] = {}
         self._runners: set[asyncio.Task[None]] = set()
-        self.mirror = mirror  # optional RedisJobLog
+        self.mirror = mirror  # the job log in Redis, with Redis: other replicas follow and take over jobs through it
         if mirror is not None:
             mirror.on_orphan = self.resume
             mirror.on_lost = self._lost

@@ -127,7 +127,7 @@ class RedisFlight:
     def _outcome_key(self, token: str) -> str:
         return f"{self._s.prefix}:outcome:{token}"
 
-    async def lead(self) -> bool | None:
+    async def acquire(self) -> bool | None:
         if self._untrusted:
             return None  # whoever holds the lock wrote an outcome we cannot trust: waiting on it again would spin
         ttl_ms = int(self._s.lock_ttl * 1000)
@@ -140,7 +140,7 @@ class RedisFlight:
             self._s.fault(exc)
             return None  # no coordination possible: compute here
         if holder is None:
-            return await self.lead()  # released between our two commands
+            return await self.acquire()  # released between our two commands
         self._holder = holder.decode()
         return False
 

@@ -30,9 +30,10 @@ class Entry:
 
 
 class Flight(Protocol):
-    """A store's cross-process lock on one key: `None` from `lead` means no coordination."""
+    """A store's cross-process lock on one question: `acquire` is True when this process holds it
+    (it asks the model), False when another does (`follow` its outcome), None for no coordination."""
 
-    async def lead(self) -> bool | None: ...
+    async def acquire(self) -> bool | None: ...
     async def follow(self) -> bytes | AdapterError | None: ...
     async def succeed(self, body: bytes) -> None: ...
     async def fail(self, exc: AdapterError) -> None: ...
@@ -54,7 +55,7 @@ class Store(Protocol):
 class NoFlight:
     """No coordination: one process has no one to share a flight with."""
 
-    async def lead(self) -> bool | None:
+    async def acquire(self) -> bool | None:
         return None
 
     async def follow(self) -> None:
