@@ -157,7 +157,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            # Both upstream clients send over aiohttp's pool (adapter/transport.py): httpcore was a third
+            # Both upstream clients send over aiohttp's pool (upstreams/transport.py): httpcore was a third
             # of a cache hit's CPU. httpx-sse reads the gateway's streams through it unchanged.
             gw = gateway_http or await stack.enter_async_context(transport.client(
                 base_url=settings.conductor_gateway_url, timeout=gateway.client_timeout(settings),
