@@ -236,11 +236,12 @@ class Jobs:
             self._emit(job, "status", {"state": "running", "message": "an identical request is already asking the agent: "
                                                                       "sharing its answer"})
 
-        key = job.key
-        assert key is not None  # a job answers one question (only a batch's log has no key, and runs elsewhere)
         try:
             async with asyncio.timeout(self.settings.job_max_seconds):
                 if store:
+                    # Inside the try: a job without its key is a bug, and a bug still ends the job with error + done.
+                    key = job.key
+                    assert key is not None  # a job answers one question (a batch's log has no key, and runs elsewhere)
                     # The synchronous routes' single flight: one model call per question, whoever asked first;
                     # the answer is kept in the cache before `done`, so whoever saw `done` gets a hit, on any replica.
                     body = await self.service.cache.share(key, self.settings.ttl_for(task),
