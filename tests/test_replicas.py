@@ -58,19 +58,24 @@ def statuses(reader: Reader) -> list[dict]:
     return [e.json for e in reader.events if e.event == "status"]
 
 
+async def kill_runner_mid_job(client: httpx.AsyncClient, reader: Reader, runner: Replica, gateway) -> list:
+    """Read the job until the model holds it, `kill -9` its runner, then let the model answer; the events read."""
+    reading = asyncio.create_task(reader.run(client, timeout=40))
+    # queued, starting, and the gateway's two (task_started, status_update); then it waits for the model
+    await reader.until(lambda: len(reader.events) >= 4, 20, "the gateway's status events")
+    runner.kill()
+    await runner.exited()
+    gateway.gate.set()
+    return await reading
+
+
 async def test_kill_9_of_the_runner_mid_job(cluster, gateway, seed):
     gateway.default, gateway.token_interval = "tokens", 0.01
     gateway.gate = asyncio.Event()  # the model thinks until released
     async with cluster(2) as ([a, b], client):
         job = await create_job(client, a, seed)
         reader = reader_of(job, [a, b], first=1)  # reads on the other replica
-        reading = asyncio.create_task(reader.run(client, timeout=40))
-        # queued, starting, and the gateway's two (task_started, status_update); then it waits for the model
-        await reader.until(lambda: len(reader.events) >= 4, 20, "the gateway's status events")
-        a.kill()
-        await a.exited()
-        gateway.gate.set()
-        events = await reading
+        events = await kill_runner_mid_job(client, reader, a, gateway)
         scraped = (await client.get(b.url + "/metrics")).text
     reader.check_sequence()
     # What the fleet's dashboard and alerts read: one takeover, and b's lag behind a's writes while it followed.
@@ -98,12 +103,7 @@ async def test_a_job_logged_by_the_release_before_cache_key_is_taken_over(cluste
             assert r.hdel(meta, "digest") == 1  # as the older release wrote it
             rendered = r.hget(meta, "key")
             reader = reader_of(job, [a, b], first=0)  # on a; b loads the job only once a is gone
-            reading = asyncio.create_task(reader.run(client, timeout=40))
-            await reader.until(lambda: len(reader.events) >= 4, 20, "the gateway's status events")
-            a.kill()
-            await a.exited()
-            gateway.gate.set()
-            events = await reading
+            events = await kill_runner_mid_job(client, reader, a, gateway)
             kept = r.exists(rendered)
     reader.check_sequence()
     assert events[-2].event == "result" and events[-1].json == {"status": "succeeded", "cached": False}
