@@ -159,7 +159,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            # Both upstream clients send over aiohttp's pool (adapter/transport.py): httpcore was a third
+            # Both upstream clients send over aiohttp's pool (upstreams/transport.py): httpcore was a third
             # of a cache hit's CPU. httpx-sse reads the gateway's streams through it unchanged.
             gw = gateway_http or await stack.enter_async_context(transport.client(
                 base_url=settings.conductor_gateway_url, timeout=gateway.client_timeout(settings),
@@ -187,7 +187,7 @@ def create_app(
                 stack.callback(tracing.uninstrument, client)
             app.state.proxy = Proxy(passthrough, Forwarding(settings.forwarders)) if settings.crm_proxy_fallthrough else None
             cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
-                                on_coalesced=lambda key: metrics.cache.labels(key.rsplit(":", 2)[-2], "coalesced").inc(),
+                                on_coalesced=lambda key: metrics.cache.labels(key.task, "coalesced").inc(),
                                 readers={t.name: t.reread for t in tasks.values()}, tampering=tampering)
             redis_store = cache_store if isinstance(cache_store, RedisStore) else None
             limiter = RateLimiter(

@@ -25,7 +25,7 @@ class Metrics:
         self.cache = Counter("crm_ai_cache_events", "Result cache: hit, miss, stale, bypass, coalesced", ["task", "result"], registry=r)
         self.agent_output = Counter("crm_ai_agent_output", "Agent answers: valid, normalised, invalid, repaired, corrected, failed",
                                     ["agent", "outcome"], registry=r)
-        # Guidance breaches (validation.GUIDANCE): accepted answers that did not follow a persona's style rule.
+        # Guidance breaches (a task's `guidance`, tasks/reading.py `Breach`): accepted answers that did not follow a persona's style rule.
         self.agent_guidance = Counter("crm_ai_agent_guidance", "Accepted agent answers breaching a persona's guidance rule",
                                       ["agent", "rule"], registry=r)
         self.write_backs = Counter("crm_ai_write_backs", "Lead write-backs to the CRM: ok, failed, skipped", ["outcome"], registry=r)

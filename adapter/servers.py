@@ -20,6 +20,7 @@ import signal
 import socket
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
@@ -28,8 +29,8 @@ import uvicorn
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import RequestTimeout
-from .models import Problem
+from .errors import AdapterError, HeadersTooLarge, RequestTimeout
+from .web.problems import problem_of
 
 log = structlog.get_logger("adapter.servers")
 _encode = msgspec.json.Encoder().encode
@@ -99,11 +100,15 @@ class Limits:
         return cls(settings.header_timeout_seconds, settings.body_timeout_seconds, settings.max_header_bytes)
 
 
-def _problem(status: int, slug: str, title: str, detail: str) -> bytes:
+def _problem(exc: AdapterError) -> bytes:
+    """A whole HTTP response for a refusal made below the app (no request has reached it): the problem
+    says what web/problems.py says for the same error, with the reason phrase HTTP has for its status."""
     rid = uuid.uuid4().hex
-    body = _encode(Problem(type=f"urn:problem:crm-ai:{slug}", title=title, status=status, detail=detail, request_id=rid))
-    head = (f"HTTP/1.1 {status} {title}\r\ncontent-type: application/problem+json\r\ncontent-length: {len(body)}\r\n"
-            f"x-request-id: {rid}\r\nconnection: close\r\n\r\n")
+    problem, _ = problem_of(exc, "", "")
+    problem.request_id = rid
+    body = _encode(problem)
+    head = (f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}\r\ncontent-type: application/problem+json\r\n"
+            f"content-length: {len(body)}\r\nx-request-id: {rid}\r\nconnection: close\r\n\r\n")
     return head.encode("latin-1") + body
 
 
@@ -217,8 +222,8 @@ def bounded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
 
         def _headers_too_slow(self) -> None:
             self._timer = None
-            self._refuse(_problem(408, "request-timeout", "Request Timeout",
-                                  f"the request headers did not arrive within {limits.header_timeout:g} s (HEADER_TIMEOUT_SECONDS)"))
+            self._refuse(_problem(RequestTimeout(
+                f"the request headers did not arrive within {limits.header_timeout:g} s (HEADER_TIMEOUT_SECONDS)")))
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -227,8 +232,8 @@ def bounded_protocol(limits: Limits) -> type[HttpToolsProtocol]:
                 self._header_bytes += len(data)
             super().data_received(data)
             if self._in_headers and self._header_bytes > limits.max_header_bytes and not self._refused:
-                self._refuse(_problem(431, "headers-too-large", "Request Header Fields Too Large",
-                                      f"the request headers take more than the {limits.max_header_bytes}-byte limit (MAX_HEADER_BYTES)"))
+                self._refuse(_problem(HeadersTooLarge(
+                    f"the request headers take more than the {limits.max_header_bytes}-byte limit (MAX_HEADER_BYTES)")))
 
         # Parser callbacks: a request's headers start with its first byte and end here.
         def on_message_begin(self) -> None:

@@ -175,6 +175,20 @@ async def test_memory_store_is_bounded_lru(make_client, seed, crm, auth, gateway
 
 # --- Redis, shared by replicas -----------------------------------------------------------------
 
+def test_a_cache_key_renders_as_the_release_before_it_did():
+    """Entries are signed over their Redis key: a rendering that moved would turn every stored answer into a
+    miss after an upgrade (and split the single-flight locks between releases). The value was rendered by the
+    colon-joined `cache_key` that `CacheKey` replaced; the parts are kept, so nothing parses the key back."""
+    key = cache_key("crm-ai", "lead.qualify", "LeadQualifier", "v7", "lead_42", "the rendered input")
+    assert key.redis_key == "crm-ai:result:lead.qualify:c06f2ea69c211e2854a60be94d66e320ba9dca49"
+    assert (key.task, key.digest) == ("lead.qualify", "c06f2ea69c211e2854a60be94d66e320ba9dca49")
+    # Agent, version, record and input each make another question.
+    others = [cache_key("crm-ai", "lead.qualify", *parts) for parts in (
+        ("LeadQualifier2", "v7", "lead_42", "the rendered input"), ("LeadQualifier", "v8", "lead_42", "the rendered input"),
+        ("LeadQualifier", "v7", "lead_43", "the rendered input"), ("LeadQualifier", "v7", "lead_42", "another input"))]
+    assert len({key, *others}) == 5 and len({k.redis_key for k in (key, *others)}) == 5
+
+
 @pytest.mark.redis
 async def test_redis_hit_after_miss_with_bounded_namespaced_keys(make_client, redis_settings, redis_url, cache_prefix, crm, seed, auth, gateway):
     lead = crm.add_lead(seed["alice"], name="Big Notes", notes="x" * 100_000)
@@ -258,7 +272,7 @@ async def test_waiter_takes_over_from_a_crashed_holder(make_client, redis_settin
         key = cache_key(cache_prefix, "lead.qualify", LEAD_AGENT, task.version, seed["leads"][0], gateway.prompts[-1][1])
         with redis_sync.Redis.from_url(redis_url) as r:
             # A replica took the lock and died: nobody renews it, nobody publishes an outcome.
-            r.set(f"{cache_prefix}:lock:{key.rsplit(':', 1)[-1]}", "crashed-holder", px=300)
+            r.set(f"{cache_prefix}:lock:{key.digest}", "crashed-holder", px=300)
         response = await qualify(client, seed["leads"][0], auth)
     assert response.status_code == 200 and response.headers["x-cache"] == "MISS"
     assert gateway.calls[LEAD_AGENT] == 2  # the no-store probe, then the one takeover call

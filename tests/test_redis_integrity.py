@@ -354,6 +354,36 @@ async def test_a_job_whose_metadata_was_edited_is_answered_as_tampered(gateway, 
         assert "metadata" in body["detail"] and "integrity" in body["detail"]
 
 
+async def test_a_job_whose_key_parts_were_edited_is_answered_as_tampered(gateway, crm, seed, auth, redis_url, cache_prefix):
+    """A job's metadata keeps its cache key's digest beside the signed rendered key, so no replica parses
+    the key apart; the digest is not signed itself, so it must render to the signed key or the job is refused
+    (a digest pointed at another question would join, and release, that question's claim)."""
+    settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, job_token_secret="s" * 40)
+    with redis_sync.Redis.from_url(redis_url) as r:
+        async with replica_pair(gateway, crm, settings) as (a, b, _):
+            job = await start_job(a, seed["leads"][0], auth)
+            await read_events(a, job["events_url"])
+            meta = f"{cache_prefix}:job:{job['job_id']}"
+            assert len(r.hget(meta, "digest")) == 40 and r.hget(meta, "key").endswith(r.hget(meta, "digest"))
+            r.hset(meta, "digest", "0" * 40)
+            events = await b.get(job["events_url"])
+    body = assert_problem(events, 502, "job-log-tampered")
+    assert "metadata" in body["detail"]
+
+
+async def test_a_job_logged_without_its_key_parts_is_still_served(gateway, crm, seed, auth, redis_url, cache_prefix):
+    """Metadata written by the release before `CacheKey` has the rendered key only: another replica still
+    serves the job's log (it has no key of its own to share, and a takeover derives it again)."""
+    settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, job_token_secret="s" * 40)
+    with redis_sync.Redis.from_url(redis_url) as r:
+        async with replica_pair(gateway, crm, settings) as (a, b, _):
+            job = await start_job(a, seed["leads"][0], auth)
+            await read_events(a, job["events_url"])
+            r.hdel(f"{cache_prefix}:job:{job['job_id']}", "digest")
+            events = await read_events(b, job["events_url"])
+    assert [e.event for e in events][-2:] == ["result", "done"] and '"succeeded"' in events[-1].data
+
+
 # --- start-up -----------------------------------------------------------------------------------
 
 async def test_serve_with_redis_refuses_to_start_without_a_signing_key(redis_url):

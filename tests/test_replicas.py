@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 import pytest
+import redis as redis_sync
 
 from tests.helpers import DEAL_AGENT, LEAD_AGENT, Reader, Replica, Restartable, metric, replica_cluster, serving
 
@@ -57,19 +58,24 @@ def statuses(reader: Reader) -> list[dict]:
     return [e.json for e in reader.events if e.event == "status"]
 
 
+async def kill_runner_mid_job(client: httpx.AsyncClient, reader: Reader, runner: Replica, gateway) -> list:
+    """Read the job until the model holds it, `kill -9` its runner, then let the model answer; the events read."""
+    reading = asyncio.create_task(reader.run(client, timeout=40))
+    # queued, starting, and the gateway's two (task_started, status_update); then it waits for the model
+    await reader.until(lambda: len(reader.events) >= 4, 20, "the gateway's status events")
+    runner.kill()
+    await runner.exited()
+    gateway.gate.set()
+    return await reading
+
+
 async def test_kill_9_of_the_runner_mid_job(cluster, gateway, seed):
     gateway.default, gateway.token_interval = "tokens", 0.01
     gateway.gate = asyncio.Event()  # the model thinks until released
     async with cluster(2) as ([a, b], client):
         job = await create_job(client, a, seed)
         reader = reader_of(job, [a, b], first=1)  # reads on the other replica
-        reading = asyncio.create_task(reader.run(client, timeout=40))
-        # queued, starting, and the gateway's two (task_started, status_update); then it waits for the model
-        await reader.until(lambda: len(reader.events) >= 4, 20, "the gateway's status events")
-        a.kill()
-        await a.exited()
-        gateway.gate.set()
-        events = await reading
+        events = await kill_runner_mid_job(client, reader, a, gateway)
         scraped = (await client.get(b.url + "/metrics")).text
     reader.check_sequence()
     # What the fleet's dashboard and alerts read: one takeover, and b's lag behind a's writes while it followed.
@@ -83,6 +89,26 @@ async def test_kill_9_of_the_runner_mid_job(cluster, gateway, seed):
     assert gateway.calls[LEAD_AGENT] == 2  # the dead runner's call, and the takeover's
     assert b.logged("job.taken_over", job_id=job["job_id"]) and b.logged("job.done", job_id=job["job_id"], status="succeeded")
     assert not b.logged("cache.redis_unavailable")
+
+
+async def test_a_job_logged_by_the_release_before_cache_key_is_taken_over(cluster, gateway, seed, redis_process):
+    """The release before `CacheKey` kept a job's cache key rendered only (no "digest" beside it). A replica of
+    this release that takes such a job over derives the key again, which renders to the signed one: the answer
+    lands in the entry every replica reads, and the run ends as any takeover does."""
+    gateway.gate = asyncio.Event()
+    async with cluster(2) as ([a, b], client):
+        job = await create_job(client, a, seed)
+        meta = f"{a.env['CACHE_PREFIX']}:job:{job['job_id']}"
+        with redis_sync.Redis.from_url(redis_process.url) as r:
+            assert r.hdel(meta, "digest") == 1  # as the older release wrote it
+            rendered = r.hget(meta, "key")
+            reader = reader_of(job, [a, b], first=0)  # on a; b loads the job only once a is gone
+            events = await kill_runner_mid_job(client, reader, a, gateway)
+            kept = r.exists(rendered)
+    reader.check_sequence()
+    assert events[-2].event == "result" and events[-1].json == {"status": "succeeded", "cached": False}
+    assert len([s for s in statuses(reader) if s.get("resumed")]) == 1 and gateway.calls[LEAD_AGENT] == 2
+    assert kept == 1 and b.logged("job.taken_over", job_id=job["job_id"]) and not b.logged("cache.tampered")
 
 
 async def test_sigterm_hands_over_what_does_not_fit_and_finishes_what_does(cluster, gateway, seed):

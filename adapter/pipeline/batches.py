@@ -38,10 +38,11 @@ import structlog
 
 from ..errors import AdapterError, BatchItemLost, ShuttingDown, TooManyAtOnce
 from ..storage.job_state import Job
+from ..storage.keys import CacheKey
 from ..storage.quota import RunningBatches
 from ..tasks import Task
 from ..upstreams.resilience import BACKGROUND, Background
-from .cache import Outcome, cache_key
+from .cache import Outcome
 from .jobs import Jobs
 
 log = structlog.get_logger("adapter.batches")
@@ -153,7 +154,7 @@ class Batches:
                 self.service.metrics.limit_refusals.labels("MAX_BATCHES_PER_USER").inc()
                 raise
         ttl = self.settings.batch_max_seconds + self.settings.job_retention_seconds
-        job = Job(id=batch_id, task=task.name, record_id="", key=f"{self.settings.cache_prefix}:batch",
+        job = Job(id=batch_id, task=task.name, record_id="", key=None,
                   expires=self._clock() + ttl, agent_input=_encode({"ids": ids, "options": options, "user": user}).decode(),
                   mode="batch")
         self.jobs.adopt(job)
@@ -299,7 +300,7 @@ class Batches:
 
         `rerun`: the item was being asked by the replica this batch was taken over from.
         """
-        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, item_id, agent_input)
+        key = self.service.key_for(task, item_id, agent_input)
 
         async def compute() -> bytes:
             return _encode(await self.service.ask_agent(task, item_id, agent_input))
@@ -315,7 +316,7 @@ class Batches:
         self.service.metrics.cache.labels(task.name, outcome.x_cache.lower()).inc()
         return outcome.body, outcome.x_cache
 
-    async def _ask_again(self, task: Task, key: str, compute: Callable[[], Any], user: str) -> Outcome:
+    async def _ask_again(self, task: Task, key: CacheKey, compute: Callable[[], Any], user: str) -> Outcome:
         """An item the dead runner was asking, as a taken-over job asks again: its cross-process lock
         on the question is still held on paper (renewed until the runner died, then kept until
         CACHE_LOCK_TIMEOUT), so following it would stall the item for that long: ask without it.

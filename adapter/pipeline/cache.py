@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -35,11 +35,13 @@ from ..errors import (
     SharedCallCancelled,
     UpstreamTimeout,
 )
+from ..storage.keys import CacheKey
 from ..storage.signing import Tampering
 from ..storage.store import Entry, Store
 from ..upstreams.resilience import BACKGROUND, Background
 
 _encode = msgspec.json.Encoder().encode
+K = TypeVar("K", bound=Hashable)
 Mode = Literal["default", "no-cache", "no-store"]
 XCache = Literal["HIT", "MISS", "STALE", "BYPASS"]
 # Faults of the model's side, where an older answer beats none; never the CRM's refusals.
@@ -60,21 +62,17 @@ class Outcome:
 KEY_FORMAT = "signed-1"
 
 
-def cache_key(prefix: str, task: str, agent: str, version: str, record_id: str, agent_input: str) -> str:
+def cache_key(prefix: str, task: str, agent: str, version: str, record_id: str, agent_input: str) -> CacheKey:
+    """The one key derivation (storage/keys.py renders it)."""
     # The prompt holds the record's content, so an edited record is a new key. The record id
     # is in it too: two leads with the same content must not share an answer that names one
     # of them. Hashing keeps keys short whatever the record's size.
     digest = hashlib.sha256(f"{KEY_FORMAT}\0{agent}\0{version}\0{record_id}\0{agent_input}".encode()).hexdigest()[:40]
-    return f"{prefix}:result:{task}:{digest}"
-
-
-def task_of(key: str) -> str:
-    """The task a `cache_key` is for."""
-    return key.rsplit(":", 2)[-2]
+    return CacheKey(prefix, task, digest)
 
 
 @asynccontextmanager
-async def key_lock(locks: dict[str, asyncio.Lock], key: str) -> AsyncIterator[None]:
+async def key_lock(locks: dict[K, asyncio.Lock], key: K) -> AsyncIterator[None]:
     lock = locks.setdefault(key, asyncio.Lock())
     try:
         async with lock:
@@ -89,7 +87,7 @@ class ResultCache:
     `keep` (how long an answer is stored), and single flight for the synchronous routes."""
 
     def __init__(self, store: Store, grace: float, clock: Callable[[], float] = time.time,
-                 on_coalesced: Callable[[str], None] = lambda key: None,
+                 on_coalesced: Callable[[CacheKey], None] = lambda key: None,
                  readers: Mapping[str, Callable[[bytes], Any]] | None = None, tampering: Tampering | None = None) -> None:
         self.store = store
         # Each task's result struct, by task name (Task.reread): a stored body that is not exactly an
@@ -100,10 +98,10 @@ class ResultCache:
         self._tampering = tampering or Tampering()
         self._grace = grace
         self._clock = clock
-        self._flights: dict[str, asyncio.Task[bytes]] = {}
-        self._background: dict[str, Background] = {}  # flights a batch started, while none but batches joined
+        self._flights: dict[CacheKey, asyncio.Task[bytes]] = {}
+        self._background: dict[CacheKey, Background] = {}  # flights a batch started, while none but batches joined
         self._on_coalesced = on_coalesced
-        self._admitting: dict[str, asyncio.Lock] = {}
+        self._admitting: dict[CacheKey, asyncio.Lock] = {}
 
     def age(self, entry: Entry) -> int:
         return int(max(self._clock() - entry.stored_at, 0))
@@ -115,35 +113,35 @@ class ResultCache:
         """Past its freshness but within CACHE_STALE_GRACE: may stand in for a model-side fault."""
         return self._clock() - entry.stored_at < ttl + self._grace
 
-    async def _get(self, key: str) -> Entry | None:
+    async def _get(self, key: CacheKey) -> Entry | None:
         """The stored entry, if its body is still an answer of its task (the one way entries are read)."""
-        entry = await self.store.get(key)
-        if entry is None or (read := self._readers.get(task_of(key))) is None:
+        entry = await self.store.get(key.redis_key)
+        if entry is None or (read := self._readers.get(key.task)) is None:
             return entry
         # Decoded and encoded again, it must give the very bytes stored (what the pipeline writes is an
         # encoded result): an extra field, a missing one, or an older release's shape is no answer of ours.
         if (result := read(entry.body)) is not None and _encode(result) == entry.body:
             return entry
-        self._tampering("cache", key, "not-a-result", entry.body, effect="served as a miss")
+        self._tampering("cache", key.redis_key, "not-a-result", entry.body, effect="served as a miss")
         return None
 
-    async def lookup(self, key: str, ttl: float) -> Entry | None:
+    async def lookup(self, key: CacheKey, ttl: float) -> Entry | None:
         """A fresh answer for `key`, or None."""
         entry = await self._get(key)
         return entry if entry is not None and self.is_fresh(entry, ttl) else None
 
-    async def stale_for(self, key: str, ttl: float, exc: Exception) -> Entry | None:
+    async def stale_for(self, key: CacheKey, ttl: float, exc: Exception) -> Entry | None:
         """The stale-if-error rule: an answer within the grace stands in for a fault of the model's side."""
         if not isinstance(exc, STALE_ON):
             return None
         entry = await self._get(key)
         return entry if entry is not None and self.is_usable_stale(entry, ttl) else None
 
-    async def keep(self, key: str, body: bytes, ttl: float) -> None:
+    async def keep(self, key: CacheKey, body: bytes, ttl: float) -> None:
         """Store a fresh answer for its freshness plus the stale grace."""
-        await self.store.put(key, Entry(self._clock(), body), ttl + self._grace)
+        await self.store.put(key.redis_key, Entry(self._clock(), body), ttl + self._grace)
 
-    async def get_or_compute(self, key: str, ttl: float, mode: Mode, compute: Callable[[], Awaitable[bytes]],
+    async def get_or_compute(self, key: CacheKey, ttl: float, mode: Mode, compute: Callable[[], Awaitable[bytes]],
                              admit: Callable[[], Awaitable[None]] | None = None) -> Outcome:
         """`admit` runs only when this request makes the model call (it may refuse: a rate limit).
 
@@ -181,11 +179,11 @@ class ResultCache:
             return Outcome(stale.body, "STALE", self.age(stale))
         return Outcome(body, "MISS")
 
-    def in_flight(self, key: str) -> bool:
+    def in_flight(self, key: CacheKey) -> bool:
         """A model call for `key` is in the air in this process: joining it costs nothing."""
         return key in self._flights
 
-    async def share(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], *, coordinate: bool = True,
+    async def share(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]], *, coordinate: bool = True,
                     on_join: Callable[[], None] = lambda: None) -> bytes:
         """A job's model call: join the one in the air for `key` (a request's or another job's), or make it.
 
@@ -199,15 +197,15 @@ class ResultCache:
             return await self._shared(flight)
         return await self._launch(key, ttl, compute, coordinate)
 
-    def _launch(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> asyncio.Task[bytes]:
-        flight = asyncio.create_task(self._fly(key, ttl, compute, coordinate), name=f"flight {key}")
+    def _launch(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> asyncio.Task[bytes]:
+        flight = asyncio.create_task(self._fly(key, ttl, compute, coordinate), name=f"flight {key.redis_key}")
         self._flights[key] = flight
         if (background := BACKGROUND.get()) is not None:
             self._background[key] = background
         flight.add_done_callback(lambda landed: self._landed(key, landed))
         return flight
 
-    async def _join(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]],
+    async def _join(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]],
                     flight: asyncio.Task[bytes] | None) -> bytes:
         if flight is None:
             flight = self._flights.get(key)
@@ -217,7 +215,7 @@ class ResultCache:
             self._joined(key)
         return await self._shared(flight)
 
-    def _joined(self, key: str) -> None:
+    def _joined(self, key: CacheKey) -> None:
         self.note_coalesced(key)
         if BACKGROUND.get() is None and (background := self._background.pop(key, None)) is not None:
             background.promote()  # an interactive request must not wait behind a batch's queue
@@ -234,21 +232,21 @@ class ResultCache:
                                           "(handed to another replica, or past JOB_MAX_SECONDS); ask again") from None
             raise
 
-    def _landed(self, key: str, flight: asyncio.Task[bytes]) -> None:
+    def _landed(self, key: CacheKey, flight: asyncio.Task[bytes]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
             self._background.pop(key, None)
         if not flight.cancelled():
             flight.exception()  # retrieved here, so an error nobody awaited is not reported as lost
 
-    async def _fly(self, key: str, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> bytes:
+    async def _fly(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> bytes:
         if not coordinate:
             body = await compute()
             await self.keep(key, body, ttl)
             return body
         lock = self.store.flight(key)
         try:
-            while await lock.lead() is False:
+            while await lock.acquire() is False:
                 outcome = await lock.follow()
                 if isinstance(outcome, bytes):
                     self.note_coalesced(key)
@@ -267,7 +265,7 @@ class ResultCache:
         finally:
             await lock.close()
 
-    def note_coalesced(self, key: str) -> None:
+    def note_coalesced(self, key: CacheKey) -> None:
         self._on_coalesced(key)
 
     def background(self) -> list[asyncio.Task[bytes]]:

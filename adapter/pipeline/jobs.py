@@ -10,7 +10,7 @@ that sees the job takes it over, asks the model again and continues the same log
 
 Jobs share the synchronous routes' pipeline (service.py, cache.py): one key derivation
 (`prepare`), one freshness rule (`lookup`), one stale-if-error rule (`stale_for`), one way an
-answer is kept (`keep`), and one hook for a fresh answer (`after_fresh`: the write-back).
+answer is kept (`keep`), one hook for a fresh answer (`after_fresh`: the write-back),
 and one single flight (`share`): a job and a synchronous request for the same question make
 one model call between them. Stream readers also share the job itself: identical streams follow
 one job (and, across replicas, the job log's claim on the question).
@@ -27,7 +27,9 @@ from typing import Any
 import msgspec
 import structlog
 
+from ..storage.job_log import RedisJobLog
 from ..storage.job_state import Event, Job, Status
+from ..storage.keys import CacheKey
 from ..tasks import Task
 from .cache import key_lock
 from ..errors import AdapterError, GatewayProtocolError, JobLogTampered, ShuttingDown, UpstreamTimeout
@@ -54,19 +56,19 @@ _HEX = frozenset("0123456789abcdef")
 
 class Jobs:
     def __init__(self, service: AiService, *, describe: Callable[[Exception, str], bytes],
-                 clock: Callable[[], float] = time.time, mirror: Any = None) -> None:
+                 clock: Callable[[], float] = time.time, mirror: RedisJobLog | None = None) -> None:
         self.service = service
         self.describe = describe  # an error -> the `error` event's problem JSON (web/problems.py renders it)
         self.settings = service.settings
         self._clock = clock
         self._jobs: dict[str, Job] = {}
-        self._by_key: dict[str, Job] = {}
+        self._by_key: dict[CacheKey, Job] = {}
         self._runners: set[asyncio.Task[None]] = set()
-        self.mirror = mirror  # optional RedisJobLog
+        self.mirror = mirror  # the job log in Redis, with Redis: other replicas follow and take over jobs through it
         if mirror is not None:
             mirror.on_orphan = self.resume
             mirror.on_lost = self._lost
-        self._admitting: dict[str, asyncio.Lock] = {}
+        self._admitting: dict[CacheKey, asyncio.Lock] = {}
         # Logs of another kind kept in the same job log, by id prefix (`aibatch`): who continues an orphan.
         self.resumers: dict[str, Callable[[Job, dict[str, str]], Awaitable[None]]] = {}
         self._loading: dict[str, asyncio.Lock] = {}
@@ -169,6 +171,8 @@ class Jobs:
             else:
                 self._finish(job, "succeeded" if job.result is not None else "failed")
             return
+        if job.key is None:  # its log was written by a release that kept only the rendered key
+            job.key = self.service.key_for(task, job.record_id, job.agent_input)
         if job.mode != "no-store" and job.key not in self._by_key:
             self._by_key[job.key] = job
         log.info("job.resumed", job_id=job.id, replica=self._replica, rerun=True, events=len(job.events))
@@ -202,7 +206,7 @@ class Jobs:
                     self._jobs[job.id] = job  # later readers on this replica share the one follower
         return job
 
-    def _new(self, task: Task, record_id: str, key: str, job_id: str | None = None, *, agent_input: str = "",
+    def _new(self, task: Task, record_id: str, key: CacheKey, job_id: str | None = None, *, agent_input: str = "",
              mode: str = "default") -> Job:
         ttl = self.settings.job_max_seconds + self.settings.job_retention_seconds
         job = Job(id=job_id or f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key,
@@ -235,9 +239,12 @@ class Jobs:
         try:
             async with asyncio.timeout(self.settings.job_max_seconds):
                 if store:
+                    # Inside the try: a job without its key is a bug, and a bug still ends the job with error + done.
+                    key = job.key
+                    assert key is not None  # a job answers one question (a batch's log has no key, and runs elsewhere)
                     # The synchronous routes' single flight: one model call per question, whoever asked first;
                     # the answer is kept in the cache before `done`, so whoever saw `done` gets a hit, on any replica.
-                    body = await self.service.cache.share(job.key, self.settings.ttl_for(task),
+                    body = await self.service.cache.share(key, self.settings.ttl_for(task),
                                                           lambda: self._produce(job, task, agent_input),
                                                           coordinate=not resumed, on_join=sharing)
                 else:
@@ -259,7 +266,8 @@ class Jobs:
 
     async def _fail_or_stale(self, job: Job, task: Task, exc: AdapterError) -> None:
         """The synchronous routes' stale-if-error rule: a model-side fault within the grace serves the stale answer."""
-        if job.mode == "default" and (entry := await self.service.cache.stale_for(job.key, self.settings.ttl_for(task), exc)):
+        if job.mode == "default" and job.key is not None and (
+                entry := await self.service.cache.stale_for(job.key, self.settings.ttl_for(task), exc)):
             log.info("job.stale_answer", job_id=job.id, reason=exc.slug, age_s=self.service.cache.age(entry))
             self._emit(job, "result", self.service.result_event(task, entry.body))
             self._finish(job, "succeeded", cached=True, stale=True)

@@ -20,6 +20,7 @@ from ..upstreams.crm import CrmClient
 from ..errors import AdapterError, InvalidAgentOutput
 from ..upstreams.gateway import GatewayClient, ProviderPlan
 from ..metrics import Metrics
+from ..storage.keys import CacheKey
 from ..storage.ratelimit import CRM_READS, RateLimiter
 from ..settings import Settings
 from ..tasks.prompting import repair_input
@@ -37,7 +38,7 @@ class Prepared:
     task: Task
     record_id: str
     agent_input: str
-    key: str
+    key: CacheKey
 
 
 def _today() -> dt.date:
@@ -80,8 +81,12 @@ class AiService:
         with self.tracing.span("crm.lookup", **{"crm.record.kind": task.record_kind, "crm.record.id": record_id}):
             record = await self.crm.get_record(task.record_kind, record_id, authorization)
         agent_input = task.render(record, request, self._today())
-        key = cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, record_id, agent_input)
-        return Prepared(task, record_id, agent_input, key)
+        return Prepared(task, record_id, agent_input, self.key_for(task, record_id, agent_input))
+
+    def key_for(self, task: Task, record_id: str, agent_input: str) -> CacheKey:
+        """The cache key of this question (`prepare` derives it; a batch item and a job resumed from an
+        older release's log, which has only the rendered key, derive it here too)."""
+        return cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, record_id, agent_input)
 
     async def run(self, task: Task, request: Any, authorization: str, mode: Mode, user: str = "") -> Outcome:
         prepared = await self.prepare(task, request, authorization, user)

@@ -32,7 +32,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -42,6 +42,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from ..errors import JobExpired, JobLogTampered, JobLogUnavailable
 from ..metrics import Metrics
 from .job_state import Job
+from .keys import CacheKey
 from .redis_store import FAULTS, RELEASE_SCRIPT, RedisStore
 from .signing import Tampered
 
@@ -166,8 +167,8 @@ class RedisJobLog:
         # Written once when a runner hands the job over: its followers wake at once instead of at their next block.
         return f"{self._s.prefix}:job:{job_id}:handover"
 
-    def _claim(self, key: str) -> str:
-        return f"{self._s.prefix}:jobkey:{key.rsplit(':', 1)[-1]}"
+    def _claim(self, key: CacheKey) -> str:
+        return f"{self._s.prefix}:jobkey:{key.digest}"
 
     # --- the runner's side ------------------------------------------------------------------
 
@@ -217,9 +218,14 @@ class RedisJobLog:
             del self._waiters[job_id]
 
     def _meta_args(self, job: Job) -> list[str | bytes]:
-        meta: dict[str, str | bytes] = {"task": job.task, "record_id": job.record_id, "key": job.key,
+        key = job.key.redis_key if job.key is not None else ""
+        meta: dict[str, str | bytes] = {"task": job.task, "record_id": job.record_id, "key": key,
                                         "expires": repr(job.expires), "mode": job.mode, "input": job.agent_input}
         meta["sig"] = self._s.signer.mac(self._meta(job.id), *(str(meta[f]).encode() for f in SIGNED_META))
+        if job.key is not None:
+            # The key's parts, so a replica reading the job back never parses "key" apart. Not signed
+            # itself (older releases sign the fields above): `_job_of` checks it renders to the signed "key".
+            meta["digest"] = job.key.digest
         meta["owner"] = self.replica
         return [str(len(meta)), *(x for kv in meta.items() for x in kv)]
 
@@ -232,6 +238,8 @@ class RedisJobLog:
         fields = {k.decode(errors="replace"): v for k, v in raw.items()}
         try:
             self._s.signer.check(fields.get("sig"), self._meta(job_id), *(fields.get(f, b"") for f in SIGNED_META))
+            if "digest" in fields and _key_of(self._s.prefix, fields).redis_key.encode() != fields.get("key"):
+                raise Tampered("digest-mismatch")  # unsigned itself: the key's parts must render to the signed key
         except Tampered as exc:
             self._s.tampering("job-log", self._meta(job_id), exc.reason, b"\0".join(sorted(k + b"=" + v for k, v in raw.items())),
                               effect="the job is answered as job-log-tampered (502)")
@@ -318,7 +326,8 @@ class RedisJobLog:
         self._forget(job.id)
         try:
             await self._release(keys=[self._lease(job.id)], args=[self.replica])
-            await self._release(keys=[self._claim(job.key)], args=[job.id])
+            if job.key is not None:  # a batch claims no question
+                await self._release(keys=[self._claim(job.key)], args=[job.id])
         except FAULTS as exc:
             self._s.fault(exc)
 
@@ -374,7 +383,7 @@ class RedisJobLog:
         if writers:
             await asyncio.wait(writers, timeout=timeout)
 
-    async def claim(self, key: str, job_id: str) -> str:
+    async def claim(self, key: CacheKey, job_id: str) -> str:
         """The job answering this question across replicas: ours if nobody runs one, else theirs."""
         try:
             if await self._r.set(self._claim(key), job_id, nx=True, px=self._ttl_ms):
@@ -385,7 +394,7 @@ class RedisJobLog:
             return job_id  # no coordination possible: run it here
         return holder.decode() if holder else job_id
 
-    async def reclaim(self, key: str, old: str, new: str) -> bool:
+    async def reclaim(self, key: CacheKey, old: str, new: str) -> bool:
         """Point the question at a new job, if it still points at `old` (a job that ended without unclaiming)."""
         try:
             if await self._release(keys=[self._claim(key)], args=[old]):
@@ -493,7 +502,7 @@ class RedisJobLog:
                     raise JobLogUnavailable(f"the job log store (Redis) is unavailable: {self._s.degraded}") from None
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay *= 2
-        job = _job_of(job_id, self._checked_meta(job_id, meta))
+        job = _job_of(self._s.prefix, job_id, self._checked_meta(job_id, meta))
         if self._replay(job, entries) and not job.finished:
             self.follow(job, len(job.events))
         return job
@@ -626,6 +635,15 @@ def _seq(entry_id: bytes | str) -> int:
     return int(raw.split("-", 1)[0])
 
 
-def _job_of(job_id: str, m: dict[str, str]) -> Job:
-    return Job(id=job_id, task=m["task"], record_id=m["record_id"], key=m["key"], expires=float(m["expires"]),
+def _key_of(prefix: str, m: Mapping[str, str] | Mapping[str, bytes]) -> CacheKey:
+    """The cache key a job's metadata names, from its parts (task, digest): never parsed from "key"."""
+    task, digest = m.get("task", ""), m["digest"]
+    return CacheKey(prefix, *(part.decode(errors="replace") if isinstance(part, bytes) else part for part in (task, digest)))
+
+
+def _job_of(prefix: str, job_id: str, m: dict[str, str]) -> Job:
+    # No "digest": written by a release that kept only the rendered key (a batch's log has none either);
+    # a job resumed from it has its key derived again (pipeline/jobs.py `resume`).
+    key = _key_of(prefix, m) if "digest" in m else None
+    return Job(id=job_id, task=m["task"], record_id=m["record_id"], key=key, expires=float(m["expires"]),
                agent_input=m.get("input", ""), mode=m.get("mode", "default"))  # type: ignore[arg-type]

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from .keys import CacheKey
+
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 Status = Literal["queued", "running", "succeeded", "failed"]
@@ -29,7 +31,7 @@ class Job:
     id: str
     task: str
     record_id: str
-    key: str
+    key: CacheKey | None  # the question it answers (None for a batch: it answers many)
     expires: float
     status: Status = "queued"
     result: bytes | None = None

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ..models import DependencyState
+from .keys import CacheKey
 from .store import Entry, Flight, NoFlight
 
 
@@ -36,7 +37,7 @@ class MemoryStore:
         while len(self._data) > self._max:
             self._data.popitem(last=False)
 
-    def flight(self, key: str) -> Flight:
+    def flight(self, key: CacheKey) -> Flight:
         return NoFlight()
 
     async def state(self) -> DependencyState:

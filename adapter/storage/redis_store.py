@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .keys import CacheKey
 from .signing import Signer, Tampered, Tampering
 from .store import Entry
 from ..errors import AdapterError, from_record, to_record
@@ -92,8 +93,8 @@ class RedisStore:
         else:
             self.ok()
 
-    def flight(self, key: str) -> RedisFlight:
-        return RedisFlight(self, key.rsplit(":", 1)[-1])
+    def flight(self, key: CacheKey) -> RedisFlight:
+        return RedisFlight(self, key.digest)
 
     async def state(self) -> DependencyState:
         t0 = time.perf_counter()
@@ -128,7 +129,7 @@ class RedisFlight:
     def _outcome_key(self, token: str) -> str:
         return f"{self._s.prefix}:outcome:{token}"
 
-    async def lead(self) -> bool | None:
+    async def acquire(self) -> bool | None:
         if self._untrusted:
             return None  # whoever holds the lock wrote an outcome we cannot trust: waiting on it again would spin
         ttl_ms = int(self._s.lock_ttl * 1000)
@@ -141,7 +142,7 @@ class RedisFlight:
             self._s.fault(exc)
             return None  # no coordination possible: compute here
         if holder is None:
-            return await self.lead()  # released between our two commands
+            return await self.acquire()  # released between our two commands
         self._holder = holder.decode()
         return False
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import AdapterError
+from .keys import CacheKey
 from ..models import DependencyState
 
 _STAMP = struct.Struct(">d")
@@ -29,9 +30,10 @@ class Entry:
 
 
 class Flight(Protocol):
-    """A store's cross-process lock on one key: `None` from `lead` means no coordination."""
+    """A store's cross-process lock on one question: `acquire` is True when this process holds it
+    (it asks the model), False when another does (`follow` its outcome), None for no coordination."""
 
-    async def lead(self) -> bool | None: ...
+    async def acquire(self) -> bool | None: ...
     async def follow(self) -> bytes | AdapterError | None: ...
     async def succeed(self, body: bytes) -> None: ...
     async def fail(self, exc: AdapterError) -> None: ...
@@ -39,11 +41,13 @@ class Flight(Protocol):
 
 
 class Store(Protocol):
+    """Entries by their rendered key (`CacheKey.redis_key`, opaque here); the flight lock by the key itself."""
+
     backend: str
 
     async def get(self, key: str) -> Entry | None: ...
     async def put(self, key: str, entry: Entry, keep: float) -> None: ...
-    def flight(self, key: str) -> Flight: ...
+    def flight(self, key: CacheKey) -> Flight: ...
     async def state(self) -> DependencyState: ...
     async def aclose(self) -> None: ...
 
@@ -51,7 +55,7 @@ class Store(Protocol):
 class NoFlight:
     """No coordination: one process has no one to share a flight with."""
 
-    async def lead(self) -> bool | None:
+    async def acquire(self) -> bool | None:
         return None
 
     async def follow(self) -> None:

@@ -42,7 +42,7 @@ def task_input(task: str, record: dict, request: dict | None = None) -> str:
 def repair_input(original: str, answer: str, errors: list[str], limit: int = 4000) -> str:
     """The task again, the contract errors and the rejected answer.
 
-    `errors` are contract errors only (validation.OutputInvalid): guidance (reasoning length, style)
+    `errors` are contract errors only (reading.OutputInvalid): guidance (reasoning length, style)
     never reaches this prompt, so a repair call is spent on what the CRM needs and nothing else.
     """
     quoted = answer if len(answer) <= limit else answer[:limit] + " [...]"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import structlog
 from litestar.di import NamedDependency
 from litestar import Request, Response, Router, post
 from litestar.datastructures import ResponseHeader
@@ -25,8 +24,6 @@ from .openapi import CACHE_HEADERS, WARNINGS_HEADER, WRITE_BACK_HEADER, ai_respo
 from .requests import cache_mode, require_json
 from .sse import sse_response
 from .streams import StreamSlots
-
-log = structlog.get_logger("adapter.routes")
 
 # SSE clients (httpx-sse, the browser's EventSource) send `Cache-Control: no-store`/`no-cache`
 # to keep intermediaries from caching the stream itself, so on stream routes that header
