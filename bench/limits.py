@@ -25,6 +25,7 @@ import msgspec
 
 from adapter.storage.ratelimit import CRM_READS, Policy, RateLimiter
 from adapter.storage.redis_store import RedisStore, redis_client
+from adapter.storage.signing import Signer
 from adapter.web.requests import MAX_JSON_DEPTH, too_deep
 from adapter.web.streams import StreamSlots, release
 
@@ -99,7 +100,8 @@ async def bookkeeping(repeat: int, n: int = 20_000) -> None:
 
     print(f"   CRM read token, in process              {min([await take(local, n) for _ in range(repeat)]) / n * 1e6:7.2f}")
     url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-    store = RedisStore(redis_client(url), prefix=f"bench-limits-{uuid.uuid4().hex[:6]}", lock_ttl=30, retry_log_interval=5)
+    store = RedisStore(redis_client(url), prefix=f"bench-limits-{uuid.uuid4().hex[:6]}", lock_ttl=30, retry_log_interval=5,
+                       signer=Signer.random())
     try:
         shared = RateLimiter({CRM_READS: Policy(10**9, 1.0)}, prefix=store.prefix, store=store)
         count = n // 10
