@@ -27,7 +27,7 @@ from .pipeline.batches import Batches
 from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
 from .pipeline.service import AiService
-from .settings import Settings, redact_url
+from .settings import RedisTarget, Settings, redact_url
 from .stopping import cancel_and_wait
 from .storage.job_log import RedisJobLog
 from .storage.memory import MemoryStore
@@ -60,12 +60,12 @@ log = structlog.get_logger("adapter.http")
 STOP_TIMEOUT = 5.0  # seconds shutdown waits for the background tasks it cancelled, before closing their clients
 
 
-async def _probe_redis(store: RedisStore, url: str) -> None:
+async def _probe_redis(store: RedisStore, target: RedisTarget) -> None:
     """A Redis that is not there is one warning at start-up, not a surprise at the first request.
 
     On a connection of its own: the store's pool starts as it would without the probe.
     """
-    probe = redis_client(url)
+    probe = redis_client(target)
     try:
         await probe.ping()
     except FAULTS as exc:
@@ -174,10 +174,10 @@ def create_app(
             cache_store = store
             if cache_store is None:
                 cache_store = (
-                    RedisStore(redis_client(settings.redis_url), prefix=settings.cache_prefix,
+                    RedisStore(redis_client(settings.redis), prefix=settings.cache_prefix,
                                lock_ttl=settings.cache_lock_timeout, retry_log_interval=settings.cache_retry_interval,
-                               signer=redis_signer(settings), tampering=tampering)
-                    if settings.redis_url else MemoryStore(settings.cache_memory_max_entries, clock)
+                               signer=redis_signer(settings), tampering=tampering, target=settings.redis)
+                    if settings.redis is not None else MemoryStore(settings.cache_memory_max_entries, clock)
                 )
                 stack.push_async_callback(cache_store.aclose)
             passthrough = proxy_http or crm_http or await stack.enter_async_context(Proxy.client(settings))
@@ -229,9 +229,9 @@ def create_app(
                                          previous=settings.job_token_secret_previous)
             stack.callback(app.state.jobs.cancel_all)
             log.info("startup", gateway=redact_url(settings.conductor_gateway_url), crm=redact_url(settings.crm_backend_url),
-                     cache=cache_store.backend, **({"redis": redact_url(settings.redis_url)} if settings.redis_url else {}))
-            if isinstance(cache_store, RedisStore) and settings.redis_url:
-                await _probe_redis(cache_store, settings.redis_url)
+                     cache=cache_store.backend, **({"redis": settings.redis.shown, "redis_mode": settings.redis.mode} if settings.redis else {}))
+            if isinstance(cache_store, RedisStore) and settings.redis is not None:
+                await _probe_redis(cache_store, settings.redis)
             stack.callback(cache.cancel_flights)
 
             async def stop_background() -> None:

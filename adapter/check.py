@@ -10,6 +10,7 @@ from typing import TextIO
 import httpx
 
 from .agent_sync import drift, local_agents
+from .storage.connect import describe
 from .storage.redis_store import redis_client
 from .tasks import TASKS
 from .upstreams.gateway import GatewayClient, listed_agents
@@ -59,13 +60,14 @@ async def run_checks(settings: Settings, out: TextIO = sys.stdout, err: TextIO =
         if listing is not None:
             await _check_agents(gateway, settings, listing, ok, problems)
 
-    if settings.redis_url:
-        redis = redis_client(settings.redis_url)
+    if (target := settings.redis) is not None:
+        redis = redis_client(target)
         try:
-            await redis.ping()
-            ok(f"Redis at {redact_url(settings.redis_url)}")
-        except Exception as exc:  # any failure to ping is the one line we owe
-            problems.append(f"Redis unreachable at {redact_url(settings.redis_url)}: {type(exc).__name__}: {exc}")
+            # The server, the master the sentinels name, or the cluster's masters and state (connect.py).
+            ok(await describe(redis, target))
+        except Exception as exc:  # any failure to reach it is the one line we owe
+            what = {"single": "Redis", "sentinel": f"Redis master {target.master!r} via Sentinel", "cluster": "Redis Cluster"}[target.mode]
+            problems.append(f"{what} unreachable at {target.shown}: {type(exc).__name__}: {exc}")
         finally:
             await redis.aclose()
     else:

@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.adapter_workers == 1:
         servers.server(create_app(settings), **options).run(sockets=[sock])
         return 0
-    if not settings.redis_url:
+    if settings.redis is None:
         structlog.get_logger("adapter.cli").warning(
             "workers.without_redis", workers=settings.adapter_workers,
             detail="REDIS_URL is unset: each worker process has its own in-memory cache, rate limits and stream jobs")

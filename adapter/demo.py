@@ -54,6 +54,7 @@ async def run_demo(settings: Settings) -> int:
     app_sock = servers.bind(settings.adapter_host, settings.adapter_port)
     settings = msgspec.structs.replace(
         settings, conductor_gateway_url=servers.url_of(gw_sock), crm_backend_url=servers.url_of(crm_sock), redis_url=None,
+        redis_sentinels=None, redis_sentinel_master=None, redis_cluster=False,
         sse_retry_ms=500, rate_limit={t.env_suffix: "off" for t in TASKS.values()})
     token = crm.token(seed["alice"], expires_in=7 * 86400)
     main = servers.server(create_app(settings, demo=demo_session(crm, gateway, seed, token)))

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 from urllib.parse import unquote, urlsplit
@@ -60,6 +61,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     conductor_gateway_url: str = "http://localhost:5006"
     crm_backend_url: str = "http://localhost:8001"
     redis_url: str | None = None
+    # Issue 24: a highly available Redis. Sentinel: the sentinels (`host:port,host:port`) and the name
+    # they know the master by (or one `redis+sentinel://` REDIS_URL); Cluster: REDIS_CLUSTER with
+    # REDIS_URL naming any node (or a `redis+cluster://` REDIS_URL naming several). See RedisTarget.
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = None  # the sentinels' own (`requirepass` in sentinel.conf)
+    redis_password: str | None = None  # the data nodes' password with REDIS_SENTINELS (a URL carries its own)
+    redis_cluster: bool = False
     # One provider, or several in order of preference (`claude,gemini`): a run that fails in a
     # way another provider could fix is tried once more on the next one.
     conductor_ai_provider: Annotated[str, Meta(pattern=PROVIDERS)] | None = None
@@ -199,8 +208,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
         if not self.conductor_cwd.startswith("/"):
             raise ValueError("CONDUCTOR_CWD must be an absolute path on the Conductor's machine "
                              "(current gateways refuse runs without a working directory)")
-        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        self.redis  # noqa: B018  # a bad Redis setting (or mix of them) stops start-up, naming the variable
         self.forwarders  # noqa: B018  # a bad FORWARDED_ALLOW_IPS stops start-up, naming the variable
         if self.job_token_secret_previous is not None and self.job_token_secret is None:
             raise ValueError("JOB_TOKEN_SECRET_PREVIOUS is only accepted beside JOB_TOKEN_SECRET (the secret that issues)")
@@ -209,7 +217,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
 
     def serving_problems(self) -> list[str]:
         """What `adapter serve` refuses although each variable alone is valid (the demo and in-process apps allow it)."""
-        if self.redis_url and self.redis_signing_key is None:
+        if self.redis is not None and self.redis_signing_key is None:
             return ["REDIS_SIGNING_KEY: must be set (32+ characters, the same on every replica) when REDIS_URL is: "
                     "it authenticates everything the sidecar reads back from Redis"]
         return []
@@ -241,6 +249,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
             except msgspec.ValidationError as exc:
                 problems.append(_in_words(name, env[name], str(exc)))
         raise ConfigError(*(problems or ["the settings are inconsistent"]))
+
+    @property
+    def redis(self) -> RedisTarget | None:
+        """The Redis every replica shares, from REDIS_URL or the Sentinel/Cluster settings; None: no Redis."""
+        return RedisTarget.of(self)
 
     @property
     def providers(self) -> tuple[str, ...]:
@@ -323,6 +336,102 @@ def _in_words(name: str, value: str, message: str) -> str:
     return f"{name}: {words}{shown}"
 
 
+# --- which Redis (issue 24) ---------------------------------------------------------------------
+
+RedisMode = Literal["single", "sentinel", "cluster"]
+_SCHEMES = {"redis": ("single", False), "rediss": ("single", True), "unix": ("single", False),
+            "redis+sentinel": ("sentinel", False), "rediss+sentinel": ("sentinel", True),
+            "redis+cluster": ("cluster", False), "rediss+cluster": ("cluster", True)}
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """One Redis, a Sentinel-watched master or a Cluster: what storage/connect.py opens.
+
+    `redis+sentinel://[user:password@]host:port,host:port/<master>[/<db>][?sentinel_password=...]`
+    `redis+cluster://[user:password@]host:port,host:port` (any nodes: the rest are discovered)
+    (`rediss+...` for TLS), or the same from REDIS_SENTINELS/REDIS_SENTINEL_MASTER and REDIS_CLUSTER.
+    """
+
+    mode: RedisMode
+    shown: str  # what `adapter check` and the start-up line print (passwords redacted)
+    url: str | None = None  # single: REDIS_URL as redis-py reads it
+    hosts: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def of(cls, s: Settings) -> RedisTarget | None:
+        if s.redis_sentinels is not None:
+            if s.redis_url is not None or s.redis_cluster:
+                raise ValueError("REDIS_SENTINELS names the Redis already: unset REDIS_URL and REDIS_CLUSTER "
+                                 "(or use one redis+sentinel:// REDIS_URL)")
+            if not s.redis_sentinel_master:
+                raise ValueError("REDIS_SENTINEL_MASTER must be set beside REDIS_SENTINELS "
+                                 "(the name in the sentinels' `sentinel monitor <name> ...`)")
+            hosts = _hosts("REDIS_SENTINELS", s.redis_sentinels)
+            return cls("sentinel", f"sentinel {s.redis_sentinels} master {s.redis_sentinel_master}", hosts=hosts,
+                       master=s.redis_sentinel_master, password=s.redis_password, sentinel_password=s.redis_sentinel_password)
+        if s.redis_sentinel_master is not None:
+            raise ValueError("REDIS_SENTINEL_MASTER is only read beside REDIS_SENTINELS")
+        if s.redis_url is None:
+            if s.redis_cluster:
+                raise ValueError("REDIS_CLUSTER needs REDIS_URL naming one of the cluster's nodes")
+            return None
+        return cls.from_url(s.redis_url, cluster=s.redis_cluster, sentinel_password=s.redis_sentinel_password)
+
+    @classmethod
+    def from_url(cls, url: str, *, cluster: bool = False, sentinel_password: str | None = None) -> RedisTarget:
+        """REDIS_URL read; `cluster`: REDIS_CLUSTER, which makes a redis:// URL a cluster's seed node."""
+        scheme, sep, rest = url.partition("://")
+        if scheme not in _SCHEMES or not sep:
+            raise ValueError("REDIS_URL must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL")
+        mode, tls = _SCHEMES[scheme]
+        if mode == "single" and not cluster:
+            return cls("single", redact_url(url), url=url)
+        if mode == "sentinel" and cluster:
+            raise ValueError("REDIS_CLUSTER does not go with a redis+sentinel:// REDIS_URL")
+        if scheme == "unix":
+            raise ValueError("REDIS_CLUSTER needs a redis:// or rediss:// REDIS_URL (a cluster's nodes talk TCP)")
+        rest, _, query = rest.partition("?")
+        netloc, _, path = rest.partition("/")
+        userinfo, at, hostlist = netloc.rpartition("@")
+        user, _, password = userinfo.partition(":") if at else ("", "", "")
+        hosts = _hosts("REDIS_URL", hostlist)
+        parts = [unquote(p) for p in path.split("/") if p]
+        params = dict(item.partition("=")[::2] for item in query.split("&") if item)
+        common = dict(hosts=hosts, username=unquote(user) or None, password=unquote(password) or None, tls=tls,
+                      shown=redact_url(url))
+        if mode == "sentinel":
+            if not parts:
+                raise ValueError("a redis+sentinel:// REDIS_URL names the master after the hosts: "
+                                 "redis+sentinel://host:26379,host:26380/<master>")
+            db = parts[1] if len(parts) > 1 else "0"
+            if not db.isdigit():
+                raise ValueError(f"REDIS_URL: the database after the master's name must be a number, got {db!r}")
+            return cls("sentinel", master=parts[0], db=int(db),
+                       sentinel_password=unquote(params.get("sentinel_password", "")) or sentinel_password, **common)
+        if parts and parts != ["0"]:
+            raise ValueError("a Redis Cluster has one database, 0: REDIS_URL must not name another")
+        return cls("cluster", **common)
+
+
+def _hosts(var: str, text: str) -> tuple[tuple[str, int], ...]:
+    hosts = []
+    for item in (x.strip() for x in text.split(",")):
+        host, colon, port = item.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{var} must list host:port pairs separated by commas, got {item!r}")
+        hosts.append((host.strip("[]"), int(port)))
+    if not hosts:
+        raise ValueError(f"{var} must name at least one host:port")
+    return tuple(hosts)
+
+
 # --- secrets in URLs (issue 22 §5) ------------------------------------------------------------
 # A URL is shown (by `adapter check`, the start-up line, /api/v1/ai/health, any log event) only
 # through `redact_url`: REDIS_URL carries Redis's password, and a gateway behind basic auth its own.
@@ -344,7 +453,7 @@ def redact_url(url: str) -> str:
     before, question, query = tail.partition("?")
     if question and "password" in query.lower():
         query, hash_, fragment = query.partition("#")
-        items = [f"{name}=***" if unquote(name).lower() == "password" else f"{name}{eq}{value}"
+        items = [f"{name}=***" if unquote(name).lower().endswith("password") else f"{name}{eq}{value}"
                  for name, eq, value in (item.partition("=") for item in query.split("&"))]
         tail = f"{before}?{'&'.join(items)}{hash_}{fragment}"
     return f"{scheme}://{netloc}{tail}"

@@ -7,13 +7,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 import pytest
-import redis as redis_sync
 
 from adapter.app import create_app
 from adapter.doubles.crm import CrmDouble
 from adapter.doubles.gateway import GatewayDouble
 from adapter.settings import Settings
-from tests.helpers import RedisProcess, asgi_client, make_settings, redis_answers, running
+from tests.helpers import ClusterSet, RedisProcess, SentinelSet, asgi_client, make_settings, redis_answers, running, sync_client
 
 
 @pytest.fixture
@@ -67,7 +66,7 @@ async def client(make_client) -> AsyncIterator[httpx.AsyncClient]:
 # --- Redis: the configured one, the machine's, or one started here ---------------------------
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def machine_redis_url() -> Iterator[str]:
     configured = os.environ.get("TEST_REDIS_URL")
     if configured:
         yield configured
@@ -83,15 +82,38 @@ def redis_url() -> Iterator[str]:
         own.stop()
 
 
+TOPOLOGIES = ("single", "sentinel", "cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Issue 24: a test marked `redis_topologies` runs against one Redis, a Sentinel set-up and a Cluster.
+    if metafunc.definition.get_closest_marker("redis_topologies") and "redis_url" in metafunc.fixturenames:
+        metafunc.parametrize("redis_url", TOPOLOGIES, indirect=True)
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The Redis a test uses: the machine's (or the configured, or one started here); with the
+    `redis_topologies` marker, in turn that one, a Sentinel-watched master and a Cluster."""
+    topology = getattr(request, "param", "single")
+    if topology == "sentinel":
+        return request.getfixturevalue("sentinel_set").url
+    if topology == "cluster":
+        return request.getfixturevalue("redis_cluster").url
+    return request.getfixturevalue("machine_redis_url")
+
+
 @pytest.fixture
 def cache_prefix(redis_url: str) -> Iterator[str]:
-    """A namespace of this test's own in the shared Redis, removed afterwards."""
+    """A namespace of this test's own in the shared Redis, removed afterwards (on every master of a Cluster)."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     yield prefix
-    with redis_sync.Redis.from_url(redis_url) as r:
-        keys = list(r.scan_iter(f"{prefix}:*"))
-        if keys:
-            r.delete(*keys)
+    client = sync_client(redis_url)
+    try:
+        for key in list(client.scan_iter(f"{prefix}:*")):
+            client.delete(key)
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -100,3 +122,27 @@ def redis_process() -> Iterator[RedisProcess]:
     own.start()
     yield own
     own.stop()
+
+
+# --- highly available Redis (issue 24): started once per session, on loopback ports -----------
+
+@pytest.fixture(scope="session")
+def sentinel_set(tmp_path_factory) -> Iterator[SentinelSet]:
+    """A master, a replica and three sentinels; tests that fail the master over start their own."""
+    own = SentinelSet(tmp_path_factory.mktemp("sentinel"))
+    try:
+        own.start()
+        yield own
+    finally:
+        own.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory) -> Iterator[ClusterSet]:
+    """Three masters in one Redis Cluster; tests that reshard it start their own."""
+    own = ClusterSet(tmp_path_factory.mktemp("cluster"))
+    try:
+        own.start()
+        yield own
+    finally:
+        own.stop()

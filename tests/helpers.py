@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -565,3 +566,219 @@ def deploy_tool(*names: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"none of {', '.join(names)} is installed: .ci/run installs them")
     pytest.skip(f"none of {', '.join(names)} is installed (.ci/run installs them)")
+
+
+# --- highly available Redis (issue 24): a Sentinel set-up and a Cluster, on loopback ports --------
+
+def _redis_exe() -> str:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+    return exe
+
+
+def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `check` (a question to a server, which has no way to tell us) until true, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if value := check():
+                return value
+        except (redis_sync.RedisError, OSError):
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(0.05)
+
+
+class _Server:
+    """One redis-server process (data node or sentinel) started with `args`, ready once it logs `ready`."""
+
+    def __init__(self, port: int, args: list[str], ready: str) -> None:
+        self.port, self.args, self.ready = port, args, ready
+        self.proc: subprocess.Popen | None = None
+        self._drainer: threading.Thread | None = None
+
+    def start(self, timeout: float = 20) -> None:
+        self.proc = subprocess.Popen([_redis_exe(), *self.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            seen = [*seen[-4:], line.strip()]
+            if self.ready in line:
+                # Its later output is drained by a thread: a full pipe would stall the server.
+                self._drainer = threading.Thread(target=self._drain, daemon=True)
+                self._drainer.start()
+                return
+            if time.monotonic() > deadline:
+                break
+        self.kill()
+        raise RuntimeError(f"redis-server {' '.join(self.args[:4])} did not get ready: {seen}")
+
+    def _drain(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.stdout is not None:
+            for _ in proc.stdout:
+                pass
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL by pid, and reap it."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            if self._drainer is not None:
+                self._drainer.join(10)  # the pipe's end reached: the drainer has stopped reading it
+            self.proc.stdout.close()  # type: ignore[union-attr]
+            self.proc = None
+
+
+def _data_node(port: int, workdir: Path, *extra: str) -> _Server:
+    return _Server(port, ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                          "--daemonize", "no", "--dir", str(workdir), *extra], "Ready to accept connections")
+
+
+class SentinelSet:
+    """One master, one replica and three sentinels watching them (quorum 2), as production runs it.
+
+    `url` is a `redis+sentinel://` URL naming the three sentinels and the master's name. Failover is
+    quick (down after 1 s) so a test can kill the master and see it replaced.
+    """
+
+    MASTER = "sidecar"
+
+    def __init__(self, workdir: Path, down_after_ms: int = 1000) -> None:
+        self.workdir = workdir
+        self.down_after_ms = down_after_ms
+        self.nodes: list[_Server] = []
+        self.sentinels: list[_Server] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.MASTER}"
+
+    def start(self) -> None:
+        master, replica = free_port(), free_port()
+        self.nodes = [_data_node(master, self.workdir), _data_node(replica, self.workdir, "--replicaof", "127.0.0.1", str(master))]
+        for node in self.nodes:
+            node.start()
+        with redis_sync.Redis(port=replica) as r:
+            _until(lambda: r.info("replication").get("master_link_status") == "up", 20, "the replica's link to its master")
+        for _ in range(3):
+            port = free_port()
+            conf = self.workdir / f"sentinel-{port}.conf"  # a sentinel rewrites its file: one each, writable
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                            f"sentinel monitor {self.MASTER} 127.0.0.1 {master} 2\n"
+                            f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}\n"
+                            f"sentinel failover-timeout {self.MASTER} 10000\n"
+                            f"sentinel parallel-syncs {self.MASTER} 1\n")
+            sentinel = _Server(port, [str(conf), "--sentinel"], "+monitor master")
+            sentinel.start()
+            self.sentinels.append(sentinel)
+        for s in self.sentinels:  # each must know the replica and its two peers before a failover can work
+            with redis_sync.Redis(port=s.port) as r:
+                _until(lambda: (m := r.sentinel_master(self.MASTER)) and int(m["num-slaves"]) >= 1
+                       and int(m["num-other-sentinels"]) >= 2, 30, "sentinels discovering the replica and each other")
+
+    def master_port(self) -> int:
+        with redis_sync.Redis(port=self.sentinels[0].port) as r:
+            return int(r.sentinel_get_master_addr_by_name(self.MASTER)[1])
+
+    def kill_master(self) -> int:
+        """SIGKILL the current master; returns its port."""
+        port = self.master_port()
+        next(n for n in self.nodes if n.port == port).kill()
+        return port
+
+    def wait_failover(self, old_port: int, timeout: float = 30) -> int:
+        """Until every sentinel names a new master; its port."""
+        def moved() -> int | None:
+            ports = set()
+            for s in self.sentinels:
+                with redis_sync.Redis(port=s.port) as r:
+                    ports.add(int(r.sentinel_get_master_addr_by_name(self.MASTER)[1]))
+            return ports.pop() if len(ports) == 1 and old_port not in ports else None
+        return _until(moved, timeout, "a sentinel failover")
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, *self.nodes]:
+            server.kill()
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port + 10_000 > 65_535:
+                continue
+            try:
+                b.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class ClusterSet:
+    """A Redis Cluster of three masters (no replicas), created with `redis-cli --cluster create`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.nodes: list[_Server] = []
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        for _ in range(3):
+            port = cluster_port()
+            node = _data_node(port, self.workdir, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                              "--cluster-node-timeout", "2000")
+            node.start()
+            self.nodes.append(node)
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed; .ci/run installs it (apt-get install redis-server)")
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for n in self.nodes:
+            with redis_sync.Redis(port=n.port) as r:
+                _until(lambda: r.cluster("info")["cluster_state"] == "ok", 30, "cluster_state:ok on every node")
+
+    def client(self) -> redis_sync.RedisCluster:
+        return redis_sync.RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+
+    def reshard(self, slots: int, source: int, target: int, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Move `slots` hash slots from node index `source` to node index `target` (`redis-cli --cluster reshard`)."""
+        def node_id(port: int) -> str:
+            with redis_sync.Redis(port=port) as r:
+                return r.execute_command("CLUSTER", "MYID").decode()
+        return subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "reshard", f"127.0.0.1:{self.nodes[0].port}",
+                               "--cluster-from", node_id(self.nodes[source].port), "--cluster-to", node_id(self.nodes[target].port),
+                               "--cluster-slots", str(slots), "--cluster-yes", "--cluster-pipeline", "100"],
+                              check=True, capture_output=True, timeout=timeout, text=True)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+def sync_client(url: str) -> Any:
+    """A synchronous client of any REDIS_URL the sidecar accepts (tests clean up and inspect with it)."""
+    if url.startswith("redis+cluster://"):
+        host, _, port = url.removeprefix("redis+cluster://").split(",")[0].partition(":")
+        return redis_sync.RedisCluster(host=host, port=int(port))
+    if url.startswith("redis+sentinel://"):
+        hosts, _, name = url.removeprefix("redis+sentinel://").partition("/")
+        sentinels = [(h, int(p)) for h, _, p in (x.partition(":") for x in hosts.split(","))]
+        return redis_sync.Sentinel(sentinels, socket_timeout=2).master_for(name.strip("/"), socket_timeout=2)
+    return redis_sync.Redis.from_url(url)

@@ -7,13 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import redis as redis_sync
 
 from adapter.tasks import TASKS
 from adapter.pipeline.cache import cache_key
 from adapter.storage.memory import MemoryStore
 from adapter.settings import Settings
-from tests.helpers import EMAIL_AGENT, LEAD_AGENT, QUALIFY, Clock, assert_problem, closed_port_url, decode, make_settings
+from tests.helpers import EMAIL_AGENT, LEAD_AGENT, QUALIFY, Clock, assert_problem, closed_port_url, decode, make_settings, sync_client
 
 
 @pytest.fixture
@@ -177,10 +176,11 @@ async def test_memory_store_is_bounded_lru(make_client, seed, crm, auth, gateway
 
 def test_a_cache_key_renders_as_the_release_before_it_did():
     """Entries are signed over their Redis key: a rendering that moved would turn every stored answer into a
-    miss after an upgrade (and split the single-flight locks between releases). The value was rendered by the
-    colon-joined `cache_key` that `CacheKey` replaced; the parts are kept, so nothing parses the key back."""
+    miss after an upgrade (and split the single-flight locks between releases). It moved once, on purpose,
+    for the Cluster's hash tag; the parts are kept, so nothing parses the key back."""
     key = cache_key("crm-ai", "lead.qualify", "LeadQualifier", "v7", "lead_42", "the rendered input")
-    assert key.redis_key == "crm-ai:result:lead.qualify:c06f2ea69c211e2854a60be94d66e320ba9dca49"
+    # The digest is the key's hash tag (issue 24: a Cluster puts the entry and its side keys in one slot).
+    assert key.redis_key == "crm-ai:result:lead.qualify:{c06f2ea69c211e2854a60be94d66e320ba9dca49}"
     assert (key.task, key.digest) == ("lead.qualify", "c06f2ea69c211e2854a60be94d66e320ba9dca49")
     # Agent, version, record and input each make another question.
     others = [cache_key("crm-ai", "lead.qualify", *parts) for parts in (
@@ -190,12 +190,13 @@ def test_a_cache_key_renders_as_the_release_before_it_did():
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_redis_hit_after_miss_with_bounded_namespaced_keys(make_client, redis_settings, redis_url, cache_prefix, crm, seed, auth, gateway):
     lead = crm.add_lead(seed["alice"], name="Big Notes", notes="x" * 100_000)
     async with make_client(settings=redis_settings()) as client:
         assert (await qualify(client, lead, auth)).headers["x-cache"] == "MISS"
         assert (await qualify(client, lead, auth)).headers["x-cache"] == "HIT"
-    with redis_sync.Redis.from_url(redis_url) as r:
+    with sync_client(redis_url) as r:
         keys = [k.decode() for k in r.scan_iter(f"{cache_prefix}:*")]
         results = [k for k in keys if ":result:" in k]
         assert len(results) == 1 and len(results[0]) < 100 and results[0].startswith(f"{cache_prefix}:result:lead.qualify:")
@@ -206,6 +207,7 @@ async def test_redis_hit_after_miss_with_bounded_namespaced_keys(make_client, re
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_redis_ttl_expiry_and_stale(make_client, redis_settings, seed, auth, gateway, clock):
     async with make_client(settings=redis_settings(cache_ttl_lead_qualify=60), clock=clock) as client:
         await qualify(client, seed["leads"][0], auth)
@@ -245,6 +247,7 @@ async def across_two_replicas(make_client, settings, crm, gateway, lead, auth, n
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_hundred_requests_across_two_replicas_make_one_call(make_client, redis_settings, crm, seed, auth, gateway):
     # One user's 100 requests at once: past CRM_READS_PER_USER's burst, so that limit is off here.
     responses = await across_two_replicas(make_client, redis_settings(crm_reads_per_user="off"), crm, gateway, seed["leads"][0],
@@ -255,6 +258,7 @@ async def test_hundred_requests_across_two_replicas_make_one_call(make_client, r
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_replicas_share_the_error_of_the_one_call(make_client, redis_settings, crm, seed, auth, gateway):
     gateway.push(LEAD_AGENT, "error_500")  # not retried: the gateway may have started the agent
     responses = await across_two_replicas(make_client, redis_settings(), crm, gateway, seed["leads"][0], auth, 10)
@@ -264,15 +268,16 @@ async def test_replicas_share_the_error_of_the_one_call(make_client, redis_setti
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_waiter_takes_over_from_a_crashed_holder(make_client, redis_settings, redis_url, cache_prefix, seed, auth, gateway):
     settings = redis_settings(cache_lock_timeout=0.3)
     async with make_client(settings=settings) as client:
         await qualify(client, seed["leads"][0], auth, **{"Cache-Control": "no-store"})  # learn the rendered input
         task = TASKS.load(settings.conductor_agents_dir)["lead.qualify"]
         key = cache_key(cache_prefix, "lead.qualify", LEAD_AGENT, task.version, seed["leads"][0], gateway.prompts[-1][1])
-        with redis_sync.Redis.from_url(redis_url) as r:
+        with sync_client(redis_url) as r:
             # A replica took the lock and died: nobody renews it, nobody publishes an outcome.
-            r.set(f"{cache_prefix}:lock:{key.digest}", "crashed-holder", px=300)
+            r.set(key.lock_key, "crashed-holder", px=300)
         response = await qualify(client, seed["leads"][0], auth)
     assert response.status_code == 200 and response.headers["x-cache"] == "MISS"
     assert gateway.calls[LEAD_AGENT] == 2  # the no-store probe, then the one takeover call

@@ -201,6 +201,7 @@ async def test_a_third_running_batch_is_429_naming_the_limit(sidecar, held, seed
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_running_batches_are_counted_across_replicas_through_redis(gateway, crm, seed, auth, held, redis_url, cache_prefix):
     settings = make_settings(**NO_LIMITS, redis_url=redis_url, cache_prefix=cache_prefix, job_token_secret="b" * 40)
     async with asgi_client(gateway.app, "http://gateway.test") as gw, asgi_client(crm.app, "http://crm.test") as backend:

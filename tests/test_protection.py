@@ -60,6 +60,7 @@ async def test_rate_limit_per_user_with_headers_and_free_hits(make_client, crm, 
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_rate_limit_is_shared_by_replicas_through_redis(make_client, redis_url, cache_prefix, crm, seed, auth):
     settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, rate_limit_deal_predict="3/60")
     deals = [crm.add_deal(seed["alice"], title=f"Deal {i}") for i in range(4)]

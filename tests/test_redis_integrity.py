@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from adapter.storage.memory import MemoryStore
 from adapter.storage.store import Entry
+from adapter.storage.keys import CacheKey
 from tests.helpers import (LEAD_AGENT, QUALIFY, assert_problem, decode, job_done, make_settings, metric, replica_pair,
                            run_adapter_async)
 
@@ -204,13 +205,14 @@ async def test_a_tampered_flight_outcome_is_ignored_and_the_request_asks_itself(
             await qualify(client, mine, auth)
             [mine_key] = result_keys(r, cache_prefix) - {other_key}
             r.delete(mine_key)  # the next request for my lead is a miss, and takes the flight lock
-            digest = mine_key.decode().rsplit(":", 1)[-1]
+            key = CacheKey(cache_prefix, "lead.qualify", mine_key.decode().rsplit(":", 1)[-1].strip("{}"))
             if outcome == "forged":
                 holder = "outsider"
-                r.set(f"{cache_prefix}:outcome:{holder}", b"\x01" + forged_json(other_answer.content), px=60_000)
-            else:
+                r.set(key.outcome_key(holder), b"\x01" + forged_json(other_answer.content), px=60_000)
+            else:  # the other question's real, validly signed outcome, copied under this question's outcome key
                 holder = real_outcome.decode().rsplit(":", 1)[-1]
-            r.set(f"{cache_prefix}:lock:{digest}", holder, px=60_000)
+                r.set(key.outcome_key(holder), r.get(real_outcome), px=60_000)
+            r.set(key.lock_key, holder, px=60_000)
             with capture_logs() as logs:
                 answer = await asyncio.wait_for(qualify(client, mine, auth), 30)
     assert answer.status_code == 200 and answer.headers["x-cache"] == "MISS", answer.text
@@ -364,7 +366,7 @@ async def test_a_job_whose_key_parts_were_edited_is_answered_as_tampered(gateway
             job = await start_job(a, seed["leads"][0], auth)
             await read_events(a, job["events_url"])
             meta = f"{cache_prefix}:job:{job['job_id']}"
-            assert len(r.hget(meta, "digest")) == 40 and r.hget(meta, "key").endswith(r.hget(meta, "digest"))
+            assert len(r.hget(meta, "digest")) == 40 and r.hget(meta, "key").endswith(b"{" + r.hget(meta, "digest") + b"}")
             r.hset(meta, "digest", "0" * 40)
             events = await b.get(job["events_url"])
     body = assert_problem(events, 502, "job-log-tampered")

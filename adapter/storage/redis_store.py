@@ -14,11 +14,10 @@ import uuid
 
 import msgspec
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from ..settings import RedisTarget
+from .connect import Client, open_client
 from .keys import CacheKey
 from .signing import Signer, Tampered, Tampering
 from .store import Entry
@@ -33,21 +32,19 @@ _EXTEND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexp
 _OK, _ERR = b"\x01", b"\x00"
 
 
-def redis_client(url: str) -> Redis:
-    # No client-side retries: a dead Redis must cost a request microseconds, not
-    # seconds of backoff. The next command reconnects by itself.
-    # redis-py 8 caps a pool at 100 connections and fails at once past that: 200 stream starts
-    # at a time exceeded it, and every overflow read as "Redis unavailable".
-    return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry=Retry(NoBackoff(), 0),
-                          max_connections=1_000)
+def redis_client(target: RedisTarget | str) -> Client:
+    """The requests' client (connect.py has the rules): of a RedisTarget, or of a REDIS_URL."""
+    return open_client(target if isinstance(target, RedisTarget) else RedisTarget.from_url(target))
 
 
 class RedisStore:
     backend = "redis"
 
-    def __init__(self, client: Redis, *, prefix: str, lock_ttl: float, retry_log_interval: float, signer: Signer,
-                 tampering: Tampering | None = None) -> None:
+    def __init__(self, client: Client, *, prefix: str, lock_ttl: float, retry_log_interval: float, signer: Signer,
+                 tampering: Tampering | None = None, target: RedisTarget | None = None) -> None:
         self.redis = client
+        # What the client was opened on: the job log opens its own clients (blocking reads, leases) on it.
+        self.target = target
         # Every value read back is checked (signing.py); the job log and the flights use the same two.
         self.signer = signer
         self.tampering = tampering or Tampering()
@@ -94,7 +91,7 @@ class RedisStore:
             self.ok()
 
     def flight(self, key: CacheKey) -> RedisFlight:
-        return RedisFlight(self, key.digest)
+        return RedisFlight(self, key)
 
     async def state(self) -> DependencyState:
         t0 = time.perf_counter()
@@ -113,11 +110,12 @@ class RedisStore:
 class RedisFlight:
     """One process's part in a cross-process single flight for one key."""
 
-    def __init__(self, store: RedisStore, digest: str) -> None:
+    def __init__(self, store: RedisStore, key: CacheKey) -> None:
         self._s = store
         self._r = store.redis
-        self._lock = f"{store.prefix}:lock:{digest}"
-        self._channel = f"{store.prefix}:flight:{digest}"
+        self._key = key
+        self._lock = key.lock_key
+        self._channel = key.channel
         self._token = uuid.uuid4().hex
         self._holder: str | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -127,7 +125,7 @@ class RedisFlight:
         self._untrusted = False
 
     def _outcome_key(self, token: str) -> str:
-        return f"{self._s.prefix}:outcome:{token}"
+        return self._key.outcome_key(token)
 
     async def acquire(self) -> bool | None:
         if self._untrusted:
