@@ -782,3 +782,74 @@ def sync_client(url: str) -> Any:
         sentinels = [(h, int(p)) for h, _, p in (x.partition(":") for x in hosts.split(","))]
         return redis_sync.Sentinel(sentinels, socket_timeout=2).master_for(name.strip("/"), socket_timeout=2)
     return redis_sync.Redis.from_url(url)
+
+
+@dataclass
+class Disrupted:
+    """What readers and synchronous callers saw while Redis was disrupted (a failover, a reshard)."""
+
+    readers: list[Reader]
+    hung: int  # readers without `done` by the deadline
+    lost: int  # events the runner logged that a reader never got
+    repeated: int  # events a reader got twice
+    longest_gap: float  # seconds between two events of one reader (heartbeats aside)
+    sync: dict[int | str, int]  # synchronous requests during the disruption, by status (or error)
+    reference: list[list[tuple[int, str, str]]]  # each job's log as the runner's replica finally serves it
+
+
+async def stream_through(disrupt: Callable[[], Any], *, urls: list[str], client: httpx.AsyncClient, crm: Any, owner: str,
+                         token: str, jobs: int, timeout: float = 90) -> Disrupted:
+    """Start `jobs` jobs on `urls[0]`, each read (as an EventSource would) from `urls[1]`; once every job has
+    begun streaming, call `disrupt` (in a thread: it may block on servers) while synchronous cache hits go to
+    every replica; then wait for every reader's `done` and compare each reader's events with the job's log."""
+    auth = {"Authorization": f"Bearer {token}"}
+    hot = crm.add_lead(owner, name="Warm lead")
+    assert (await client.post(urls[0] + QUALIFY, json={"lead_id": hot}, headers=auth)).status_code == 200
+    made = []
+    for i in range(jobs):
+        lead = crm.add_lead(owner, name=f"Streaming lead {i:04d}")  # its prompts are counted by this name
+        r = await client.post(urls[0] + "/api/v1/ai/jobs", json={"task": "lead.qualify", "input": {"lead_id": lead}}, headers=auth)
+        assert r.status_code == 202, r.text
+        made.append(r.json())
+    readers = [Reader(urls, job["events_url"], first=1) for job in made]
+    tasks = [asyncio.create_task(r.run(client, timeout=timeout)) for r in readers]
+    for r in readers:
+        await r.until(lambda r=r: len(r.events) >= 2 or r.done, 30, "every job streaming")
+    sync: dict[int | str, int] = {}
+    stop = asyncio.Event()
+
+    async def hits() -> None:
+        turn = 0
+        while not stop.is_set():
+            try:
+                resp = await client.post(urls[turn % len(urls)] + QUALIFY, json={"lead_id": hot}, headers=auth, timeout=10)
+                outcome: int | str = resp.status_code
+            except httpx.HTTPError as exc:
+                outcome = type(exc).__name__
+            sync[outcome] = sync.get(outcome, 0) + 1
+            turn += 1
+            await asyncio.sleep(0.02)
+
+    hitter = asyncio.create_task(hits())
+    try:
+        await asyncio.to_thread(disrupt)
+        done, _ = await asyncio.wait(tasks, timeout=timeout)
+    finally:
+        stop.set()
+        await hitter
+    hung = sum(1 for t in tasks if t not in done or t.exception() is not None)
+    for t in tasks:
+        t.cancel()
+    reference = []
+    for job in made:
+        ref = Reader(urls[:1], job["events_url"])
+        await ref.run(client, timeout=30)
+        reference.append([(e.id, e.event, e.data) for e in ref.events])
+    lost = repeated = 0
+    gap = 0.0
+    for r, ref in zip(readers, reference):
+        got = [(e.id, e.event, e.data) for e in r.events]
+        repeated += len(got) - len(set(got))
+        lost += len(set(ref) - set(got))
+        gap = max([gap, *(b.at - a.at for a, b in zip(r.events, r.events[1:]))])
+    return Disrupted(readers, hung, lost, repeated, gap, sync, reference)

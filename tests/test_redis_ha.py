@@ -1,0 +1,224 @@
+"""Issue 24: the sidecar on a Sentinel-watched Redis and on a Redis Cluster, both real (tests/helpers.py).
+
+What is checked here beyond the parametrised cache, flight, job, batch and rate-limit tests (marker
+`redis_topologies`): what `adapter check` reports, the compose examples, that every command and
+script the sidecar sends keeps its keys in one Cluster slot, and jobs streaming through a Sentinel
+failover (SIGKILL of the master) and a Cluster slot migration (`redis-cli --cluster reshard`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+import yaml
+
+from adapter.settings import Settings
+from tests.helpers import (LEAD_AGENT, QUALIFY, ROOT, ClusterSet, Reader, SentinelSet, make_settings, replica_cluster, replica_pair,
+                           run_adapter, serving, sync_client)
+
+pytestmark = pytest.mark.redis
+
+
+# --- adapter check ------------------------------------------------------------------------------
+
+def _check(env: dict[str, str]) -> tuple[list[str], list[str]]:
+    done = run_adapter("check", env={"CONDUCTOR_GATEWAY_URL": "http://127.0.0.1:9", "CRM_BACKEND_URL": "http://127.0.0.1:9",
+                                     "REDIS_SIGNING_KEY": "k" * 40, "REDIS_URL": "", **env})
+    return done.stdout.splitlines(), done.stderr.splitlines()
+
+
+def test_adapter_check_names_the_master_the_sentinels_give(sentinel_set):
+    for env in ({"REDIS_URL": sentinel_set.url},
+                {"REDIS_SENTINELS": ",".join(f"127.0.0.1:{s.port}" for s in sentinel_set.sentinels),
+                 "REDIS_SENTINEL_MASTER": SentinelSet.MASTER}):
+        out, _ = _check(env)
+        [line] = [line for line in out if "Redis" in line]
+        assert line.startswith(f"ok    Redis master '{SentinelSet.MASTER}' at 127.0.0.1:{sentinel_set.master_port()} (Sentinel ")
+
+
+def test_adapter_check_reports_the_clusters_masters_and_state(redis_cluster):
+    out, _ = _check({"REDIS_URL": redis_cluster.url})
+    [line] = [line for line in out if "Redis" in line]
+    assert line.startswith("ok    Redis Cluster at redis+cluster://") and line.endswith(": 3 masters, state ok")
+    # One node named with REDIS_CLUSTER: the others are discovered.
+    out, _ = _check({"REDIS_URL": f"redis://127.0.0.1:{redis_cluster.nodes[1].port}", "REDIS_CLUSTER": "1"})
+    assert any(line.endswith(": 3 masters, state ok") for line in out)
+
+
+def test_adapter_check_fails_naming_sentinels_that_do_not_answer():
+    from tests.helpers import free_port
+    _, err = _check({"REDIS_URL": f"redis+sentinel://127.0.0.1:{free_port()}/nobody"})
+    assert any(line.startswith("FAIL  Redis master 'nobody' via Sentinel unreachable at redis+sentinel://") for line in err), err
+
+
+# --- the compose examples (no Docker engine here: read, not run) ---------------------------------
+
+def _compose(name: str) -> dict:
+    return yaml.safe_load((ROOT / "deploy" / "redis-ha" / name).read_text())
+
+
+def _sidecar_settings(doc: dict) -> Settings:
+    env = {k: str(v) for k, v in doc["services"]["crm-ai-sidecar"]["environment"].items()}
+    env = {k: v.replace("${REDIS_PASSWORD}", "pw") for k, v in env.items()}
+    return Settings.from_env({**env, "REDIS_SIGNING_KEY": "k" * 40})
+
+
+def test_the_sentinel_example_names_its_sentinels_and_the_master_they_monitor():
+    doc = _compose("compose.sentinel.yml")
+    target = _sidecar_settings(doc).redis
+    assert target is not None and target.mode == "sentinel" and target.password == "pw"
+    for host, port in target.hosts:
+        service = doc["services"][host]
+        script = " ".join(service["command"])
+        assert f"port {port}" in script and f"sentinel monitor {target.master} redis 6379 2" in script
+        assert "--sentinel" in script and f"{port}" in service["expose"][0]
+    assert len(target.hosts) == 3  # a quorum of 2 survives one sentinel's loss
+    replica = " ".join(doc["services"]["redis-replica"]["command"])
+    assert "--replicaof redis 6379" in replica and "--masterauth" in replica
+
+
+def test_the_cluster_example_seeds_from_a_node_it_creates():
+    doc = _compose("compose.cluster.yml")
+    target = _sidecar_settings(doc).redis
+    assert target is not None and target.mode == "cluster"
+    nodes = [name for name, s in doc["services"].items() if "--cluster-enabled" in (s.get("command") or [])]
+    assert len(nodes) == 3 and target.hosts[0][0] in nodes
+    init = " ".join(doc["services"]["redis-cluster-init"]["command"])
+    assert "--cluster create" in init and all(node in init for node in nodes)
+    assert doc["services"]["crm-ai-sidecar"]["depends_on"] == {"redis-cluster-init": {"condition": "service_completed_successfully"}}
+
+
+# --- every script's keys in one slot ------------------------------------------------------------
+
+class Recorder:
+    """Every command the sidecar's cluster clients send (pipelined ones too), with its arguments."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, ...]] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+
+        for cls in (RedisCluster, ClusterPipeline):
+            original = cls.execute_command
+
+            def recording(self_, *args, _original=original, **kwargs):
+                self.sent.append(args)
+                return _original(self_, *args, **kwargs)
+
+            monkeypatch.setattr(cls, "execute_command", recording)
+
+
+def _keys(node: redis_sync.Redis, args: tuple[Any, ...]) -> list[bytes]:
+    name = str(args[0]).upper()
+    if name in ("EVAL", "EVALSHA"):
+        return [k if isinstance(k, bytes) else str(k).encode() for k in args[3:3 + int(args[2])]]
+    if name in ("PING", "PUBLISH", "SCRIPT LOAD", "SCRIPT", "CLIENT SETNAME", "CLUSTER", "INFO", "COMMAND"):
+        return []
+    try:
+        return node.execute_command("COMMAND", "GETKEYS", *args)
+    except redis_sync.ResponseError:  # a command without keys
+        return []
+
+
+async def test_every_command_and_script_keeps_its_keys_in_one_cluster_slot(monkeypatch, redis_cluster, gateway, crm, seed, auth):
+    """Runs what writes to Redis (answers, single flight, a job followed and taken over, a batch and its cancel,
+    rate limits) on the Cluster, records every command, and asks CLUSTER KEYSLOT for each command's keys."""
+    recorder = Recorder()
+    recorder.install(monkeypatch)
+    prefix = "slots-" + os.urandom(4).hex()
+    settings = make_settings(redis_url=redis_cluster.url, cache_prefix=prefix, job_token_secret="s" * 40, rate_limit_lead_qualify="50/60")
+    async with replica_pair(gateway, crm, settings) as (a, b, _):
+        assert (await a.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)).status_code == 200
+        assert (await b.post(QUALIFY, json={"lead_id": seed["leads"][0]}, headers=auth)).headers["x-cache"] == "HIT"
+        job = (await a.post("/api/v1/ai/jobs", json={"task": "lead.qualify", "input": {"lead_id": seed["leads"][1]}}, headers=auth)).json()
+        reader = Reader([str(b.base_url)], job["events_url"])
+        await reader.run(b, timeout=30)
+        reader.check_sequence()
+        batch = await a.post("/api/v1/ai/batches", json={"task": "lead.qualify", "items": [{"lead_id": lead} for lead in seed["leads"]]},
+                             headers=auth)
+        assert batch.status_code == 202, batch.text
+        await Reader([str(b.base_url)], batch.json()["events_url"]).run(b, timeout=30)
+        assert (await b.delete(f"/api/v1/ai/batches/{batch.json()['batch_id']}", headers=auth)).status_code in (200, 202, 409)
+    node = redis_sync.Redis(port=redis_cluster.nodes[0].port)
+    try:
+        written, checked = set(), 0
+        for args in recorder.sent:
+            keys = _keys(node, args)
+            if not keys:
+                continue
+            slots = {node.execute_command("CLUSTER", "KEYSLOT", k) for k in keys}
+            assert len(slots) == 1, f"{args[0]} over {keys} spans slots {slots}"
+            checked += 1
+            written.update(k.decode() for k in keys)
+    finally:
+        node.close()
+    assert checked > 20
+    ours = {k for k in written if k.startswith(prefix + ":")}
+    assert ours == written, written - ours  # every key the sidecar touches is under its prefix
+    kinds = {k.removeprefix(prefix + ":").split(":", 1)[0] for k in ours}
+    assert {"result", "lock", "job"} <= kinds, kinds
+
+
+# --- jobs streaming through a failover and a reshard --------------------------------------------
+
+def job_calls(gateway) -> int:
+    return sum("Streaming lead" in prompt for _, prompt in gateway.prompts)
+
+
+async def _through(disrupt, redis_url: str, gateway, crm, seed, *, jobs: int = 8, lease: float = 3.0):
+    from tests.helpers import stream_through
+
+    gateway.default, gateway.stream_tokens, gateway.token_interval = "tokens", 60, 0.1  # ~6 s per job
+    async with AsyncExitStack() as stack:
+        gw_url = await stack.enter_async_context(serving(gateway.app))
+        crm_url = await stack.enter_async_context(serving(crm.app))
+        replicas, client = await stack.enter_async_context(replica_cluster(
+            2, gateway_url=gw_url, crm_url=crm_url, redis_url=redis_url, lease=lease, prefix="ha",
+            logged=("job.", "cache.", "shutdown.")))
+        outcome = await stream_through(disrupt, urls=[r.url for r in replicas], client=client, crm=crm, owner=seed["alice"],
+                                       token=seed["token"], jobs=jobs)
+        return outcome, replicas
+
+
+async def test_jobs_stream_through_a_sentinel_failover(tmp_path, gateway, crm, seed):
+    """SIGKILL the master while jobs stream: every reader ends with one gapless log, synchronous requests
+    fail open (never a 5xx), and no job is run twice."""
+    sentinels = SentinelSet(tmp_path)
+    try:
+        sentinels.start()
+
+        def fail_over() -> None:
+            sentinels.wait_failover(sentinels.kill_master())
+
+        outcome, (a, b) = await _through(fail_over, sentinels.url, gateway, crm, seed)
+    finally:
+        sentinels.stop()
+    for reader in outcome.readers:
+        reader.check_sequence()
+    assert (outcome.hung, outcome.lost, outcome.repeated) == (0, 0, 0)
+    assert set(outcome.sync) <= {200}, outcome.sync
+    # The synchronous hits become model calls while Redis is away (fail open); the jobs are asked once each.
+    assert job_calls(gateway) == len(outcome.readers), "a job was run twice (taken over from a live runner)"
+
+
+async def test_jobs_stream_through_a_cluster_reshard(tmp_path, gateway, crm, seed):
+    """Move a third of the slots (hundreds of them, the jobs' among them) while jobs stream."""
+    cluster = ClusterSet(tmp_path)
+    try:
+        cluster.start()
+        outcome, _ = await _through(lambda: cluster.reshard(2000, 0, 1), cluster.url, gateway, crm, seed)
+    finally:
+        cluster.stop()
+    for reader in outcome.readers:
+        reader.check_sequence()
+    assert (outcome.hung, outcome.lost, outcome.repeated) == (0, 0, 0)
+    assert set(outcome.sync) <= {200}, outcome.sync
+    assert job_calls(gateway) == len(outcome.readers)
