@@ -222,3 +222,82 @@ async def test_jobs_stream_through_a_cluster_reshard(tmp_path, gateway, crm, see
     assert (outcome.hung, outcome.lost, outcome.repeated) == (0, 0, 0)
     assert set(outcome.sync) <= {200}, outcome.sync
     assert job_calls(gateway) == len(outcome.readers)
+
+
+# --- many jobs on one runner: leases; many followed jobs on one replica: the stream hub ----------
+
+@pytest.mark.redis_topologies
+async def test_every_lease_is_renewed_in_one_round_trip_and_others_are_never_taken(redis_url, cache_prefix):
+    from adapter.settings import RedisTarget
+    from adapter.storage.connect import open_client
+    from adapter.storage.leases import LeaseKeeper
+
+    lost, gone, sent = [], [], []
+    client = open_client(RedisTarget.from_url(redis_url), role="leases")
+    keeper = LeaseKeeper(client, replica="me", lease=5.0, lease_key=lambda j: f"{cache_prefix}:job:{{{j}}}:lease",
+                         meta_key=lambda j: f"{cache_prefix}:job:{{{j}}}", on_lost=lost.append, on_gone=gone.append,
+                         on_fault=lambda exc: pytest.fail(str(exc)))
+    jobs = [f"j{i}" for i in range(3000)]
+    r = sync_client(redis_url)
+    try:
+        with r.pipeline(transaction=False) as pipe:
+            for j in jobs:
+                pipe.hset(f"{cache_prefix}:job:{{{j}}}", "owner", "me")
+                pipe.set(f"{cache_prefix}:job:{{{j}}}:lease", "me", px=1000)
+            pipe.execute()
+        r.set(f"{cache_prefix}:job:{{j1}}:lease", "another", px=60_000)  # taken over by another replica
+        r.delete(f"{cache_prefix}:job:{{j2}}:lease")  # lapsed, nobody took it
+        r.delete(f"{cache_prefix}:job:{{j3}}")  # Redis lost the job's metadata
+        for j in jobs:
+            keeper._held.add(j)  # held without starting the renewing task: this test turns the crank
+        original = client.pipeline
+
+        def counting(*args, **kwargs):
+            sent.append(1)
+            return original(*args, **kwargs)
+
+        client.pipeline = counting  # type: ignore[method-assign]
+        await keeper.renew()
+        assert len(sent) == 2  # every lease in one pipeline, and the one lapsed lease set again in another
+        assert lost == ["j1"] and gone == ["j3"] and not keeper.holds("j1")
+        assert r.get(f"{cache_prefix}:job:{{j1}}:lease") == b"another" and r.get(f"{cache_prefix}:job:{{j2}}:lease") == b"me"
+        with r.pipeline(transaction=False) as pipe:
+            for j in jobs:
+                pipe.pttl(f"{cache_prefix}:job:{{{j}}}:lease")
+            ttls = pipe.execute()
+        assert all(ttl > 4000 for j, ttl in zip(jobs, ttls) if j != "j1")
+    finally:
+        r.close()
+        keeper.close()
+        await client.aclose()
+
+
+async def test_the_hub_follows_thousands_of_streams_on_a_handful_of_connections(redis_url, cache_prefix):
+    from adapter.settings import RedisTarget
+    from adapter.storage.connect import open_client
+    from adapter.storage.stream_hub import StreamHub
+
+    client = open_client(RedisTarget.from_url(redis_url), socket_timeout=5.0, role="blocking")
+    hub = StreamHub(client, wake_key=f"{cache_prefix}:hub:test", block=1.0, chunk=1000)
+    r = sync_client(redis_url)
+    try:
+        keys = [f"{cache_prefix}:job:{{j{i}}}:log" for i in range(2500)]
+        watches = [hub.watch({k: "0-0"}) for k in keys]
+        twice = hub.watch({keys[7]: "0-0"})  # a second reader of one job shares its stream
+        with r.pipeline(transaction=False) as pipe:
+            for i, k in enumerate(keys):
+                pipe.xadd(k, {"e": str(i)}, id="1-0")
+            pipe.execute()
+        for i, w in enumerate(watches):
+            got = await w.get(timeout=10)
+            assert [(s, [(e[0], e[1][b"e"]) for e in entries]) for s, entries in got] == [(keys[i], [(b"1-0", str(i).encode())])]
+        assert (await twice.get(timeout=10))[0][0] == keys[7]
+        named = [c for c in r.client_list() if c.get("name") == "crm-ai-blocking"]
+        assert hub.streams == 2500 and 3 <= len(named) <= 4  # three chunks (and a wake), not 2,500 connections
+        late = hub.watch({f"{cache_prefix}:job:{{late}}:log": "0-0"})  # added while every chunk blocks
+        r.xadd(f"{cache_prefix}:job:{{late}}:log", {"e": "x"}, id="1-0")
+        assert (await late.get(timeout=0.9))  # sooner than a block: the wake stream ended the chunk's XREAD
+    finally:
+        hub.close()
+        r.close()
+        await client.aclose()
