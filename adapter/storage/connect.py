@@ -16,6 +16,7 @@ a bounded pool. What differs:
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, TypeAlias
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
@@ -49,9 +50,9 @@ def open_client(target: RedisTarget, *, socket_timeout: float = 1.0, connect_tim
                 max_connections: int = MAX_CONNECTIONS, pool_timeout: float | None = None,
                 role: Literal["requests", "blocking", "leases"] = "requests") -> Client:
     """A client of `target`. `pool_timeout`: wait that long for a free connection when the pool is
-    full (blocking reads), instead of failing at once. `role` names the connections (CLIENT LIST)."""
+    full (blocking reads), instead of failing at once. `role` names the connections in CLIENT LIST, with the pid."""
     kwargs: dict[str, Any] = dict(socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout,
-                                  retry=Retry(NoBackoff(), 0), client_name=f"crm-ai-{role}")
+                                  retry=Retry(NoBackoff(), 0), client_name=f"crm-ai-{role}-{os.getpid()}")
     if target.mode == "single":
         assert target.url is not None
         if pool_timeout is None:

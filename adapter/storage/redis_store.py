@@ -53,15 +53,22 @@ class RedisStore:
         self._log_every = retry_log_interval
         self._last_log = float("-inf")
         self.degraded: str | None = None
+        # Since when every command has succeeded (monotonic), None while Redis fails: a follower takes a
+        # job over only after a lease of this (issue 24), so a runner that lost Redis for a moment (a
+        # failover) has had its chance to renew before anyone reads its lease as lapsed.
+        self.healthy_since: float | None = time.monotonic()
 
     def fault(self, exc: BaseException) -> None:
         self.degraded = f"{type(exc).__name__}: {exc}"[:200]
+        self.healthy_since = None
         now = time.monotonic()
         if now - self._last_log >= self._log_every:
             self._last_log = now
             log.warning("cache.redis_unavailable", error=self.degraded, effect="answering uncached")
 
     def ok(self) -> None:
+        if self.healthy_since is None:
+            self.healthy_since = time.monotonic()
         if self.degraded is not None:
             self.degraded = None
             self._last_log = float("-inf")
@@ -102,6 +109,10 @@ class RedisStore:
             return DependencyState(status="degraded", backend=self.backend, detail=f"Redis unavailable, answering uncached ({self.degraded})")
         self.ok()
         return DependencyState(status="up", backend=self.backend, latency_ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    def healthy_for(self, seconds: float) -> bool:
+        """Whether Redis has answered every command for at least `seconds`."""
+        return self.healthy_since is not None and time.monotonic() - self.healthy_since >= seconds
 
     async def aclose(self) -> None:
         await self.redis.aclose()
