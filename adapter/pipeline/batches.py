@@ -1,6 +1,6 @@
 """Batches: one task over many records, each item through the normal pipeline, durable as jobs are.
 
-A batch is a log of events in the job log (storage/job_state.Job, mirrored to Redis like a
+A batch is a log of events of its own kind (storage/event_log.Batch, mirrored to Redis like a
 job's): `status`, then per item `item` {id, status, cached, result | error} and `progress`
 (the counts), and `done` last. Its state follows from its events, so a replayed log rebuilds it:
 readers on any replica follow it and resume with Last-Event-ID, and when the replica running it
@@ -37,7 +37,7 @@ import msgspec
 import structlog
 
 from ..errors import AdapterError, BatchItemLost, ShuttingDown, TooManyAtOnce
-from ..storage.job_state import Job
+from ..storage.event_log import BATCH, Batch
 from ..storage.keys import CacheKey
 from ..storage.quota import RunningBatches
 from ..tasks import Task
@@ -53,7 +53,7 @@ FINAL = frozenset({"succeeded", "failed", "cancelled"})
 READ_CONCURRENCY = 8  # CRM reads at a time while a batch starts: quick, and far below CRM_MAX_CONNECTIONS
 
 
-def items_of(job: Job) -> dict[str, dict[str, Any]]:
+def items_of(job: Batch) -> dict[str, dict[str, Any]]:
     """Each item's latest `item` event, by id."""
     items: dict[str, dict[str, Any]] = {}
     for ev in job.events:
@@ -93,7 +93,7 @@ class Tally:
         self.cached: set[str] = set()
         self.counts = counts_of(ids, {})
 
-    def fold(self, job: Job) -> dict[str, int]:
+    def fold(self, job: Batch) -> dict[str, int]:
         for ev in job.events[self.seen:]:
             if ev.event == "item":
                 head = _decode_head(ev.data)
@@ -107,19 +107,6 @@ class Tally:
         return dict(self.counts)
 
 
-def spec_of(job: Job) -> dict[str, Any]:
-    """What the batch asks: its ids, the task request's other fields, and whose budget it spends."""
-    return _decode(job.agent_input)
-
-
-def ended_at(job: Job) -> float | None:
-    """When the batch ended, from its `done` (None while it runs, or for a batch ended before `done` said)."""
-    if not job.finished or not job.events or job.events[-1].event != "done":
-        return None
-    stamp = _decode(job.events[-1].data).get("ended_at")
-    return dt.datetime.fromisoformat(stamp).timestamp() if isinstance(stamp, str) else None
-
-
 class Batches:
     def __init__(self, jobs: Jobs, *, clock: Callable[[], float] = time.time, quota: RunningBatches | None = None) -> None:
         self.jobs = jobs
@@ -131,7 +118,7 @@ class Batches:
         self._cancelled: set[str] = set()
         self._tallies: dict[str, Tally] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        jobs.resumers[PREFIX] = self.resume
+        jobs.kinds[BATCH] = self
 
     @property
     def running(self) -> int:
@@ -140,7 +127,7 @@ class Batches:
 
     # --- the API's side -------------------------------------------------------------------------
 
-    async def create(self, task: Task, ids: list[str], options: dict[str, Any], authorization: str, user: str) -> Job:
+    async def create(self, task: Task, ids: list[str], options: dict[str, Any], authorization: str, user: str) -> Batch:
         """Start a batch (validated by the caller): 202 at once, items run in the background."""
         if self.jobs.draining:
             raise ShuttingDown("this replica is shutting down and takes no new batches; retry (another replica answers)")
@@ -154,48 +141,47 @@ class Batches:
                 self.service.metrics.limit_refusals.labels("MAX_BATCHES_PER_USER").inc()
                 raise
         ttl = self.settings.batch_max_seconds + self.settings.job_retention_seconds
-        job = Job(id=batch_id, task=task.name, record_id="", key=None,
-                  expires=self._clock() + ttl, agent_input=_encode({"ids": ids, "options": options, "user": user}).decode(),
-                  mode="batch")
+        job = Batch(id=batch_id, task=task.name, expires=self._clock() + ttl, ids=ids, options=options, user=user)
         self.jobs.adopt(job)
         self.jobs.emit(job, "status", {"state": "queued", "message": f"{len(ids)} item(s) queued", "batch_id": job.id})
         self.jobs.run_owned(job, self._run(job, task, authorization, None))
         if self.mirror is not None:
-            await self.mirror.add_batch(job.id)
+            await self.mirror.batches.add(job.id)
             await self.mirror.written(job)  # its events_url must work on every replica from now on
         log.info("batch.created", batch_id=job.id, task=task.name, items=len(ids))
         return job
 
-    def expired(self, job: Job) -> bool:
+    def expired(self, job: Batch) -> bool:
         """An ended batch is kept JOB_RETENTION_SECONDS: after that neither its token nor its creator reads it."""
-        ended = ended_at(job)
+        ended = job.ended_at
         return ended is not None and ended + self.settings.job_retention_seconds <= self._clock()
 
-    async def cancel(self, job: Job) -> None:
+    async def cancel(self, job: Batch) -> None:
         """Queued items never start; running ones finish. Whichever replica runs it sees the request."""
         if job.finished:
             return
         self._cancelled.add(job.id)
         if self.mirror is not None:
-            await self.mirror.request_cancel(job.id)
+            await self.mirror.batches.request_cancel(job.id)
         log.info("batch.cancel_requested", batch_id=job.id)
 
-    async def cancel_requested(self, job: Job) -> bool:
+    async def cancel_requested(self, job: Batch) -> bool:
         if job.id in self._cancelled:
             return True
-        return self.mirror is not None and await self.mirror.cancel_requested(job.id)
+        return self.mirror is not None and await self.mirror.batches.cancel_requested(job.id)
 
     # --- the runner's side ----------------------------------------------------------------------
 
-    async def resume(self, job: Job, meta: dict[str, str]) -> None:
+    async def resume(self, job: Batch) -> None:
         """This replica took an orphaned batch over: continue with the items not done."""
+        self.jobs.track(job)
         task = self.service.tasks.get(job.task)
         if job.finished:
             return
         if task is None:
             await self._finish(job, cancelled=False, note=f"batch {job.id} is for task {job.task}, which this sidecar does not serve")
             return
-        inputs = await self.mirror.load_inputs(job.id) if self.mirror is not None else {}
+        inputs = await self.mirror.batches.load_inputs(job.id) if self.mirror is not None else {}
         items = items_of(job)
         done = sum(1 for item in items.values() if item["status"] in FINAL)
         # The items the dead runner was asking: their single-flight locks outlive it (CACHE_LOCK_TIMEOUT).
@@ -206,18 +192,30 @@ class Batches:
                                        "message": f"resumed on another replica after {done} item(s)"})
         self.jobs.run_owned(job, self._run(job, task, None, inputs, in_flight))
 
-    async def _run(self, job: Job, task: Task, authorization: str | None, inputs: dict[str, str] | None,
+    def lost(self, job: Batch) -> None:
+        """Another replica runs the batch now: stop its runner here (this replica follows its log)."""
+        self.jobs.lost(job)
+
+    def end(self, job: Batch, exc: Exception) -> None:
+        """This replica's copy cannot go on (expired, tampered, or shut down without Redis): `done` says
+        failed, with the counts so far and why, as every batch's `done` does (never a job's `error`)."""
+        detail = getattr(exc, "detail", None) or str(exc)
+        ended = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+        self.jobs.emit(job, "done", {"status": "failed", "counts": counts_of(job.ids, items_of(job)), "ended_at": ended,
+                                     "message": detail})
+        job.expires = min(job.expires, ended.timestamp() + self.settings.job_retention_seconds)
+
+    async def _run(self, job: Batch, task: Task, authorization: str | None, inputs: dict[str, str] | None,
                    in_flight: frozenset[str] = frozenset()) -> None:
-        spec = spec_of(job)
-        ids: list[str] = spec["ids"]
+        ids = job.ids
         note = None
         self._tallies[job.id] = Tally(ids)
         try:
             async with asyncio.timeout(max(job.expires - self.settings.job_retention_seconds - self._clock(), 1)):
                 if job.status == "queued":
                     self.jobs.emit(job, "status", {"state": "running", "message": "reading the records"})
-                read = await self._read(job, task, ids, spec, authorization, inputs)
-                await self._ask_all(job, task, ids, read, spec["user"], authorization, in_flight)
+                read = await self._read(job, task, ids, authorization, inputs)
+                await self._ask_all(job, task, ids, read, job.user, authorization, in_flight)
         except TimeoutError:
             note = "the batch reached BATCH_MAX_SECONDS: the items not done were cancelled"
             self._cancel_rest(job, ids, note)
@@ -230,7 +228,7 @@ class Batches:
         if not job.finished:
             await self._finish(job, cancelled=await self.cancel_requested(job), note=note)
 
-    async def _read(self, job: Job, task: Task, ids: list[str], spec: dict[str, Any], authorization: str | None,
+    async def _read(self, job: Batch, task: Task, ids: list[str], authorization: str | None,
                     inputs: dict[str, str] | None) -> dict[str, str]:
         """Every item's rendered input: read now (with the creator's token), or kept by the replica that did."""
         inputs = dict(inputs or {})
@@ -255,10 +253,10 @@ class Batches:
                 if refused:  # the backend refused the creator's token: it would refuse every other read too
                     self._fail(job, ids, item_id, refused[0])
                     return
-                request = msgspec.convert({task.id_field: item_id, **spec["options"]}, task.request_type)
+                request = msgspec.convert({task.id_field: item_id, **job.options}, task.request_type)
                 try:
                     # Paced by the user's CRM_READS_PER_USER bucket: a batch waits for it, never fails on it.
-                    prepared = await self.service.prepare(task, request, authorization, spec["user"], background=True)
+                    prepared = await self.service.prepare(task, request, authorization, job.user, background=True)
                 except AdapterError as exc:  # the backend's 403 or 404 fails this item alone
                     if exc.status == 401:
                         refused.append(exc)
@@ -268,10 +266,10 @@ class Batches:
 
         await asyncio.gather(*(read(i) for i in unread))
         if self.mirror is not None:
-            await self.mirror.save_inputs(job.id, {i: inputs[i] for i in unread if i in inputs})
+            await self.mirror.batches.save_inputs(job.id, {i: inputs[i] for i in unread if i in inputs})
         return inputs
 
-    async def _ask_all(self, job: Job, task: Task, ids: list[str], inputs: dict[str, str], user: str,
+    async def _ask_all(self, job: Batch, task: Task, ids: list[str], inputs: dict[str, str], user: str,
                        authorization: str | None, in_flight: frozenset[str] = frozenset()) -> None:
         gate = asyncio.Semaphore(self.settings.batch_concurrency)
         items = items_of(job)
@@ -344,7 +342,7 @@ class Batches:
 
     # --- events ---------------------------------------------------------------------------------
 
-    def _item(self, job: Job, ids: list[str], data: dict[str, Any], *, result: bytes | None = None,
+    def _item(self, job: Batch, ids: list[str], data: dict[str, Any], *, result: bytes | None = None,
               error: bytes | None = None, progress: bool = True) -> None:
         body = _encode(data)
         if result is not None:  # already-encoded JSON: spliced in rather than decoded and encoded again
@@ -356,19 +354,19 @@ class Batches:
             tally = self._tallies.get(job.id)
             self.jobs.emit(job, "progress", tally.fold(job) if tally is not None else counts_of(ids, items_of(job)))
 
-    def _fail(self, job: Job, ids: list[str], item_id: str, exc: Exception) -> None:
-        problem = self.jobs.describe(exc, f"/api/v1/ai/batches/{job.id}")
+    def _fail(self, job: Batch, ids: list[str], item_id: str, exc: Exception) -> None:
+        problem = self.jobs.describe(exc, job)
         self._item(job, ids, {"id": item_id, "status": "failed", "cached": False}, error=problem)
 
-    def _cancel_rest(self, job: Job, ids: list[str], why: str) -> None:
+    def _cancel_rest(self, job: Batch, ids: list[str], why: str) -> None:
         items = items_of(job)
         for item_id in ids:
             if items.get(item_id, {}).get("status") not in FINAL:
                 self._item(job, ids, {"id": item_id, "status": "cancelled", "cached": False}, progress=False)
         log.warning("batch.stopped", batch_id=job.id, reason=why)
 
-    async def _finish(self, job: Job, *, cancelled: bool, note: str | None = None) -> None:
-        ids = spec_of(job)["ids"]
+    async def _finish(self, job: Batch, *, cancelled: bool, note: str | None = None) -> None:
+        ids = job.ids
         if cancelled:
             self._cancel_rest(job, ids, "cancelled")
         counts = counts_of(ids, items_of(job))
@@ -379,9 +377,9 @@ class Batches:
         job.expires = min(job.expires, ended.timestamp() + self.settings.job_retention_seconds)
         log.info("batch.done", batch_id=job.id, status=job.status, **counts)
         if self.quota is not None:
-            await self.quota.ended(spec_of(job)["user"], job.id)
+            await self.quota.ended(job.user, job.id)
         if self.mirror is not None:
-            await self.mirror.drop_batch(job.id)
+            await self.mirror.batches.drop(job.id)
 
     # --- every replica looks after the running batches -----------------------------------------
 
@@ -397,7 +395,7 @@ class Batches:
             await asyncio.sleep(self.settings.job_lease_seconds / 2)
             if not self.mirror.accepting:
                 continue
-            for batch_id in await self.mirror.active_batches():
+            for batch_id in await self.mirror.batches.active():
                 if self.jobs.get(batch_id) is not None:
                     continue  # ours, or followed already
                 try:
@@ -405,9 +403,9 @@ class Batches:
                 except AdapterError:
                     continue  # Redis is failing: the next sweep tries again
                 if found is None or found.finished:
-                    if found is not None and self.quota is not None:
-                        await self.quota.ended(spec_of(found)["user"], batch_id)
-                    await self.mirror.drop_batch(batch_id)
+                    if isinstance(found, Batch) and self.quota is not None:
+                        await self.quota.ended(found.user, batch_id)
+                    await self.mirror.batches.drop(batch_id)
 
     def background(self) -> list[asyncio.Task[None]]:
         return [self._sweeper] if self._sweeper is not None else []

@@ -21,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
 import structlog
 
-from ..storage.job_log import RedisJobLog
-from ..storage.job_state import Event, Job, Status
+from ..storage.event_log import JOB, Continuation, Job, JobStatus, Log
+from ..storage.redis_log import RedisLog
 from ..storage.keys import CacheKey
 from ..tasks import Task
 from .cache import key_lock
@@ -54,23 +54,27 @@ def well_formed(job_id: str) -> bool:
 _HEX = frozenset("0123456789abcdef")
 
 
+# An error about a log -> its `error` event's problem JSON (web/problems.py renders it, and knows the log's URL).
+Describe = Callable[[Exception, Log], bytes]
+
+
 class Jobs:
-    def __init__(self, service: AiService, *, describe: Callable[[Exception, str], bytes],
-                 clock: Callable[[], float] = time.time, mirror: RedisJobLog | None = None) -> None:
+    """The logs this replica runs or follows (a job's, a batch's), and the job kind of them."""
+
+    def __init__(self, service: AiService, *, describe: Describe, clock: Callable[[], float] = time.time,
+                 mirror: RedisLog | None = None) -> None:
         self.service = service
-        self.describe = describe  # an error -> the `error` event's problem JSON (web/problems.py renders it)
+        self.describe = describe
         self.settings = service.settings
         self._clock = clock
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, Log] = {}
         self._by_key: dict[CacheKey, Job] = {}
         self._runners: set[asyncio.Task[None]] = set()
-        self.mirror = mirror  # the job log in Redis, with Redis: other replicas follow and take over jobs through it
-        if mirror is not None:
-            mirror.on_orphan = self.resume
-            mirror.on_lost = self._lost
+        self.mirror = mirror  # the event log in Redis, with Redis: other replicas follow and take over logs through it
         self._admitting: dict[CacheKey, asyncio.Lock] = {}
-        # Logs of another kind kept in the same job log, by id prefix (`aibatch`): who continues an orphan.
-        self.resumers: dict[str, Callable[[Job, dict[str, str]], Awaitable[None]]] = {}
+        # Each kind of log and what continues, stops and ends one (a batch adds its own): the Redis
+        # log is handed these at start-up (RedisLog.start), and shutdown ends a log by its kind.
+        self.kinds: dict[str, Continuation] = {JOB: self}
         self._loading: dict[str, asyncio.Lock] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self.draining = False
@@ -105,7 +109,7 @@ class Jobs:
             if mode != "no-store" and self.mirror is not None:
                 # Another replica may already be asking the model this question: follow its job,
                 # or take it over at once if its runner is gone.
-                holder = await self.mirror.claim(key, job_id)
+                holder = await self.mirror.claims.claim(key, job_id)
                 if holder != job_id:
                     try:
                         remote = await self.find(holder)
@@ -113,12 +117,12 @@ class Jobs:
                         remote = None  # reported by the job log; this question gets a job of its own
                     # The claim itself is not signed: its job's (signed) metadata must name this very
                     # question, or a claim pointed at another user's job would serve that job here.
-                    if remote is not None and not remote.finished and remote.key == key:
+                    if isinstance(remote, Job) and not remote.finished and remote.key == key:
                         await self.mirror.take_over_now(remote)
                         self.service.cache.note_coalesced(key)
                         return remote, "MISS"
                     # The holder ended (or vanished) without letting go of the question: ours now.
-                    await self.mirror.reclaim(key, holder, job_id)
+                    await self.mirror.claims.reclaim(key, holder, job_id)
             if not self.service.cache.in_flight(key):  # joining a call in the air is free, as on the sync routes
                 await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
             return await self._launch(prepared, mode, authorization, job_id)
@@ -137,16 +141,16 @@ class Jobs:
         run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store", resumed=resumed)
         self.run_owned(job, self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": task.name}))
 
-    def adopt(self, job: Job) -> None:
+    def adopt(self, job: Log) -> None:
         """A log this replica writes (a batch's too): found by `find`, mirrored to Redis, purged when expired."""
         self._jobs[job.id] = job
         if self.mirror is not None:
             self.mirror.own(job)
 
-    def emit(self, job: Job, event: str, data: Any) -> None:
+    def emit(self, job: Log, event: str, data: Any) -> None:
         self._emit(job, event, data)
 
-    def run_owned(self, job: Job, run: Coroutine[Any, Any, None]) -> None:
+    def run_owned(self, job: Log, run: Coroutine[Any, Any, None]) -> None:
         """Run the coroutine that writes this job's log; shutdown drains it and a lost lease stops it."""
         runner = asyncio.create_task(run, name=f"job {job.id}")
         self._runners.add(runner)
@@ -154,12 +158,13 @@ class Jobs:
         runner.add_done_callback(self._runners.discard)
         runner.add_done_callback(lambda _: self._running.pop(job.id, None))
 
-    async def resume(self, job: Job, meta: dict[str, str]) -> None:
+    def track(self, log: Log) -> None:
+        """A log this replica took over (any kind): found by `find` from now on."""
+        self._jobs[log.id] = log
+
+    async def resume(self, job: Job) -> None:
         """This replica took an orphaned job over: continue its log, asking the model again if need be."""
         self._jobs[job.id] = job
-        if (other := self.resumers.get(job.id.partition("_")[0])) is not None:  # a batch's log, say
-            await other(job, meta)
-            return
         task = self.service.tasks.get(job.task)
         if job.finished:
             return
@@ -184,19 +189,23 @@ class Jobs:
     def _replica(self) -> str | None:
         return self.mirror.replica if self.mirror is not None else None
 
-    def _lost(self, job: Job) -> None:
-        # Another replica owns the job now (our lease lapsed): stop our run; we follow its log.
+    def lost(self, job: Log) -> None:
+        """Another replica owns the log now (our lease lapsed): stop our run; we follow its log."""
         if (runner := self._running.pop(job.id, None)) is not None:
             runner.cancel()
 
-    def get(self, job_id: str) -> Job | None:
+    def end(self, job: Job, exc: Exception) -> None:
+        """This replica's copy cannot go on (expired, tampered): every reader gets `error` then `done`."""
+        self._fail(job, exc)
+
+    def get(self, job_id: str) -> Log | None:
         job = self._jobs.get(job_id)
         if job is not None and job.expires <= self._clock():
             self._drop(job)
             return None
         return job
 
-    async def find(self, job_id: str) -> Job | None:
+    async def find(self, job_id: str) -> Log | None:
         """The job, run here or (through the Redis log) on another replica."""
         job = self.get(job_id)
         if job is None and self.mirror is not None and well_formed(job_id):
@@ -210,22 +219,22 @@ class Jobs:
              mode: str = "default") -> Job:
         ttl = self.settings.job_max_seconds + self.settings.job_retention_seconds
         job = Job(id=job_id or f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key,
-                  expires=self._clock() + ttl, agent_input=agent_input, mode=mode)
+                  expires=self._clock() + ttl, agent_input=agent_input, mode=mode)  # type: ignore[arg-type]
         self._jobs[job.id] = job
         if self.mirror is not None:
             self.mirror.own(job)
         self._emit(job, "status", {"state": "queued", "message": "queued", "job_id": job.id})
         return job
 
-    def _emit(self, job: Job, event: str, data: Any) -> None:
+    def _emit(self, job: Log, event: str, data: Any) -> None:
         job.emit(event, data)
         self._mirror(job)
 
-    def _mirror(self, job: Job) -> None:
+    def _mirror(self, job: Log) -> None:
         if self.mirror is not None:
             self.mirror.write(job)
 
-    def _finish(self, job: Job, status: Status, *, cached: bool = False, stale: bool = False) -> None:
+    def _finish(self, job: Job, status: JobStatus, *, cached: bool = False, stale: bool = False) -> None:
         self._emit(job, "done", {"status": status, "cached": cached, **({"stale": True} if stale else {})})
         if self._by_key.get(job.key) is job:
             del self._by_key[job.key]
@@ -275,7 +284,7 @@ class Jobs:
         self._fail(job, exc)
 
     def _fail(self, job: Job, exc: Exception) -> None:
-        self._emit(job, "error", self.describe(exc, f"/api/v1/ai/jobs/{job.id}"))
+        self._emit(job, "error", self.describe(exc, job))
         self._finish(job, "failed")
 
     async def _produce(self, job: Job, task: Task, agent_input: str) -> bytes:
@@ -301,16 +310,16 @@ class Jobs:
         for job in list(self._jobs.values()):
             if job.expires <= now:
                 self._drop(job)
-            elif job.mode != "batch":
+            elif job.kind == JOB:
                 break
         # Bounded: past the cap, forget the oldest finished jobs first.
         if len(self._jobs) > self.settings.job_max_jobs:
             for job in [j for j in self._jobs.values() if j.finished][: len(self._jobs) - self.settings.job_max_jobs]:
                 self._drop(job)
 
-    def _drop(self, job: Job) -> None:
+    def _drop(self, job: Log) -> None:
         self._jobs.pop(job.id, None)
-        if self._by_key.get(job.key) is job:
+        if isinstance(job, Job) and self._by_key.get(job.key) is job:
             del self._by_key[job.key]
 
     async def drain(self, grace: float, forced: Callable[[], bool] = lambda: False) -> None:
@@ -344,7 +353,7 @@ class Jobs:
                 log.warning("job.handed_over", job_id=job.id, task=job.task, events=len(job.events),
                             reason="shutdown grace over", replica=self._replica)
             else:
-                self._fail(job, ShuttingDown("the sidecar shut down before the job finished; start it again"))
+                self.kinds[job.kind].end(job, ShuttingDown(f"the sidecar shut down before the {job.kind} finished; start it again"))
                 log.warning("job.interrupted", job_id=job.id, task=job.task, events=len(job.events), reason="shutdown grace over")
         if self.mirror is not None:
             await self.mirror.flush_all(timeout=2)

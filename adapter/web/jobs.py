@@ -18,7 +18,7 @@ from litestar.response import Stream
 from ..errors import BadRequest, CrmRefused, Forbidden, NotFound, Unauthenticated
 from ..models import Inbound, JobCreated, Problem
 from ..pipeline.jobs import Jobs
-from ..storage.job_state import Job
+from ..storage.event_log import Job
 from ..tasks import Registry
 from .auth import CALLER, Caller, read_caller
 from .openapi import job_events_responses, job_responses
@@ -70,7 +70,7 @@ def job_routers(tasks: Registry) -> list[Router]:
         """The job, if the request carries its job token or a bearer token the CRM accepts for its record;
         and the user the reader counts as (the token's creator, or the bearer's `Caller.user`)."""
         job = await jobs.find(job_id)
-        if job is None or job.mode == "batch":  # a batch's log is read at /api/v1/ai/batches
+        if not isinstance(job, Job):  # none, or a batch's log (read at /api/v1/ai/batches)
             raise NotFound(f"no job {job_id} (unknown, or expired)")
         scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
         token = request.query_params.get("token") or (bearer.strip() if scheme.lower() == "bearer" else "")
