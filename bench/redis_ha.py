@@ -129,7 +129,7 @@ async def _many(jobs: int, lease: float, *, follow_only: bool) -> dict[str, Any]
             pids = {"runner": a.proc.pid, "follower": b.proc.pid}
             mid = {"connections": _connections([redis.port], pids), "follower_proc": _proc(b.proc.pid), "runner_proc": _proc(a.proc.pid)}
             done, _ = await asyncio.wait(tasks, timeout=300)
-            delays = [e.wall - float(e.json["token"]) for r in readers for e in r.events if e.event == "delta" and "token" in e.data]
+            delays = [e.wall - float(e.json["text"]) for r in readers for e in r.events if e.event == "delta"]
             lines = [line for r in replicas for line in r.lines]
             return {"bench": "followers" if follow_only else "takeovers", "jobs": jobs, "lease_s": lease, "created_s": round(created_s, 1),
                     "hung_readers": sum(1 for t in tasks if t not in done or t.exception() is not None),

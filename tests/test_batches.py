@@ -269,6 +269,7 @@ async def test_a_batch_cut_short_by_shutdown_without_redis_ends_as_a_batch_does(
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_cancel_requested_on_another_replica_reaches_the_runner(gateway, crm, seed, auth, redis_url, cache_prefix):
     """Two sidecars sharing Redis: the DELETE lands on the one not running the batch."""
     leads = add_leads(crm, seed["alice"], 6)

@@ -263,7 +263,7 @@ async def test_a_replaced_job_log_ends_another_replicas_readers_with_job_log_tam
         async with replica_pair(gateway, crm, settings) as (a, b, _):
             job = await start_job(a, seed["leads"][0], auth)
             on_a = await read_events(a, job["events_url"])
-            log_key = f"{cache_prefix}:job:{job['job_id']}:log"
+            log_key = f"{cache_prefix}:job:{{{job['job_id']}}}:log"
 
             def forge_result(fields: dict) -> dict:
                 return {**fields, b"d": forged_json(fields[b"d"])} if fields[b"e"] == b"result" else fields
@@ -290,7 +290,7 @@ async def test_a_forged_event_ends_a_following_replicas_readers(gateway, crm, se
     with redis_sync.Redis.from_url(redis_url) as r:
         async with replica_pair(gateway, crm, settings) as (a, b, apps):
             job = await start_job(a, seed["leads"][0], auth)
-            log_key = f"{cache_prefix}:job:{job['job_id']}:log"
+            log_key = f"{cache_prefix}:job:{{{job['job_id']}}}:log"
             events = []
             with capture_logs() as logs:
                 async with asyncio.timeout(30), aconnect_sse(b, "GET", job["events_url"]) as source:
@@ -329,7 +329,7 @@ async def test_a_claim_pointed_at_another_users_job_is_not_followed(make_client,
             r.delete(mine_key)
             gateway.gate = asyncio.Event()
             other = await start_job(client, theirs, {"Authorization": f"Bearer {seed['bob_token']}"})  # Bob's, running
-            r.set(f"{cache_prefix}:jobkey:{mine_key.decode().rsplit(':', 1)[-1]}", other["job_id"], px=60_000)
+            r.set(CacheKey(cache_prefix, "lead.qualify", mine_key.decode().rsplit(":", 1)[-1].strip("{}")).claim_key, other["job_id"], px=60_000)
             job = await start_job(client, mine, auth)
             gateway.gate.set()
             async with asyncio.timeout(30):
@@ -348,7 +348,7 @@ async def test_a_job_whose_metadata_was_edited_is_answered_as_tampered(gateway, 
         async with replica_pair(gateway, crm, settings) as (a, b, _):
             job = await start_job(a, seed["leads"][0], auth)
             await read_events(a, job["events_url"])
-            r.hset(f"{cache_prefix}:job:{job['job_id']}", "record_id", seed["leads"][1])
+            r.hset(f"{cache_prefix}:job:{{{job['job_id']}}}", "record_id", seed["leads"][1])
             events = await b.get(job["events_url"])
             state = await b.get(f"/api/v1/ai/jobs/{job['job_id']}", headers=auth)
     for response in (events, state):
@@ -365,7 +365,7 @@ async def test_a_job_whose_key_parts_were_edited_is_answered_as_tampered(gateway
         async with replica_pair(gateway, crm, settings) as (a, b, _):
             job = await start_job(a, seed["leads"][0], auth)
             await read_events(a, job["events_url"])
-            meta = f"{cache_prefix}:job:{job['job_id']}"
+            meta = f"{cache_prefix}:job:{{{job['job_id']}}}"
             assert len(r.hget(meta, "digest")) == 40 and r.hget(meta, "key").endswith(b"{" + r.hget(meta, "digest") + b"}")
             r.hset(meta, "digest", "0" * 40)
             events = await b.get(job["events_url"])
@@ -381,7 +381,7 @@ async def test_a_job_logged_without_its_key_parts_is_still_served(gateway, crm, 
         async with replica_pair(gateway, crm, settings) as (a, b, _):
             job = await start_job(a, seed["leads"][0], auth)
             await read_events(a, job["events_url"])
-            r.hdel(f"{cache_prefix}:job:{job['job_id']}", "digest")
+            r.hdel(f"{cache_prefix}:job:{{{job['job_id']}}}", "digest")
             events = await read_events(b, job["events_url"])
     assert [e.event for e in events][-2:] == ["result", "done"] and '"succeeded"' in events[-1].data
 

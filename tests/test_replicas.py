@@ -98,7 +98,7 @@ async def test_a_job_logged_by_the_release_before_cache_key_is_taken_over(cluste
     gateway.gate = asyncio.Event()
     async with cluster(2) as ([a, b], client):
         job = await create_job(client, a, seed)
-        meta = f"{a.env['CACHE_PREFIX']}:job:{job['job_id']}"
+        meta = f"{a.env['CACHE_PREFIX']}:job:{{{job['job_id']}}}"
         with redis_sync.Redis.from_url(redis_process.url) as r:
             assert r.hdel(meta, "digest") == 1  # as the older release wrote it
             rendered = r.hget(meta, "key")

@@ -12,7 +12,7 @@ from httpx_sse import aconnect_sse
 from structlog.testing import capture_logs
 
 from adapter.app import create_app
-from tests.helpers import LEAD_AGENT, QUALIFY_STREAM, asgi_client, decode, job_done, make_settings, serving
+from tests.helpers import LEAD_AGENT, QUALIFY_STREAM, asgi_client, decode, job_done, make_settings, serving, sync_client
 
 
 @pytest.fixture
@@ -291,6 +291,7 @@ async def two_replicas(gateway, crm, settings):
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_another_replica_serves_the_job_from_the_redis_log(gateway, crm, seed, auth, redis_url, cache_prefix):
     import redis as redis_sync
 
@@ -310,12 +311,13 @@ async def test_another_replica_serves_the_job_from_the_redis_log(gateway, crm, s
     assert kinds(from_b)[-1] == "done" and "delta" in kinds(from_b)
     assert [e.id for e in resumed_b] == [e.id for e in from_a[3:]]
     assert polled_b["status"] == "succeeded" and polled_b["result"]["lead_id"] == seed["leads"][0]
-    with redis_sync.Redis.from_url(redis_url) as r:
-        log_key = f"{cache_prefix}:job:{job['job_id']}:log"
+    with sync_client(redis_url) as r:
+        log_key = f"{cache_prefix}:job:{{{job['job_id']}}}:log"
         assert r.xlen(log_key) == len(from_a) and 0 < r.pttl(log_key)
 
 
 @pytest.mark.redis
+@pytest.mark.redis_topologies
 async def test_identical_streams_on_two_replicas_share_one_job(gateway, crm, seed, auth, redis_url, cache_prefix):
     settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix, job_token_secret="s" * 40)
     gateway.gate = asyncio.Event()

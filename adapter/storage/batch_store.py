@@ -1,13 +1,15 @@
 """What a batch keeps beside its log: the set of running batches, its rendered inputs, its cancel flag.
 
   <prefix>:batches            set: the batches running on any replica (every replica's sweeper follows them)
-  <prefix>:job:<id>:inputs    hash: item id -> its rendered input, sealed with the item's id
-  <prefix>:job:<id>:cancel    set once the creator asked to cancel it
+  <prefix>:job:{<id>}:inputs  hash: item id -> its rendered input, sealed with the item's id
+  <prefix>:job:{<id>}:cancel  set once the creator asked to cancel it
+(under the log's hash tag, log_layout.py; the running set is one key, so no command spans two slots)
 """
 
 from __future__ import annotations
 
 from ..errors import JobLogUnavailable
+from .log_layout import log_key
 from .redis_store import FAULTS, RedisStore
 from .signing import Tampered
 
@@ -22,10 +24,10 @@ class BatchStore:
         return f"{self._s.prefix}:batches"
 
     def _inputs(self, batch_id: str) -> str:
-        return f"{self._s.prefix}:job:{batch_id}:inputs"
+        return log_key(self._s.prefix, batch_id, "inputs")
 
     def _cancel(self, batch_id: str) -> str:
-        return f"{self._s.prefix}:job:{batch_id}:cancel"
+        return log_key(self._s.prefix, batch_id, "cancel")
 
     async def add(self, batch_id: str) -> None:
         """A running batch every replica looks after: if its runner dies, the next sweep takes it over."""

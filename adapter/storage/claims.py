@@ -1,4 +1,4 @@
-"""Question claims: which job answers a question across replicas (`<prefix>:jobkey:<digest>`).
+"""Question claims: which job answers a question across replicas (`<prefix>:jobkey:{<digest>}`, keys.py).
 
 The first job to claim a question runs it; an identical question on another replica follows that
 job instead of asking the model again. The claim is let go when the job's `done` is in Redis.
@@ -20,7 +20,7 @@ class QuestionClaims:
         self._release = self._r.register_script(RELEASE_SCRIPT)
 
     def _claim(self, key: CacheKey) -> str:
-        return f"{self._s.prefix}:jobkey:{key.digest}"
+        return key.claim_key  # under the question's hash tag, beside its cache entry and flight lock
 
     async def claim(self, key: CacheKey, job_id: str) -> str:
         """The job answering this question across replicas: ours if nobody runs one, else theirs."""

@@ -2,9 +2,16 @@
 
 A replica asked for a log it does not run replays the stream into a local copy and follows it
 with a blocking XREAD (on a client whose socket timeout is longer than the block, so a silent
-model is never taken for a Redis fault). Between reads it checks the lease: a log whose lease
+model is never taken for a Redis fault). On one server or a Sentinel's master, every followed log
+of the replica is read by the stream hub (stream_hub.py: one XREAD BLOCK per thousand logs, fanned
+out), so 5,000 followed logs hold 5 connections; in a Cluster, where each log has a slot of its
+own, each follower keeps its own XREAD. Between reads it checks the lease: a log whose lease
 lapsed before `done` is orphaned, and the follower takes it over (the log's kind continues it:
 redis_log.py). Redis faults are retried with backoff, from the last id read.
+
+A follower takes nothing over until this replica has had answers from Redis for a whole lease
+(`RedisStore.healthy_for`): after a failover or a moment without Redis the runner, alive, has had
+its turn to renew before anyone reads its lease as lapsed (issue 24).
 
 A follower whose log fails its integrity check ends its copy (`job-log-tampered`); a log whose
 metadata fails it is answered as that problem (502), since nothing about it can be trusted.
@@ -22,10 +29,12 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from ..errors import JobExpired, JobLogTampered, JobLogUnavailable
 from ..metrics import Metrics
+from .connect import open_client
 from .event_log import Log
 from .log_layout import Layout, seq_of
 from .redis_store import FAULTS, RedisStore
 from .signing import Tampered
+from .stream_hub import StreamHub, Watch
 
 if TYPE_CHECKING:
     from .redis_log import RedisLog
@@ -62,11 +71,19 @@ class Follower:
         # block: on the shared client (1 s) a model silent for a second would read as a Redis fault.
         # Each follower holds one connection while it blocks: past the pool's size, a follower
         # waits for a free one (then retries) instead of failing at once as redis-py's default pool does.
-        pool = store.redis.connection_pool
         # Connecting may be slow when many followers start at once on a busy loop: that is no fault either.
-        kwargs = {**pool.connection_kwargs, "socket_timeout": self.block + 3.0, "socket_connect_timeout": self.block + 1.0}
-        self.blocking = Redis(connection_pool=BlockingConnectionPool(
-            connection_class=pool.connection_class, max_connections=FOLLOWER_CONNECTIONS, timeout=self.block + 1.0, **kwargs))
+        self.hub: StreamHub | None = None
+        if store.target is not None:
+            self.blocking = open_client(store.target, socket_timeout=self.block + 3.0, connect_timeout=self.block + 1.0,
+                                        max_connections=FOLLOWER_CONNECTIONS, pool_timeout=self.block + 1.0, role="blocking")
+            if store.target.mode != "cluster":
+                self.hub = StreamHub(self.blocking, wake_key=f"{store.prefix}:hub:{home.replica}", block=self.block,
+                                     on_fault=store.fault, on_ok=store.ok)
+        else:  # a store built around a client handed in (benchmarks): its pool's settings, blocking
+            pool = store.redis.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": self.block + 3.0, "socket_connect_timeout": self.block + 1.0}
+            self.blocking = Redis(connection_pool=BlockingConnectionPool(
+                connection_class=pool.connection_class, max_connections=FOLLOWER_CONNECTIONS, timeout=self.block + 1.0, **kwargs))
         self._backoff_cap = min(max(lease / 3, 0.2), 2.0)
         self._takeover = self._r.register_script(_TAKEOVER)
         self._followers: dict[str, asyncio.Task[None]] = {}
@@ -132,19 +149,30 @@ class Follower:
             follower.add_done_callback(lambda _: self._followers.pop(entry.id, None))
 
     async def _follow(self, entry: Log, after: int) -> None:
+        nudge, nudged_at = self._keys.nudge(entry.id), "0-0"
+        stream = self._keys.log(entry.id)
+        watch = self.hub.watch({stream: f"{after}-0", nudge: nudged_at}) if self.hub is not None else None
+        try:
+            await self._follow_loop(entry, watch, stream, nudge, nudged_at)
+        finally:
+            if watch is not None:
+                watch.close()
+
+    async def _follow_loop(self, entry: Log, watch: Watch | None, stream: str, nudge: str, nudged_at: Any) -> None:
         delay = 0.05
         missing_since: float | None = None
         last_check = time.monotonic()
-        nudge, nudged_at = self._keys.nudge(entry.id), "0-0"
-        stream = self._keys.log(entry.id)
         while not entry.finished:
             if entry.expires <= time.time():
                 self._expire(entry, "the job reached the end of its lifetime before it finished")
                 return
             try:
-                answer = await self.blocking.xread({stream: f"{len(entry.events)}-0", nudge: nudged_at},
-                                                   block=int(self.block * 1000), count=500)
-                self._s.ok()
+                if watch is not None:  # the hub reads (and retries) for every follower of this replica
+                    answer: Any = await watch.get(self.block)
+                else:
+                    answer = await self.blocking.xread({stream: f"{len(entry.events)}-0", nudge: nudged_at},
+                                                       block=int(self.block * 1000), count=500)
+                    self._s.ok()
             except FAULTS as exc:
                 # Never a reason to give up: readers keep getting heartbeats; retry from the last id.
                 self._s.fault(exc)
@@ -164,6 +192,8 @@ class Follower:
             if answer and not handed_over and time.monotonic() - last_check < self.block:
                 continue
             last_check = time.monotonic()
+            if not self._s.healthy_for(self.lease):
+                continue  # Redis was away within a lease: the runner may not have had its turn to renew
             try:
                 outcome = await self._try_takeover(entry)
             except FAULTS as exc:
@@ -211,6 +241,8 @@ class Follower:
 
     async def take_over_now(self, entry: Log) -> None:
         """An identical request found this log: if its runner is gone, take it over without waiting."""
+        if not self._s.healthy_for(self.lease):
+            return  # as in _follow: a runner that lost Redis a moment ago may be alive
         try:
             outcome = await self._try_takeover(entry)
         except FAULTS as exc:
@@ -231,8 +263,11 @@ class Follower:
             follower.cancel()
 
     def background(self) -> list[asyncio.Task[None]]:
-        return list(self._followers.values())
+        return [*self._followers.values(), *(self.hub.background() if self.hub is not None else [])]
 
     async def aclose(self) -> None:
+        if self.hub is not None:
+            self.hub.close()
         await self.blocking.aclose()
-        await self.blocking.connection_pool.disconnect()  # a pool handed in is not closed by aclose
+        if isinstance(self.blocking, Redis):  # a pool handed in is not closed by aclose (a Cluster client has none)
+            await self.blocking.connection_pool.disconnect()

@@ -1,13 +1,17 @@
 """Where a log lives in Redis, how its metadata encodes each kind, and how what is read back is checked.
 
 Layout, per log (every key expires with the log's retention), the same for every kind:
-  <prefix>:job:<id>           hash: task, record_id, key, expires, mode, input, owner (+ digest)
-  <prefix>:job:<id>:log       stream: one entry per event, with the explicit id `<n>-0`
-  <prefix>:job:<id>:lease     the owner's replica id, with a short TTL the owner renews
-  <prefix>:job:<id>:handover  written once when a runner hands the log over
-The prefix stays `job` for every kind, and a batch's metadata stays what the release before kept
-(mode "batch", its spec as JSON in `input`): replicas of both releases read each other's logs
-during a rolling upgrade. In memory a batch is its own kind (event_log.Batch), never a `Job`.
+  <prefix>:job:{<id>}           hash: task, record_id, key, expires, mode, input, owner (+ digest)
+  <prefix>:job:{<id>}:log       stream: one entry per event, with the explicit id `<n>-0`
+  <prefix>:job:{<id>}:lease     the owner's replica id, with a short TTL the owner renews
+  <prefix>:job:{<id>}:handover  written once when a runner hands the log over
+  (batch_store.py adds `:inputs` and `:cancel` under the same tag)
+`{<id>}` is a hash tag (issue 24): in a Redis Cluster every key of one log is in one slot, so the
+append and takeover scripts, which name three of them, never cross slots. The release before
+issue 24 rendered the id bare: a log it wrote is not found by this one (a rolling upgrade from it
+serves each job on the replicas of the release that made it). The prefix stays `job` for every
+kind, and a batch's metadata stays what the release before kept (mode "batch", its spec as JSON in
+`input`). In memory a batch is its own kind (event_log.Batch), never a `Job`.
 
 What a replica reads back is checked (signing.py): the metadata carries a MAC over its fields
 (`sig`; not over `owner`, which only says who writes), each stream entry one over its id, name
@@ -30,6 +34,11 @@ from .signing import Tampered
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
+def log_key(prefix: str, log_id: str, part: str = "") -> str:
+    """The one rendering of a log's keys: its metadata (`part` empty), or `:log`, `:lease`, ... under its hash tag."""
+    return f"{prefix}:job:{{{log_id}}}{':' + part if part else ''}"
+
+
 # The metadata fields the `sig` field's MAC covers, in this order.
 SIGNED_META = ("task", "record_id", "key", "expires", "mode", "input")
 BATCH_MODE = "batch"  # a batch's `mode` in Redis, as the release before wrote it
@@ -44,17 +53,17 @@ class Layout:
         self.signer = store.signer
 
     def meta(self, log_id: str) -> str:
-        return f"{self.prefix}:job:{log_id}"
+        return log_key(self.prefix, log_id)
 
     def log(self, log_id: str) -> str:
-        return f"{self.prefix}:job:{log_id}:log"
+        return log_key(self.prefix, log_id, "log")
 
     def lease(self, log_id: str) -> str:
-        return f"{self.prefix}:job:{log_id}:lease"
+        return log_key(self.prefix, log_id, "lease")
 
     def nudge(self, log_id: str) -> str:
         # Written once when a runner hands the log over: its followers wake at once instead of at their next block.
-        return f"{self.prefix}:job:{log_id}:handover"
+        return log_key(self.prefix, log_id, "handover")
 
     # --- metadata ---------------------------------------------------------------------------
 

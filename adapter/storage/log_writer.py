@@ -3,6 +3,10 @@
 Appends go through one Lua script that checks ownership, renews the lease and skips ids already
 there, so a write can be retried blindly, a stale owner can never write, and a runner that finds
 its log gone (Redis restarted) rewrites the metadata and every event with the same ids.
+
+Between writes, every lease of this replica is renewed at once by leases.py (one pipeline, on
+connections of its own, retried until it succeeds), not by one script call per log on the shared
+pool: 5,000 running logs cost one round trip a third of a lease apart (issue 24).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import structlog
 
 from ..metrics import Metrics
 from .claims import QuestionClaims
+from .connect import open_client
 from .event_log import Job, Log
+from .leases import LeaseKeeper
 from .log_layout import Layout
 from .redis_store import FAULTS, RELEASE_SCRIPT, RedisStore
 
@@ -82,17 +88,34 @@ class LeasedWriter:
         self._owned: dict[str, Log] = {}
         self._written: dict[str, int] = {}
         self._repair: set[str] = set()
-        self._renew: set[str] = set()
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
-        self._renewer: asyncio.Task[None] | None = None
+        # Renewals on a client of their own (a few connections per node): followers holding the
+        # blocking pool and a burst of requests on the shared one can never starve them.
+        self._lease_client = open_client(store.target, max_connections=4, role="leases") if store.target is not None else None
+        self.leases = LeaseKeeper(self._lease_client or store.redis, replica=home.replica, lease=lease, lease_key=layout.lease,
+                                  meta_key=layout.meta, on_lost=self._lease_lost, on_gone=self._gone, on_fault=store.fault,
+                                  on_ok=store.ok)
 
     def own(self, entry: Log, written: int = 0) -> None:
         """This replica runs the log from now on: its lease is renewed until its `done` is in Redis."""
         self._owned[entry.id] = entry
         self._written[entry.id] = written
-        if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.create_task(self._renew_leases(), name="job lease renewer")
+        self.leases.hold(entry.id)
+
+    def _lease_lost(self, log_id: str) -> None:
+        """A renewal found another replica's name on the lease: it took the log over."""
+        if (entry := self._owned.get(log_id)) is not None:
+            written = self._written.get(log_id, 0)
+            self.forget(log_id)
+            self._home.lost(entry, written)
+
+    def _gone(self, log_id: str) -> None:
+        """A renewal found the log's metadata gone (Redis restarted empty): rewrite it all, even if the log is silent."""
+        if (entry := self._owned.get(log_id)) is not None and log_id not in self._repair:
+            log.warning("job.log_repair", job_id=log_id, events=len(entry.events), reason="the job is gone from Redis")
+            self._repair.add(log_id)
+            self.write(entry)
 
     def owns(self, log_id: str) -> bool:
         return log_id in self._owned
@@ -143,9 +166,8 @@ class LeasedWriter:
             while log_id in self._owned:
                 done = self._written.get(log_id, 0)
                 repair = log_id in self._repair
-                if done >= len(entry.events) and log_id not in self._renew and not repair:
+                if done >= len(entry.events) and not repair:
                     break
-                self._renew.discard(log_id)
                 batch = entry.events if repair else entry.events[done:]
                 args: list[Any] = [self._home.replica, self._lease_ms, self._ttl_ms]
                 args += self._meta_args(entry) if repair or done == 0 else ["0"]
@@ -163,9 +185,7 @@ class LeasedWriter:
                 self._s.ok()
                 delay = 0.05
                 if top == -1:
-                    written = self._written.get(log_id, 0)
-                    self.forget(log_id)
-                    self._home.lost(entry, written)
+                    self._lease_lost(log_id)
                     return
                 if top in (-2, -3):
                     if not repair:
@@ -197,17 +217,8 @@ class LeasedWriter:
         self._owned.pop(log_id, None)
         self._written.pop(log_id, None)
         self._repair.discard(log_id)
-        self._renew.discard(log_id)
+        self.leases.release(log_id)
         self._wake_waiters(log_id, failed=True)
-
-    async def _renew_leases(self) -> None:
-        # One coroutine renews every lease of this replica: a third of the lease apart, so two
-        # renewals can fail before the lease lapses.
-        while self._owned:
-            await asyncio.sleep(self.lease / 3)
-            for entry in list(self._owned.values()):
-                self._renew.add(entry.id)
-                self.write(entry)
 
     async def hand_over(self, entry: Log, timeout: float = 2.0) -> None:
         """Shutdown: write what is left, then give the lease up so another replica takes over at once."""
@@ -238,4 +249,8 @@ class LeasedWriter:
             await asyncio.wait(writers, timeout=timeout)
 
     def background(self) -> list[asyncio.Task[None]]:
-        return [*self._writers.values(), *([self._renewer] if self._renewer else [])]
+        return [*self._writers.values(), *self.leases.background()]
+
+    async def aclose(self) -> None:
+        if self._lease_client is not None:
+            await self._lease_client.aclose()

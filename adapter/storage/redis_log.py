@@ -122,3 +122,4 @@ class RedisLog:
 
     async def aclose(self) -> None:
         await self.follower.aclose()
+        await self.writer.aclose()
