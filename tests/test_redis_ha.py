@@ -301,3 +301,61 @@ async def test_the_hub_follows_thousands_of_streams_on_a_handful_of_connections(
         hub.close()
         r.close()
         await client.aclose()
+
+
+# --- after Redis restarts empty: no 404 for a live id, no 202 before the log is readable -----------
+
+async def test_a_live_job_is_503_never_404_while_redis_is_empty_then_served_once_repaired(redis_process, gateway, crm, seed, auth):
+    from tests.helpers import assert_problem
+
+    settings = make_settings(redis_url=redis_process.url, cache_prefix="restart-" + os.urandom(3).hex(), job_token_secret="s" * 40,
+                             job_lease_seconds=1.5)
+    gateway.gate = asyncio.Event()  # the model thinks: the job stays live, and silent
+    async with replica_pair(gateway, crm, settings) as (a, b, apps):
+        job = (await a.post("/api/v1/ai/jobs", json={"task": "lead.qualify", "input": {"lead_id": seed["leads"][0]}}, headers=auth)).json()
+        # Every event before the model's answer (the gateway's progress, then the held model) is in Redis.
+        local = apps[0].state.jobs.get(job["job_id"])
+        while not any(b"processando" in e.data for e in local.events):
+            assert await local.after(len(local.events), 10) is not None, "no progress from the gateway"
+        await apps[0].state.jobs.mirror.written(local)
+        # The runner's next renewal (which would find the log gone and repair it) waits for the test.
+        leases, repair = apps[0].state.jobs.mirror.writer.leases, asyncio.Event()
+        renew = leases.renew
+
+        async def held() -> None:
+            await repair.wait()
+            await renew()
+
+        leases.renew = held
+        redis_process.stop()  # B has never read the job: it has no copy of its own
+        redis_process.start()  # empty, on the same port
+        gone = await b.get(f"/api/v1/ai/jobs/{job['job_id']}?token={job['events_url'].rsplit('=', 1)[-1]}")
+        body = assert_problem(gone, 503, "job-log-unavailable")
+        assert gone.headers["retry-after"] == "1" and "may still be running" in body["detail"]
+        repair.set()
+        # Within a lease the runner's renewal finds the log gone and writes it again, silent model or not.
+        deadline = asyncio.get_running_loop().time() + 10
+        while (answer := await b.get(f"/api/v1/ai/jobs/{job['job_id']}", headers=auth)).status_code != 200:
+            assert answer.status_code == 503 and asyncio.get_running_loop().time() < deadline, answer.text
+            await asyncio.sleep(0.1)
+        gateway.gate.set()
+        reader = Reader([str(b.base_url)], job["events_url"])
+        await reader.run(b, timeout=30)
+        # An id that does not say when it was made (the release before's: a `4` where the mark is) is still a 404.
+        old = "aijob_" + os.urandom(6).hex() + "4" + os.urandom(10).hex()[:19]
+        assert (await b.get(f"/api/v1/ai/jobs/{old}", headers=auth)).status_code == 404
+    reader.check_sequence()
+
+
+async def test_no_202_until_the_log_is_readable_in_redis(gateway, crm, seed, auth):
+    from tests.helpers import assert_problem, closed_port_url
+
+    redis_url = closed_port_url().replace("http://", "redis://")
+    settings = make_settings(redis_url=redis_url, cache_prefix="noredis", job_token_secret="s" * 40)
+    async with replica_pair(gateway, crm, settings) as (a, _, apps):
+        job = await a.post("/api/v1/ai/jobs", json={"task": "lead.qualify", "input": {"lead_id": seed["leads"][0]}}, headers=auth)
+        body = assert_problem(job, 503, "job-log-unavailable")
+        assert "nothing was started" in body["detail"] and job.headers["retry-after"] == "1"
+        batch = await a.post("/api/v1/ai/batches", json={"task": "lead.qualify", "ids": seed["leads"][:2]}, headers=auth)
+        assert_problem(batch, 503, "job-log-unavailable")
+        assert not apps[0].state.jobs.running  # the runs were stopped, not left behind

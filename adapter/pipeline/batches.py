@@ -29,21 +29,21 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
 import structlog
 
-from ..errors import AdapterError, BatchItemLost, ShuttingDown, TooManyAtOnce
+from ..errors import AdapterError, BatchItemLost, JobLogUnavailable, ShuttingDown, TooManyAtOnce
 from ..storage.event_log import BATCH, Batch
+from ..storage.ids import new_id
 from ..storage.keys import CacheKey
 from ..storage.quota import RunningBatches
 from ..tasks import Task
 from ..upstreams.resilience import BACKGROUND, Background
 from .cache import Outcome
-from .jobs import Jobs
+from .jobs import READABLE_WITHIN, Jobs
 
 log = structlog.get_logger("adapter.batches")
 PREFIX = "aibatch"
@@ -131,7 +131,7 @@ class Batches:
         """Start a batch (validated by the caller): 202 at once, items run in the background."""
         if self.jobs.draining:
             raise ShuttingDown("this replica is shutting down and takes no new batches; retry (another replica answers)")
-        batch_id = f"{PREFIX}_{uuid.uuid4().hex}"
+        batch_id = new_id(PREFIX, self._clock())
         if self.quota is not None:
             # 429 naming MAX_BATCHES_PER_USER; from here to the runner's start nothing awaits, so the
             # place taken is given back by the runner (`_finish`) and by nothing else.
@@ -147,7 +147,14 @@ class Batches:
         self.jobs.run_owned(job, self._run(job, task, authorization, None))
         if self.mirror is not None:
             await self.mirror.batches.add(job.id)
-            await self.mirror.written(job)  # its events_url must work on every replica from now on
+            # Its events_url must work on every replica from now on: no 202 before its log is readable (issue 24).
+            if not await self.mirror.readable(job, READABLE_WITHIN):
+                self.jobs.abandon(job)
+                await self.mirror.batches.drop(job.id)
+                if self.quota is not None:
+                    await self.quota.ended(user, job.id)
+                raise JobLogUnavailable(f"the job log store (Redis) did not take the new batch's log within {READABLE_WITHIN:g} s "
+                                        f"({self.mirror.degraded or 'no answer'}); nothing was started: retry shortly")
         log.info("batch.created", batch_id=job.id, task=task.name, items=len(ids))
         return job
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -29,13 +28,16 @@ import structlog
 
 from ..storage.event_log import JOB, Continuation, Job, JobStatus, Log
 from ..storage.redis_log import RedisLog
+from ..storage.ids import may_be_live, new_id
 from ..storage.keys import CacheKey
 from ..tasks import Task
 from .cache import key_lock
-from ..errors import AdapterError, GatewayProtocolError, JobLogTampered, ShuttingDown, UpstreamTimeout
+from ..errors import AdapterError, GatewayProtocolError, JobLogTampered, JobLogUnavailable, ShuttingDown, UpstreamTimeout
 from .service import AiService, Prepared
 
 log = structlog.get_logger("adapter.jobs")
+# How long a 202 waits for the new log to be readable in Redis (the writer retries meanwhile).
+READABLE_WITHIN = 5.0
 _encode = msgspec.json.Encoder().encode
 
 
@@ -97,15 +99,14 @@ class Jobs:
             job = self._new(task, record_id, key, agent_input=agent_input, mode=mode)
             self._emit(job, "result", self.service.result_event(task, entry.body))
             self._finish(job, "succeeded", cached=True)
-            if self.mirror is not None:
-                await self.mirror.written(job)  # a hit's events_url works on every replica too
+            await self._readable(job)  # a hit's events_url works on every replica too
             return job, "HIT"
         async with key_lock(self._admitting, key):
             shared = self._by_key.get(key) if mode != "no-store" else None
             if shared is not None and not shared.finished:
                 self.service.cache.note_coalesced(key)
                 return shared, "MISS"
-            job_id = f"aijob_{uuid.uuid4().hex}"
+            job_id = new_id("aijob", self._clock())
             if mode != "no-store" and self.mirror is not None:
                 # Another replica may already be asking the model this question: follow its job,
                 # or take it over at once if its runner is gone.
@@ -133,9 +134,31 @@ class Jobs:
         if mode != "no-store":
             self._by_key[key] = job
         self._start_runner(job, task, authorization)
-        if self.mirror is not None:
-            await self.mirror.written(job)  # its events_url must work on every replica from now on
+        await self._readable(job)  # its events_url must work on every replica from now on
         return job, "BYPASS" if mode == "no-store" else "MISS"
+
+    async def _readable(self, job: Log) -> None:
+        """With Redis, the 202 naming a job waits until its log is readable there (issue 24): a job whose
+        first write never succeeds is stopped and answered 503, never a 202 whose events_url is a 404
+        on every other replica."""
+        if self.mirror is None or await self.mirror.readable(job, READABLE_WITHIN):
+            return
+        self.abandon(job)
+        raise JobLogUnavailable(f"the job log store (Redis) did not take the new job's log within {READABLE_WITHIN:g} s "
+                                f"({self.mirror.degraded or 'no answer'}); nothing was started: retry shortly")
+
+    def abandon(self, job: Log) -> None:
+        """A log nobody was told of (its 202 was never sent): stop its run, forget it here and in the mirror."""
+        if (runner := self._running.pop(job.id, None)) is not None:
+            runner.cancel()
+        if self.mirror is not None:
+            self.mirror.forget(job)
+        self._drop(job)
+
+    def may_be_live(self, log_id: str, lifetime: float) -> bool:
+        """Whether a log this sidecar does not find could still be running: Redis is in use (a restart may have
+        emptied it until the runner repairs the log) and the id says it was made less than `lifetime` ago."""
+        return self.mirror is not None and may_be_live(log_id, self._clock(), lifetime)
 
     def _start_runner(self, job: Job, task: Task, authorization: str | None, *, resumed: bool = False) -> None:
         run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store", resumed=resumed)
@@ -218,7 +241,7 @@ class Jobs:
     def _new(self, task: Task, record_id: str, key: CacheKey, job_id: str | None = None, *, agent_input: str = "",
              mode: str = "default") -> Job:
         ttl = self.settings.job_max_seconds + self.settings.job_retention_seconds
-        job = Job(id=job_id or f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key,
+        job = Job(id=job_id or new_id("aijob", self._clock()), task=task.name, record_id=record_id, key=key,
                   expires=self._clock() + ttl, agent_input=agent_input, mode=mode)  # type: ignore[arg-type]
         self._jobs[job.id] = job
         if self.mirror is not None:

@@ -138,6 +138,20 @@ class LeasedWriter:
         except TimeoutError:
             log.warning("job.log_write_slow", job_id=entry.id, waited_s=timeout)
 
+    async def readable(self, entry: Log, timeout: float) -> bool:
+        """Whether the log's metadata and first events are in Redis, so another replica can serve it: waits
+        up to `timeout` for them, through the writer's own retries. A 202 naming the log waits on this."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._written.get(entry.id, 0) < 1 and entry.id in self._owned:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await self.written(entry, left)  # back at once on a failed attempt: the writer retries by itself
+            if self._written.get(entry.id, 0) < 1:
+                await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
+        return self._written.get(entry.id, 0) >= 1
+
     def _wake_waiters(self, log_id: str, *, failed: bool = False) -> None:
         waiters = self._waiters.get(log_id)
         if not waiters:

@@ -40,6 +40,7 @@ class RedisLog:
     def __init__(self, store: RedisStore, ttl: float, *, lease: float, replica: str | None = None,
                  metrics: Metrics | None = None) -> None:
         self._metrics = metrics or Metrics()
+        self._store = store
         self.replica = replica or replica_id()
         self.lease = lease
         layout = Layout(store)
@@ -50,6 +51,11 @@ class RedisLog:
         # Off while this replica drains for shutdown: it must not take over the logs it is about to leave.
         self.accepting = True
         self._kinds: Kinds = {}
+
+    @property
+    def degraded(self) -> str | None:
+        """Why Redis failed last, while it does."""
+        return self._store.degraded
 
     def start(self, kinds: Kinds) -> None:
         """The pipeline's continuation of each kind of log: who resumes, stops and ends one (event_log.Continuation)."""
@@ -68,6 +74,13 @@ class RedisLog:
 
     async def written(self, entry: Log, timeout: float = 5.0) -> None:
         await self.writer.written(entry, timeout)
+
+    async def readable(self, entry: Log, timeout: float = 5.0) -> bool:
+        return await self.writer.readable(entry, timeout)
+
+    def forget(self, entry: Log) -> None:
+        """A log that never became readable, abandoned before anyone was told of it: stop writing and renewing it."""
+        self.writer.forget(entry.id)
 
     async def hand_over(self, entry: Log, timeout: float = 2.0) -> None:
         await self.writer.hand_over(entry, timeout)

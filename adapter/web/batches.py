@@ -27,6 +27,7 @@ from ..pipeline.jobs import Jobs
 from ..storage.event_log import Batch
 from ..tasks import Registry
 from .auth import CALLER, Caller, read_caller
+from .jobs import not_yet_restored
 from .openapi import batch_events_responses, batch_responses
 from .requests import require_json
 from .sse import last_event_id, sse_response
@@ -168,6 +169,9 @@ def batch_routers(tasks: Registry) -> list[Router]:
         job = await jobs.find(batch_id) if batch_id.startswith(PREFIX + "_") else None
         # Ended longer than JOB_RETENTION_SECONDS ago: gone, for its token and its creator alike (the
         # token's own expiry is the batch's deadline, hours later).
+        settings = jobs.settings
+        if job is None and jobs.may_be_live(batch_id, settings.batch_max_seconds + settings.job_lease_seconds):
+            raise not_yet_restored("batch", batch_id, settings.job_lease_seconds)
         if not isinstance(job, Batch) or batches.expired(job):
             raise NotFound(f"no batch {batch_id} (unknown, or expired)")
         scheme, _, bearer = request.headers.get("authorization", "").partition(" ")

@@ -15,7 +15,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
-from ..errors import BadRequest, CrmRefused, Forbidden, NotFound, Unauthenticated
+from ..errors import BadRequest, CrmRefused, Forbidden, JobLogUnavailable, NotFound, Unauthenticated
 from ..models import Inbound, JobCreated, Problem
 from ..pipeline.jobs import Jobs
 from ..storage.event_log import Job
@@ -45,6 +45,14 @@ def job_shapes(tasks: Registry) -> tuple[type, type]:
     return request, view
 
 
+def not_yet_restored(kind: str, log_id: str, lease: float) -> JobLogUnavailable:
+    """Redis has no log for an id that says it may still be running (storage/ids.py): Redis restarted empty,
+    or lost it in a failover, and its runner restores it within a lease. A 404 would end an EventSource."""
+    return JobLogUnavailable(f"{kind} {log_id} is not in the job log store (Redis) although it may still be running: "
+                             f"Redis may have restarted or failed over, and the replica running it restores its log "
+                             f"within JOB_LEASE_SECONDS ({lease:g} s); retry shortly")
+
+
 def job_routers(tasks: Registry) -> list[Router]:
     JobRequest, JobView = job_shapes(tasks)  # noqa: N806
 
@@ -70,6 +78,8 @@ def job_routers(tasks: Registry) -> list[Router]:
         """The job, if the request carries its job token or a bearer token the CRM accepts for its record;
         and the user the reader counts as (the token's creator, or the bearer's `Caller.user`)."""
         job = await jobs.find(job_id)
+        if job is None and jobs.may_be_live(job_id, jobs.settings.job_max_seconds + jobs.settings.job_lease_seconds):
+            raise not_yet_restored("job", job_id, jobs.settings.job_lease_seconds)
         if not isinstance(job, Job):  # none, or a batch's log (read at /api/v1/ai/batches)
             raise NotFound(f"no job {job_id} (unknown, or expired)")
         scheme, _, bearer = request.headers.get("authorization", "").partition(" ")

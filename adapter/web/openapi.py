@@ -103,6 +103,11 @@ def stream_responses(task: Task) -> dict[int, ResponseSpec]:
                          "(see Retry-After)")}
 
 
+LOG_503 = ("Redis, which holds the job logs, failed, or has no log for an id that may still be running (a restart or "
+           "failover its runner repairs within JOB_LEASE_SECONDS): retry (see Retry-After)")
+LOG_NOT_TAKEN = "Redis, which holds the job logs, did not take the new log within 5 s: nothing was started (see Retry-After)"
+
+
 def batch_responses(create: bool = False) -> dict[int, ResponseSpec]:
     if create:
         return {400: problem("Bad input, refused whole before anything runs: an unknown task, no ids or more than "
@@ -112,16 +117,17 @@ def batch_responses(create: bool = False) -> dict[int, ResponseSpec]:
                 413: problem("The body is larger than MAX_BODY_BYTES"), 415: problem("The body is not application/json"),
                 429: limited(USER_BATCHES),
                 431: problem("The request headers are larger than MAX_HEADER_BYTES"),
-                503: problem("This replica is shutting down (see Retry-After)")}
+                503: problem(f"This replica is shutting down, or {LOG_NOT_TAKEN[0].lower()}{LOG_NOT_TAKEN[1:]}")}
     return {400: problem("An invalid query parameter (`status` must be an item status)"),
             401: problem("Neither the batch token nor a bearer token"),
             403: problem("The token is invalid, expired or for another batch, or the bearer is not the batch's creator"),
-            404: problem("No such batch, or it ended more than JOB_RETENTION_SECONDS ago")}
+            404: problem("No such batch, or it ended more than JOB_RETENTION_SECONDS ago"),
+            503: problem(LOG_503)}
 
 
 def batch_events_responses() -> dict[int, ResponseSpec]:
     return {**batch_responses(), 200: BATCH_SSE_RESPONSE, 429: limited(USER_STREAMS),
-            503: problem(STREAMS_503)}
+            503: problem(f"{STREAMS_503.removesuffix(' (see Retry-After)')}; or {LOG_503[0].lower()}{LOG_503[1:]}")}
 
 
 def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
@@ -132,16 +138,17 @@ def job_responses(create: bool = False) -> dict[int, ResponseSpec]:
                 413: problem("The body is larger than MAX_BODY_BYTES"), 415: problem("The body is not application/json"),
                 429: limited(TASK_RATE, CRM_READS),
                 431: problem("The request headers are larger than MAX_HEADER_BYTES"),
-                502: problem("CRM backend unavailable"), 503: problem("A circuit is open (see Retry-After)"),
+                502: problem("CRM backend unavailable"),
+                503: problem(f"A circuit is open, or {LOG_NOT_TAKEN[0].lower()}{LOG_NOT_TAKEN[1:]}"),
                 504: problem("CRM backend timeout")}
     return {401: problem("Neither a job token nor a bearer token"), 403: problem("The token is invalid, expired or for another job, "
             "or the CRM backend does not let the caller read the record"), 404: problem("No such job, or it expired"),
-            429: limited(f"{CRM_READS}, read with a bearer token")}
+            429: limited(f"{CRM_READS}, read with a bearer token"), 503: problem(LOG_503)}
 
 
 def job_events_responses() -> dict[int, ResponseSpec]:
     return {**job_responses(), 200: SSE_RESPONSE, 429: limited(USER_STREAMS, f"{CRM_READS}, read with a bearer token"),
-            503: problem(STREAMS_503)}
+            503: problem(f"{STREAMS_503.removesuffix(' (see Retry-After)')}; or {LOG_503[0].lower()}{LOG_503[1:]}")}
 
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")

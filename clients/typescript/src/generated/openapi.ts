@@ -637,7 +637,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description This replica is shutting down (see Retry-After) */
+            /** @description This replica is shutting down, or redis, which holds the job logs, did not take the new log within 5 s: nothing was started (see Retry-After) */
             503: {
                 headers: {
                     /** @description Seconds to wait before trying again */
@@ -721,6 +721,19 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description Redis, which holds the job logs, failed, or has no log for an id that may still be running (a restart or failover its runner repairs within JOB_LEASE_SECONDS): retry (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
         };
     };
     ApiV1AiBatchesBatchIdCancelBatch: {
@@ -781,6 +794,19 @@ export interface operations {
             /** @description No such batch, or it ended more than JOB_RETENTION_SECONDS ago */
             404: {
                 headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Redis, which holds the job logs, failed, or has no log for an id that may still be running (a restart or failover its runner repairs within JOB_LEASE_SECONDS): retry (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
                     /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
                     "X-Request-ID": string;
                     [name: string]: unknown;
@@ -878,7 +904,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description This replica has MAX_STREAMS event streams open; another replica may have room (see Retry-After) */
+            /** @description This replica has MAX_STREAMS event streams open; another replica may have room; or redis, which holds the job logs, failed, or has no log for an id that may still be running (a restart or failover its runner repairs within JOB_LEASE_SECONDS): retry (see Retry-After) */
             503: {
                 headers: {
                     /** @description Seconds to wait before trying again */
@@ -1761,7 +1787,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description A circuit is open (see Retry-After) */
+            /** @description A circuit is open, or redis, which holds the job logs, did not take the new log within 5 s: nothing was started (see Retry-After) */
             503: {
                 headers: {
                     /** @description Seconds to wait before trying again */
@@ -1880,6 +1906,19 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description Redis, which holds the job logs, failed, or has no log for an id that may still be running (a restart or failover its runner repairs within JOB_LEASE_SECONDS): retry (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
         };
     };
     ApiV1AiJobsJobIdEventsJobEventsRoute: {
@@ -1975,7 +2014,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description This replica has MAX_STREAMS event streams open; another replica may have room (see Retry-After) */
+            /** @description This replica has MAX_STREAMS event streams open; another replica may have room; or redis, which holds the job logs, failed, or has no log for an id that may still be running (a restart or failover its runner repairs within JOB_LEASE_SECONDS): retry (see Retry-After) */
             503: {
                 headers: {
                     /** @description Seconds to wait before trying again */
