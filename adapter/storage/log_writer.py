@@ -143,14 +143,16 @@ class LeasedWriter:
         up to `timeout` for them, through the writer's own retries. A 202 naming the log waits on this."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._written.get(entry.id, 0) < 1 and entry.id in self._owned:
+        # Not owned any more: its `done` was written and the log let go (a cache hit's, at once), or another
+        # replica took it over; either way it is in Redis.
+        while entry.id in self._owned and self._written.get(entry.id, 0) < 1:
             left = deadline - loop.time()
             if left <= 0:
                 return False
             await self.written(entry, left)  # back at once on a failed attempt: the writer retries by itself
-            if self._written.get(entry.id, 0) < 1:
+            if entry.id in self._owned and self._written.get(entry.id, 0) < 1:
                 await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
-        return self._written.get(entry.id, 0) >= 1
+        return True
 
     def _wake_waiters(self, log_id: str, *, failed: bool = False) -> None:
         waiters = self._waiters.get(log_id)
