@@ -14,7 +14,7 @@ import uuid
 
 import msgspec
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..settings import RedisTarget
 from .connect import Client, open_client
@@ -26,7 +26,8 @@ from ..models import DependencyState
 from ..stopping import cancel_and_wait
 
 log = structlog.get_logger("adapter.cache")
-FAULTS = (RedisError, OSError, asyncio.TimeoutError)
+# RedisClusterException is not a RedisError: a slot nobody serves yet, or a redirect loop mid-reshard.
+FAULTS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 RELEASE_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _EXTEND = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _OK, _ERR = b"\x01", b"\x00"
