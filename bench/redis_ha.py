@@ -96,9 +96,12 @@ async def _disrupted(kind: str, jobs: int, lease: float) -> dict[str, Any]:
 
 async def _many(jobs: int, lease: float, *, follow_only: bool) -> dict[str, Any]:
     """`jobs` jobs running on replica A, each read by one EventSource on replica B (B follows them all).
-    The model streams a token every 4 s for ~40 s; each token is its send time, so a reader on B
-    gives the delay from the model's token (A writes it at once) to B's SSE frame."""
-    gateway, crm = GatewayDouble(default="tokens", stream_tokens=10, token_interval=4.0), CrmDouble()
+    The model is held until every job is created and every reader connected (so all `jobs` run at
+    once for as long as that takes, their leases renewed by A), then streams 10 tokens 2 s apart;
+    each token is its send time, so a reader on B gives the delay from the model's token (A writes
+    it at once) to B's SSE frame."""
+    gateway, crm = GatewayDouble(default="tokens", stream_tokens=10, token_interval=2.0), CrmDouble()
+    gateway.gate = asyncio.Event()
     seed = crm.seed()
     seed["token"] = crm.token(seed["alice"], expires_in=3600)
     redis = RedisProcess()
@@ -135,11 +138,16 @@ async def _many(jobs: int, lease: float, *, follow_only: bool) -> dict[str, Any]
             await asyncio.gather(*(create(i) for i in range(jobs)))
             created_s = time.monotonic() - t0
             readers = [Reader([b.url], job["events_url"]) for job in made]
-            tasks = [asyncio.create_task(r.run(client, timeout=300)) for r in readers]
-            await asyncio.sleep(15)  # mid-run: every reader connected, the model streaming
+            tasks = [asyncio.create_task(r.run(client, timeout=900)) for r in readers]
+            t1 = time.monotonic()
+            for r in readers:  # every reader connected, with the job's first events (the model still held)
+                await r.until(lambda r=r: len(r.events) >= 1, 600, "every reader connected")
+            connected_s = time.monotonic() - t1
             pids = {"runner": a.proc.pid, "follower": b.proc.pid}
-            mid = {"connections": _connections([redis.port], pids), "follower_proc": _proc(b.proc.pid), "runner_proc": _proc(a.proc.pid)}
-            done, _ = await asyncio.wait(tasks, timeout=300)
+            mid = {"connections": _connections([redis.port], pids), "follower_proc": _proc(b.proc.pid), "runner_proc": _proc(a.proc.pid),
+                   "held_s": round(time.monotonic() - t0, 1), "readers_connected_s": round(connected_s, 1)}
+            gateway.gate.set()
+            done, _ = await asyncio.wait(tasks, timeout=600)
             delays = [e.wall - float(e.json["text"]) for r in readers for e in r.events if e.event == "delta"]
             lines = [line for r in replicas for line in r.lines]
             return {"bench": "followers" if follow_only else "takeovers", "jobs": jobs, "lease_s": lease, "created_s": round(created_s, 1),

