@@ -155,6 +155,9 @@ async def _many(jobs: int, lease: float, *, follow_only: bool) -> dict[str, Any]
                     "hung_readers": sum(1 for t in tasks if t not in done or t.exception() is not None),
                     "takeovers": _counts(lines, "job.taken_over"), "ownership_lost": _counts(lines, "job.ownership_lost"),
                     "lease_renewals_failed": _counts(lines, "job.lease_renewal_failed"),
+                    "lease_renewals_late": _counts(lines, "job.lease_renewal_late"),
+                    "longest_renewal_gap_s": max([float(line.get("since_renewed_s", 0)) for line in lines
+                                                  if line.get("event") == "job.lease_renewal_late"] or [0.0]),
                     "job_model_calls": sum("Streaming lead" in p for _, p in gateway.prompts), **mid,
                     "delay_ms": {"p50": round(percentile(delays, 50) * 1000, 1), "p99": round(percentile(delays, 99) * 1000, 1),
                                  "samples": len(delays)} if delays else None}

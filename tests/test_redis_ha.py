@@ -293,7 +293,8 @@ async def test_the_hub_follows_thousands_of_streams_on_a_handful_of_connections(
             assert [(s, [(e[0], e[1][b"e"]) for e in entries]) for s, entries in got] == [(keys[i], [(b"1-0", str(i).encode())])]
         assert (await twice.get(timeout=10))[0][0] == keys[7]
         named = [c for c in r.client_list() if c.get("name") == f"crm-ai-blocking-{os.getpid()}"]
-        assert hub.streams == 2500 and 3 <= len(named) <= 4  # three chunks (and a wake), not 2,500 connections
+        # Three chunks, each blocking on one connection, and at most one wake in flight per chunk: not 2,500.
+        assert hub.streams == 2500 and 3 <= len(named) <= 6
         late = hub.watch({f"{cache_prefix}:job:{{late}}:log": "0-0"})  # added while every chunk blocks
         r.xadd(f"{cache_prefix}:job:{{late}}:log", {"e": "x"}, id="1-0")
         assert (await late.get(timeout=0.9))  # sooner than a block: the wake stream ended the chunk's XREAD

@@ -99,9 +99,13 @@ class LeaseKeeper:
         self.renewals += 1
 
     async def _run(self) -> None:
-        # A third of the lease apart; a failed turn is retried quickly, and again, until one succeeds.
+        # A quarter of the lease apart; a failed turn is retried quickly, and again, until one succeeds.
         while self._held:
-            await asyncio.sleep(self.lease / 3)
+            await asyncio.sleep(self.lease / 4)
+            late = time.monotonic() - self.last_renewed
+            if late > self.lease / 2:
+                # Alive but slow (an event loop starved of CPU): a follower may read the lease as lapsed.
+                log.warning("job.lease_renewal_late", jobs=len(self._held), since_renewed_s=round(late, 2), lease_s=self.lease)
             delay = min(0.05, self.lease / 20)
             while self._held:
                 try:

@@ -65,6 +65,7 @@ class _Chunk:
         self.wake_key = wake_key
         self.wake_id = "$"
         self.task: asyncio.Task[None] | None = None
+        self.waking = False  # one wake in flight per chunk: a thousand watches added at once send one or two
 
 
 class StreamHub:
@@ -101,7 +102,8 @@ class StreamHub:
                     chunk.task = asyncio.create_task(self._run(chunk), name="job stream hub")
                     woken.discard(id(chunk))
         for chunk in self._chunks:
-            if id(chunk) in woken:
+            if id(chunk) in woken and not chunk.waking:
+                chunk.waking = True
                 asyncio.create_task(self._wake(chunk))  # it blocks on its old set: make it start again
         return w
 
@@ -115,6 +117,7 @@ class StreamHub:
                         chunk.streams.discard(key)
 
     async def _wake(self, chunk: _Chunk) -> None:
+        chunk.waking = False  # a stream added from here on needs a wake of its own
         try:
             async with self._r.pipeline(transaction=False) as pipe:
                 pipe.xadd(chunk.wake_key, {"w": "1"}, maxlen=10, approximate=True)
