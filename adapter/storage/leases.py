@@ -53,6 +53,7 @@ class LeaseKeeper:
     def hold(self, job_id: str) -> None:
         self._held.add(job_id)
         if self._task is None or self._task.done():
+            self.last_renewed = time.monotonic()  # nothing was held before: no turn is overdue
             self._task = asyncio.create_task(self._run(), name="job lease keeper")
 
     def release(self, job_id: str) -> None:
