@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 from urllib.parse import unquote, urlsplit
@@ -355,13 +355,14 @@ class RedisTarget:
 
     mode: RedisMode
     shown: str  # what `adapter check` and the start-up line print (passwords redacted)
-    url: str | None = None  # single: REDIS_URL as redis-py reads it
+    # Secrets stay out of repr(): a traceback or a log line showing the target never shows them.
+    url: str | None = field(default=None, repr=False)  # single: REDIS_URL as redis-py reads it
     hosts: tuple[tuple[str, int], ...] = ()
     master: str = ""
     db: int = 0
     username: str | None = None
-    password: str | None = None
-    sentinel_password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sentinel_password: str | None = field(default=None, repr=False)
     tls: bool = False
 
     @classmethod
