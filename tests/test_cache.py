@@ -261,7 +261,7 @@ async def test_hundred_requests_across_two_replicas_make_one_call(make_client, r
 
 
 @pytest.mark.redis
-@pytest.mark.redis_topologies
+@pytest.mark.redis_topologies("single", "sentinel")  # the Cluster's cold pools: as the test above says
 async def test_replicas_share_the_error_of_the_one_call(make_client, redis_settings, crm, seed, auth, gateway):
     gateway.push(LEAD_AGENT, "error_500")  # not retried: the gateway may have started the agent
     responses = await across_two_replicas(make_client, redis_settings(), crm, gateway, seed["leads"][0], auth, 10)
