@@ -78,7 +78,7 @@ def test_every_bad_variable_is_reported_in_words():
         "GATEWAY_READ_TIMEOUT": "must be a number more than 0, got '0'",
         "JOB_TOKEN_SECRET": "must be at least 32 characters long",  # a secret's value is never echoed
         "CRM_BACKEND_URL": "must be an absolute http(s) URL, got 'crm:8000'",
-        "REDIS_URL": "must be a redis://, rediss:// or unix:// URL",
+        "REDIS_URL": "must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL",
     }
     assert "\n" not in str(info.value) and "regex" not in str(info.value)
 
