@@ -23,13 +23,14 @@ from litestar.exceptions import NotFoundException
 from . import __version__
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
 from .metrics import Metrics
+from .notify.wiring import check_triggers, open_notifications
 from .pipeline.batches import Batches
 from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
 from .pipeline.service import AiService
 from .settings import Settings, redact_url
 from .stopping import cancel_and_wait
-from .storage.job_log import RedisJobLog
+from .storage.job_log import RedisJobLog, replica_id
 from .storage.memory import MemoryStore
 from .storage.quota import RunningBatches
 from .storage.ratelimit import CRM_READS, Policy, RateLimiter
@@ -153,6 +154,7 @@ def create_app(
     """
     tasks = tasks.load(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
     tasks.check_overrides({"CACHE_TTL_": settings.cache_ttl, "RATE_LIMIT_": settings.rate_limit})
+    check_triggers(settings, tasks)
     metrics = Metrics()
     tracing = Tracing(tracer_provider) if tracer_provider is not None else Tracing.from_env(os.environ)
 
@@ -190,6 +192,9 @@ def create_app(
                                 on_coalesced=lambda key: metrics.cache.labels(key.task, "coalesced").inc(),
                                 readers={t.name: t.reread for t in tasks.values()}, tampering=tampering)
             redis_store = cache_store if isinstance(cache_store, RedisStore) else None
+            notifier, deliveries = await open_notifications(
+                settings, stack, metrics, redis=redis_store.redis if redis_store else None,
+                signer=redis_store.signer if redis_store else None, tampering=tampering, consumer=replica_id(), clock=clock)
             limiter = RateLimiter(
                 {**{t.name: Policy.parse(settings.rate_limit_for(t), setting=f"RATE_LIMIT_{t.env_suffix}") for t in tasks.values()},
                  CRM_READS: Policy.parse(settings.crm_reads_per_user, setting="CRM_READS_PER_USER", what="CRM record reads", shared=False)},
@@ -197,7 +202,7 @@ def create_app(
             service = AiService(
                 tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics, clock=clock),
                 crm=crm.CrmClient(backend, settings, clock=clock, metrics=metrics),
-                cache=cache, settings=settings, metrics=metrics, limiter=limiter, tracing=tracing,
+                cache=cache, settings=settings, metrics=metrics, limiter=limiter, tracing=tracing, notifier=notifier,
             )
             app.state.service = service
             mirror = None
@@ -217,6 +222,8 @@ def create_app(
                                    "after the upstream pools; raise `ulimit -n` (nofile) to open more")
             app.state.streams = StreamSlots(settings.max_streams_per_user, max_streams, metrics.limit_refusals)
             batches.start_sweeper()
+            if deliveries is not None:
+                deliveries.start()
             stack.callback(batches.stop)
             metrics.watch_jobs(lambda: app.state.jobs.running)
             metrics.running_batches.set_function(lambda: batches.running)
@@ -237,7 +244,8 @@ def create_app(
             async def stop_background() -> None:
                 # First at shutdown, and awaited: a task still running when the Redis pools close would
                 # open a connection nobody closes (a cancel can be lost on Python 3.11: adapter/stopping.py).
-                left = await cancel_and_wait(lambda: [*cache.background(), *app.state.jobs.background(), *batches.background()],
+                left = await cancel_and_wait(lambda: [*cache.background(), *app.state.jobs.background(), *batches.background(),
+                                                             *(deliveries.background() if deliveries else [])],
                                              timeout=STOP_TIMEOUT)
                 if left:
                     log.warning("shutdown.tasks_left", tasks=sorted(t.get_name() for t in left), waited_s=STOP_TIMEOUT)

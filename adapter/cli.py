@@ -1,4 +1,4 @@
-"""The `adapter` command: serve, demo, openapi, check, agents sync."""
+"""The `adapter` command: serve, demo, openapi, check, agents sync, webhooks replay."""
 
 from __future__ import annotations
 
@@ -92,6 +92,36 @@ def cmd_agents_sync(_: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_webhooks_replay(_: argparse.Namespace) -> int:
+    """Move every dead letter back to the retry set, due now; the workers deliver them."""
+    from .app import redis_signer
+    from .notify.outbox import RedisOutbox
+    from .storage.redis_store import redis_client
+
+    settings = _settings()
+    if not settings.redis_url:
+        print("adapter: REDIS_URL is unset: without Redis the dead letters live in the sidecar's process, "
+              "and a restart dropped them", file=sys.stderr)
+        return 1
+    if problems := settings.serving_problems():
+        raise ConfigError(*problems)
+
+    async def run() -> int:
+        client = redis_client(settings.redis_url)  # type: ignore[arg-type]
+        try:
+            outbox = RedisOutbox(client, prefix=settings.cache_prefix, signer=redis_signer(settings))
+            dead = await outbox.dead()
+            moved = await outbox.replay()
+        finally:
+            await client.aclose()
+        for d in dead:
+            print(f"{d.event.id} {d.event.type} {d.sink} attempts={d.attempt} last error: {d.error}")
+        print(f"replayed {moved} dead letter(s)")
+        return 0
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapter", description="CRM AI sidecar for the Conductor Gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     agents_sub = agents.add_subparsers(dest="agents_command", required=True)
     agents_sub.add_parser("sync", help="create or update the three agents on the gateway from CONDUCTOR_AGENTS_DIR "
                           "(idempotent; prints created, updated or unchanged per agent)").set_defaults(func=cmd_agents_sync)
+    webhooks = sub.add_parser("webhooks", help="notification deliveries (webhooks and CRM notifications)")
+    webhooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    webhooks_sub.add_parser("replay", help="move every dead-lettered delivery back to the retry queue (REDIS_URL), "
+                            "printing each").set_defaults(func=cmd_webhooks_replay)
     sub.add_parser("check", help="validate the configuration and probe the gateway, the CRM backend and Redis"
                    ).set_defaults(func=cmd_check)
     return parser

@@ -378,6 +378,7 @@ class Batches:
         # Kept JOB_RETENTION_SECONDS from now, not from its BATCH_MAX_SECONDS deadline.
         job.expires = min(job.expires, ended.timestamp() + self.settings.job_retention_seconds)
         log.info("batch.done", batch_id=job.id, status=job.status, **counts)
+        await self.service.notifier.batch_finished(job.id, job.task, counts, cancelled, spec_of(job)["user"])
         if self.quota is not None:
             await self.quota.ended(spec_of(job)["user"], job.id)
         if self.mirror is not None:

@@ -20,6 +20,7 @@ from ..upstreams.crm import CrmClient
 from ..errors import AdapterError, InvalidAgentOutput
 from ..upstreams.gateway import GatewayClient, ProviderPlan
 from ..metrics import Metrics
+from ..notify.notifier import Notifier
 from ..storage.keys import CacheKey
 from ..storage.ratelimit import CRM_READS, RateLimiter
 from ..settings import Settings
@@ -58,6 +59,7 @@ class AiService:
         limiter: RateLimiter | None = None,
         today: Callable[[], dt.date] = _today,
         tracing: Tracing | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.tracing = tracing or Tracing()
         self.metrics = metrics or Metrics()
@@ -68,6 +70,8 @@ class AiService:
         self.cache = cache
         self.settings = settings
         self._today = today
+        # Notifications (adapter/notify): told of each record read and each fresh answer, nothing else.
+        self.notifier = notifier or Notifier.off(settings)
 
     async def prepare(self, task: Task, request: Any, authorization: str, user: str = "", *,
                       background: bool = False) -> Prepared:
@@ -80,6 +84,7 @@ class AiService:
         await self.admit_read(user, background=background)
         with self.tracing.span("crm.lookup", **{"crm.record.kind": task.record_kind, "crm.record.id": record_id}):
             record = await self.crm.get_record(task.record_kind, record_id, authorization)
+        self.notifier.remember(task, record_id, record)
         agent_input = task.render(record, request, self._today())
         return Prepared(task, record_id, agent_input, self.key_for(task, record_id, agent_input))
 
@@ -234,6 +239,8 @@ class AiService:
                 log.info("agent.output_repaired", agent=task.agent_id, attempts=attempt + 1)
             self.metrics.agent_output.labels(task.agent_id, "repaired" if attempt else "valid").inc()
             verdict.result.provider = plan.current
+            # The fresh-answer point: before the answer is stored, so a stored answer has its events in the outbox.
+            await self.notifier.answered(task, record_id, verdict.result)
             return verdict.result
         attempts = 1 + self.settings.agent_repair_attempts
         self.metrics.agent_output.labels(task.agent_id, "failed").inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -11,6 +12,7 @@ import msgspec
 from ..models import Inbound, ObjectId, Percent, Provider
 from .prompting import pick, task_input
 from .reading import Breach, Reader, Verdict, read_answer, show, words
+from ..notify.triggers import Finding, Trigger, shown
 from .registry import Task
 from .samples import EXAMPLE_LEAD_ID, EXAMPLE_REASONING, filler
 
@@ -150,6 +152,23 @@ def sample_answer(record: dict[str, Any], _request: dict[str, Any]) -> dict[str,
     }
 
 
+# --- notification triggers (adapter/notify) ------------------------------------------------------
+def _classification_changed(lead: Mapping[str, Any], result: LeadQualifyResult, _settings: Any) -> Finding | None:
+    before = lead.get("classification")
+    if result.classification == before:
+        return None
+    was = f" (was {shown(before, 10)})" if before else ""
+    return Finding(crm_type="lead_qualified", title=f"{'New ' if result.classification == 'Hot' else ''}{result.classification} lead",
+                   message=f"Lead {lead['label'] or 'without a name'} has been qualified as {result.classification}{was}",
+                   priority={"Hot": "high", "Warm": "medium"}.get(result.classification, "low"),  # type: ignore[arg-type]
+                   about={"classification": result.classification, "previous_classification": before, "score": result.score},
+                   key={"from": before, "to": result.classification})
+
+
+TRIGGERS = (Trigger("lead.classification_changed", _classification_changed, reads=("classification",), label_field="name",
+                    summary="the lead's classification differs from the one on the record; `high` when it became Hot"),)
+
+
 TASK = Task(
     name=NAME, agent_id=AGENT, record_kind="lead",
     request_type=LeadQualifyRequest, result_type=LeadQualifyResult,
@@ -168,4 +187,5 @@ TASK = Task(
         "bant": {"budget": "Series C funding", "authority": "VP of Sales", "need": "Asked for a demo", "timeline": "Unknown"}},
     sample_answer=sample_answer,
     write_back=write_back,
+    triggers=TRIGGERS,
 )

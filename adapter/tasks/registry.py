@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from ..notify.triggers import Trigger
 from ..settings import ConfigError
 from .reading import Breach, Verdict, rules
 
@@ -58,6 +59,8 @@ class Task:
     sample_answer: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     # Fields PATCHed onto the record after a fresh answer, with the caller's token (None: no write-back).
     write_back: Callable[[Any], dict[str, Any]] | None = None
+    # Notification triggers (adapter/notify/triggers.py), evaluated on every fresh answer.
+    triggers: tuple[Trigger, ...] = ()
     stream_summary: str = ""  # the stream route's; `Stream: <summary>` when empty
     version: str = field(default="unversioned")  # stamped by `Registry.load` from the agent's files
     _decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)

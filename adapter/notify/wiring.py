@@ -1,0 +1,65 @@
+"""Notifications as the app opens them: the outbox, the sinks, the notifier and the worker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import httpx
+import structlog
+
+from ..metrics import Metrics
+from ..settings import ConfigError, Settings, redact_url
+from ..storage.signing import Signer, Tampering
+from ..upstreams import transport
+from .notifier import Notifier
+from .outbox import MemoryOutbox, RedisOutbox
+from .sinks import CrmNotifications, Webhook
+from .worker import Worker
+
+log = structlog.get_logger("adapter.notify")
+
+
+def configured(settings: Settings) -> bool:
+    return bool(settings.crm_notifications_mongodb_uri or settings.webhook_targets[0])
+
+
+async def open_notifications(settings: Settings, stack: AsyncExitStack, metrics: Metrics, *, redis: object | None,
+                             signer: Signer | None, tampering: Tampering, consumer: str,
+                             clock: Callable[[], float] = time.time,
+                             webhook_http: httpx.AsyncClient | None = None) -> tuple[Notifier, Worker | None]:
+    """Nothing at all without a sink; else the outbox (Redis's when there is one) and a worker on this replica."""
+    if not configured(settings):
+        return Notifier.off(settings), None
+    if redis is not None and signer is not None:
+        outbox: RedisOutbox | MemoryOutbox = RedisOutbox(redis, prefix=settings.cache_prefix, signer=signer,  # type: ignore[arg-type]
+                                                         tampering=tampering, claim_idle=settings.notify_claim_idle_seconds,
+                                                         clock=clock)
+    else:
+        outbox = MemoryOutbox(clock=clock)
+    sinks = {}
+    if settings.crm_notifications_mongodb_uri:
+        crm = CrmNotifications(settings.crm_notifications_mongodb_uri, timeout=settings.webhook_timeout)
+        stack.push_async_callback(crm.aclose)
+        sinks[crm.name] = crm
+    urls, keys = settings.webhook_targets
+    if urls:
+        http = webhook_http or await stack.enter_async_context(transport.client(
+            base_url="", timeout=httpx.Timeout(settings.webhook_timeout),
+            limits=httpx.Limits(max_connections=64, keepalive_expiry=settings.upstream_keepalive_expiry)))
+        for url in urls:
+            hook = Webhook(url, keys, http, clock)
+            sinks[hook.name] = hook
+    log.info("notify.configured", durable=outbox.durable, sinks=sorted(sinks),
+             **({"mongodb": redact_url(settings.crm_notifications_mongodb_uri)} if settings.crm_notifications_mongodb_uri else {}))
+    return Notifier(outbox, settings, metrics, clock=clock), Worker(outbox, sinks, settings, metrics, consumer, clock=clock)
+
+
+def check_triggers(settings: Settings, tasks: object) -> None:
+    """NOTIFY_TRIGGERS_OFF must name triggers: a typo would leave one on that the operator meant off."""
+    from .triggers import BATCH_FINISHED
+
+    known = {t.name for task in tasks.values() for t in task.triggers} | {BATCH_FINISHED}  # type: ignore[attr-defined]
+    if wrong := sorted(settings.notify_off - known):
+        raise ConfigError(f"NOTIFY_TRIGGERS_OFF: {', '.join(wrong)} is no trigger (triggers: {', '.join(sorted(known))})")
