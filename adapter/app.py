@@ -23,7 +23,7 @@ from litestar.exceptions import NotFoundException
 from . import __version__
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
 from .metrics import Metrics
-from .notify.wiring import check_triggers, open_notifications
+from .notify.wiring import check_notifications, open_notifications
 from .pipeline.batches import Batches
 from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
@@ -154,7 +154,7 @@ def create_app(
     """
     tasks = tasks.load(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
     tasks.check_overrides({"CACHE_TTL_": settings.cache_ttl, "RATE_LIMIT_": settings.rate_limit})
-    check_triggers(settings, tasks)
+    check_notifications(settings, tasks)
     metrics = Metrics()
     tracing = Tracing(tracer_provider) if tracer_provider is not None else Tracing.from_env(os.environ)
 

@@ -289,9 +289,6 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
                 keys.append(base64.b64decode(secret.removeprefix("whsec_"), validate=True))
             except ValueError:
                 raise ValueError("WEBHOOK_SECRETS must be comma-separated `whsec_<base64>` secrets") from None
-        if urls and not keys:
-            raise ValueError("WEBHOOK_SECRETS: at least one `whsec_` secret is needed when WEBHOOK_URLS is set "
-                             "(every delivery is signed)")
         return urls, tuple(keys)
 
     @property

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -565,3 +566,53 @@ def deploy_tool(*names: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"none of {', '.join(names)} is installed: .ci/run installs them")
     pytest.skip(f"none of {', '.join(names)} is installed (.ci/run installs them)")
+
+
+# --- MongoDB: a real wire-protocol server (nx-27017, MongoDB's protocol over SQLite) ------------
+
+class MongoProcess:
+    """An nx-27017 server the test owns, on a free port with its own data directory; stopped by pid.
+
+    It is what the fidelity rig runs for the CRM backend's database (nx-27017 0.8.1 on neosqlite 1.17.2).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen | None = None
+        self._watcher = threading.Thread()
+
+    def uri(self, database: str = "conductor_dev") -> str:
+        return f"mongodb://127.0.0.1:{self.port}/{database}"
+
+    def start(self, timeout: float = 30) -> None:
+        exe = shutil.which("nx-27017", path=str(Path(sys.executable).parent)) or shutil.which("nx-27017")
+        if exe is None:
+            pytest.fail("nx-27017 is not installed: `pip install -e '.[test]'` brings it")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [exe, "--data-dir", str(self.data_dir), "--pid-file", str(self.data_dir / "nx.pid"),
+             "--log-file", str(self.data_dir / "nx.log"), "--host", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
+        # It logs this line once it accepts connections: read until it appears (a reader thread keeps the deadline).
+        ready = threading.Event()
+
+        def watch() -> None:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                if "Listening on" in line:
+                    ready.set()
+            ready.set()  # it exited
+
+        self._watcher = threading.Thread(target=watch, daemon=True)
+        self._watcher.start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError(f"nx-27017 did not start within {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self._watcher.join(10)  # it reads to the end of the output, which the kill closed
+            self.proc.stdout.close()  # type: ignore[union-attr]
+            self.proc = None

@@ -56,10 +56,14 @@ async def open_notifications(settings: Settings, stack: AsyncExitStack, metrics:
     return Notifier(outbox, settings, metrics, clock=clock), Worker(outbox, sinks, settings, metrics, consumer, clock=clock)
 
 
-def check_triggers(settings: Settings, tasks: object) -> None:
-    """NOTIFY_TRIGGERS_OFF must name triggers: a typo would leave one on that the operator meant off."""
+def check_notifications(settings: Settings, tasks: object) -> None:
+    """NOTIFY_TRIGGERS_OFF must name triggers (a typo would leave one on that the operator meant off);
+    webhooks need a secret (every delivery is signed)."""
     from .triggers import BATCH_FINISHED
 
+    urls, keys = settings.webhook_targets
+    if urls and not keys:
+        raise ConfigError("WEBHOOK_SECRETS: at least one `whsec_` secret is needed when WEBHOOK_URLS is set (every delivery is signed)")
     known = {t.name for task in tasks.values() for t in task.triggers} | {BATCH_FINISHED}  # type: ignore[attr-defined]
     if wrong := sorted(settings.notify_off - known):
         raise ConfigError(f"NOTIFY_TRIGGERS_OFF: {', '.join(wrong)} is no trigger (triggers: {', '.join(sorted(known))})")

@@ -26,7 +26,8 @@ from .triggers import Event
 
 log = structlog.get_logger("adapter.notify")
 DELIVERIES_AT_ONCE = 32
-READ_BLOCK_MS = 1_000  # how long a read waits for new events: retries that fall due wait at most this
+READ_BLOCK_MS = 400  # how long a read waits for new events (retries that fall due wait at most this); below
+# the Redis client's socket timeout (1 s, storage/redis_store.py), which would otherwise cut every idle read
 FAULT_PAUSE = 1.0  # after Redis failed a read
 
 
