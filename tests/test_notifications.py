@@ -325,3 +325,132 @@ async def test_the_crm_sink_keeps_one_document_per_event(database):
         await sink.aclose()
     [doc] = [d async for d in notifications.find({})]
     assert doc["_id"] == ObjectId("ab" * 12)
+
+
+async def test_a_finished_batch_notifies_its_creator(make_client, crm, database, redis_url, cache_prefix):
+    uri, notifications = database
+    alice = crm.add_user()
+    leads = [hot_lead(crm, alice), hot_lead(crm, alice), crm.add_lead(alice, name="Cold one", classification="Cold")]
+    auth = {"Authorization": f"Bearer {crm.token(alice)}"}
+    # The creator is known as a CRM user only through a verified token (CRM_JWT_SECRET): never an unverified claim.
+    settings = notify_settings(redis_url, cache_prefix, uri, None, crm_jwt_secret=crm.secret)
+    async with make_client(settings=settings) as client:
+        batch = (await client.post("/api/v1/ai/batches", json={"task": "lead.qualify", "ids": leads}, headers=auth)).json()
+        events = (await client.get(batch["events_url"])).text
+        assert "event: done" in events
+        await until(lambda: _count_is(notifications, 3), 15, "two leads' notifications and the batch's")
+        await until(lambda: drained(redis_url, cache_prefix), 15, "an empty outbox")
+    docs = {d["type"]: d for d in [d async for d in notifications.find({})]}
+    assert sorted(d["entity_id"] for d in [d async for d in notifications.find({"type": "lead_qualified"})]) == sorted(
+        ObjectId(i) for i in leads[:2])  # the cold lead stayed Cold: no change, no notification
+    done = docs["batch_completed"]
+    assert done["user_id"] == ObjectId(alice) and "entity_id" not in done and "entity_type" not in done
+    assert done["message"] == "Your lead.qualify batch finished: 3 succeeded, 0 failed" and done["priority"] == "low"
+
+
+async def test_a_deal_dropping_notifies_and_a_trigger_switched_off_does_not(make_client, crm, database, redis_url, cache_prefix):
+    uri, notifications = database
+    alice = crm.add_user()
+    # The sample model answers 50 % and health 65 for a deal in `proposal`, and names "No decision maker identified".
+    deal = crm.add_deal(alice, title="Fleet rollout", stage="proposal", probability=80, ai_score=70)
+    auth = {"Authorization": f"Bearer {crm.token(alice)}"}
+    settings = notify_settings(redis_url, cache_prefix, uri, None, notify_triggers_off="deal.high_risk")
+    async with make_client(settings=settings) as client:
+        r = await client.post("/api/v1/ai/deal/predict", json={"deal_id": deal}, headers=auth)
+        assert r.status_code == 200 and "No decision maker identified" in r.json()["risk_factors"]
+        await until(lambda: _count_is(notifications, 1), 15, "the drop's notification")
+        await until(lambda: drained(redis_url, cache_prefix), 15, "an empty outbox")
+    [doc] = [d async for d in notifications.find({})]
+    assert (doc["type"], doc["priority"], doc["entity_type"]) == ("deal_at_risk", "high", "deal")
+    assert doc["message"] == "Deal Fleet rollout: win probability 80 → 50"  # health 70 -> 65 is within the 15 points
+
+
+def test_the_deal_triggers_read_their_thresholds_from_the_settings():
+    from adapter.tasks.deal_predict import TRIGGERS, DealPredictResult
+
+    dropped, risky = TRIGGERS
+    result = DealPredictResult(deal_id="d", agent="a", win_probability=40, health_score=30, predicted_close_date=None,
+                               risk_factors=["Competitor offered a discount", "Slow legal review"],
+                               recommended_actions=["x"], reasoning="r")
+    facts = {"probability": 60, "ai_score": 45, "risk_factors": ["slow legal review"], "label": "D"}
+    assert dropped.check(facts, result, make_settings(notify_deal_drop_points=15)).about == {
+        "win_probability": {"previous": 60, "now": 40}}
+    assert dropped.check(facts, result, make_settings(notify_deal_drop_points=20)) is None  # a drop of 20 is not more than 20
+    found = risky.check(facts, result, make_settings())
+    assert found.about == {"risk_factors": ["Competitor offered a discount"]}  # the legal one was on the record already
+    assert risky.check(facts, result, make_settings(notify_deal_risk_words="churn")) is None
+
+
+@pytest.mark.parametrize(("env", "problem"), [
+    ({"WEBHOOK_SECRETS": "not-a-whsec"}, "WEBHOOK_SECRETS: must be comma-separated `whsec_<base64>` secrets"),
+    ({"WEBHOOK_URLS": "ftp://hooks.example"}, "WEBHOOK_URLS: must hold absolute http(s) URLs"),
+    ({"CRM_NOTIFICATIONS_MONGODB_URI": "mongodb://u:pw@db:27017"}, "CRM_NOTIFICATIONS_MONGODB_URI: must be a mongodb:// URL naming the CRM backend's database"),
+])
+def test_notification_settings_are_checked_at_start_up(env, problem):
+    from adapter.settings import ConfigError, Settings
+
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert problem in str(caught.value) and "pw" not in str(caught.value)
+
+
+def test_webhooks_without_a_secret_or_an_unknown_trigger_stop_start_up():
+    from adapter.app import create_app
+    from adapter.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="WEBHOOK_SECRETS: at least one"):
+        create_app(make_settings(webhook_urls="http://hooks.example/in"))
+    with pytest.raises(ConfigError, match="NOTIFY_TRIGGERS_OFF: lead.hot is no trigger"):
+        create_app(make_settings(notify_triggers_off="lead.hot"))
+
+
+async def test_a_tampered_delivery_is_dropped_and_only_configured_urls_are_contacted(
+        make_client, crm, redis_url, cache_prefix):
+    """What Redis holds names a sink by a digest of its URL: a forged entry can neither be delivered nor send the
+    sidecar anywhere else."""
+    receiver = Receiver()
+    async with receiving(receiver) as hook:
+        async with make_client(settings=notify_settings(redis_url, cache_prefix, None, hook)) as client:
+            async with aioredis.Redis.from_url(redis_url) as r:
+                forged = (b'{"event":{"id":"msg_' + b"0" * 24 + b'","type":"x","crm_type":"x","user_id":null,"title":"t",'
+                          b'"message":"m","priority":"low"},"sink":"webhook:0","attempt":1,"first":0}')
+                await r.zadd(f"{cache_prefix}:notify:retry", {forged: 0})
+                await until(lambda: drained(redis_url, cache_prefix), 15, "the forged delivery dropped")
+            text = (await client.get("/metrics")).text
+    assert receiver.received == []
+    assert metric(text, "crm_ai_cache_tampered_total", kind="notify-retry") == 1
+
+
+async def test_the_double_serves_the_backends_notification_routes(crm, database):
+    uri, notifications = database
+    alice, bob = crm.add_user(), crm.add_user()
+    sink = CrmNotifications(uri)
+    ids = []
+    try:
+        for n in range(3):
+            event = Event(id=f"msg_{n:024x}", type="t", crm_type="lead_qualified", user_id=alice, title=f"T{n}", message="m",
+                          priority="high", entity_type="lead", entity_id="65f1c0ffee0000000000a002", created_at=1_800_000_000.0 + n)
+            assert await sink.send(event) is None
+            ids.append(f"{n:024x}")
+    finally:
+        await sink.aclose()
+    alice_auth, bob_auth = ({"Authorization": f"Bearer {crm.token(u)}"} for u in (alice, bob))
+    async with asgi_client(crm.app, "http://crm.test") as backend:
+        assert (await backend.get("/api/v1/notifications", headers=alice_auth)).status_code == 307
+        listed = (await backend.get("/api/v1/notifications/?limit=2", headers=alice_auth)).json()
+        assert [i["title"] for i in listed["items"]] == ["T2", "T1"]  # newest first
+        assert (listed["total"], listed["unread_count"], listed["skip"], listed["limit"]) == (3, 3, 0, 2)
+        item = listed["items"][0]
+        assert list(item) == ["_id", "created_at", "updated_at", "user_id", "type", "title", "message", "priority",
+                              "entity_type", "entity_id", "read", "read_at", "delivered_email", "delivered_push"]
+        assert item["created_at"] == "2027-01-15T08:00:02" and item["user_id"] == alice
+        assert (await backend.get("/api/v1/notifications/", headers=bob_auth)).json()["total"] == 0
+        assert (await backend.delete(f"/api/v1/notifications/{ids[0]}", headers=bob_auth)).status_code == 403
+        assert (await backend.delete(f"/api/v1/notifications/{ids[0]}", headers=alice_auth)).status_code == 204
+        assert (await backend.delete(f"/api/v1/notifications/{ids[0]}", headers=alice_auth)).status_code == 404
+        assert (await backend.delete("/api/v1/notifications/nope", headers=alice_auth)).status_code == 500
+        marked = await backend.post("/api/v1/notifications/mark-all-read", headers=alice_auth)
+        assert marked.json() == {"message": "Marked 2 notifications as read"}
+        # The backend stores `read_at` as a datetime its own model refuses: every list holding one is a 500.
+        assert (await backend.get("/api/v1/notifications/", headers=alice_auth)).status_code == 500
+        assert (await backend.patch(f"/api/v1/notifications/{ids[1]}/read", headers=bob_auth)).status_code == 500
