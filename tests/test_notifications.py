@@ -454,3 +454,18 @@ async def test_the_double_serves_the_backends_notification_routes(crm, database)
         # The backend stores `read_at` as a datetime its own model refuses: every list holding one is a 500.
         assert (await backend.get("/api/v1/notifications/", headers=alice_auth)).status_code == 500
         assert (await backend.patch(f"/api/v1/notifications/{ids[1]}/read", headers=bob_auth)).status_code == 500
+
+
+async def test_without_redis_the_outbox_lives_in_the_process(make_client, crm):
+    alice = crm.add_user()
+    lead = hot_lead(crm, alice)
+    receiver = Receiver(script=[500])
+    async with receiving(receiver) as hook:
+        settings = make_settings(webhook_urls=hook, webhook_secrets=SECRET, webhook_retry_base_delay=0.05)
+        async with make_client(settings=settings) as client:
+            r = await client.post(QUALIFY, json={"lead_id": lead}, headers={"Authorization": f"Bearer {crm.token(alice)}"})
+            assert r.status_code == 200
+            await receiver.until(receiver.delivered, 15, "the delivery after one retry")
+    [(headers, body)] = receiver.delivered()
+    assert verify(headers, body)["data"]["entity_id"] == lead
+    assert [status for _, _, status in receiver.received] == [500, 204]
