@@ -118,7 +118,7 @@ class RedisOutbox:
         entries: list[Any] = []
         claimed = await self.redis.xautoclaim(self.stream, GROUP, consumer, int(self.claim_idle * 1000),
                                               start_id=self._claim_from, count=count)
-        self._claim_from = claimed[0] if claimed[0] not in (b"0-0", "0-0") else "0-0"
+        self._claim_from = claimed[0]  # where the next scan goes on ("0-0" once it went round)
         entries.extend(e for e in claimed[1] if e and e[1])
         if not entries:
             got = await self.redis.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms)
@@ -209,6 +209,15 @@ class RedisOutbox:
         except ResponseError:
             return 0
 
+    async def prune(self, idle: float) -> int:
+        """Forget consumers (replicas gone) that hold nothing and were idle this long: every start adds one."""
+        await self._ensure_group()
+        gone = 0
+        for c in await self.redis.xinfo_consumers(self.stream, GROUP):
+            if c["pending"] == 0 and c["idle"] > idle * 1000:
+                gone += await self.redis.xgroup_delconsumer(self.stream, GROUP, c["name"]) == 0
+        return gone
+
 
 class MemoryOutbox:
     """The outbox of an app without Redis: one process, nothing survives a restart."""
@@ -280,3 +289,6 @@ class MemoryOutbox:
 
     async def pending(self) -> int:
         return len(self._queue)
+
+    async def prune(self, idle: float) -> int:
+        return 0

@@ -29,6 +29,8 @@ DELIVERIES_AT_ONCE = 32
 READ_BLOCK_MS = 400  # how long a read waits for new events (retries that fall due wait at most this); below
 # the Redis client's socket timeout (1 s, storage/redis_store.py), which would otherwise cut every idle read
 FAULT_PAUSE = 1.0  # after Redis failed a read
+PRUNE_EVERY = 300.0  # seconds between two looks for consumers of replicas long gone
+PRUNE_IDLE = 3_600.0  # a consumer idle this long with nothing pending is a replica that is gone
 
 
 class Sink(Protocol):
@@ -66,8 +68,12 @@ class Worker:
 
     async def _run(self) -> None:
         faulted = False
+        next_prune = time.monotonic() + PRUNE_EVERY
         while True:
             try:
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_EVERY
+                    await self.outbox.prune(PRUNE_IDLE)
                 for entry_id, event in await self.outbox.read(self.consumer, DELIVERIES_AT_ONCE, READ_BLOCK_MS):
                     await self._spawn(self._first(entry_id, event))
                 for member, delivery in await self.outbox.due(DELIVERIES_AT_ONCE, self.settings.notify_claim_idle_seconds):
