@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from contextvars import ContextVar
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,11 @@ from .triggers import Event, Trigger, batch_finished, event_id, object_id, shown
 
 log = structlog.get_logger("adapter.notify")
 REMEMBER = 10_000  # records whose facts are kept between their read and their answer, per process
+# The facts of the record this request (or job) read last. A model call runs in a task created after
+# the read, which starts with a copy of this context: the answer is evaluated against the very read
+# that led to it, even while other requests read the same record. Batches read every record first and
+# ask later, in other tasks: they fall back on the record's latest facts (`Notifier._facts`).
+_READ: ContextVar[tuple[str, str, dict[str, Any]] | None] = ContextVar("notify_read", default=None)
 
 
 class Notifier:
@@ -51,14 +57,19 @@ class Notifier:
         facts.update(owner=object_id(record.get("owner_id")), version=str(record.get("updated_at") or ""),
                      label=shown(record.get(triggers[0].label_field)))
         key = (task.name, record_id)
+        _READ.set((task.name, record_id, facts))
         self._facts[key] = facts
         self._facts.move_to_end(key)
         if len(self._facts) > REMEMBER:
             self._facts.popitem(last=False)
 
     async def answered(self, task: Any, record_id: str, result: Any) -> None:
-        if not self.on or (facts := self._facts.get((task.name, record_id))) is None:
-            return  # no sink, no trigger, or a record this replica did not read (a job taken over)
+        if not self.on:
+            return
+        read = _READ.get()
+        facts = read[2] if read is not None and read[:2] == (task.name, record_id) else self._facts.get((task.name, record_id))
+        if facts is None:
+            return  # no trigger, or a record this replica did not read (a job taken over)
         for trigger in getattr(task, "triggers", ()):
             if trigger.name in self._off or (found := trigger.check(facts, result, self.settings)) is None:
                 continue
