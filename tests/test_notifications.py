@@ -469,3 +469,13 @@ async def test_without_redis_the_outbox_lives_in_the_process(make_client, crm):
     [(headers, body)] = receiver.delivered()
     assert verify(headers, body)["data"]["entity_id"] == lead
     assert [status for _, _, status in receiver.received] == [500, 204]
+
+
+def test_the_readme_lists_every_trigger():
+    from adapter.notify.triggers import BATCH_FINISHED
+    from adapter.tasks import TASKS
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    names = [t.name for task in TASKS.values() for t in task.triggers] + [BATCH_FINISHED]
+    assert [n for n in names if f"| `{n}` |" not in readme] == []

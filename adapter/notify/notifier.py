@@ -71,7 +71,14 @@ class Notifier:
         if facts is None:
             return  # no trigger, or a record this replica did not read (a job taken over)
         for trigger in getattr(task, "triggers", ()):
-            if trigger.name in self._off or (found := trigger.check(facts, result, self.settings)) is None:
+            if trigger.name in self._off:
+                continue
+            try:
+                found = trigger.check(facts, result, self.settings)
+            except Exception as exc:  # a trigger's bug must not fail the answer it looks at
+                log.error("notify.trigger_failed", type=trigger.name, exc_info=exc)
+                continue
+            if found is None:
                 continue
             event = Event(id=event_id(trigger.name, task.record_kind, record_id, facts["version"], dict(found.key)),
                           type=trigger.name, crm_type=found.crm_type, user_id=facts["owner"], title=found.title,

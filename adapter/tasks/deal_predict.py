@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 
 from ..models import Inbound, ObjectId, Percent, Provider
+from ..notify.triggers import ABOUT_MAX, Finding, Trigger, shown
 from .prompting import days_since, pick, task_input
 from .reading import Breach, Reader, Verdict, read_answer, words
-from ..notify.triggers import ABOUT_MAX, Finding, Trigger, shown
 from .registry import Task
 from .samples import EXAMPLE_DEAL_ID, EXAMPLE_REASONING, filler
 

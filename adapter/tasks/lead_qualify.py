@@ -10,9 +10,9 @@ from typing import Any, Literal
 import msgspec
 
 from ..models import Inbound, ObjectId, Percent, Provider
+from ..notify.triggers import Finding, Trigger, shown
 from .prompting import pick, task_input
 from .reading import Breach, Reader, Verdict, read_answer, show, words
-from ..notify.triggers import Finding, Trigger, shown
 from .registry import Task
 from .samples import EXAMPLE_LEAD_ID, EXAMPLE_REASONING, filler
 
