@@ -113,17 +113,23 @@ class RedisOutbox:
         self._group_ready = True
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[bytes, Event]]:
-        """Entries of dead consumers first (idle past NOTIFY_CLAIM_IDLE_SECONDS), then new ones."""
+        """New entries, waiting up to `block_ms` for one."""
         await self._ensure_group()
         entries: list[Any] = []
+        got = await self.redis.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms)
+        for _, items in got or []:
+            entries.extend(items)
+        return await self._events(entries)
+
+    async def claim(self, consumer: str, count: int) -> list[tuple[bytes, Event]]:
+        """Entries other consumers read and left unacknowledged for NOTIFY_CLAIM_IDLE_SECONDS (they died)."""
+        await self._ensure_group()
         claimed = await self.redis.xautoclaim(self.stream, GROUP, consumer, int(self.claim_idle * 1000),
                                               start_id=self._claim_from, count=count)
         self._claim_from = claimed[0]  # where the next scan goes on ("0-0" once it went round)
-        entries.extend(e for e in claimed[1] if e and e[1])
-        if not entries:
-            got = await self.redis.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms)
-            for _, items in got or []:
-                entries.extend(items)
+        return await self._events([e for e in claimed[1] if e and e[1]])
+
+    async def _events(self, entries: list[Any]) -> list[tuple[bytes, Event]]:
         out = []
         for entry_id, fields in entries:
             raw = fields.get(b"e") or fields.get("e") or b""
@@ -256,6 +262,9 @@ class MemoryOutbox:
                 return []
         taken, self._queue = self._queue[:count], self._queue[count:]
         return taken
+
+    async def claim(self, consumer: str, count: int) -> list[tuple[int, Event]]:
+        return []  # one process: nobody else could have read an entry
 
     async def done(self, entry_id: int, retries: list[tuple[Delivery, float]] = ()) -> None:  # type: ignore[assignment]
         for delivery, due in retries:

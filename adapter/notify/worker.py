@@ -29,6 +29,7 @@ DELIVERIES_AT_ONCE = 32
 READ_BLOCK_MS = 400  # how long a read waits for new events (retries that fall due wait at most this); below
 # the Redis client's socket timeout (1 s, storage/redis_store.py), which would otherwise cut every idle read
 FAULT_PAUSE = 1.0  # after Redis failed a read
+RETRY_LOOK_EVERY = 0.25  # seconds between two looks for retries that fell due
 PRUNE_EVERY = 300.0  # seconds between two looks for consumers of replicas long gone
 PRUNE_IDLE = 3_600.0  # a consumer idle this long with nothing pending is a replica that is gone
 
@@ -68,16 +69,27 @@ class Worker:
 
     async def _run(self) -> None:
         faulted = False
-        next_prune = time.monotonic() + PRUNE_EVERY
+        now = time.monotonic()
+        # Claims and retries are looked for on a clock, not on every read: under load a read returns a
+        # few entries at a time, and two more round trips per read were most of a notification's CPU.
+        next_prune, next_claim, next_due = now + PRUNE_EVERY, now, now
+        claim_every = min(max(self.settings.notify_claim_idle_seconds / 4, 0.1), 5.0)
         while True:
             try:
-                if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + PRUNE_EVERY
+                now = time.monotonic()
+                if now >= next_prune:
+                    next_prune = now + PRUNE_EVERY
                     await self.outbox.prune(PRUNE_IDLE)
+                if now >= next_claim:
+                    next_claim = now + claim_every
+                    for entry_id, event in await self.outbox.claim(self.consumer, DELIVERIES_AT_ONCE):
+                        await self._spawn(self._first(entry_id, event))
                 for entry_id, event in await self.outbox.read(self.consumer, DELIVERIES_AT_ONCE, READ_BLOCK_MS):
                     await self._spawn(self._first(entry_id, event))
-                for member, delivery in await self.outbox.due(DELIVERIES_AT_ONCE, self.settings.notify_claim_idle_seconds):
-                    await self._spawn(self._again(member, delivery))
+                if time.monotonic() >= next_due:
+                    next_due = time.monotonic() + RETRY_LOOK_EVERY
+                    for member, delivery in await self.outbox.due(DELIVERIES_AT_ONCE, self.settings.notify_claim_idle_seconds):
+                        await self._spawn(self._again(member, delivery))
                 if faulted:
                     faulted = False
                     log.info("notify.outbox_recovered")
