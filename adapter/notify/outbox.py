@@ -137,16 +137,16 @@ class RedisOutbox:
                 out.append((entry_id, _dec_event(self.signer.unseal(self.stream, raw))))
             except (Tampered, msgspec.DecodeError) as exc:
                 self.tampering("notify-outbox", self.stream, getattr(exc, "reason", "not-an-event"), raw, effect="dropped")
-                await self.done(entry_id)
+                await self.done([entry_id])
         return out
 
-    async def done(self, entry_id: bytes, retries: list[tuple[Delivery, float]] = ()) -> None:  # type: ignore[assignment]
-        """The entry is handled: each sink has the event, or a retry is scheduled (in the same step)."""
+    async def done(self, entry_ids: list[bytes], retries: list[tuple[Delivery, float]] = ()) -> None:  # type: ignore[assignment]
+        """The entries are handled: each sink has their events, or a retry is scheduled (in the same step)."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            for delivery, due in retries:
-                pipe.zadd(self.retry_key, {self._seal_delivery(delivery): due})
-            pipe.xack(self.stream, GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
+            if retries:
+                pipe.zadd(self.retry_key, {self._seal_delivery(delivery): due for delivery, due in retries})
+            pipe.xack(self.stream, GROUP, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
             await pipe.execute()
 
     def _seal_delivery(self, delivery: Delivery) -> bytes:
@@ -266,7 +266,7 @@ class MemoryOutbox:
     async def claim(self, consumer: str, count: int) -> list[tuple[int, Event]]:
         return []  # one process: nobody else could have read an entry
 
-    async def done(self, entry_id: int, retries: list[tuple[Delivery, float]] = ()) -> None:  # type: ignore[assignment]
+    async def done(self, entry_ids: list[int], retries: list[tuple[Delivery, float]] = ()) -> None:  # type: ignore[assignment]
         for delivery, due in retries:
             self._next += 1
             heapq.heappush(self._retry, (due, self._next, delivery))
@@ -280,7 +280,7 @@ class MemoryOutbox:
 
     async def settle(self, member: int, *, again: tuple[Delivery, float] | None = None, dead: Delivery | None = None) -> None:
         if again is not None:
-            await self.done(0, [again])
+            await self.done([], [again])
         if dead is not None:
             self.dead_letters.insert(0, dead)
 
@@ -292,7 +292,7 @@ class MemoryOutbox:
 
     async def replay(self) -> int:
         now, moved = self._clock(), len(self.dead_letters)
-        await self.done(0, [(Delivery(event=d.event, sink=d.sink, attempt=0, first=now), now) for d in self.dead_letters])
+        await self.done([], [(Delivery(event=d.event, sink=d.sink, attempt=0, first=now), now) for d in self.dead_letters])
         self.dead_letters.clear()
         return moved
 

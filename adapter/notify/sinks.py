@@ -1,11 +1,13 @@
 """The two sinks: the CRM's own `notifications` collection, and Standard Webhooks.
 
-A sink's `send` returns None when the event is delivered (or already was) and the failure's
-words otherwise; the worker retries it. Neither raises for a fault of the other side.
+A sink's `send` takes the events the worker read together and returns, for each, None when it is
+delivered (or already was) and the failure's words otherwise; the worker retries those. Neither
+raises for a fault of the other side.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -13,16 +15,17 @@ import hmac
 import time
 from collections.abc import Callable
 
-import httpx
+import aiohttp
 import structlog
 from bson import ObjectId
 from pymongo import AsyncMongoClient
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from .triggers import Event
 
 log = structlog.get_logger("adapter.notify")
 CRM = "crm"
+DUPLICATE_KEY = 11000  # MongoDB's code: the event's document is there already (exactly one per event)
 
 
 class CrmNotifications:
@@ -59,14 +62,17 @@ class CrmNotifications:
     def wants(self, event: Event) -> bool:
         return event.user_id is not None  # a CRM notification needs its user (a batch creator is known only by `sub`)
 
-    async def send(self, event: Event) -> str | None:
+    async def send(self, events: list[Event]) -> list[str | None]:
+        """One unordered insert of them all: a document already there (duplicate key) counts as delivered."""
         try:
-            await self.collection.insert_one(self.document(event))
-        except DuplicateKeyError:
-            return None  # this event's document is there already: exactly one per event
+            await self.collection.insert_many([self.document(e) for e in events], ordered=False)
+        except BulkWriteError as exc:
+            failed = {w["index"]: w for w in exc.details.get("writeErrors", []) if w.get("code") != DUPLICATE_KEY}
+            return [f"{failed[i].get('code')}: {failed[i].get('errmsg', '')}"[:300] if i in failed else None
+                    for i in range(len(events))]
         except PyMongoError as exc:
-            return f"{type(exc).__name__}: {exc}"[:300]
-        return None
+            return [f"{type(exc).__name__}: {exc}"[:300]] * len(events)
+        return [None] * len(events)
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -83,10 +89,18 @@ def sign(keys: tuple[bytes, ...], msg_id: str, timestamp: int, body: bytes) -> s
     return " ".join("v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode() for key in keys)
 
 
+def webhook_session(timeout: float, keepalive: float) -> aiohttp.ClientSession:
+    """aiohttp itself, not httpx over it: building httpx's request was most of a delivery's CPU.
+    No cookie jar: one receiver's cookie must never go back to it, nor to another."""
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), cookie_jar=aiohttp.DummyCookieJar(),
+                                 connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=keepalive),
+                                 auto_decompress=False)
+
+
 class Webhook:
     """One configured URL. Redirects are not followed: a 3xx is a failure, not a new destination."""
 
-    def __init__(self, url: str, keys: tuple[bytes, ...], http: httpx.AsyncClient, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, url: str, keys: tuple[bytes, ...], http: aiohttp.ClientSession, clock: Callable[[], float] = time.time) -> None:
         self.url = url
         self.name = sink_name(url)
         self.keys = keys
@@ -96,15 +110,18 @@ class Webhook:
     def wants(self, event: Event) -> bool:
         return True
 
-    async def send(self, event: Event) -> str | None:
+    async def send(self, events: list[Event]) -> list[str | None]:
+        return list(await asyncio.gather(*(self._post(e) for e in events)))
+
+    async def _post(self, event: Event) -> str | None:
         body = event.webhook_body()
         stamp = int(self._clock())
         headers = {"webhook-id": event.id, "webhook-timestamp": str(stamp),
                    "webhook-signature": sign(self.keys, event.id, stamp, body), "content-type": "application/json"}
         try:
-            response = await self.http.post(self.url, content=body, headers=headers, follow_redirects=False)
-        except httpx.HTTPError as exc:
+            async with self.http.post(self.url, data=body, headers=headers, allow_redirects=False) as response:
+                status = response.status
+                response.release()  # its body is never read: an unread one closes the connection instead of queueing
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
-        if 200 <= response.status_code < 300:
-            return None
-        return f"HTTP {response.status_code}"
+        return None if 200 <= status < 300 else f"HTTP {status}"

@@ -6,16 +6,14 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
-import httpx
 import structlog
 
 from ..metrics import Metrics
 from ..settings import ConfigError, Settings, redact_url
 from ..storage.signing import Signer, Tampering
-from ..upstreams import transport
 from .notifier import Notifier
 from .outbox import MemoryOutbox, RedisOutbox
-from .sinks import CrmNotifications, Webhook
+from .sinks import CrmNotifications, Webhook, webhook_session
 from .worker import Worker
 
 log = structlog.get_logger("adapter.notify")
@@ -27,8 +25,7 @@ def configured(settings: Settings) -> bool:
 
 async def open_notifications(settings: Settings, stack: AsyncExitStack, metrics: Metrics, *, redis: object | None,
                              signer: Signer | None, tampering: Tampering, consumer: str,
-                             clock: Callable[[], float] = time.time,
-                             webhook_http: httpx.AsyncClient | None = None) -> tuple[Notifier, Worker | None]:
+                             clock: Callable[[], float] = time.time) -> tuple[Notifier, Worker | None]:
     """Nothing at all without a sink; else the outbox (Redis's when there is one) and a worker on this replica."""
     if not configured(settings):
         return Notifier.off(settings), None
@@ -45,9 +42,8 @@ async def open_notifications(settings: Settings, stack: AsyncExitStack, metrics:
         sinks[crm.name] = crm
     urls, keys = settings.webhook_targets
     if urls:
-        http = webhook_http or await stack.enter_async_context(transport.client(
-            base_url="", timeout=httpx.Timeout(settings.webhook_timeout),
-            limits=httpx.Limits(max_connections=64, keepalive_expiry=settings.upstream_keepalive_expiry)))
+        http = webhook_session(settings.webhook_timeout, settings.upstream_keepalive_expiry)
+        stack.push_async_callback(http.close)
         for url in urls:
             hook = Webhook(url, keys, http, clock)
             sinks[hook.name] = hook

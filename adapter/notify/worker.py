@@ -6,7 +6,7 @@ a sink that fails gets a retry scheduled in the same step as the entry's acknowl
 back off exponentially with full jitter (WEBHOOK_RETRY_BASE_DELAY doubling up to
 WEBHOOK_RETRY_MAX_DELAY) until WEBHOOK_RETRY_WINDOW has passed since the first failure, then the
 delivery goes to the dead-letter list. Nothing here runs inside a request: a slow webhook delays
-only its own delivery (at most WEBHOOK_TIMEOUT, DELIVERIES_AT_ONCE at a time).
+only its own delivery (at most WEBHOOK_TIMEOUT; BATCHES_AT_ONCE batches of READ_COUNT events at a time).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from .outbox import Delivery
 from .triggers import Event
 
 log = structlog.get_logger("adapter.notify")
-DELIVERIES_AT_ONCE = 32
+READ_COUNT = 32  # outbox entries read (and handed to each sink) together
+BATCHES_AT_ONCE = 8  # read batches delivering at once
 READ_BLOCK_MS = 400  # how long a read waits for new events (retries that fall due wait at most this); below
 # the Redis client's socket timeout (1 s, storage/redis_store.py), which would otherwise cut every idle read
 FAULT_PAUSE = 1.0  # after Redis failed a read
@@ -38,7 +39,7 @@ class Sink(Protocol):
     name: str
 
     def wants(self, event: Event) -> bool: ...
-    async def send(self, event: Event) -> str | None: ...
+    async def send(self, events: list[Event]) -> list[str | None]: ...
 
 
 def backoff(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
@@ -56,7 +57,7 @@ class Worker:
         self.metrics = metrics
         self.consumer = consumer
         self._clock = clock
-        self._slots = asyncio.Semaphore(DELIVERIES_AT_ONCE)
+        self._slots = asyncio.Semaphore(BATCHES_AT_ONCE)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
 
@@ -82,13 +83,13 @@ class Worker:
                     await self.outbox.prune(PRUNE_IDLE)
                 if now >= next_claim:
                     next_claim = now + claim_every
-                    for entry_id, event in await self.outbox.claim(self.consumer, DELIVERIES_AT_ONCE):
-                        await self._spawn(self._first(entry_id, event))
-                for entry_id, event in await self.outbox.read(self.consumer, DELIVERIES_AT_ONCE, READ_BLOCK_MS):
-                    await self._spawn(self._first(entry_id, event))
+                    if claimed := await self.outbox.claim(self.consumer, READ_COUNT):
+                        await self._spawn(self._first(claimed))
+                if entries := await self.outbox.read(self.consumer, READ_COUNT, READ_BLOCK_MS):
+                    await self._spawn(self._first(entries))
                 if time.monotonic() >= next_due:
                     next_due = time.monotonic() + RETRY_LOOK_EVERY
-                    for member, delivery in await self.outbox.due(DELIVERIES_AT_ONCE, self.settings.notify_claim_idle_seconds):
+                    for member, delivery in await self.outbox.due(READ_COUNT, self.settings.notify_claim_idle_seconds):
                         await self._spawn(self._again(member, delivery))
                 if faulted:
                     faulted = False
@@ -118,20 +119,28 @@ class Worker:
         s = self.settings
         return self._clock() + backoff(attempt, s.webhook_retry_base_delay, s.webhook_retry_max_delay)
 
-    async def _first(self, entry_id: Any, event: Event) -> None:
+    async def _first(self, entries: list[tuple[Any, Event]]) -> None:
+        """New events read together: each sink gets them in one call; the entries are acknowledged, and
+        the failed deliveries scheduled again, in one step."""
         now = self._clock()
-        self.metrics.notify_outbox_lag.observe(max(now - event.created_at, 0.0))
-        sinks = [s for s in self.sinks.values() if s.wants(event)]
-        errors = await asyncio.gather(*(s.send(event) for s in sinks))
-        retries = []
-        for sink, error in zip(sinks, errors, strict=True):
-            if error is None:
-                self._delivered(sink.name, event, 1)
-            else:
+        for _, event in entries:
+            self.metrics.notify_outbox_lag.observe(max(now - event.created_at, 0.0))
+        wanted = [(sink, [e for _, e in entries if sink.wants(e)]) for sink in self.sinks.values()]
+        wanted = [(sink, events) for sink, events in wanted if events]
+        outcomes = await asyncio.gather(*(sink.send(events) for sink, events in wanted))
+        retries, delivered = [], {}
+        for (sink, events), errors in zip(wanted, outcomes, strict=True):
+            for event, error in zip(events, errors, strict=True):
+                if error is None:
+                    self.metrics.notify_delivered.labels(_kind(sink.name)).inc()
+                    delivered.setdefault(event.id, []).append(sink.name)
+                    continue
                 self.metrics.notify_retried.labels(_kind(sink.name)).inc()
                 log.info("notify.retry", event_id=event.id, sink=sink.name, attempt=1, error=error)
                 retries.append((Delivery(event=event, sink=sink.name, attempt=1, first=now, error=error), self._due(1)))
-        await self.outbox.done(entry_id, retries)
+        for event_id, sinks in delivered.items():
+            log.info("notify.delivered", event_id=event_id, sinks=sinks, attempts=1)
+        await self.outbox.done([entry_id for entry_id, _ in entries], retries)
 
     async def _again(self, member: Any, d: Delivery) -> None:
         sink = self.sinks.get(d.sink)
@@ -139,9 +148,10 @@ class Worker:
             await self._dead(member, Delivery(event=d.event, sink=d.sink, attempt=d.attempt, first=d.first,
                                               error="this sink is no longer configured"))
             return
-        error = await sink.send(d.event)
+        [error] = await sink.send([d.event])
         if error is None:
-            self._delivered(sink.name, d.event, d.attempt + 1)
+            self.metrics.notify_delivered.labels(_kind(sink.name)).inc()
+            log.info("notify.delivered", event_id=d.event.id, sinks=[sink.name], attempts=d.attempt + 1)
             await self.outbox.settle(member)
             return
         failed = Delivery(event=d.event, sink=d.sink, attempt=d.attempt + 1, first=d.first, error=error)
@@ -156,10 +166,6 @@ class Worker:
         self.metrics.notify_dead_lettered.labels(_kind(d.sink)).inc()
         log.warning("notify.dead_letter", event_id=d.event.id, sink=d.sink, attempts=d.attempt, error=d.error)
         await self.outbox.settle(member, dead=d)
-
-    def _delivered(self, sink: str, event: Event, attempts: int) -> None:
-        self.metrics.notify_delivered.labels(_kind(sink)).inc()
-        log.info("notify.delivered", event_id=event.id, type=event.type, sink=sink, attempts=attempts)
 
 
 def _kind(sink: str) -> str:
