@@ -23,6 +23,7 @@ from litestar.exceptions import NotFoundException
 from . import __version__
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
 from .metrics import Metrics
+from .pipeline.answers import Answers
 from .pipeline.batches import Batches
 from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
@@ -205,7 +206,8 @@ def create_app(
                 mirror = RedisLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
                                   lease=settings.job_lease_seconds, metrics=metrics)
                 stack.push_async_callback(mirror.aclose)
-            app.state.jobs = Jobs(service, describe=problems.problem_json, clock=clock, mirror=mirror)
+            app.state.answers = answers = Answers(service)
+            app.state.jobs = Jobs(answers, describe=problems.problem_json, clock=clock, mirror=mirror)
             # A batch counts as running until it ends, or at the latest until its deadline (plus a lease for a takeover).
             running = RunningBatches(settings.max_batches_per_user, lifetime=settings.batch_max_seconds + settings.job_lease_seconds,
                                      prefix=settings.cache_prefix, store=redis_store, clock=clock)

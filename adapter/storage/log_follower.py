@@ -23,7 +23,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from ..errors import JobExpired, JobLogTampered, JobLogUnavailable
 from ..metrics import Metrics
 from .event_log import Log
-from .log_layout import Layout, seq_of
+from .log_layout import Layout, Timing, seq_of
 from .redis_store import FAULTS, RedisStore
 from .signing import Tampered
 
@@ -48,14 +48,10 @@ FOLLOWER_CONNECTIONS = 1_000
 
 
 class Follower:
-    def __init__(self, store: RedisStore, layout: Layout, home: RedisLog, *, lease: float, metrics: Metrics) -> None:
-        self._s = store
-        self._r = store.redis
-        self._keys = layout
-        self._home = home
-        self._metrics = metrics
-        self.lease = lease
-        self._lease_ms = max(int(lease * 1000), 100)
+    def __init__(self, store: RedisStore, layout: Layout, timing: Timing, home: RedisLog, *, metrics: Metrics) -> None:
+        self._s, self._r, self._keys, self._home, self._metrics = store, store.redis, layout, home, metrics
+        self.lease = lease = timing.lease
+        self._lease_ms = timing.lease_ms
         # A follower wakes this often without news, to check the lease; a runner renews 3 times per lease.
         self.block = min(max(lease / 4, 0.1), 2.0)
         # Blocking reads get a pool of their own, same server, whose socket timeout outlives the
@@ -67,7 +63,7 @@ class Follower:
         kwargs = {**pool.connection_kwargs, "socket_timeout": self.block + 3.0, "socket_connect_timeout": self.block + 1.0}
         self.blocking = Redis(connection_pool=BlockingConnectionPool(
             connection_class=pool.connection_class, max_connections=FOLLOWER_CONNECTIONS, timeout=self.block + 1.0, **kwargs))
-        self._backoff_cap = min(max(lease / 3, 0.2), 2.0)
+        self._backoff_cap = timing.backoff_cap
         self._takeover = self._r.register_script(_TAKEOVER)
         self._followers: dict[str, asyncio.Task[None]] = {}
 

@@ -16,7 +16,7 @@ import structlog
 from ..metrics import Metrics
 from .claims import QuestionClaims
 from .event_log import Job, Log
-from .log_layout import Layout
+from .log_layout import Layout, Timing
 from .redis_store import FAULTS, RELEASE_SCRIPT, RedisStore
 
 if TYPE_CHECKING:
@@ -65,18 +65,12 @@ return top
 
 
 class LeasedWriter:
-    def __init__(self, store: RedisStore, layout: Layout, claims: QuestionClaims, home: RedisLog, *, ttl: float,
-                 lease: float, metrics: Metrics) -> None:
-        self._s = store
-        self._r = store.redis
-        self._keys = layout
+    def __init__(self, store: RedisStore, layout: Layout, timing: Timing, claims: QuestionClaims, home: RedisLog, *,
+                 metrics: Metrics) -> None:
+        self._s, self._r, self._keys, self._home, self._metrics = store, store.redis, layout, home, metrics
         self._claims = claims
-        self._home = home
-        self._metrics = metrics
-        self._ttl_ms = int(ttl * 1000)
-        self.lease = lease
-        self._lease_ms = max(int(lease * 1000), 100)
-        self._backoff_cap = min(max(lease / 3, 0.2), 2.0)
+        self._ttl_ms, self.lease, self._lease_ms = timing.ttl_ms, timing.lease, timing.lease_ms
+        self._backoff_cap = timing.backoff_cap
         self._append = self._r.register_script(_APPEND)
         self._release = self._r.register_script(RELEASE_SCRIPT)
         self._owned: dict[str, Log] = {}
