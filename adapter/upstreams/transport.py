@@ -151,11 +151,12 @@ class _Upload:
             raise
 
 
-class _Slot(httpx.AsyncByteStream):
+class Slot(httpx.AsyncByteStream):
     """The response body; the pool slot it holds goes back when it is closed, as httpcore's does."""
 
     def __init__(self, response: aiohttp.ClientResponse, release: Callable[[], None]) -> None:
         self._response, self._release = response, release
+        self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -165,6 +166,9 @@ class _Slot(httpx.AsyncByteStream):
             raise _from_aiohttp(exc) from exc
 
     async def aclose(self) -> None:
+        if self._closed:  # the slot goes back once, however often the proxy's relay and its background task close
+            return
+        self._closed = True
         try:
             self._response.release()
         finally:
@@ -201,10 +205,8 @@ class PassThrough(AiohttpTransport):
         session._retry_connection = False  # type: ignore[attr-defined]  # no public switch; a test holds it to this
         return session
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if not isinstance(self.client, aiohttp.ClientSession):
-            self.client = self.get_client()
-        timeout = request.extensions.get("timeout", {})
+    async def _slot(self, timeout: dict[str, float | None]) -> Callable[[], None]:
+        """One of the `max_connections` slots (waiting at most the pool timeout); what gives it back."""
         if self._slots is not None:
             if self._slots.locked():  # the wait, and its bound, only when there is one
                 try:
@@ -214,7 +216,40 @@ class PassThrough(AiohttpTransport):
                     raise httpx.PoolTimeout(f"no connection free within {timeout.get('pool')} s") from None
             else:
                 await self._slots.acquire()
-        release = self._slots.release if self._slots is not None else _nothing
+        return self._slots.release if self._slots is not None else _nothing
+
+    def _timeout(self, timeout: dict[str, float | None]) -> aiohttp.ClientTimeout:
+        key = (timeout.get("connect"), timeout.get("read"))
+        if (limits := self._timeouts.get(key)) is None:
+            limits = self._timeouts[key] = aiohttp.ClientTimeout(sock_connect=key[0], connect=key[0], sock_read=key[1])
+        return limits
+
+    async def open(self, method: str, url: str, headers: list[tuple[str, str]],
+                   timeout: dict[str, float | None]) -> tuple[aiohttp.ClientResponse, Callable[[], None]]:
+        """A bodiless request as `handle_async_request` sends it, without httpx's models (the proxy's hot path).
+
+        `url` is sent as given (encoded); `headers` are every line that goes, Host first. The answer's
+        pool slot is held until the returned release is called (after the response is released).
+        """
+        if not isinstance(self.client, aiohttp.ClientSession):
+            self.client = self.get_client()
+        release = await self._slot(timeout)
+        try:
+            return await self.client.request(
+                method, URL(url, encoded=True), headers=headers, allow_redirects=False, auto_decompress=False, compress=False,
+                skip_auto_headers=_NO_AUTO_HEADERS, timeout=self._timeout(timeout)), release
+        except aiohttp.ClientError as exc:
+            release()
+            raise _from_aiohttp(exc) from exc
+        except BaseException:
+            release()
+            raise
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not isinstance(self.client, aiohttp.ClientSession):
+            self.client = self.get_client()
+        timeout = request.extensions.get("timeout", {})
+        release = await self._slot(timeout)
         try:
             try:
                 data: bytes | _Upload | None = request.content or None
@@ -222,9 +257,7 @@ class PassThrough(AiohttpTransport):
                 data = _Upload(request.stream, timeout.get("write"))  # type: ignore[arg-type]
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
                        if k.lower() != b"transfer-encoding"]  # aiohttp frames the body itself
-            key = (timeout.get("connect"), timeout.get("read"))
-            if (limits := self._timeouts.get(key)) is None:
-                limits = self._timeouts[key] = aiohttp.ClientTimeout(sock_connect=key[0], connect=key[0], sock_read=key[1])
+            limits = self._timeout(timeout)
             # encoded: the target goes byte for byte as httpx holds it, never re-quoted or resolved
             sending = self.client.request(
                 request.method, URL(str(request.url), encoded=True), headers=headers, data=data, allow_redirects=False,
@@ -253,7 +286,7 @@ class PassThrough(AiohttpTransport):
         except BaseException:
             release()
             raise
-        return httpx.Response(status_code=response.status, headers=response.raw_headers, stream=_Slot(response, release),
+        return httpx.Response(status_code=response.status, headers=response.raw_headers, stream=Slot(response, release),
                               request=request, extensions={"http_version": b"HTTP/1.1",
                                                            **({"reason_phrase": response.reason.encode()} if response.reason else {})})
 
@@ -293,9 +326,18 @@ class _Jarless(httpx.AsyncClient):
 _NO_JAR = _NoJar()
 
 
-def passthrough_client(*, base_url: str, timeout: httpx.Timeout, limits: httpx.Limits) -> httpx.AsyncClient:
+def passthrough_client(*, base_url: str, timeout: httpx.Timeout, limits: httpx.Limits) -> PassThroughClient:
     """The pass-through's httpx client over aiohttp (`PassThrough`), without a cookie jar; closing it closes aiohttp's session."""
-    return _Jarless(base_url=base_url, timeout=timeout, transport=PassThrough(limits=limits), follow_redirects=False)
+    return PassThroughClient(base_url=base_url, timeout=timeout, transport=PassThrough(limits=limits), follow_redirects=False)
+
+
+class PassThroughClient(_Jarless):
+    """The pass-through's client: `direct` is its transport, for the bodiless requests the proxy sends without httpx's models."""
+
+    def __init__(self, *, transport: PassThrough, **kwargs: Any) -> None:
+        super().__init__(transport=transport, **kwargs)
+        self.direct = transport
+        self.timeouts = self.timeout.as_dict()
 
 
 class Answer:
