@@ -42,9 +42,10 @@ WHOLE = 64 * 1024
 # Litestar's streaming response, which the proxy used for every answer, added this to an answer
 # with a body and no Content-Type; the whole-answer path keeps that.
 _DEFAULT_TYPE = (b"content-type", b"application/json")
-# A target httpx would send exactly as it came (no character it would percent-encode): only such a
-# one goes by the direct path, which sends it as it is. Anything else goes through httpx as before.
-_PLAIN_TARGET = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+# A target httpx would send exactly as it came (no character it would percent-encode, no escape it
+# could rewrite): only such a one goes by the direct path, which sends it as it is. Anything else
+# goes through httpx as before. (`bytes.translate` deleting these leaves nothing: linear, no regex.)
+_PLAIN_TARGET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?"
 
 
 def _strip(items: list[tuple[bytes, bytes]], extra: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
@@ -130,7 +131,7 @@ class Proxy:
         headers = self.request_headers(scope)
         target = raw_path + (b"?" + query if query else b"")
         try:
-            if self.direct is not None and not has_body and _PLAIN_TARGET.fullmatch(target):
+            if self.direct is not None and not has_body and not target.translate(None, _PLAIN_TARGET):
                 self.check_target(raw_path)
                 answer = await self._direct(method, self.origin + target.decode("ascii"), headers)
             else:
