@@ -1,6 +1,6 @@
 """The agent-output corpus: answers of the kind real models give, and what the sidecar must make of each.
 
-Every file under tests/agent_outputs/<task>/ is one answer (see the README there): a YAML header
+Every file under conductor-agents/<Agent>/corpus/ is one answer (see conductor-agents/README.md): a YAML header
 between `---` lines, then the model's raw text, byte for byte. A model's answer that surprises you
 becomes one more file; nothing here needs editing.
 """
@@ -36,7 +36,6 @@ def ids(answers: list[Answer]) -> list[str]:
 def test_corpus_is_large_and_every_answer_is_well_formed():
     assert len(ANSWERS) >= 60
     for a in ANSWERS:
-        assert a.task in TASKS, f"{a.path}: the folder must be a task name ({', '.join(TASKS)})"
         assert a.outcome in OUTCOMES, f"{a.path}: outcome must be one of {OUTCOMES}"
         assert a.why, f"{a.path}: say in `why` what makes this answer worth keeping"
         assert (a.error is not None) == (a.outcome == "repair"), f"{a.path}: `error` goes with `repair`, and only with it"
@@ -54,7 +53,7 @@ def test_persona_examples_are_in_the_corpus(task):
     assert examples, f"{agent}/persona.md needs a ```json example under '## Example output'"
     corpus = {a.text: a for a in ANSWERS if a.task == task}
     for example in examples:
-        assert example in corpus, f"{agent}/persona.md's example output is not in tests/agent_outputs/{task}/"
+        assert example in corpus, f"{agent}/persona.md's example output is not in {agent}/corpus/"
         assert corpus[example].outcome == "accept" and not corpus[example].warnings, \
             "a persona's own example must meet its contract and its guidance"
 

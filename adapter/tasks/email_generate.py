@@ -163,4 +163,5 @@ TASK = Task(
             for t, s, d in (("formal", "Acme Logistics: a proposal", "Formal"), ("casual", "Quick idea for Acme", "Friendly"),
                             ("direct", "Maria, 20 minutes?", "Brief"))]},
     sample_answer=sample_answer,
+    view=(("cards", "variations", "Variations"),),
 )

@@ -167,5 +167,7 @@ TASK = Task(
         "reasoning": EXAMPLE_REASONING.strip(), "next_actions": ["Book a discovery call", "Confirm the budget owner", "Send a case study"],
         "bant": {"budget": "Series C funding", "authority": "VP of Sales", "need": "Asked for a demo", "timeline": "Unknown"}},
     sample_answer=sample_answer,
-    write_back=write_back,
+    write_back=write_back, writes_back="score and classification",
+    view=(("number", "score", "Score"), ("badge", "classification", "Classification"), ("text", "reasoning", "Reasoning"),
+          ("list", "next_actions", "Next actions"), ("table", "bant", "BANT")),
 )
