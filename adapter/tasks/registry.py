@@ -34,6 +34,7 @@ Render = Callable[[dict[str, Any], Any, dt.date], str]
 # raises reading.OutputInvalid when the contract is broken.
 Validate = Callable[[str, str, str], Verdict]
 _NAME = re.compile(r"[a-z][a-z0-9]*(?:[._][a-z][a-z0-9]*)+")  # fullmatch: `$` would also match before a final newline
+_KIND = re.compile(r"[a-z][a-z0-9]*")  # a path segment of the CRM's URLs (`/api/v1/<kind>s/<id>`), as it is
 
 
 # One part of the demo page's view of a result: `text` (a paragraph), `field` (`label: value`),
@@ -83,6 +84,8 @@ class Task:
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
             raise ValueError(f"task name {self.name!r} must look like `<record kind>.<verb>`")
+        if not _KIND.fullmatch(self.record_kind):
+            raise ValueError(f"task {self.name}: record kind {self.record_kind!r} must be lower-case letters and digits")
         if self.id_field not in self.request_type.__struct_fields__:
             raise ValueError(f"task {self.name}: {self.request_type.__name__} has no `{self.id_field}`")
         object.__setattr__(self, "_decoder", msgspec.json.Decoder(self.result_type))
