@@ -44,9 +44,9 @@ def curls(base: str, token: str, seed: dict, tasks: Registry = TASKS) -> list[tu
     ]
     # The seeded prompt injection and Bob's lead, through each task on leads.
     for task in (t for t in seeded if t.record_kind == "lead"):
-        lines += [(f"{task.name} on a lead with a prompt injection in its notes",
+        lines += [(f"A lead with a prompt injection in its notes: {task.name}",
                    post("/api/v1/ai" + task.path, body(task, seed["leads"][2]))),
-                  (f"{task.name} on another user's lead (the CRM says 403)",
+                  (f"Another user's lead (the CRM says 403): {task.name}",
                    post("/api/v1/ai" + task.path, body(task, seed["bobs_lead"])))]
     return [*lines, ("AI health", f"curl -s {base}/api/v1/ai/health")]
 

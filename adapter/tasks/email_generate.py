@@ -164,4 +164,6 @@ TASK = Task(
                             ("direct", "Maria, 20 minutes?", "Brief"))]},
     sample_answer=sample_answer,
     view=(("cards", "variations", "Variations"),),
+    doc='Body `{"lead_id", "context": "initial outreach" (1-2000 chars), "tone": "professional" | "formal" | "casual" | '
+        '"direct"}`: three variations, exactly one `formal`, `casual` and `direct`, subjects of at most 60 characters.',
 )

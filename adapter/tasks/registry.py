@@ -76,6 +76,8 @@ class Task:
     writes_back: str = ""
     # How the demo page draws a result: (kind, field, label) parts, in order (see `View`).
     view: tuple[View, ...] = ()
+    # A paragraph for the README under the task's route (what its example does not show).
+    doc: str = ""
     # Where this task's agent folder is when it is not CONDUCTOR_AGENTS_DIR's (a toy task of a test).
     agents_root: str | None = None
     version: str = field(default="unversioned")  # stamped by `Registry.load` from the agent's files

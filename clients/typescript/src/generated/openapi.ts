@@ -913,7 +913,7 @@ export interface operations {
                     Age?: unknown;
                     /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
                     "X-AI-Provider"?: unknown;
-                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length). The answer meets the contract and stands; absent when there are none */
                     "X-Agent-Warnings"?: unknown;
                     /** @description HIT, MISS, STALE (served because the agent failed) or BYPASS (Cache-Control: no-store) */
                     "X-Cache"?: unknown;
@@ -1264,7 +1264,7 @@ export interface operations {
                     Age?: unknown;
                     /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
                     "X-AI-Provider"?: unknown;
-                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
                     "X-Agent-Warnings"?: unknown;
                     /** @description HIT, MISS, STALE (served because the agent failed) or BYPASS (Cache-Control: no-store) */
                     "X-Cache"?: unknown;
@@ -2010,7 +2010,7 @@ export interface operations {
                     Age?: unknown;
                     /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
                     "X-AI-Provider"?: unknown;
-                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count). The answer meets the contract and stands; absent when there are none */
                     "X-Agent-Warnings"?: unknown;
                     /** @description ok: score and classification were PATCHed onto the lead; failed: that PATCH failed (the answer stands); skipped: a cached or stale answer, or CRM_WRITE_BACK is off */
                     "X-CRM-Write-Back"?: unknown;
