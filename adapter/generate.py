@@ -51,7 +51,7 @@ def openapi_document(tasks: Registry = TASKS) -> str:
 # --- the TypeScript client's task map ---------------------------------------------------------
 
 def method_name(task: Task) -> str:
-    """`lead.qualify` -> `qualifyLead`: the verb, then the noun(s), camel-cased."""
+    """`<noun>.<verb>` -> `<verb><Noun>`: the verb, then the noun(s), camel-cased."""
     noun, verb = task.name.split(".", 1)
     words = [*re.split(r"[._]", verb), *noun.split("_")]
     return words[0] + "".join(w.capitalize() for w in words[1:])

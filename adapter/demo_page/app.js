@@ -56,7 +56,7 @@ function hue(text) {
 // How each kind of part of a task's view is drawn (the task module lists its parts: adapter/tasks/registry.py
 // `View`); this page names no task and no result field.
 const parts = {
-  text: (value, field) => el("p", { class: field }, String(value ?? "")),
+  text: (value, field) => el("p", { class: `text ${field}` }, String(value ?? "")),
   field: (value, field, label) => el("p", { class: `meta ${field}` }, `${label}: ${value ?? "unknown"}`),
   number: (value, field) => el("span", { class: `number ${field}` }, String(value)),
   // A badge's colour follows from its value, the same value always the same colour.

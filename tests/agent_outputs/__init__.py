@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 
-from adapter.tasks import TASKS, Registry
+from adapter.tasks import TASKS, Registry, Task
+from adapter.tasks.reading import OutputInvalid, rules
 from adapter.tasks.registry import agent_folder
 
 AGENTS = Path(__file__).parents[2] / "conductor-agents"
@@ -50,6 +52,26 @@ def read_answer(path: Path, task: str) -> Answer:
     return Answer(path=path, task=task, outcome=header.get("outcome", ""), why=header.get("why", ""),
                   text=text, expect=header.get("expect") or {}, error=header.get("error"),
                   warnings=tuple(header.get("warnings") or ()))
+
+
+def check_answer(task: Task, answer: Answer, record_id: str) -> None:
+    """The answer gets its expected outcome from its task's validator (an AssertionError says how not)."""
+    if answer.outcome == "repair":
+        try:
+            task.validate(answer.text, record_id, task.agent_id)
+        except OutputInvalid as caught:
+            assert any(answer.error in e for e in caught.errors), f"expected {answer.error!r} among {caught.errors}"
+            return
+        raise AssertionError(f"{answer.id}: expected a contract error, the answer was accepted")
+    verdict = task.validate(answer.text, record_id, task.agent_id)
+    if answer.outcome == "accept":
+        assert verdict.normalised == (), f"accepted as written, yet normalised: {verdict.normalised}"
+    else:
+        assert verdict.normalised, "expected a normalisation, the answer was accepted as written"
+    assert sorted(rules(verdict.warnings)) == sorted(answer.warnings), [b.detail for b in verdict.warnings]
+    got = msgspec.to_builtins(verdict.result)
+    for name, value in answer.expect.items():
+        assert got[name] == msgspec.to_builtins(value), f"`{name}`"
 
 
 def corpus_folder(task: str, tasks: Registry = TASKS, agents_dir: Path = AGENTS) -> Path:

@@ -42,7 +42,7 @@ export interface CallOptions {
 }
 
 /**
- * One method per task, named from the task (`lead.qualify` -> `qualifyLead`), generated from the
+ * One method per task, named from the task (`<noun>.<verb>` -> `<verb><Noun>`), generated from the
  * sidecar's task registry (src/generated/tasks.ts): `runTask(task, body)` under another name.
  */
 export type TaskMethods = {
@@ -50,7 +50,7 @@ export type TaskMethods = {
 };
 
 export interface SidecarClient extends TaskMethods {
-  /** `POST` the task's synchronous route (`/api/v1/ai/lead/qualify` for `lead.qualify`): its validated result. */
+  /** `POST` the task's synchronous route (`/api/v1/ai/<noun>/<verb>` for `<noun>.<verb>`): its validated result. */
   runTask<T extends Task>(task: T, body: TaskInput<T>, options?: CallOptions): Promise<TaskResult<T>>;
   /** `GET /api/v1/ai/health`: the gateway, CRM backend and cache, and which agents the gateway knows. */
   health(options?: Pick<CallOptions, "signal">): Promise<AiHealth>;
@@ -66,7 +66,7 @@ export interface SidecarClient extends TaskMethods {
   /**
    * `POST /api/v1/ai/batches`: runs `task` over every record of `ids` (no duplicates, at most
    * BATCH_MAX_ITEMS), with the same `options` (the task's request fields other than the record id)
-   * for each. Bad input is a 400 naming the field (`ids[1]`, `options.tone`) before anything runs.
+   * for each. Bad input is a 400 naming the field (`ids[1]`, `options.<field>`) before anything runs.
    * Follow it with `streamBatch`, or poll `getBatch`.
    */
   startBatch<T extends Task>(task: T, ids: readonly string[], options?: BatchOptions<T>, callOptions?: Pick<CallOptions, "signal">): Promise<StartedBatch<T>>;

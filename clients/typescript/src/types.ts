@@ -5,7 +5,7 @@ import type { components, paths } from "./generated/openapi.js";
 import type { TASKS } from "./generated/tasks.js";
 
 export type { components, paths, operations } from "./generated/openapi.js";
-// Each task's request and result types by name (LeadQualifyRequest, ...), generated from the task registry.
+// Each task's request and result types by name (`<Noun><Verb>Request`, `...Result`), generated from the task registry.
 export type * from "./generated/tasks.js";
 
 type Schemas = components["schemas"];
@@ -24,7 +24,7 @@ export type Task = Schemas["JobRequest"]["task"];
 export type TaskMap = typeof TASKS;
 /** A task's synchronous route. */
 export type TaskPath<T extends Task> = TaskMap[T & keyof TaskMap]["path"];
-/** The client's method for a task (`lead.qualify` -> `qualifyLead`). */
+/** The client's method for a task (`<noun>.<verb>` -> `<verb><Noun>`). */
 export type TaskMethodName<T extends Task> = TaskMap[T & keyof TaskMap]["method"];
 
 /** Each task's input and validated result: the synchronous routes' request and 200 bodies. */
@@ -54,7 +54,7 @@ export interface JobEventPayloads<R> {
 
 /**
  * One event of a job's stream. `id` is consecutive from 1; `done` is always last.
- * Narrow on `type`: `if (event.type === "result") event.result.score`.
+ * Narrow on `type`: `if (event.type === "result") event.result`.
  */
 export type JobEvent<R = TaskResult<Task>> = {
   [K in JobEventType]: { type: K; id: number } & JobEventPayloads<R>[K];
