@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 
-import msgspec
 import pytest
 
 from adapter.upstreams.gateway import ProviderPlan
@@ -17,7 +16,6 @@ from adapter.tasks import TASKS
 from adapter.errors import InvalidAgentOutput
 from adapter.pipeline.service import AiService
 from adapter.settings import Settings
-from adapter.tasks.reading import OutputInvalid, rules
 from tests.agent_outputs import OUTCOMES, Answer, check_answer, load_corpus
 from tests.helpers import AGENTS_DIR, RECORD_ID
 
