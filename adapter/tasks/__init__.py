@@ -11,7 +11,7 @@ from importlib import import_module
 from .registry import Registry, Task
 
 # In the order the OpenAPI document and the demo page list them.
-MODULES = ("email_generate", "lead_qualify", "deal_predict")
+MODULES = ("email_generate", "lead_qualify", "deal_predict", "lead_summarize")
 
 TASKS = Registry.of(import_module(f"{__name__}.{name}") for name in MODULES)
 

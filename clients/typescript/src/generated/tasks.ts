@@ -9,6 +9,7 @@ export const TASKS = {
   "email.generate": { path: "/api/v1/ai/email/generate", recordId: "lead_id", method: "generateEmail", summary: "Generate three sales-email variations for a lead" },
   "lead.qualify": { path: "/api/v1/ai/lead/qualify", recordId: "lead_id", method: "qualifyLead", summary: "Qualify a lead (BANT score and classification)" },
   "deal.predict": { path: "/api/v1/ai/deal/predict", recordId: "deal_id", method: "predictDeal", summary: "Predict a deal's outcome and health" },
+  "lead.summarize": { path: "/api/v1/ai/lead/summarize", recordId: "lead_id", method: "summarizeLead", summary: "Summarize a lead for the rep (headline, overview, key facts)" },
 } as const;
 
 // A name for each task's request and result schema, and for the schemas they nest.
@@ -20,3 +21,5 @@ export type LeadQualifyResult = Schemas["LeadQualifyResult"];
 export type Bant = Schemas["Bant"];
 export type DealPredictRequest = Schemas["DealPredictRequest"];
 export type DealPredictResult = Schemas["DealPredictResult"];
+export type LeadSummarizeRequest = Schemas["LeadSummarizeRequest"];
+export type LeadSummarizeResult = Schemas["LeadSummarizeResult"];
