@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
     agents = sub.add_parser("agents", help="manage the agents on the Conductor Gateway")
     agents_sub = agents.add_subparsers(dest="agents_command", required=True)
-    agents_sub.add_parser("sync", help="create or update the three agents on the gateway from CONDUCTOR_AGENTS_DIR "
+    agents_sub.add_parser("sync", help="create or update every task's agent on the gateway from CONDUCTOR_AGENTS_DIR "
                           "(idempotent; prints created, updated or unchanged per agent)").set_defaults(func=cmd_agents_sync)
     sub.add_parser("check", help="validate the configuration and probe the gateway, the CRM backend and Redis"
                    ).set_defaults(func=cmd_check)
