@@ -241,6 +241,8 @@ def test_a_task_is_checked_when_it_is_declared(toy):
         Task(**declared, record_kind="deal")
     with pytest.raises(ValueError, match="lower-case letters and digits"):
         Task(**declared, record_kind="Contact/../lead")
+    with pytest.raises(ValueError, match=r"its view names \['greting'\]"):
+        Task(**declared, record_kind="contact", view=(("text", "greting", "Greeting"),))
     with pytest.raises(ValueError, match="needs `writes_back`"):
         Task(**declared, record_kind="contact", write_back=lambda result: {})
     with pytest.raises(ValueError, match="registered twice"):

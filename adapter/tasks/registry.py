@@ -91,6 +91,8 @@ class Task:
         if self.id_field not in self.request_type.__struct_fields__:
             raise ValueError(f"task {self.name}: {self.request_type.__name__} has no `{self.id_field}`")
         object.__setattr__(self, "_decoder", msgspec.json.Decoder(self.result_type))
+        if unknown := [f for _, f, _ in self.view if f not in self.result_type.__struct_fields__]:
+            raise ValueError(f"task {self.name}: its view names {unknown}, which {self.result_type.__name__} does not have")
         if self.write_back is not None and not self.writes_back:
             raise ValueError(f"task {self.name}: a write-back needs `writes_back`, the words its header uses")
         if not self.stream_summary:
