@@ -1,14 +1,21 @@
-"""Notifications as the app opens them: the outbox, the sinks, the notifier and the worker."""
+"""Notifications as the app opens them: the outbox, the sinks, the notifier and the worker.
+
+`Notifications` is one of the app's parts (adapter/assembly.py): started after Storage (it writes to
+its Redis) and before Pipeline (whose AiService tells the notifier); stopped after Pipeline (no more
+answers, so no more events) and before Storage closes the Redis pools its worker uses.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 import structlog
 
 from ..metrics import Metrics
+from ..stopping import cancel_and_wait
 from ..settings import ConfigError, Settings, redact_url
 from ..storage.signing import Signer, Tampering
 from .notifier import Notifier
@@ -17,6 +24,7 @@ from .sinks import CrmNotifications, Webhook, webhook_session
 from .worker import Worker
 
 log = structlog.get_logger("adapter.notify")
+STOP_TIMEOUT = 5.0  # seconds shutdown waits for the worker it cancelled, before its clients close
 
 
 def configured(settings: Settings) -> bool:
@@ -63,3 +71,30 @@ def check_notifications(settings: Settings, tasks: object) -> None:
     known = {t.name for task in tasks.values() for t in task.triggers} | {BATCH_FINISHED}  # type: ignore[attr-defined]
     if wrong := sorted(settings.notify_off - known):
         raise ConfigError(f"NOTIFY_TRIGGERS_OFF: {', '.join(wrong)} is no trigger (triggers: {', '.join(sorted(known))})")
+
+
+class Notifications:
+    """The app's part for notifications: `notifier` for the pipeline, and this replica's delivery worker."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, storage: Any, *, consumer: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._settings, self._metrics, self._storage, self._consumer, self._clock = settings, metrics, storage, consumer, clock
+        self._stack = AsyncExitStack()
+        self.notifier = Notifier.off(settings)
+        self.worker: Worker | None = None
+
+    async def start(self, state: Any) -> None:
+        redis = self._storage.redis  # the RedisStore, or None in one process
+        self.notifier, self.worker = await open_notifications(
+            self._settings, self._stack, self._metrics, redis=redis.redis if redis is not None else None,
+            signer=redis.signer if redis is not None else None, tampering=self._storage.tampering,
+            consumer=self._consumer, clock=self._clock)
+        if self.worker is not None:
+            self.worker.start()
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            left = await cancel_and_wait(self.worker.background, timeout=STOP_TIMEOUT)
+            if left:
+                log.warning("shutdown.tasks_left", tasks=sorted(t.get_name() for t in left), waited_s=STOP_TIMEOUT)
+        await self._stack.aclose()
