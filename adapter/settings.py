@@ -207,10 +207,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     webhook_retry_window: Annotated[float, Meta(ge=1, le=30 * 86_400)] = 86_400.0
     # Triggers switched off, comma-separated trigger names (`lead.classification_changed`).
     notify_triggers_off: str = ""
-    # deal.predict: a drop of win probability (against the deal's `probability`) or health score
+    # The deal trigger `deal.score_dropped`: a drop of win probability (against the deal's `probability`) or health score
     # (against its `ai_score`) by more than this many points notifies.
     notify_deal_drop_points: Annotated[int, Meta(ge=0, le=100)] = 15
-    # deal.predict: a new risk factor holding one of these words (comma-separated) is high-severity.
+    # The deal trigger `deal.high_risk`: a new risk factor holding one of these words (comma-separated) is high-severity.
     notify_deal_risk_words: str = "lost,cancel,churn,competitor,legal,budget cut,no budget,no decision maker,stalled,blocked"
     # An outbox entry a replica read and did not acknowledge for this long is taken by another replica.
     notify_claim_idle_seconds: Annotated[float, Meta(ge=0.1, le=3_600)] = 30.0

@@ -76,6 +76,10 @@ HOSTILE = (
     Audited("adapter/web/proxy.py", "the caller's path (the server's request-line limit)", source=r"[/\\]"),
     Audited("adapter/models.py", "record ids in the caller's body (msgspec `Meta(pattern=)`)",
             source="^[0-9a-fA-F]{24}$"),
+    Audited("adapter/notify/triggers.py", "record content: a record's `owner_id`, and record ids (fullmatch, fixed width)",
+            "_OBJECT_ID"),
+    Audited("adapter/notify/triggers.py", "record content and model output: a record's title, a risk factor "
+                                          "(the CRM's answer, bounded by its read; the answer's MAX_TEXT)", "_CONTROL"),
 )
 
 TRUSTED = (
