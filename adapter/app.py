@@ -27,6 +27,7 @@ from .pipeline.batches import Batches
 from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
 from .pipeline.service import AiService
+from .pipeline.threads import Threads
 from .settings import Settings, redact_url
 from .stopping import cancel_and_wait
 from .storage.job_log import RedisJobLog
@@ -39,6 +40,7 @@ from .storage.store import Store
 from .tasks import TASKS, Registry
 from .tracing import Tracing, name_after_route
 from .upstreams import crm, gateway, transport
+from .upstreams.conversations import ConversationsClient
 from .web import openapi, problems
 from .web.batches import batch_routers
 from .web.demo import DemoSession, demo_router
@@ -51,6 +53,7 @@ from .web.ops import metrics as metrics_route
 from .web.proxy import Forward, Proxy
 from .web.streams import StreamSlots, release, stream_limit
 from .web.tasks import task_routers
+from .web.threads import thread_routers
 from .web.tokens import JobTokens
 
 if TYPE_CHECKING:
@@ -200,6 +203,7 @@ def create_app(
                 cache=cache, settings=settings, metrics=metrics, limiter=limiter, tracing=tracing,
             )
             app.state.service = service
+            app.state.threads = Threads(service, ConversationsClient(gw, settings), cache_store, tasks)
             mirror = None
             if isinstance(cache_store, RedisStore):
                 mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
@@ -237,7 +241,8 @@ def create_app(
             async def stop_background() -> None:
                 # First at shutdown, and awaited: a task still running when the Redis pools close would
                 # open a connection nobody closes (a cancel can be lost on Python 3.11: adapter/stopping.py).
-                left = await cancel_and_wait(lambda: [*cache.background(), *app.state.jobs.background(), *batches.background()],
+                left = await cancel_and_wait(lambda: [*cache.background(), *app.state.jobs.background(), *batches.background(),
+                                                     *app.state.threads.background()],
                                              timeout=STOP_TIMEOUT)
                 if left:
                     log.warning("shutdown.tasks_left", tasks=sorted(t.get_name() for t in left), waited_s=STOP_TIMEOUT)
@@ -246,7 +251,7 @@ def create_app(
             yield
 
     app = Litestar(
-        route_handlers=[*task_routers(tasks), *job_routers(tasks), *batch_routers(tasks), health_router, healthz, readyz, metrics_route,
+        route_handlers=[*task_routers(tasks), *job_routers(tasks), *batch_routers(tasks), *thread_routers(tasks), health_router, healthz, readyz, metrics_route,
                         *([demo_router] if demo else [])],
         state=State({"metrics": metrics, "settings": settings, "demo": demo}),
         request_max_body_size=settings.max_body_bytes,

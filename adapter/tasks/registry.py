@@ -59,6 +59,7 @@ class Task:
     # Fields PATCHed onto the record after a fresh answer, with the caller's token (None: no write-back).
     write_back: Callable[[Any], dict[str, Any]] | None = None
     stream_summary: str = ""  # the stream route's; `Stream: <summary>` when empty
+    threads: bool = False  # the task allows threads (a conversation about one record: pipeline/threads.py)
     version: str = field(default="unversioned")  # stamped by `Registry.load` from the agent's files
     _decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
 
