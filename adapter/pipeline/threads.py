@@ -262,9 +262,12 @@ class Threads:
         log.info("thread.created", thread_id=thread_id, task=task.name, record_id=record_id)
         try:
             await self._turn(thread_id, task, prepared, None, user, admitted=True)
+        except AdapterError:
+            # A thread whose first answer failed is no thread: its conversation goes, and the request answers the failure.
+            await self._discard(thread_id, task, record_id)
+            raise
         except BaseException:
-            # A thread whose first answer failed is no thread: its conversation goes (in the background, so a
-            # cancelled request still cleans up), and the request answers the failure.
+            # Cancelled (the client left, shutdown): the discard must not be cancelled with it.
             cleanup = asyncio.ensure_future(self._discard(thread_id, task, record_id))
             cleanup.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise

@@ -17,7 +17,7 @@ from litestar import Request, Response, Router, delete, get, post
 from litestar.di import NamedDependency
 from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from ..errors import BadRequest
 from ..models import Inbound
@@ -115,7 +115,7 @@ def thread_routers(tasks: Registry) -> list[Router]:
         return Response(msgspec.json.encode(view), status_code=201, media_type="application/json",
                         headers={"Location": f"/api/v1/ai/threads/{view.thread_id}"})
 
-    create_thread.__annotations__ = {"data": ThreadRequest, "threads": NamedDependency[Threads], "caller": NamedDependency[Caller], "return": Response[Thread]}
+    create_thread.__annotations__ = {"data": JSONBody[ThreadRequest], "threads": NamedDependency[Threads], "caller": NamedDependency[Caller], "return": Response[Thread]}
 
     async def list_threads(request: Request, threads: Threads, caller: Caller, limit: int = 20,
                            cursor: str | None = None, **records: str | None) -> Response[Any]:
@@ -133,11 +133,11 @@ def thread_routers(tasks: Registry) -> list[Router]:
         inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, annotation=NamedDependency[Threads]),
         inspect.Parameter("caller", inspect.Parameter.KEYWORD_ONLY, annotation=NamedDependency[Caller]),
         inspect.Parameter("limit", inspect.Parameter.KEYWORD_ONLY, default=20, annotation=Annotated[
-            int, Parameter(ge=1, le=100, description="threads per page (1-100)")]),
+            int, QueryParameter(ge=1, le=100, description="threads per page (1-100)")]),
         inspect.Parameter("cursor", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            str | None, Parameter(max_length=200, description="the previous page's next_cursor")]),
+            str | None, QueryParameter(max_length=200, description="the previous page's next_cursor")]),
         *(inspect.Parameter(f"{kind}_id", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            str | None, Parameter(description=f"the {kind} whose threads are listed", **object_id)]) for kind in kinds),
+            str | None, QueryParameter(description=f"the {kind} whose threads are listed", **object_id)]) for kind in kinds),
     ], return_annotation=Response[Page])
     # Litestar reads the parameters from the signature and their types from the annotations.
     list_threads.__annotations__ = {p.name: p.annotation for p in list_threads.__signature__.parameters.values()} | {
@@ -147,7 +147,7 @@ def thread_routers(tasks: Registry) -> list[Router]:
         view = await threads.get(thread_id, caller.authorization, caller.user)
         return Response(msgspec.json.encode(view), media_type="application/json")
 
-    get_thread.__annotations__ = {"thread_id": str, "threads": NamedDependency[Threads], "caller": NamedDependency[Caller], "return": Response[Thread]}
+    get_thread.__annotations__ = {"thread_id": FromPath[str], "threads": NamedDependency[Threads], "caller": NamedDependency[Caller], "return": Response[Thread]}
 
     async def continue_thread(thread_id: str, data: TurnRequest, threads: Threads, caller: Caller) -> Response[Any]:
         message = checked_message(data.message, threads.settings.thread_message_max)
@@ -155,10 +155,10 @@ def thread_routers(tasks: Registry) -> list[Router]:
         return Response(turn, status_code=201, media_type="application/json",
                         headers={"Location": f"/api/v1/ai/threads/{thread_id}"})
 
-    continue_thread.__annotations__ = {"thread_id": str, "data": TurnRequest, "threads": NamedDependency[Threads], "caller": NamedDependency[Caller],
+    continue_thread.__annotations__ = {"thread_id": FromPath[str], "data": JSONBody[TurnRequest], "threads": NamedDependency[Threads], "caller": NamedDependency[Caller],
                                        "return": Response[Turn]}
 
-    async def delete_thread(thread_id: str, threads: NamedDependency[Threads], caller: NamedDependency[Caller]) -> None:
+    async def delete_thread(thread_id: FromPath[str], threads: NamedDependency[Threads], caller: NamedDependency[Caller]) -> None:
         await threads.delete(thread_id, caller.authorization, caller.user)
 
     layer = {"path": "/api/v1/ai/threads", "guards": [require_json], "tags": ["ai-threads"],
