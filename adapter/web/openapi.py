@@ -176,6 +176,9 @@ def examples(tasks: Registry) -> tuple[dict[str, dict], dict[str, dict]]:
     requests["/api/v1/ai/jobs"] = {"task": first.name, "input": dict(first.request_example)}
     options = {k: v for k, v in first.request_example.items() if k != first.id_field}
     requests["/api/v1/ai/batches"] = {"task": first.name, "ids": [first.request_example[first.id_field]], "options": options}
+    if threaded := next((t for t in tasks.values() if t.threads), None):
+        requests["/api/v1/ai/threads"] = {"task": threaded.name, "input": dict(threaded.request_example)}
+        requests["/api/v1/ai/threads/{thread_id}/turns"] = {"message": "make the casual one shorter"}
     responses["/api/v1/ai/jobs"] = {
         "job_id": "aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d", "status": "queued",
         "events_url": "/api/v1/ai/jobs/aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d/events?token=eyJhbGciOi...",
@@ -228,4 +231,18 @@ def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
         "CancelBatch": Link(operation_id=operation_ids[("delete", "/api/v1/ai/batches/{batch_id}")],
                             parameters={"batch_id": batch}, description="Cancel it: running items finish, queued ones never start"),
     }
+    if "/api/v1/ai/threads" in (schema.paths or {}):
+        thread = "$response.body#/thread_id"
+        follow = {
+            "GetThread": Link(operation_id=operation_ids[("get", "/api/v1/ai/threads/{thread_id}")],
+                              parameters={"thread_id": thread}, description="The thread with all its turns"),
+            "ContinueThread": Link(operation_id=operation_ids[("post", "/api/v1/ai/threads/{thread_id}/turns")],
+                                   parameters={"thread_id": thread}, description="Its next turn"),
+            "DeleteThread": Link(operation_id=operation_ids[("delete", "/api/v1/ai/threads/{thread_id}")],
+                                 parameters={"thread_id": thread}, description="Delete it, in the Conductor too"),
+        }
+        schema.paths["/api/v1/ai/threads"].post.responses["201"].links = follow  # type: ignore[index,union-attr]
+        turns = schema.paths["/api/v1/ai/threads/{thread_id}/turns"].post.responses["201"]  # type: ignore[index,union-attr]
+        turns.links = {name: Link(operation_id=link.operation_id, parameters={"thread_id": "$request.path.thread_id"},
+                                  description=link.description) for name, link in follow.items()}
     return schema

@@ -99,6 +99,8 @@ def _responses(*, body: bool = False, thread: bool = True, model_call: bool = Fa
 
 
 def thread_routers(tasks: Registry) -> list[Router]:
+    if not any(t.threads for t in tasks.values()):
+        return []
     ThreadRequest, Turn, Thread, _, Page = thread_shapes(tasks)  # noqa: N806
     kinds = sorted({t.record_kind for t in tasks.values() if t.threads})
 
