@@ -184,7 +184,7 @@ class Threads:
     async def owned(self, thread_id: str, user: str) -> Owned:
         """The thread, if `user` made it: 404 for no such thread, 403 for another user's."""
         if not CONVERSATION_ID.fullmatch(thread_id):  # only ids shaped as the Conductor makes them are looked up
-            raise NotFound(f"no thread {thread_id[:64]}")
+            raise NotFound("no thread has this id: thread ids are the ids POST /api/v1/ai/threads answers")
         conversation = await self.conversations.get(thread_id)
         meta = _TITLE.fullmatch(conversation.title) if conversation is not None else None
         task = self.task_named(meta.group(2)) if meta else None

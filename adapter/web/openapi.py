@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from ..tasks import Registry, Task
 
 PROBLEM = "application/problem+json"
+# A thread's follow-up message, as the document states it (web/threads.py checks it and words its 400s
+# itself, so the rule is stated here rather than in the request struct): some text that is not white
+# space, and no control character but tab and line breaks.
+_TEXT = "\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f"
+MESSAGE_PATTERN = f"^[^{_TEXT}]*[^\\s{_TEXT}][^{_TEXT}]*$"
 
 CACHE_HEADERS = [
     ResponseHeader(name="X-Cache", documentation_only=True, required=False,
@@ -231,6 +236,10 @@ def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
         "CancelBatch": Link(operation_id=operation_ids[("delete", "/api/v1/ai/batches/{batch_id}")],
                             parameters={"batch_id": batch}, description="Cancel it: running items finish, queued ones never start"),
     }
+    if (turn := (schema.components.schemas or {}).get("TurnRequest")) is not None:
+        message = turn.properties["message"]  # type: ignore[index]
+        message.min_length, message.pattern = 1, MESSAGE_PATTERN  # type: ignore[union-attr]
+        turn.additional_properties = False  # an Inbound struct: an unknown field is a 400
     if "/api/v1/ai/threads" in (schema.paths or {}):
         thread = "$response.body#/thread_id"
         follow = {

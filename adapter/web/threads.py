@@ -47,8 +47,9 @@ def checked_message(message: str, limit: int) -> str:
 
 
 class TurnRequest(Inbound):
-    message: Annotated[str, msgspec.Meta(description="What to change in the last answer (THREAD_MESSAGE_MAX characters)",
-                                         examples=["make the casual one shorter"])]
+    message: Annotated[str, msgspec.Meta(
+        description="What to change in the last answer: at most THREAD_MESSAGE_MAX (2000) characters, not empty, "
+                    "no control character but tab and line breaks", examples=["make the casual one shorter"])]
 
 
 def thread_shapes(tasks: Registry) -> tuple[type, type, type, type, type]:
@@ -93,6 +94,9 @@ def _responses(*, body: bool = False, thread: bool = True, model_call: bool = Fa
                              "empty, too long (THREAD_MESSAGE_MAX) or holds control characters; the field is named"),
                 408: problem("The body did not arrive within BODY_TIMEOUT_SECONDS"),
                 413: problem("The body is larger than MAX_BODY_BYTES"), 415: problem("The body is not application/json")}
+    if not thread and not body:
+        out[400] = problem("Invalid query parameter: not exactly one record id (`lead_id`, `deal_id`), a malformed id, "
+                           "`limit` outside 1-100, or a `cursor` this sidecar did not give; the parameter is named")
     if model_call and thread:
         out[409] = problem("The thread holds THREAD_MAX_TURNS turns")
     return out
