@@ -23,6 +23,7 @@ from litestar.exceptions import NotFoundException
 from . import __version__
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
 from .metrics import Metrics
+from .pipeline.answers import Answers
 from .pipeline.batches import Batches
 from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
@@ -30,7 +31,7 @@ from .pipeline.service import AiService
 from .pipeline.threads import Threads
 from .settings import Settings, redact_url
 from .stopping import cancel_and_wait
-from .storage.job_log import RedisJobLog
+from .storage.redis_log import RedisLog
 from .storage.memory import MemoryStore
 from .storage.quota import RunningBatches
 from .storage.ratelimit import CRM_READS, Policy, RateLimiter
@@ -206,14 +207,17 @@ def create_app(
             app.state.threads = Threads(service, ConversationsClient(gw, settings), cache_store, tasks)
             mirror = None
             if isinstance(cache_store, RedisStore):
-                mirror = RedisJobLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
-                                     lease=settings.job_lease_seconds, describe=problems.problem_json, metrics=metrics)
+                mirror = RedisLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
+                                  lease=settings.job_lease_seconds, metrics=metrics)
                 stack.push_async_callback(mirror.aclose)
-            app.state.jobs = Jobs(service, describe=problems.problem_json, clock=clock, mirror=mirror)
+            app.state.answers = answers = Answers(service)
+            app.state.jobs = Jobs(answers, describe=problems.problem_json, clock=clock, mirror=mirror)
             # A batch counts as running until it ends, or at the latest until its deadline (plus a lease for a takeover).
             running = RunningBatches(settings.max_batches_per_user, lifetime=settings.batch_max_seconds + settings.job_lease_seconds,
                                      prefix=settings.cache_prefix, store=redis_store, clock=clock)
             app.state.batches = batches = Batches(app.state.jobs, clock=clock, quota=running)
+            if mirror is not None:
+                mirror.start(app.state.jobs.kinds)  # takeovers dispatched by kind, from here on
             max_streams, fd_limit = stream_limit(settings)
             if max_streams < settings.max_streams:
                 log.warning("streams.capped", max_streams=max_streams, fd_limit=fd_limit,

@@ -249,6 +249,25 @@ async def test_cancel_lets_running_items_finish_and_never_starts_queued_ones(rig
     assert done == {"status": "cancelled", "counts": view["counts"]}
 
 
+async def test_a_batch_cut_short_by_shutdown_without_redis_ends_as_a_batch_does(rig, gateway, crm, seed, auth):
+    """Without Redis nobody can take a batch over: one still running when the shutdown grace ends gets a
+    batch's `done` (failed, the counts so far, and why), never a job's `error` and `done` {cached}."""
+    leads = add_leads(crm, seed["alice"], 3)
+    gateway.gate = asyncio.Event()  # the model thinks until released
+    async with rig(batch_concurrency=1) as (client, app):
+        created = await create(client, auth, leads)
+        await asyncio.wait_for(gateway.calls.reach(1), 10)
+        await app.state.jobs.drain(0)
+        view = (await client.get(f"{BATCHES}/{created['batch_id']}", headers=auth)).json()
+        job = app.state.jobs.get(created["batch_id"])
+        gateway.gate.set()
+    assert job.finished and job.status == "failed" and "error" not in [e.event for e in job.events]
+    done = done_of(job.events[-1].data.decode())
+    counts = {"queued": 2, "running": 1, "succeeded": 0, "failed": 0, "cancelled": 0, "cached": 0}
+    assert done["status"] == "failed" and done["counts"] == counts and "shut down" in done["message"], done
+    assert view["status"] == "failed" and view["counts"] == counts
+
+
 @pytest.mark.redis
 async def test_cancel_requested_on_another_replica_reaches_the_runner(gateway, crm, seed, auth, redis_url, cache_prefix):
     """Two sidecars sharing Redis: the DELETE lands on the one not running the batch."""

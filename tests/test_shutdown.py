@@ -117,7 +117,7 @@ async def test_a_stopped_app_leaves_no_connection_to_redis_even_if_a_task_lost_i
         await asyncio.wait([stubborn[0], tried_again], timeout=5, return_when=asyncio.FIRST_COMPLETED)
         tried_again.cancel()
         left = await until_no_connection(redis_url, name)
-        pools = [store.redis.connection_pool, app.state.jobs.mirror._blocking.connection_pool]
+        pools = [store.redis.connection_pool, app.state.jobs.mirror.follower.blocking.connection_pool]
         connected = [c for pool in pools for c in [*pool._available_connections, *pool._in_use_connections] if c.is_connected]
         # So that a failure here is this test's, not a ResourceWarning in a later one.
         await cancel_and_wait(lambda: stubborn, timeout=5)

@@ -1,6 +1,6 @@
 """Batches: one task over many records, each item through the normal pipeline, durable as jobs are.
 
-A batch is a log of events in the job log (storage/job_state.Job, mirrored to Redis like a
+A batch is a log of events of its own kind (storage/event_log.Batch, mirrored to Redis like a
 job's): `status`, then per item `item` {id, status, cached, result | error} and `progress`
 (the counts), and `done` last. Its state follows from its events, so a replayed log rebuilds it:
 readers on any replica follow it and resume with Last-Event-ID, and when the replica running it
@@ -11,9 +11,10 @@ Two phases:
    fails that item alone, with the backend's problem) and rendered. The rendered inputs are kept
    beside the log. This phase needs the creator's token, which is never stored: a batch taken
    over before it finished reading fails the items it had not read (their problem says so).
-2. **Ask.** BATCH_CONCURRENCY items at a time go through the synchronous routes' pipeline: the
-   cache (a hit is instant and free), single flight with any identical request, the model,
-   validation and repair, and the write-back (skipped after a takeover, as for jobs).
+2. **Ask.** BATCH_CONCURRENCY items at a time get their answer as every caller does (answers.py
+   `ask`, with the key `prepare` derived): the cache (a hit is instant and free), single flight
+   with any identical request, the model, validation and repair, and the write-back (skipped
+   after a takeover, as for jobs).
 
 A batch is background work: its model calls yield to interactive ones at the gateway bulkhead
 (`resilience.BACKGROUND`), and each model call and each CRM read takes a token of the user's
@@ -37,13 +38,12 @@ import msgspec
 import structlog
 
 from ..errors import AdapterError, BatchItemLost, ShuttingDown, TooManyAtOnce
-from ..storage.job_state import Job
-from ..storage.keys import CacheKey
+from ..storage.event_log import BATCH, Batch
 from ..storage.quota import RunningBatches
 from ..tasks import Task
-from ..upstreams.resilience import BACKGROUND, Background
-from .cache import Outcome
+from .answers import Answer, Delivery
 from .jobs import Jobs
+from .service import Prepared
 
 log = structlog.get_logger("adapter.batches")
 PREFIX = "aibatch"
@@ -53,7 +53,7 @@ FINAL = frozenset({"succeeded", "failed", "cancelled"})
 READ_CONCURRENCY = 8  # CRM reads at a time while a batch starts: quick, and far below CRM_MAX_CONNECTIONS
 
 
-def items_of(job: Job) -> dict[str, dict[str, Any]]:
+def items_of(job: Batch) -> dict[str, dict[str, Any]]:
     """Each item's latest `item` event, by id."""
     items: dict[str, dict[str, Any]] = {}
     for ev in job.events:
@@ -93,7 +93,7 @@ class Tally:
         self.cached: set[str] = set()
         self.counts = counts_of(ids, {})
 
-    def fold(self, job: Job) -> dict[str, int]:
+    def fold(self, job: Batch) -> dict[str, int]:
         for ev in job.events[self.seen:]:
             if ev.event == "item":
                 head = _decode_head(ev.data)
@@ -107,22 +107,10 @@ class Tally:
         return dict(self.counts)
 
 
-def spec_of(job: Job) -> dict[str, Any]:
-    """What the batch asks: its ids, the task request's other fields, and whose budget it spends."""
-    return _decode(job.agent_input)
-
-
-def ended_at(job: Job) -> float | None:
-    """When the batch ended, from its `done` (None while it runs, or for a batch ended before `done` said)."""
-    if not job.finished or not job.events or job.events[-1].event != "done":
-        return None
-    stamp = _decode(job.events[-1].data).get("ended_at")
-    return dt.datetime.fromisoformat(stamp).timestamp() if isinstance(stamp, str) else None
-
-
 class Batches:
     def __init__(self, jobs: Jobs, *, clock: Callable[[], float] = time.time, quota: RunningBatches | None = None) -> None:
         self.jobs = jobs
+        self.answers = jobs.answers
         self.service = jobs.service
         self.settings = jobs.settings
         self.mirror = jobs.mirror
@@ -131,7 +119,7 @@ class Batches:
         self._cancelled: set[str] = set()
         self._tallies: dict[str, Tally] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        jobs.resumers[PREFIX] = self.resume
+        jobs.kinds[BATCH] = self
 
     @property
     def running(self) -> int:
@@ -140,7 +128,7 @@ class Batches:
 
     # --- the API's side -------------------------------------------------------------------------
 
-    async def create(self, task: Task, ids: list[str], options: dict[str, Any], authorization: str, user: str) -> Job:
+    async def create(self, task: Task, ids: list[str], options: dict[str, Any], authorization: str, user: str) -> Batch:
         """Start a batch (validated by the caller): 202 at once, items run in the background."""
         if self.jobs.draining:
             raise ShuttingDown("this replica is shutting down and takes no new batches; retry (another replica answers)")
@@ -154,48 +142,49 @@ class Batches:
                 self.service.metrics.limit_refusals.labels("MAX_BATCHES_PER_USER").inc()
                 raise
         ttl = self.settings.batch_max_seconds + self.settings.job_retention_seconds
-        job = Job(id=batch_id, task=task.name, record_id="", key=None,
-                  expires=self._clock() + ttl, agent_input=_encode({"ids": ids, "options": options, "user": user}).decode(),
-                  mode="batch")
+        job = Batch(id=batch_id, task=task.name, expires=self._clock() + ttl, ids=ids, options=options, user=user)
         self.jobs.adopt(job)
         self.jobs.emit(job, "status", {"state": "queued", "message": f"{len(ids)} item(s) queued", "batch_id": job.id})
         self.jobs.run_owned(job, self._run(job, task, authorization, None))
         if self.mirror is not None:
-            await self.mirror.add_batch(job.id)
+            await self.mirror.batches.add(job.id)
             await self.mirror.written(job)  # its events_url must work on every replica from now on
         log.info("batch.created", batch_id=job.id, task=task.name, items=len(ids))
         return job
 
-    def expired(self, job: Job) -> bool:
+    def expired(self, job: Batch) -> bool:
         """An ended batch is kept JOB_RETENTION_SECONDS: after that neither its token nor its creator reads it."""
-        ended = ended_at(job)
+        ended = job.ended_at
         return ended is not None and ended + self.settings.job_retention_seconds <= self._clock()
 
-    async def cancel(self, job: Job) -> None:
+    async def cancel(self, job: Batch) -> None:
         """Queued items never start; running ones finish. Whichever replica runs it sees the request."""
         if job.finished:
             return
         self._cancelled.add(job.id)
         if self.mirror is not None:
-            await self.mirror.request_cancel(job.id)
+            await self.mirror.batches.request_cancel(job.id)
         log.info("batch.cancel_requested", batch_id=job.id)
 
-    async def cancel_requested(self, job: Job) -> bool:
+    async def cancel_requested(self, job: Batch) -> bool:
         if job.id in self._cancelled:
             return True
-        return self.mirror is not None and await self.mirror.cancel_requested(job.id)
+        return self.mirror is not None and await self.mirror.batches.cancel_requested(job.id)
 
     # --- the runner's side ----------------------------------------------------------------------
 
-    async def resume(self, job: Job, meta: dict[str, str]) -> None:
+    async def resume(self, job: Batch) -> None:
         """This replica took an orphaned batch over: continue with the items not done."""
+        self.jobs.track(job)
         task = self.service.tasks.get(job.task)
         if job.finished:
             return
         if task is None:
             await self._finish(job, cancelled=False, note=f"batch {job.id} is for task {job.task}, which this sidecar does not serve")
             return
-        inputs = await self.mirror.load_inputs(job.id) if self.mirror is not None else {}
+        inputs = await self.mirror.batches.load_inputs(job.id) if self.mirror is not None else {}
+        # Each item's question as `prepare` derived it: its kept input, keyed again; nobody's token.
+        prepared = {item_id: self.service.prepared_again(task, item_id, text, user=job.user) for item_id, text in inputs.items()}
         items = items_of(job)
         done = sum(1 for item in items.values() if item["status"] in FINAL)
         # The items the dead runner was asking: their single-flight locks outlive it (CACHE_LOCK_TIMEOUT).
@@ -204,20 +193,32 @@ class Batches:
                  read=len(inputs), in_flight=len(in_flight))
         self.jobs.emit(job, "status", {"state": "running", "resumed": True,
                                        "message": f"resumed on another replica after {done} item(s)"})
-        self.jobs.run_owned(job, self._run(job, task, None, inputs, in_flight))
+        self.jobs.run_owned(job, self._run(job, task, None, prepared, in_flight))
 
-    async def _run(self, job: Job, task: Task, authorization: str | None, inputs: dict[str, str] | None,
+    def lost(self, job: Batch) -> None:
+        """Another replica runs the batch now: stop its runner here (this replica follows its log)."""
+        self.jobs.lost(job)
+
+    def end(self, job: Batch, exc: Exception) -> None:
+        """This replica's copy cannot go on (expired, tampered, or shut down without Redis): `done` says
+        failed, with the counts so far and why, as every batch's `done` does (never a job's `error`)."""
+        detail = getattr(exc, "detail", None) or str(exc)
+        ended = dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+        self.jobs.emit(job, "done", {"status": "failed", "counts": counts_of(job.ids, items_of(job)), "ended_at": ended,
+                                     "message": detail})
+        job.expires = min(job.expires, ended.timestamp() + self.settings.job_retention_seconds)
+
+    async def _run(self, job: Batch, task: Task, authorization: str | None, inputs: dict[str, Prepared] | None,
                    in_flight: frozenset[str] = frozenset()) -> None:
-        spec = spec_of(job)
-        ids: list[str] = spec["ids"]
+        ids = job.ids
         note = None
         self._tallies[job.id] = Tally(ids)
         try:
             async with asyncio.timeout(max(job.expires - self.settings.job_retention_seconds - self._clock(), 1)):
                 if job.status == "queued":
                     self.jobs.emit(job, "status", {"state": "running", "message": "reading the records"})
-                read = await self._read(job, task, ids, spec, authorization, inputs)
-                await self._ask_all(job, task, ids, read, spec["user"], authorization, in_flight)
+                read = await self._read(job, task, ids, authorization, inputs)
+                await self._ask_all(job, ids, read, in_flight)
         except TimeoutError:
             note = "the batch reached BATCH_MAX_SECONDS: the items not done were cancelled"
             self._cancel_rest(job, ids, note)
@@ -230,9 +231,9 @@ class Batches:
         if not job.finished:
             await self._finish(job, cancelled=await self.cancel_requested(job), note=note)
 
-    async def _read(self, job: Job, task: Task, ids: list[str], spec: dict[str, Any], authorization: str | None,
-                    inputs: dict[str, str] | None) -> dict[str, str]:
-        """Every item's rendered input: read now (with the creator's token), or kept by the replica that did."""
+    async def _read(self, job: Batch, task: Task, ids: list[str], authorization: str | None,
+                    inputs: dict[str, Prepared] | None) -> dict[str, Prepared]:
+        """Every item's question: read now (with the creator's token), or kept by the replica that did."""
         inputs = dict(inputs or {})
         items = items_of(job)
         unread = [i for i in ids if i not in inputs and items.get(i, {}).get("status") not in FINAL]
@@ -255,27 +256,27 @@ class Batches:
                 if refused:  # the backend refused the creator's token: it would refuse every other read too
                     self._fail(job, ids, item_id, refused[0])
                     return
-                request = msgspec.convert({task.id_field: item_id, **spec["options"]}, task.request_type)
+                request = msgspec.convert({task.id_field: item_id, **job.options}, task.request_type)
                 try:
                     # Paced by the user's CRM_READS_PER_USER bucket: a batch waits for it, never fails on it.
-                    prepared = await self.service.prepare(task, request, authorization, spec["user"], background=True)
+                    prepared = await self.service.prepare(task, request, authorization, job.user, background=True)
                 except AdapterError as exc:  # the backend's 403 or 404 fails this item alone
                     if exc.status == 401:
                         refused.append(exc)
                     self._fail(job, ids, item_id, exc)
                     return
-                inputs[item_id] = prepared.agent_input
+                inputs[item_id] = prepared
 
         await asyncio.gather(*(read(i) for i in unread))
         if self.mirror is not None:
-            await self.mirror.save_inputs(job.id, {i: inputs[i] for i in unread if i in inputs})
+            await self.mirror.batches.save_inputs(job.id, {i: inputs[i].agent_input for i in unread if i in inputs})
         return inputs
 
-    async def _ask_all(self, job: Job, task: Task, ids: list[str], inputs: dict[str, str], user: str,
-                       authorization: str | None, in_flight: frozenset[str] = frozenset()) -> None:
+    async def _ask_all(self, job: Batch, ids: list[str], questions: dict[str, Prepared],
+                       in_flight: frozenset[str] = frozenset()) -> None:
         gate = asyncio.Semaphore(self.settings.batch_concurrency)
         items = items_of(job)
-        todo = [i for i in ids if i in inputs and items.get(i, {}).get("status") not in FINAL]
+        todo = [i for i in ids if i in questions and items.get(i, {}).get("status") not in FINAL]
 
         async def one(item_id: str) -> None:
             async with gate:
@@ -284,67 +285,19 @@ class Batches:
                     return
                 self._item(job, ids, {"id": item_id, "status": "running", "cached": False}, progress=False)
                 try:
-                    body, x_cache = await self._ask(task, item_id, inputs[item_id], user, rerun=item_id in in_flight)
+                    # Background work: the user's budget is waited for (a quarter left to their interactive
+                    # requests), and its model call yields to interactive ones at the bulkhead. An item the
+                    # dead runner was asking is asked again without waiting out that runner's lock on it.
+                    await self.answers.ask(questions[item_id], priority="background", delivery=_Item(self, job, ids, item_id),
+                                           resumed=item_id in in_flight)
                 except AdapterError as exc:
                     self._fail(job, ids, item_id, exc)
-                    return
-                cached = x_cache in ("HIT", "STALE")
-                self._item(job, ids, {"id": item_id, "status": "succeeded", "cached": cached},
-                           result=self.service.result_event(task, body))
-                await self.service.after_fresh(task, item_id, authorization, body, x_cache)
 
         await asyncio.gather(*(one(i) for i in todo))
 
-    async def _ask(self, task: Task, item_id: str, agent_input: str, user: str, *, rerun: bool = False) -> tuple[bytes, str]:
-        """One item through the synchronous routes' cache, single flight and model call.
-
-        `rerun`: the item was being asked by the replica this batch was taken over from.
-        """
-        key = self.service.key_for(task, item_id, agent_input)
-
-        async def compute() -> bytes:
-            return _encode(await self.service.ask_agent(task, item_id, agent_input))
-
-        # Each item's model call yields to interactive ones at the bulkhead, until an interactive
-        # request joins that very call (resilience.Background): set here, in the item's own task.
-        BACKGROUND.set(Background())
-        if rerun:
-            outcome = await self._ask_again(task, key, compute, user)
-        else:
-            outcome = await self.service.cache.get_or_compute(key, self.settings.ttl_for(task), "default", compute,
-                                                              admit=lambda: self._admit(task, user))
-        self.service.metrics.cache.labels(task.name, outcome.x_cache.lower()).inc()
-        return outcome.body, outcome.x_cache
-
-    async def _ask_again(self, task: Task, key: CacheKey, compute: Callable[[], Any], user: str) -> Outcome:
-        """An item the dead runner was asking, as a taken-over job asks again: its cross-process lock
-        on the question is still held on paper (renewed until the runner died, then kept until
-        CACHE_LOCK_TIMEOUT), so following it would stall the item for that long: ask without it.
-        The cache's other rules stay: a fresh answer is a hit, a model-side fault may serve a stale one."""
-        cache, ttl = self.service.cache, self.settings.ttl_for(task)
-        if (entry := await cache.lookup(key, ttl)) is not None:
-            return Outcome(entry.body, "HIT", cache.age(entry))
-        if not cache.in_flight(key):
-            await self._admit(task, user)
-        try:
-            return Outcome(await cache.share(key, ttl, compute, coordinate=False), "MISS")
-        except AdapterError as exc:
-            if (entry := await cache.stale_for(key, ttl, exc)) is not None:
-                return Outcome(entry.body, "STALE", cache.age(entry))
-            raise
-
-    async def _admit(self, task: Task, user: str) -> None:
-        """A model call spends a token of the user's budget; a batch waits for one rather than fail,
-        and leaves a quarter of the budget to the user's interactive requests."""
-        limiter = self.service.limiter
-        if limiter is None or not user:
-            return
-        await limiter.wait(task.name, user, reserve=limiter.reserve_for(task.name),
-                           on_wait=self.service.metrics.rate_limited.labels(task.name).inc)
-
     # --- events ---------------------------------------------------------------------------------
 
-    def _item(self, job: Job, ids: list[str], data: dict[str, Any], *, result: bytes | None = None,
+    def _item(self, job: Batch, ids: list[str], data: dict[str, Any], *, result: bytes | None = None,
               error: bytes | None = None, progress: bool = True) -> None:
         body = _encode(data)
         if result is not None:  # already-encoded JSON: spliced in rather than decoded and encoded again
@@ -356,19 +309,19 @@ class Batches:
             tally = self._tallies.get(job.id)
             self.jobs.emit(job, "progress", tally.fold(job) if tally is not None else counts_of(ids, items_of(job)))
 
-    def _fail(self, job: Job, ids: list[str], item_id: str, exc: Exception) -> None:
-        problem = self.jobs.describe(exc, f"/api/v1/ai/batches/{job.id}")
+    def _fail(self, job: Batch, ids: list[str], item_id: str, exc: Exception) -> None:
+        problem = self.jobs.describe(exc, job)
         self._item(job, ids, {"id": item_id, "status": "failed", "cached": False}, error=problem)
 
-    def _cancel_rest(self, job: Job, ids: list[str], why: str) -> None:
+    def _cancel_rest(self, job: Batch, ids: list[str], why: str) -> None:
         items = items_of(job)
         for item_id in ids:
             if items.get(item_id, {}).get("status") not in FINAL:
                 self._item(job, ids, {"id": item_id, "status": "cancelled", "cached": False}, progress=False)
         log.warning("batch.stopped", batch_id=job.id, reason=why)
 
-    async def _finish(self, job: Job, *, cancelled: bool, note: str | None = None) -> None:
-        ids = spec_of(job)["ids"]
+    async def _finish(self, job: Batch, *, cancelled: bool, note: str | None = None) -> None:
+        ids = job.ids
         if cancelled:
             self._cancel_rest(job, ids, "cancelled")
         counts = counts_of(ids, items_of(job))
@@ -379,9 +332,9 @@ class Batches:
         job.expires = min(job.expires, ended.timestamp() + self.settings.job_retention_seconds)
         log.info("batch.done", batch_id=job.id, status=job.status, **counts)
         if self.quota is not None:
-            await self.quota.ended(spec_of(job)["user"], job.id)
+            await self.quota.ended(job.user, job.id)
         if self.mirror is not None:
-            await self.mirror.drop_batch(job.id)
+            await self.mirror.batches.drop(job.id)
 
     # --- every replica looks after the running batches -----------------------------------------
 
@@ -397,7 +350,7 @@ class Batches:
             await asyncio.sleep(self.settings.job_lease_seconds / 2)
             if not self.mirror.accepting:
                 continue
-            for batch_id in await self.mirror.active_batches():
+            for batch_id in await self.mirror.batches.active():
                 if self.jobs.get(batch_id) is not None:
                     continue  # ours, or followed already
                 try:
@@ -405,9 +358,9 @@ class Batches:
                 except AdapterError:
                     continue  # Redis is failing: the next sweep tries again
                 if found is None or found.finished:
-                    if found is not None and self.quota is not None:
-                        await self.quota.ended(spec_of(found)["user"], batch_id)
-                    await self.mirror.drop_batch(batch_id)
+                    if isinstance(found, Batch) and self.quota is not None:
+                        await self.quota.ended(found.user, batch_id)
+                    await self.mirror.batches.drop(batch_id)
 
     def background(self) -> list[asyncio.Task[None]]:
         return [self._sweeper] if self._sweeper is not None else []
@@ -415,3 +368,14 @@ class Batches:
     def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+
+
+class _Item(Delivery):
+    """A batch item takes its answer as one `item` event (and the batch's `progress`)."""
+
+    def __init__(self, batches: Batches, job: Batch, ids: list[str], item_id: str) -> None:
+        self._batches, self._job, self._ids, self._id = batches, job, ids, item_id
+
+    def answered(self, answer: Answer) -> None:
+        self._batches._item(self._job, self._ids, {"id": self._id, "status": "succeeded", "cached": answer.cached},
+                            result=answer.event)

@@ -8,12 +8,12 @@ and the replica running a job holds a short lease on it: when the lease lapses
 (the replica died, or handed the job over while shutting down), the next replica
 that sees the job takes it over, asks the model again and continues the same log.
 
-Jobs share the synchronous routes' pipeline (service.py, cache.py): one key derivation
-(`prepare`), one freshness rule (`lookup`), one stale-if-error rule (`stale_for`), one way an
-answer is kept (`keep`), one hook for a fresh answer (`after_fresh`: the write-back),
-and one single flight (`share`): a job and a synchronous request for the same question make
-one model call between them. Stream readers also share the job itself: identical streams follow
-one job (and, across replicas, the job log's claim on the question).
+A job gets its answer as the synchronous routes do (answers.py `ask`): one key derivation,
+one freshness rule, one stale-if-error rule, one single flight (a job and a synchronous request
+for the same question make one model call between them), one write-back. It differs in how it
+delivers: progress and the answer are events in its log. Its start asks `hit` and `admit` first,
+so that the 202 says HIT or MISS and a 429 comes before any job exists. Stream readers also share
+the job itself: identical streams follow one job (and, across replicas, the claim on the question).
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
 import structlog
 
-from ..storage.job_log import RedisJobLog
-from ..storage.job_state import Event, Job, Status
+from ..storage.event_log import JOB, Continuation, Job, JobStatus, Log
+from ..storage.redis_log import RedisLog
 from ..storage.keys import CacheKey
 from ..tasks import Task
 from .cache import key_lock
-from ..errors import AdapterError, GatewayProtocolError, JobLogTampered, ShuttingDown, UpstreamTimeout
+from ..errors import AdapterError, CrmRefused, Forbidden, GatewayProtocolError, JobLogTampered, NotFound, ShuttingDown
+from .answers import Answer, Answers, Delivery
 from .service import AiService, Prepared
 
 log = structlog.get_logger("adapter.jobs")
@@ -54,23 +55,28 @@ def well_formed(job_id: str) -> bool:
 _HEX = frozenset("0123456789abcdef")
 
 
+# An error about a log -> its `error` event's problem JSON (web/problems.py renders it, and knows the log's URL).
+Describe = Callable[[Exception, Log], bytes]
+
+
 class Jobs:
-    def __init__(self, service: AiService, *, describe: Callable[[Exception, str], bytes],
-                 clock: Callable[[], float] = time.time, mirror: RedisJobLog | None = None) -> None:
-        self.service = service
-        self.describe = describe  # an error -> the `error` event's problem JSON (web/problems.py renders it)
-        self.settings = service.settings
+    """The logs this replica runs or follows (a job's, a batch's), and the job kind of them."""
+
+    def __init__(self, answers: Answers, *, describe: Describe, clock: Callable[[], float] = time.time,
+                 mirror: RedisLog | None = None) -> None:
+        self.answers = answers
+        self.service: AiService = answers.service
+        self.describe = describe
+        self.settings = answers.settings
         self._clock = clock
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, Log] = {}
         self._by_key: dict[CacheKey, Job] = {}
         self._runners: set[asyncio.Task[None]] = set()
-        self.mirror = mirror  # the job log in Redis, with Redis: other replicas follow and take over jobs through it
-        if mirror is not None:
-            mirror.on_orphan = self.resume
-            mirror.on_lost = self._lost
+        self.mirror = mirror  # the event log in Redis, with Redis: other replicas follow and take over logs through it
         self._admitting: dict[CacheKey, asyncio.Lock] = {}
-        # Logs of another kind kept in the same job log, by id prefix (`aibatch`): who continues an orphan.
-        self.resumers: dict[str, Callable[[Job, dict[str, str]], Awaitable[None]]] = {}
+        # Each kind of log and what continues, stops and ends one (a batch adds its own): the Redis
+        # log is handed these at start-up (RedisLog.start), and shutdown ends a log by its kind.
+        self.kinds: dict[str, Continuation] = {JOB: self}
         self._loading: dict[str, asyncio.Lock] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
         self.draining = False
@@ -87,25 +93,23 @@ class Jobs:
         if self.draining:
             raise ShuttingDown("this replica is shutting down and takes no new jobs; retry (another replica answers)")
         prepared = await self.service.prepare(task, request, authorization, user)
-        record_id, agent_input, key = prepared.record_id, prepared.agent_input, prepared.key
+        key = prepared.key
         self._purge()
-        if mode == "default" and (entry := await self.service.cache.lookup(key, self.settings.ttl_for(task))) is not None:
-            job = self._new(task, record_id, key, agent_input=agent_input, mode=mode)
-            self._emit(job, "result", self.service.result_event(task, entry.body))
-            self._finish(job, "succeeded", cached=True)
+        if (hit := await self.answers.hit(prepared, mode)) is not None:  # type: ignore[arg-type]
+            job = self._new(prepared, mode=mode)
+            await self.answers.deliver(prepared, hit, _Delivery(self, job))
             if self.mirror is not None:
                 await self.mirror.written(job)  # a hit's events_url works on every replica too
             return job, "HIT"
         async with key_lock(self._admitting, key):
             shared = self._by_key.get(key) if mode != "no-store" else None
             if shared is not None and not shared.finished:
-                self.service.cache.note_coalesced(key)
-                return shared, "MISS"
+                return self._shared(shared)
             job_id = f"aijob_{uuid.uuid4().hex}"
             if mode != "no-store" and self.mirror is not None:
                 # Another replica may already be asking the model this question: follow its job,
                 # or take it over at once if its runner is gone.
-                holder = await self.mirror.claim(key, job_id)
+                holder = await self.mirror.claims.claim(key, job_id)
                 if holder != job_id:
                     try:
                         remote = await self.find(holder)
@@ -113,40 +117,41 @@ class Jobs:
                         remote = None  # reported by the job log; this question gets a job of its own
                     # The claim itself is not signed: its job's (signed) metadata must name this very
                     # question, or a claim pointed at another user's job would serve that job here.
-                    if remote is not None and not remote.finished and remote.key == key:
+                    if isinstance(remote, Job) and not remote.finished and remote.key == key:
                         await self.mirror.take_over_now(remote)
-                        self.service.cache.note_coalesced(key)
-                        return remote, "MISS"
+                        return self._shared(remote)
                     # The holder ended (or vanished) without letting go of the question: ours now.
-                    await self.mirror.reclaim(key, holder, job_id)
-            if not self.service.cache.in_flight(key):  # joining a call in the air is free, as on the sync routes
-                await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
-            return await self._launch(prepared, mode, authorization, job_id)
-
-    async def _launch(self, prepared: Prepared, mode: str, authorization: str, job_id: str) -> tuple[Job, str]:
-        task, key = prepared.task, prepared.key
-        job = self._new(task, prepared.record_id, key, job_id, agent_input=prepared.agent_input, mode=mode)
-        if mode != "no-store":
-            self._by_key[key] = job
-        self._start_runner(job, task, authorization)
+                    await self.mirror.claims.reclaim(key, holder, job_id)
+            await self.answers.admit(prepared)  # a new job is a model call: rate-limited like one (joining one is free)
+            job = self._new(prepared, job_id, mode=mode)
+            if mode != "no-store":
+                self._by_key[key] = job
+            self._start_runner(job, prepared)
         if self.mirror is not None:
             await self.mirror.written(job)  # its events_url must work on every replica from now on
         return job, "BYPASS" if mode == "no-store" else "MISS"
 
-    def _start_runner(self, job: Job, task: Task, authorization: str | None, *, resumed: bool = False) -> None:
-        run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store", resumed=resumed)
-        self.run_owned(job, self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": task.name}))
+    def _shared(self, job: Job) -> tuple[Job, str]:
+        """An identical question's job, followed instead of asking again: a coalesced miss."""
+        assert job.key is not None
+        self.service.cache.note_coalesced(job.key)
+        self.service.metrics.cache.labels(job.task, "miss").inc()
+        return job, "MISS"
 
-    def adopt(self, job: Job) -> None:
+    def _start_runner(self, job: Job, prepared: Prepared, *, resumed: bool = False) -> None:
+        run = self._run(job, prepared, resumed=resumed)
+        self.run_owned(job, self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": job.task}))
+
+    def adopt(self, job: Log) -> None:
         """A log this replica writes (a batch's too): found by `find`, mirrored to Redis, purged when expired."""
         self._jobs[job.id] = job
         if self.mirror is not None:
             self.mirror.own(job)
 
-    def emit(self, job: Job, event: str, data: Any) -> None:
+    def emit(self, job: Log, event: str, data: Any) -> None:
         self._emit(job, event, data)
 
-    def run_owned(self, job: Job, run: Coroutine[Any, Any, None]) -> None:
+    def run_owned(self, job: Log, run: Coroutine[Any, Any, None]) -> None:
         """Run the coroutine that writes this job's log; shutdown drains it and a lost lease stops it."""
         runner = asyncio.create_task(run, name=f"job {job.id}")
         self._runners.add(runner)
@@ -154,12 +159,13 @@ class Jobs:
         runner.add_done_callback(self._runners.discard)
         runner.add_done_callback(lambda _: self._running.pop(job.id, None))
 
-    async def resume(self, job: Job, meta: dict[str, str]) -> None:
+    def track(self, log: Log) -> None:
+        """A log this replica took over (any kind): found by `find` from now on."""
+        self._jobs[log.id] = log
+
+    async def resume(self, job: Job) -> None:
         """This replica took an orphaned job over: continue its log, asking the model again if need be."""
         self._jobs[job.id] = job
-        if (other := self.resumers.get(job.id.partition("_")[0])) is not None:  # a batch's log, say
-            await other(job, meta)
-            return
         task = self.service.tasks.get(job.task)
         if job.finished:
             return
@@ -171,32 +177,50 @@ class Jobs:
             else:
                 self._finish(job, "succeeded" if job.result is not None else "failed")
             return
-        if job.key is None:  # its log was written by a release that kept only the rendered key
-            job.key = self.service.key_for(task, job.record_id, job.agent_input)
+        # Its key as `prepare` derived it (derived again from the kept input for a log of the release
+        # before CacheKey, which kept only the rendered key); nobody's token: the write-back is skipped.
+        prepared = self.service.prepared_again(task, job.record_id, job.agent_input, job.key)
+        job.key = prepared.key
         if job.mode != "no-store" and job.key not in self._by_key:
             self._by_key[job.key] = job
         log.info("job.resumed", job_id=job.id, replica=self._replica, rerun=True, events=len(job.events))
         self._emit(job, "status", {"state": "running", "resumed": True,
                                    "message": "resumed on another replica: asking the agent again"})
-        self._start_runner(job, task, None, resumed=True)
+        self._start_runner(job, prepared, resumed=True)
 
     @property
     def _replica(self) -> str | None:
         return self.mirror.replica if self.mirror is not None else None
 
-    def _lost(self, job: Job) -> None:
-        # Another replica owns the job now (our lease lapsed): stop our run; we follow its log.
+    def lost(self, job: Log) -> None:
+        """Another replica owns the log now (our lease lapsed): stop our run; we follow its log."""
         if (runner := self._running.pop(job.id, None)) is not None:
             runner.cancel()
 
-    def get(self, job_id: str) -> Job | None:
+    def end(self, job: Job, exc: Exception) -> None:
+        """This replica's copy cannot go on (expired, tampered): every reader gets `error` then `done`."""
+        self._fail(job, exc)
+
+    async def check_reader(self, job: Job, authorization: str, user: str) -> None:
+        """A reader without the job's token: whoever the CRM backend lets read the job's record may read the
+        job about it (the read spends one of the user's CRM_READS_PER_USER); else Forbidden."""
+        task = self.service.tasks.get(job.task)
+        if task is None:  # a job another replica runs for a task this one does not serve
+            raise NotFound(f"job {job.id} is for task {job.task}, which this sidecar does not serve")
+        await self.service.admit_read(user)
+        try:
+            await self.service.crm.get_record(task.record_kind, job.record_id, authorization)
+        except CrmRefused:
+            raise Forbidden(f"the CRM backend does not let this caller read the job's {task.record_kind}") from None
+
+    def get(self, job_id: str) -> Log | None:
         job = self._jobs.get(job_id)
         if job is not None and job.expires <= self._clock():
             self._drop(job)
             return None
         return job
 
-    async def find(self, job_id: str) -> Job | None:
+    async def find(self, job_id: str) -> Log | None:
         """The job, run here or (through the Redis log) on another replica."""
         job = self.get(job_id)
         if job is None and self.mirror is not None and well_formed(job_id):
@@ -206,92 +230,48 @@ class Jobs:
                     self._jobs[job.id] = job  # later readers on this replica share the one follower
         return job
 
-    def _new(self, task: Task, record_id: str, key: CacheKey, job_id: str | None = None, *, agent_input: str = "",
-             mode: str = "default") -> Job:
+    def _new(self, prepared: Prepared, job_id: str | None = None, *, mode: str = "default") -> Job:
         ttl = self.settings.job_max_seconds + self.settings.job_retention_seconds
-        job = Job(id=job_id or f"aijob_{uuid.uuid4().hex}", task=task.name, record_id=record_id, key=key,
-                  expires=self._clock() + ttl, agent_input=agent_input, mode=mode)
+        job = Job(id=job_id or f"aijob_{uuid.uuid4().hex}", task=prepared.task.name, record_id=prepared.record_id,
+                  key=prepared.key, expires=self._clock() + ttl, agent_input=prepared.agent_input, mode=mode)  # type: ignore[arg-type]
         self._jobs[job.id] = job
         if self.mirror is not None:
             self.mirror.own(job)
         self._emit(job, "status", {"state": "queued", "message": "queued", "job_id": job.id})
         return job
 
-    def _emit(self, job: Job, event: str, data: Any) -> None:
+    def _emit(self, job: Log, event: str, data: Any) -> None:
         job.emit(event, data)
         self._mirror(job)
 
-    def _mirror(self, job: Job) -> None:
+    def _mirror(self, job: Log) -> None:
         if self.mirror is not None:
             self.mirror.write(job)
 
-    def _finish(self, job: Job, status: Status, *, cached: bool = False, stale: bool = False) -> None:
+    def _finish(self, job: Job, status: JobStatus, *, cached: bool = False, stale: bool = False) -> None:
         self._emit(job, "done", {"status": status, "cached": cached, **({"stale": True} if stale else {})})
         if self._by_key.get(job.key) is job:
             del self._by_key[job.key]
 
-    async def _run(self, job: Job, task: Task, agent_input: str, authorization: str | None, *, store: bool,
-                   resumed: bool = False) -> None:
-        def sharing() -> None:
-            self._emit(job, "status", {"state": "running", "message": "an identical request is already asking the agent: "
-                                                                      "sharing its answer"})
-
+    async def _run(self, job: Job, prepared: Prepared, *, resumed: bool = False) -> None:
+        """The job's answer, delivered as events; a job taken over asks again (its start's admission was the first runner's)."""
         try:
-            async with asyncio.timeout(self.settings.job_max_seconds):
-                if store:
-                    # Inside the try: a job without its key is a bug, and a bug still ends the job with error + done.
-                    key = job.key
-                    assert key is not None  # a job answers one question (a batch's log has no key, and runs elsewhere)
-                    # The synchronous routes' single flight: one model call per question, whoever asked first;
-                    # the answer is kept in the cache before `done`, so whoever saw `done` gets a hit, on any replica.
-                    body = await self.service.cache.share(key, self.settings.ttl_for(task),
-                                                          lambda: self._produce(job, task, agent_input),
-                                                          coordinate=not resumed, on_join=sharing)
-                else:
-                    body = await self._produce(job, task, agent_input)
-        except TimeoutError:
-            await self._fail_or_stale(job, task, UpstreamTimeout("job", self.settings.job_max_seconds, "job-timeout"))
+            # The creator's token (in `prepared`, held by this coroutine only, never stored or logged)
+            # makes the write-back, after `done`; a job taken over has none, and skips it.
+            await self.answers.ask(prepared, mode=job.mode, delivery=_Delivery(self, job), resumed=resumed, owned=True,
+                                   deadline=self.settings.job_max_seconds, admitted=not resumed)
         except AdapterError as exc:
-            await self._fail_or_stale(job, task, exc)
+            if not job.finished:
+                self._fail(job, exc)
         except Exception as exc:  # a bug must still end the job with error + done, never hang its readers
             log.error("job.crashed", job_id=job.id, exc_info=exc)
-            self._fail(job, exc)
-        else:
-            self._emit(job, "result", self.service.result_event(task, body))
-            self._finish(job, "succeeded")
-            # A fresh answer's hook runs as on the synchronous route, with the creator's token (held
-            # by this coroutine only, never stored or logged); the outcome goes to the log.
-            await self.service.after_fresh(task, job.record_id, authorization, body, "BYPASS" if not store else "MISS")
+            if not job.finished:
+                self._fail(job, exc)
         log.info("job.done", job_id=job.id, task=job.task, status=job.status, events=len(job.events), replica=self._replica)
 
-    async def _fail_or_stale(self, job: Job, task: Task, exc: AdapterError) -> None:
-        """The synchronous routes' stale-if-error rule: a model-side fault within the grace serves the stale answer."""
-        if job.mode == "default" and job.key is not None and (
-                entry := await self.service.cache.stale_for(job.key, self.settings.ttl_for(task), exc)):
-            log.info("job.stale_answer", job_id=job.id, reason=exc.slug, age_s=self.service.cache.age(entry))
-            self._emit(job, "result", self.service.result_event(task, entry.body))
-            self._finish(job, "succeeded", cached=True, stale=True)
-            return
-        self._fail(job, exc)
-
     def _fail(self, job: Job, exc: Exception) -> None:
-        self._emit(job, "error", self.describe(exc, f"/api/v1/ai/jobs/{job.id}"))
+        self._emit(job, "error", self.describe(exc, job))
         self._finish(job, "failed")
-
-    async def _produce(self, job: Job, task: Task, agent_input: str) -> bytes:
-        gateway = self.service.gateway
-        plan = gateway.plan()
-        async with gateway.guarded():
-            self._emit(job, "status", {"state": "running", "message": "starting the agent"})
-            with self.service.gateway_span(task, 1, plan, stream=True):
-                text = await gateway.stream_run(task.agent_id, agent_input, plan, lambda name, data: self._emit(job, name, data))
-        self._emit(job, "status", {"state": "validating", "message": "validating the agent's answer"})
-
-        def repairing(attempt: int) -> None:
-            self._emit(job, "status", {"state": "running", "message": f"repairing invalid output (attempt {attempt + 1})"})
-
-        result = await self.service.validated(task, job.record_id, agent_input, text, on_repair=repairing, plan=plan)
-        return _encode(result)
 
     def _purge(self) -> None:
         # Jobs sit in creation order with one lifetime, so the expired ones are at the front:
@@ -301,16 +281,16 @@ class Jobs:
         for job in list(self._jobs.values()):
             if job.expires <= now:
                 self._drop(job)
-            elif job.mode != "batch":
+            elif job.kind == JOB:
                 break
         # Bounded: past the cap, forget the oldest finished jobs first.
         if len(self._jobs) > self.settings.job_max_jobs:
             for job in [j for j in self._jobs.values() if j.finished][: len(self._jobs) - self.settings.job_max_jobs]:
                 self._drop(job)
 
-    def _drop(self, job: Job) -> None:
+    def _drop(self, job: Log) -> None:
         self._jobs.pop(job.id, None)
-        if self._by_key.get(job.key) is job:
+        if isinstance(job, Job) and self._by_key.get(job.key) is job:
             del self._by_key[job.key]
 
     async def drain(self, grace: float, forced: Callable[[], bool] = lambda: False) -> None:
@@ -344,7 +324,7 @@ class Jobs:
                 log.warning("job.handed_over", job_id=job.id, task=job.task, events=len(job.events),
                             reason="shutdown grace over", replica=self._replica)
             else:
-                self._fail(job, ShuttingDown("the sidecar shut down before the job finished; start it again"))
+                self.kinds[job.kind].end(job, ShuttingDown(f"the sidecar shut down before the {job.kind} finished; start it again"))
                 log.warning("job.interrupted", job_id=job.id, task=job.task, events=len(job.events), reason="shutdown grace over")
         if self.mirror is not None:
             await self.mirror.flush_all(timeout=2)
@@ -368,3 +348,19 @@ class Jobs:
             runner.cancel()
         if self.mirror is not None:
             self.mirror.close()
+
+
+class _Delivery(Delivery):
+    """A job takes its answer as events: progress as `status` and `delta`, the answer as `result` then `done`."""
+
+    streams = True
+
+    def __init__(self, jobs: Jobs, job: Job) -> None:
+        self._jobs, self._job = jobs, job
+
+    def event(self, name: str, data: Any) -> None:
+        self._jobs._emit(self._job, name, data)
+
+    def answered(self, answer: Answer) -> None:
+        self._jobs._emit(self._job, "result", answer.event)
+        self._jobs._finish(self._job, "succeeded", cached=answer.cached, stale=answer.x_cache == "STALE")

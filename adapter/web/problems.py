@@ -13,6 +13,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from ..context import request_id
 from ..errors import AdapterError, BadRequest
 from ..models import FieldError, Problem
+from ..storage.event_log import Log
 
 TYPE_BASE = "urn:problem:crm-ai:"
 MEDIA_TYPE = "application/problem+json"
@@ -72,8 +73,13 @@ def _field_error(item: dict) -> FieldError:
     return FieldError(field=str(key) if key else None, message=message)
 
 
-def problem_json(exc: Exception, instance: str) -> bytes:
-    """A job's `error` event: the problem an exception is, as JSON, about the job at `instance`."""
+# Where each kind of log is read: the `instance` of a problem about one (URLs are built here, never below web).
+LOG_PATHS = {"job": "/api/v1/ai/jobs/", "batch": "/api/v1/ai/batches/"}
+
+
+def problem_json(exc: Exception, log: Log) -> bytes:
+    """A log's `error` event (a job's, a batch item's): the problem an exception is, as JSON, about that log."""
+    instance = LOG_PATHS[log.kind] + log.id
     problem, _ = problem_of(exc, "GET", instance)
     problem.instance = instance
     return _encode(problem)

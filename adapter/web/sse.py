@@ -9,13 +9,13 @@ from litestar.response import Stream
 from prometheus_client import Gauge
 
 from ..pipeline.jobs import Jobs
-from ..storage.job_state import Event, Job
+from ..storage.event_log import Event, Log
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
 
 
-def sse_response(job: Job, jobs: Jobs, after: int, drop_after: int | None = None, **headers: str) -> Stream:
-    """The job's events from `after` on, as a text/event-stream response."""
+def sse_response(job: Log, jobs: Jobs, after: int, drop_after: int | None = None, **headers: str) -> Stream:
+    """The log's events from `after` on, as a text/event-stream response."""
     s = jobs.settings
     events = job_events(job, after=after, heartbeat=s.sse_heartbeat_seconds, retry_ms=s.sse_retry_ms,
                         open_streams=jobs.service.metrics.open_streams, drop_after=drop_after,
@@ -28,7 +28,7 @@ def frame(ev: Event) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (ev.id, ev.event.encode(), ev.data)
 
 
-async def job_events(job: Job, *, after: int, heartbeat: float, retry_ms: int, open_streams: Gauge,
+async def job_events(job: Log, *, after: int, heartbeat: float, retry_ms: int, open_streams: Gauge,
                      drop_after: int | None = None, closing: asyncio.Event | None = None) -> AsyncIterator[bytes]:
     """Every event after `after`, live, through `done`. A client that leaves just stops reading.
 

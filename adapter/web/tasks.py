@@ -15,9 +15,9 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import JSONBody, QueryParameter
 from litestar.response import Stream
 
-from ..pipeline.cache import Mode, Outcome
+from ..pipeline.answers import Answers
+from ..pipeline.cache import Mode
 from ..pipeline.jobs import Jobs
-from ..pipeline.service import AiService
 from ..tasks import Registry, Task
 from .auth import CALLER, Caller
 from .openapi import CACHE_HEADERS, WARNINGS_HEADER, WRITE_BACK_HEADER, ai_responses, stream_responses
@@ -31,13 +31,6 @@ from .streams import StreamSlots
 CacheParam = Annotated[Mode, QueryParameter(description="default, no-cache (fresh answer, stored) or no-store (fresh, not stored)")]
 
 
-def respond(outcome: Outcome, **extra: str) -> Response[Any]:
-    headers = {"X-Cache": outcome.x_cache, **extra}
-    if outcome.age is not None:
-        headers["Age"] = str(outcome.age)
-    return Response(outcome.body, media_type="application/json", headers=headers)
-
-
 def _named(fn: Any, name: str, annotations: dict[str, Any]) -> Any:
     # The handler's name makes its OpenAPI operationId (ApiV1AiLeadQualifyLeadQualify); its
     # annotations are real types, so Litestar reads the task's request and result structs.
@@ -47,19 +40,15 @@ def _named(fn: Any, name: str, annotations: dict[str, Any]) -> Any:
 
 
 def sync_route(task: Task) -> HTTPRouteHandler:
-    async def handler(data: Any, request: Request, service: AiService, caller: Caller) -> Response[Any]:
-        outcome = await service.run(task, data, caller.authorization, cache_mode(request), caller.user)
-        service.metrics.cache.labels(task.name, outcome.x_cache.lower()).inc()
-        headers = service.response_headers(task, outcome.body)  # X-AI-Provider, X-Agent-Warnings
-        record_id = getattr(data, task.id_field)
-        if (written := await service.after_fresh(task, record_id, caller.authorization, outcome.body, outcome.x_cache)) is not None:
-            headers["X-CRM-Write-Back"] = written
-        return respond(outcome, **headers)
+    async def handler(data: Any, request: Request, answers: Answers, caller: Caller) -> Response[Any]:
+        prepared = await answers.service.prepare(task, data, caller.authorization, caller.user)
+        answer = await answers.ask(prepared, mode=cache_mode(request))
+        return Response(answer.body, media_type="application/json", headers=answer.headers)
 
     headers: list[ResponseHeader] = [*CACHE_HEADERS, WARNINGS_HEADER, *([WRITE_BACK_HEADER] if task.write_back else [])]
     return post(task.path, status_code=200, response_headers=headers, responses=ai_responses(task), summary=task.summary)(
         _named(handler, task.name.replace(".", "_"), {
-            "data": JSONBody[task.request_type], "request": Request, "service": NamedDependency[AiService], "caller": NamedDependency[Caller],
+            "data": JSONBody[task.request_type], "request": Request, "answers": NamedDependency[Answers], "caller": NamedDependency[Caller],
             "return": Response[task.result_type]}))  # type: ignore[name-defined]
 
 
@@ -70,7 +59,6 @@ def stream_route(task: Task) -> HTTPRouteHandler:
         # no work. The CRM check and the body's validation happen before the stream opens: they answer as problems.
         streams.take(request.scope, caller.user)
         job, x_cache = await jobs.start(task, data, caller.authorization, cache, caller.user)
-        jobs.service.metrics.cache.labels(task.name, x_cache.lower()).inc()
         return sse_response(job, jobs, 0, **{"X-Cache": x_cache})
 
     return post(task.path + "/stream", status_code=200, responses=stream_responses(task),
