@@ -355,3 +355,59 @@ async def following(redis_url: str, prefix: str, thread_id: str, deadline: float
     async with aioredis.from_url(redis_url) as r, asyncio.timeout(deadline):
         while not (await r.pubsub_numsub(channel))[0][1]:
             await asyncio.sleep(0.01)
+
+
+# --- the gateway double's conversations, as the real Conductor has them (upstreams.md §6) ----------
+
+async def test_the_double_saves_whatever_a_run_returned_with_save_to_conversation(gateway) -> None:
+    from tests.helpers import asgi_client
+
+    async with asgi_client(gateway.app, "http://gateway.test") as gw:
+        created = await gw.post("/api/conversations/", json={"title": "Lead 42: outreach", "screenplay_id": "crm-lead-42"})
+        conversation_id = created.json()["conversation_id"]
+        assert UUID4.fullmatch(conversation_id)  # chosen by the Conductor
+        assert (await gw.post("/api/conversations", json={})).status_code == 307
+        assert (await gw.post("/api/conversations/", json={"title": "ab"})).status_code == 500
+        run = {"input_text": "Write an outreach email.", "instance_id": "i-42", "conversation_id": conversation_id,
+               "cwd": "/tmp", "screenplay_id": "crm-lead-42", "save_to_conversation": True, "context_mode": "stateless"}
+        gateway.push(EMAIL_AGENT, "run_failed")
+        assert (await gw.post(f"/api/agents/{EMAIL_AGENT}/execute", json=run)).json()["status"] == "error"
+        # The failed run was saved, and the next run (stateless or not) gets it replayed.
+        assert (await gw.post(f"/api/agents/{EMAIL_AGENT}/execute", json={**run, "input_text": "Again."})).status_code == 200
+        assert gateway.runs[-1]["history"] == [("Write an outreach email.",
+                                                "Error: claude exited with code 1: rate limit exceeded")]
+        messages = (await gw.get(f"/api/conversations/{conversation_id}/messages")).json()
+        assert [(m["type"], m.get("status")) for m in messages["messages"]] == [
+            ("user", None), ("bot", "error"), ("user", None), ("bot", "completed")]
+        assert (await gw.get(f"/api/conversations/{conversation_id}/messages", params={"limit": 0})).status_code == 422
+        unknown = await gw.get("/api/conversations/6b1f7c1e-8d3a-4c55-9e0a-2f4b6c8d0e1f/messages")
+        assert unknown.status_code == 200 and unknown.json()["total"] == 0
+        # POST .../messages: a bot message needs agent_info; nothing to add is a 400; no name, a 422.
+        assert (await gw.post(f"/api/conversations/{conversation_id}/messages", json={"agent_response": "x"})).status_code == 400
+        bad = {"agent_response": "x", "agent_info": {"agent_id": EMAIL_AGENT, "instance_id": "i"}}
+        assert (await gw.post(f"/api/conversations/{conversation_id}/messages", json=bad)).status_code == 422
+        # The list has no owner filter and no paging: without screenplay_id it is every conversation.
+        gateway.conversations.create({"title": "someone else's", "screenplay_id": "other"})
+        assert (await gw.get("/api/conversations/", params={"limit": 1})).json()["count"] == 2
+        listed = (await gw.get("/api/conversations/", params={"screenplay_id": "crm-lead-42"})).json()
+        assert listed["count"] == 1 and len(listed["conversations"][0]["messages"]) == 4  # whole documents
+        # DELETE is soft: the list hides it, GET still reads it (nothing in it says so), a second DELETE is a 404.
+        assert (await gw.delete(f"/api/conversations/{conversation_id}")).json()["instances_deleted"] == 1
+        assert (await gw.get("/api/conversations/", params={"screenplay_id": "crm-lead-42"})).json()["count"] == 0
+        read = (await gw.get(f"/api/conversations/{conversation_id}")).json()
+        assert len(read["messages"]) == 4 and "isDeleted" not in read
+        assert (await gw.delete(f"/api/conversations/{conversation_id}")).status_code == 404
+
+
+async def test_the_doubles_stream_replays_the_history_and_never_saves(client, auth, seed, gateway) -> None:
+    thread_id = (await start_thread(client, auth, seed["leads"][0]))["thread_id"]
+    from tests.helpers import asgi_client
+
+    async with asgi_client(gateway.app, "http://gateway.test") as gw:
+        started = await gw.post("/api/v1/stream-execute", json={
+            "agent_id": EMAIL_AGENT, "input": "shorter", "conversation_id": thread_id, "instance_id": "i", "cwd": "/tmp",
+            "screenplay_id": "s"})
+        async with gw.stream("GET", started.json()["stream_url"]) as events:
+            assert "result" in (await events.aread()).decode()
+    assert len(gateway.runs[-1]["history"]) == 1 and not gateway.runs[-1]["saved"]
+    assert len(stored(gateway, thread_id)) == 2
