@@ -76,6 +76,13 @@ HOSTILE = (
     Audited("adapter/web/proxy.py", "the caller's path (the server's request-line limit)", source=r"[/\\]"),
     Audited("adapter/models.py", "record ids in the caller's body (msgspec `Meta(pattern=)`)",
             source="^[0-9a-fA-F]{24}$"),
+    Audited("adapter/upstreams/conversations.py", "a thread id in the caller's path, a conversation id the Conductor "
+            "answers (fullmatch of bounded repeats)", "CONVERSATION_ID"),
+    Audited("adapter/pipeline/threads.py", "a Conductor conversation's title: upstream text (fullmatch of bounded "
+            "repeats)", "_TITLE"),
+    Audited("adapter/pipeline/threads.py", "a Conductor conversation's context, at most CONTEXT_MAX characters",
+            "_REQUEST"),
+    Audited("adapter/web/threads.py", "a thread turn's message in the caller's body (MAX_BODY_BYTES)", "_CONTROL"),
 )
 
 TRUSTED = (
