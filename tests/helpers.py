@@ -44,7 +44,7 @@ RECORD_ID = "65f1c0ffee0000000000a001"  # a well-formed record id the validators
 # --- the app under test, its settings and answers -------------------------------------------
 
 # What every test app with Redis signs with (unless the test names its own): apps of one test share it,
-# as replicas do. An app built without any would use a key of its own (adapter/app.py redis_signer).
+# as replicas do. An app built without any would use a key of its own (adapter/assembly.py redis_signer).
 TEST_SIGNING_KEY = "test-signing-key-" + "k" * 24
 
 

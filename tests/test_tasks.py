@@ -151,7 +151,7 @@ def test_a_task_is_checked_when_it_is_declared():
 # --- the architecture's rules -----------------------------------------------------------------
 
 LAYERS = {"web": 3, "pipeline": 2, "upstreams": 1, "storage": 1, "tasks": 1}
-ENTRY = {"app", "cli", "demo", "check", "agent_sync", "servers"}
+ENTRY = {"app", "assembly", "cli", "demo", "check", "agent_sync", "servers"}
 
 
 def _imports(path: Path) -> list[str]:

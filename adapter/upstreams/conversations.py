@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import msgspec
@@ -22,8 +23,9 @@ import msgspec
 from ..context import outbound_headers
 from ..errors import AdapterError, GatewayProtocolError, GatewayRejected, GatewayUnavailable
 from ..settings import Settings
-from .gateway import UPSTREAM, public_detail, read_within
+from .gateway import UPSTREAM, public_detail
 from .http import UNREADABLE, transport_error
+from .transport import Reply, TooLarge, exchange
 
 # The gateway proxies these routes with a 30 s timeout of its own.
 CALL_TIMEOUT = 35.0
@@ -83,25 +85,27 @@ class ConversationsClient:
         self._http = http
         self._settings = settings
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _call(self, method: str, path: str, *, content: bytes | None = None,
+                    params: dict[str, str] | None = None) -> Reply:
+        if params:
+            path = f"{path}?{urlencode(params)}"
         try:
-            request = self._http.build_request(method, path, headers={"Content-Type": "application/json", **outbound_headers()},
-                                               timeout=httpx.Timeout(self._settings.gateway_connect_timeout, read=CALL_TIMEOUT,
-                                                                     write=30.0, pool=10.0), **kwargs)
-            response = await self._http.send(request, stream=True)
-            await read_within(response, BODY_MAX)
+            return await exchange(self._http, method, path, content=content, timeout=CALL_TIMEOUT, limit=BODY_MAX,
+                                  headers={"Content-Type": "application/json", **outbound_headers()})
+        except TooLarge as exc:
+            raise GatewayProtocolError(f"the {UPSTREAM} answered {exc.status_code} with a body of more than "
+                                       f"{BODY_MAX // (1024 * 1024)} MiB; read no further") from None
         except (httpx.TransportError, TimeoutError) as exc:
             raise transport_error(exc, upstream=UPSTREAM, unavailable=GatewayUnavailable, slug="gateway-timeout",
                                   read_timeout=CALL_TIMEOUT) from None
-        return response
 
-    def _failure(self, what: str, response: httpx.Response) -> AdapterError:
+    def _failure(self, what: str, response: Reply) -> AdapterError:
         detail = f"the {UPSTREAM}'s conversation store answered {response.status_code} to {what}: {public_detail(response)}"
         if response.status_code in (502, 503, 504):  # the gateway could not reach the Conductor, or its database
             return GatewayUnavailable(detail)
         return GatewayRejected(detail)
 
-    def _decode(self, what: str, response: httpx.Response, decoder: Any) -> Any:
+    def _decode(self, what: str, response: Reply, decoder: Any) -> Any:
         try:
             return decoder(response.content)
         except (*UNREADABLE, msgspec.ValidationError):

@@ -49,6 +49,7 @@ from ..errors import (
 from ..metrics import Metrics
 from .resilience import Bulkhead, CircuitBreaker, retrying
 from .http import UNREADABLE, detail_of, transport_error, what_happened
+from .transport import Reply, TooLarge, exchange
 from ..settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
@@ -132,7 +133,7 @@ class ProviderPlan:
 class _Refused503(Exception):
     """The gateway's database is down: it did not start the agent, so one retry is safe."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: Reply) -> None:
         super().__init__("503")
         self.response = response
 
@@ -150,7 +151,7 @@ def redacted(text: str, limit: int) -> str:
     return _URL.sub("<internal URL>", text[:URL_SCAN_MAX])[:limit]
 
 
-def public_detail(response: httpx.Response) -> str:
+def public_detail(response: Reply) -> str:
     """The gateway's `detail`, with the Conductor API's own words unwrapped and no internal URL."""
     detail = detail_of(response)
     # "Conductor API error: {\"detail\": \"... Campo 'screenplay_id' é obrigatório ...\"}"
@@ -233,12 +234,18 @@ class GatewayClient:
         finally:
             self.bulkhead.release()
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _send(self, method: str, path: str, *, content: bytes, headers: dict[str, str],
+                    timeout: float | None = None) -> Reply:
         refused = 0
 
-        async def attempt() -> httpx.Response:
-            response = await self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
-            await read_within(response, BODY_MAX)
+        async def attempt() -> Reply:
+            try:
+                response = await exchange(self._http, method, path, content=content, headers=headers, timeout=timeout,
+                                          limit=BODY_MAX)
+            except TooLarge as exc:
+                # The gateway's (hostile) answer could otherwise fill the sidecar's memory before any bound on the text applies.
+                raise GatewayProtocolError(f"the {UPSTREAM} answered {exc.status_code} with a body of more than "
+                                           f"{BODY_MAX // (1024 * 1024)} MiB; read no further") from None
             if response.status_code == 503 and _DB_DOWN in detail_of(response):
                 raise _Refused503(response)
             return response
@@ -330,9 +337,8 @@ class GatewayClient:
     async def _forget_instance(self, instance_id: str) -> None:
         """Delete the `agent_instances` document the run left; a failure is logged, never raised."""
         try:
-            response = await self._http.delete(
-                f"/api/agents/instances/{instance_id}", params={"hard": "true", "cascade": "true"},
-                headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
+            response = await exchange(self._http, "DELETE", f"/api/agents/instances/{instance_id}?hard=true&cascade=true",
+                                      headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
             outcome = "ok" if response.status_code < 300 else "failed"
             reason = None if outcome == "ok" else f"{response.status_code}: {public_detail(response)}"
         except httpx.HTTPError as exc:
@@ -476,22 +482,6 @@ class GatewayClient:
         response.raise_for_status()
 
 
-async def read_within(response: httpx.Response, limit: int) -> None:
-    """Read the answer's body, as `aread` does, but stop at `limit` bytes: the gateway's (hostile)
-    answer could otherwise fill the sidecar's memory before any bound on the text applies."""
-    chunks, size = [], 0
-    try:
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                raise GatewayProtocolError(f"the {UPSTREAM} answered {response.status_code} with a body of more than "
-                                           f"{limit // (1024 * 1024)} MiB; read no further")
-            chunks.append(chunk)
-    finally:
-        await response.aclose()
-    response._content = b"".join(chunks)  # what `aread` sets: `.content` and `.text` read it from here
-
-
 def _as_run(data: Any) -> _RunDocument:
     if isinstance(data, dict):
         try:
@@ -520,7 +510,7 @@ def _start_error(answer: Any) -> str | None:
     return None
 
 
-def _status_error(agent_id: str, response: httpx.Response) -> AdapterError:
+def _status_error(agent_id: str, response: Reply) -> AdapterError:
     status, detail = response.status_code, public_detail(response)
     if status == 404:
         return AgentMissing(agent_id)
@@ -535,7 +525,7 @@ def _status_error(agent_id: str, response: httpx.Response) -> AdapterError:
     return GatewayProtocolError(f"the {UPSTREAM} refused the call with {status}: {detail}")
 
 
-def _text_of(agent_id: str, response: httpx.Response) -> str:
+def _text_of(agent_id: str, response: Reply) -> str:
     if response.status_code != 200:
         raise _status_error(agent_id, response)
     try:
