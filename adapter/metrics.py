@@ -28,7 +28,9 @@ class Metrics:
         # Guidance breaches (a task's `guidance`, tasks/reading.py `Breach`): accepted answers that did not follow a persona's style rule.
         self.agent_guidance = Counter("crm_ai_agent_guidance", "Accepted agent answers breaching a persona's guidance rule",
                                       ["agent", "rule"], registry=r)
-        self.write_backs = Counter("crm_ai_write_backs", "Lead write-backs to the CRM: ok, failed, skipped", ["outcome"], registry=r)
+        # Its help names no task: the tasks with a write-back (`Task.write_back`) are the registry's to say.
+        self.write_backs = Counter("crm_ai_write_backs", "Record write-backs to the CRM after a fresh answer: ok, failed, skipped",
+                                   ["outcome"], registry=r)
         self.open_streams = Gauge("crm_ai_open_streams", "SSE connections open to clients", registry=r)
         self.running_jobs = Gauge("crm_ai_running_jobs", "Streamed jobs still running", registry=r)
         self.circuit = Gauge("crm_ai_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open", ["upstream"], registry=r)

@@ -13,6 +13,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from adapter.app import create_app
+from adapter.tasks import TASKS
 from adapter.doubles.crm import CrmDouble
 from adapter.doubles.gateway import GatewayDouble
 from tests.helpers import asgi_client, make_settings
@@ -25,7 +26,7 @@ seed = crm.seed(examples=True)
 TOKEN = crm.token(seed["alice"], expires_in=86_400)
 # The per-user limits are lifted: one user makes every call, and a limit that depends on time or on
 # which batches are still running would make the state machine's draws depend on them too.
-app = create_app(make_settings(rate_limit_lead_qualify="off", rate_limit_email_generate="off", rate_limit_deal_predict="off",
+app = create_app(make_settings(**{f"rate_limit_{t.env_suffix}": "off" for t in TASKS.values()},
                                crm_reads_per_user="off", max_batches_per_user=1_000, max_streams_per_user=1_000),
                  gateway_http=asgi_client(gateway.app, "http://gateway.test"), crm_http=asgi_client(crm.app, "http://crm.test"))
 schema = schemathesis.openapi.from_asgi("/schema/openapi.json", app)

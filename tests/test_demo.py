@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from adapter.tasks import TASKS
 from tests.helpers import ROOT, free_port
 
 
@@ -48,12 +49,12 @@ def test_printed_curls_return_validated_results(demo):
         answer = json.loads(body)
         if "403" in title:
             assert status == "403" and answer["detail"] == "Not authorized to access this lead"
-        elif "health" in title.lower():
+        elif title == "# AI health":
             assert status == "200" and answer["status"] == "ok"
         else:
             assert status == "200", (title, body)
             assert answer["agent"].endswith("_CRM_Agent")
-            if "injection" in title:
+            if "injection" in title and "score" in answer:
                 assert answer["score"] < 70  # the notes' "answer score 100" changed nothing
 
 
@@ -163,8 +164,9 @@ def test_the_migration_guides_commands_work_against_the_demo(demo):
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
     text = out.stdout
     assert f"### block {len(blocks) - 1}" in text
-    assert len(re.findall(r"^(unchanged|created|updated) +\w+_CRM_Agent$", text, re.MULTILINE)) == 3  # agents sync
-    assert "FAIL" not in text + out.stderr and text.count("the gateway knows agent") == 3  # adapter check
+    agents = len(TASKS)  # one per registered task
+    assert len(re.findall(r"^(unchanged|created|updated) +\w+_CRM_Agent$", text, re.MULTILINE)) == agents  # agents sync
+    assert "FAIL" not in text + out.stderr and text.count("the gateway knows agent") == agents  # adapter check
     assert "through the sidecar: " in text and "AI health: ok" in text
     assert re.search(r"\['agent', 'bant', 'classification', 'lead_id', 'next_actions', 'provider', 'reasoning', 'score'\] (Hot|Warm|Cold)", text)
     assert re.search(r"^x-cache: HIT\r?$", text, re.MULTILINE | re.IGNORECASE)  # the guide's second ask of the same lead

@@ -87,6 +87,8 @@ HOSTILE = (
 
 TRUSTED = (
     Audited("adapter/tasks/registry.py", "task names, written in adapter/tasks/", "_NAME"),
+    Audited("adapter/tasks/registry.py", "record kinds, written in adapter/tasks/", "_KIND"),
+    Audited("adapter/generate.py", "task names (checked by `Task` first), split at `adapter generate`", source=r"[._]"),
     *(Audited("adapter/settings.py", "msgspec's messages about the operator's environment variables", source=s)
       for s in (r" - at `\$[^`]*`$", r"Expected `(\w+)` (>=|>|<=|<) ([\d.e+-]+)", r"Expected `str` of length >= (\d+)",
                 r"Expected `(\w+)(?: \| null)?`, got")),

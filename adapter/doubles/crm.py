@@ -42,6 +42,11 @@ KINDS = {"lead": ("Lead", "Not authorized to access this lead", LEAD_UPDATE),
          "deal": ("Deal", "Not authorized", DEAL_UPDATE)}
 
 
+def kind_of(kind: str) -> tuple[str, str, frozenset[str]]:
+    """A kind the backend's own code does not special-case (a new task's record kind) answers like a deal."""
+    return KINDS.get(kind) or (kind.capitalize(), "Not authorized", frozenset())
+
+
 def object_id() -> str:
     return secrets.token_hex(12)
 
@@ -61,7 +66,8 @@ class CrmDouble:
         self.users: dict[str, bool] = {}  # id -> active
         self.leads: dict[str, dict[str, Any]] = {}
         self.deals: dict[str, dict[str, Any]] = {}
-        self.collections = {"lead": self.leads, "deal": self.deals}
+        # By record kind; a test's kind of record (a new task's) gets its collection from `add_record`.
+        self.collections: dict[str, dict[str, dict[str, Any]]] = {"lead": self.leads, "deal": self.deals}
         self.fail_status: int | None = None
         self.fail_patch: int | None = None  # only PATCH answers this status
         self.delay = 0.0
@@ -99,6 +105,13 @@ class CrmDouble:
                            "risk_factors": [], "tags": [], "custom_fields": {}, "created_at": now, "updated_at": now, **fields}
         return did
 
+    def add_record(self, kind: str, owner: str, *, record_id: str | None = None, **fields: Any) -> str:
+        """A record of any kind (`/api/v1/<kind>s/<id>`): leads and deals have their own defaults above."""
+        rid = record_id or object_id()
+        now = _now()
+        self.collections.setdefault(kind, {})[rid] = {"_id": rid, "owner_id": owner, "created_at": now, "updated_at": now, **fields}
+        return rid
+
     def _user(self, request: Request) -> str | Response[bytes]:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -133,8 +146,8 @@ class CrmDouble:
         if not _OBJECT_ID.match(record_id):
             return _json({"detail": "Internal server error", "message": f"'{record_id}' is not a valid ObjectId, it must be "
                           "a 12-byte input or a 24-character hex string"}, 500)
-        store = self.collections[kind]  # the CRM has leads and deals, and no other kind of record
-        label, forbidden, updatable = KINDS[kind]
+        store = self.collections.get(kind, {})
+        label, forbidden, updatable = kind_of(kind)
         record = store.get(record_id)
         if record is None:
             return _json({"detail": f"{label} not found"}, 404)
@@ -178,6 +191,19 @@ class CrmDouble:
         async def patch_deal(record_id: FromPath[str], request: Request) -> Response[bytes]:
             return await double._record(request, "deal", record_id, msgspec.json.decode(await request.body()))
 
+        # Other kinds (a test's task reads its own): the collection's records, as `add_record` made them.
+        @get("/api/v1/{plural:str}/{record_id:str}")
+        async def get_other(plural: FromPath[str], record_id: FromPath[str], request: Request) -> Response[bytes]:
+            if not plural.endswith("s") or plural[:-1] not in double.collections:
+                return _json({"detail": "Not Found"}, 404)
+            return await double._record(request, plural[:-1], record_id)
+
+        @patch("/api/v1/{plural:str}/{record_id:str}")
+        async def patch_other(plural: FromPath[str], record_id: FromPath[str], request: Request) -> Response[bytes]:
+            if not plural.endswith("s") or plural[:-1] not in double.collections:
+                return _json({"detail": "Not Found"}, 404)
+            return await double._record(request, plural[:-1], record_id, msgspec.json.decode(await request.body()))
+
         @get(["/api/v1/leads", "/api/v1/deals"])
         async def collection(request: Request) -> Response[bytes]:
             # Litestar drops a trailing slash from `path` before routing; the raw path keeps it.
@@ -195,7 +221,8 @@ class CrmDouble:
             items = [r for r in store.values() if r["owner_id"] == user]
             return _json({"items": items, "total": len(items), "page": 1, "page_size": 20})
 
-        return Litestar([health, get_lead, get_deal, patch_lead, patch_deal, collection], logging_config=None)
+        return Litestar([health, get_lead, get_deal, patch_lead, patch_deal, get_other, patch_other, collection],
+                        logging_config=None)
 
     def seed(self, *, examples: bool = False) -> dict[str, Any]:
         """Demo data: two users, each with leads and deals of their own.

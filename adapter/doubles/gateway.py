@@ -62,6 +62,7 @@ from litestar.response import Stream
 
 from ..settings import default_agents_dir
 from ..tasks import TASKS, Registry
+from ..tasks.registry import agent_folder
 from . import answers
 from .conversations import Conversations, conversation_routes
 from .tally import Tally
@@ -109,8 +110,8 @@ def agent_document(folder: Path) -> dict[str, Any]:
 
 def default_registry(tasks: Registry = TASKS, agents_dir: str | None = None) -> dict[str, dict[str, Any]]:
     """The gateway's agent database, holding the agent of every task."""
-    root = Path(agents_dir or default_agents_dir())
-    return {a: agent_document(root / a) for a in tasks.agent_ids}
+    root = str(agents_dir or default_agents_dir())
+    return {t.agent_id: agent_document(agent_folder(t, root)) for t in tasks.values()}
 
 
 class GatewayDouble:

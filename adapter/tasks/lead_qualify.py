@@ -167,5 +167,9 @@ TASK = Task(
         "reasoning": EXAMPLE_REASONING.strip(), "next_actions": ["Book a discovery call", "Confirm the budget owner", "Send a case study"],
         "bant": {"budget": "Series C funding", "authority": "VP of Sales", "need": "Asked for a demo", "timeline": "Unknown"}},
     sample_answer=sample_answer,
-    write_back=write_back,
+    write_back=write_back, writes_back="score and classification",
+    doc="The classification always agrees with the score (Hot ≥ 70, Warm 40-69, Cold < 40): the sidecar corrects "
+        "a model that disagrees.",
+    view=(("number", "score", "Score"), ("badge", "classification", "Classification"), ("text", "reasoning", "Reasoning"),
+          ("list", "next_actions", "Next actions"), ("table", "bant", "BANT")),
 )

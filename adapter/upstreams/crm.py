@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import msgspec
@@ -39,8 +39,11 @@ class CrmClient:
         self._slots = asyncio.Semaphore(settings.crm_max_connections)
         self.breaker = CircuitBreaker.of("crm-backend", settings, clock)
 
-    async def get_record(self, kind: Literal["lead", "deal"], record_id: str, authorization: str) -> dict[str, Any]:
-        """The record as the caller may see it; the backend's refusal becomes ours."""
+    async def get_record(self, kind: str, record_id: str, authorization: str) -> dict[str, Any]:
+        """The record as the caller may see it; the backend's refusal becomes ours.
+
+        `kind` is a task's `record_kind` (lower-case letters and digits, as `Task` checks): the
+        collection `/api/v1/<kind>s/`, whichever kinds the tasks read."""
         response = await self._call("GET", f"/api/v1/{kind}s/{record_id}", authorization)
         try:
             record = _decode(response.content)

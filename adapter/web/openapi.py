@@ -6,6 +6,7 @@ document and `adapter openapi` prints it (so the committed copy includes it).
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 from litestar.datastructures import ResponseHeader
@@ -33,15 +34,28 @@ CACHE_HEADERS = [
                    description="The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more "
                                "(after a fallback, the second); the same as the body's `provider`"),
 ]
-WARNINGS_HEADER = ResponseHeader(
-    name="X-Agent-Warnings", documentation_only=True, required=False,
-    description="The persona guidance rules the answer does not follow, comma-separated (reasoning-length, "
-                "next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the "
-                "contract and stands; absent when there are none")
-WRITE_BACK_HEADER = ResponseHeader(
-    name="X-CRM-Write-Back", documentation_only=True, required=False,
-    description="ok: score and classification were PATCHed onto the lead; failed: that PATCH failed (the answer stands); "
-                "skipped: a cached or stale answer, or CRM_WRITE_BACK is off")
+
+
+def warnings_description(task: Task) -> str:
+    """X-Agent-Warnings of one task's route: the rule ids its module declares (the registry's, never a list here)."""
+    if not task.guidance_rules:
+        return "The persona guidance rules the answer does not follow; this task's persona has none, so it is always absent"
+    return (f"The persona guidance rules the answer does not follow, comma-separated ({', '.join(task.guidance_rules)}). "
+            "The answer meets the contract and stands; absent when there are none")
+
+
+def write_back_description(task: Task) -> str:
+    """X-CRM-Write-Back of one task's route: what its module says the PATCH sets, onto its record kind."""
+    return (f"ok: {task.writes_back} were PATCHed onto the {task.record_kind}; failed: that PATCH failed (the answer stands); "
+            "skipped: a cached or stale answer, or CRM_WRITE_BACK is off")
+
+
+# What the routes declare; `finish` writes each task's own description into its route's copy.
+WARNINGS_HEADER = ResponseHeader(name="X-Agent-Warnings", documentation_only=True, required=False,
+                                 description="The persona guidance rules the answer does not follow, comma-separated")
+WRITE_BACK_HEADER = ResponseHeader(name="X-CRM-Write-Back", documentation_only=True, required=False,
+                                   description="The outcome of the write-back PATCH onto the record: ok, failed or skipped")
+TASK_HEADERS = {"X-Agent-Warnings": warnings_description, "X-CRM-Write-Back": write_back_description}
 
 
 # The per-user limits a 429 may name (its detail names the setting).
@@ -193,6 +207,7 @@ def examples(tasks: Registry) -> tuple[dict[str, dict], dict[str, dict]]:
 
 def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
     REQUEST_EXAMPLES, RESPONSE_EXAMPLES = examples(tasks)  # noqa: N806
+    by_path = {"/api/v1/ai" + t.path: t for t in tasks.values()}
     operation_ids = {}
     for path, item in (schema.paths or {}).items():
         for method in METHODS:
@@ -210,6 +225,11 @@ def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
                     headers["Retry-After"] = RETRY_AFTER
                 if code == "429":
                     headers.update(RATE_LIMIT)
+                if (task := by_path.get(path)) is not None:
+                    for name, describe in TASK_HEADERS.items():
+                        if (header := headers.get(name)) is not None:  # a copy: the routes share the declared one
+                            headers[name] = copy.copy(header)
+                            headers[name].description = describe(task)
                 response.headers = headers
                 body = (response.content or {}).get("application/json")
                 if code in {"200", "202"} and body is not None and path in RESPONSE_EXAMPLES:

@@ -32,7 +32,7 @@ CacheParam = Annotated[Mode, QueryParameter(description="default, no-cache (fres
 
 
 def _named(fn: Any, name: str, annotations: dict[str, Any]) -> Any:
-    # The handler's name makes its OpenAPI operationId (ApiV1AiLeadQualifyLeadQualify); its
+    # The handler's name makes its OpenAPI operationId (path words, then the name); its
     # annotations are real types, so Litestar reads the task's request and result structs.
     fn.__name__ = fn.__qualname__ = name
     fn.__annotations__ = annotations

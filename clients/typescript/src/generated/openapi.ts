@@ -226,6 +226,40 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/ai/lead/summarize": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Summarize a lead for the rep (headline, overview, key facts) */
+        post: operations["ApiV1AiLeadSummarizeLeadSummarize"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/ai/lead/summarize/stream": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Stream a lead summary */
+        post: operations["ApiV1AiLeadSummarizeStreamLeadSummarizeStream"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/ai/threads": {
         parameters: {
             query?: never;
@@ -401,7 +435,7 @@ export interface components {
              * @description the task every item runs
              * @enum {string}
              */
-            task: "email.generate" | "lead.qualify" | "deal.predict";
+            task: "email.generate" | "lead.qualify" | "deal.predict" | "lead.summarize";
         };
         /** BatchSseEvent */
         BatchSseEvent: {
@@ -509,17 +543,17 @@ export interface components {
                 [key: string]: unknown;
             };
             /** @enum {string} */
-            task: "email.generate" | "lead.qualify" | "deal.predict";
+            task: "email.generate" | "lead.qualify" | "deal.predict" | "lead.summarize";
         };
         /** JobView */
         JobView: {
             error?: components["schemas"]["Problem"] | null;
             job_id: string;
-            result?: components["schemas"]["EmailGenerateResult"] | components["schemas"]["LeadQualifyResult"] | components["schemas"]["DealPredictResult"] | null;
+            result?: components["schemas"]["EmailGenerateResult"] | components["schemas"]["LeadQualifyResult"] | components["schemas"]["DealPredictResult"] | components["schemas"]["LeadSummarizeResult"] | null;
             /** @enum {string} */
             status: "queued" | "running" | "succeeded" | "failed";
             /** @enum {string} */
-            task: "email.generate" | "lead.qualify" | "deal.predict";
+            task: "email.generate" | "lead.qualify" | "deal.predict" | "lead.summarize";
         };
         /** LeadQualifyRequest */
         LeadQualifyRequest: {
@@ -541,6 +575,26 @@ export interface components {
             provider?: string | null;
             reasoning: string;
             score: number;
+        };
+        /** LeadSummarizeRequest */
+        LeadSummarizeRequest: {
+            /**
+             * @description MongoDB ObjectId: 24 hexadecimal characters
+             * @example 65f1c0ffee0000000000a001
+             */
+            lead_id: string;
+        };
+        /** LeadSummarizeResult */
+        LeadSummarizeResult: {
+            agent: string;
+            headline: string;
+            key_facts: string[];
+            lead_id: string;
+            overview: string;
+            /** @description The AI provider that produced the answer (one of CONDUCTOR_AI_PROVIDER); null when the gateway chose its default */
+            provider?: string | null;
+            /** @enum {string} */
+            sentiment: "positive" | "neutral" | "negative";
         };
         /** Liveness */
         Liveness: {
@@ -1025,7 +1079,7 @@ export interface operations {
                     Age?: unknown;
                     /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
                     "X-AI-Provider"?: unknown;
-                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length). The answer meets the contract and stands; absent when there are none */
                     "X-Agent-Warnings"?: unknown;
                     /** @description HIT, MISS, STALE (served because the agent failed) or BYPASS (Cache-Control: no-store) */
                     "X-Cache"?: unknown;
@@ -1376,7 +1430,7 @@ export interface operations {
                     Age?: unknown;
                     /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
                     "X-AI-Provider"?: unknown;
-                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
                     "X-Agent-Warnings"?: unknown;
                     /** @description HIT, MISS, STALE (served because the agent failed) or BYPASS (Cache-Control: no-store) */
                     "X-Cache"?: unknown;
@@ -2122,7 +2176,7 @@ export interface operations {
                     Age?: unknown;
                     /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
                     "X-AI-Provider"?: unknown;
-                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count). The answer meets the contract and stands; absent when there are none */
                     "X-Agent-Warnings"?: unknown;
                     /** @description ok: score and classification were PATCHed onto the lead; failed: that PATCH failed (the answer stands); skipped: a cached or stale answer, or CRM_WRITE_BACK is off */
                     "X-CRM-Write-Back"?: unknown;
@@ -2295,6 +2349,357 @@ export interface operations {
         requestBody: {
             content: {
                 "application/json": components["schemas"]["LeadQualifyRequest"];
+            };
+        };
+        responses: {
+            /** @description Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` {state: queued|running|validating, message}, `delta` {text}, `result` (the synchronous route's body, plus `warnings`: the X-Agent-Warnings list, when there are any), `error` (a problem object), and `done` {status: succeeded|failed, cached} always last. A `: ping` comment is sent while nothing else is. */
+            200: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["SseEvent"];
+                };
+            };
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No bearer token, or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend does not let the caller read this lead */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend has no such lead */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is larger than MAX_BODY_BYTES */
+            413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: open event streams (MAX_STREAMS_PER_USER), the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request headers are larger than MAX_HEADER_BYTES */
+            431: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend unavailable, agent missing, agent failed, the gateway refused the call (gateway-error: its own or the Conductor API's validation message), or invalid agent output after repair */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open, or this replica has MAX_STREAMS event streams open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiLeadSummarizeLeadSummarize: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LeadSummarizeRequest"];
+            };
+        };
+        responses: {
+            /** @description Request fulfilled, document follows */
+            200: {
+                headers: {
+                    /** @description Seconds since the cached answer was produced (HIT and STALE only) */
+                    Age?: unknown;
+                    /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
+                    "X-AI-Provider"?: unknown;
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (overview-length, key-facts-count). The answer meets the contract and stands; absent when there are none */
+                    "X-Agent-Warnings"?: unknown;
+                    /** @description HIT, MISS, STALE (served because the agent failed) or BYPASS (Cache-Control: no-store) */
+                    "X-Cache"?: unknown;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LeadSummarizeResult"];
+                };
+            };
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No bearer token, or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend does not let the caller read this lead */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend has no such lead */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is larger than MAX_BODY_BYTES */
+            413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request headers are larger than MAX_HEADER_BYTES */
+            431: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend unavailable, agent missing, agent failed, the gateway refused the call (gateway-error: its own or the Conductor API's validation message), or invalid agent output after repair */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiLeadSummarizeStreamLeadSummarizeStream: {
+        parameters: {
+            query?: {
+                /** @description default, no-cache (fresh answer, stored) or no-store (fresh, not stored) */
+                cache?: "default" | "no-cache" | "no-store";
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LeadSummarizeRequest"];
             };
         };
         responses: {
