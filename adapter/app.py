@@ -38,6 +38,7 @@ from .web.ops import metrics as metrics_route
 from .web.proxy import Forward
 from .web.streams import release
 from .web.tasks import task_routers
+from .web.threads import thread_routers
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -121,7 +122,7 @@ def create_app(
                      proxy_http=proxy_http, store=store, clock=clock, sleep=sleep)
 
     app = Litestar(
-        route_handlers=[*task_routers(tasks), *job_routers(tasks), *batch_routers(tasks), health_router, healthz, readyz, metrics_route,
+        route_handlers=[*task_routers(tasks), *job_routers(tasks), *batch_routers(tasks), *thread_routers(tasks), health_router, healthz, readyz, metrics_route,
                         *([demo_router] if demo else [])],
         state=State({"metrics": metrics, "settings": settings, "demo": demo}),
         request_max_body_size=settings.max_body_bytes,

@@ -12,7 +12,7 @@
 5. `Serving`: what the web layer holds for requests: the open-stream places, the job tokens, the proxy.
 
 Each part puts what handlers and tests reach into the app's state (`service`, `answers`, `jobs`,
-`batches`, `streams`, `tokens`, `proxy`); `Assembly.lifespan` is the app's one lifespan.
+`batches`, `threads`, `streams`, `tokens`, `proxy`); `Assembly.lifespan` is the app's one lifespan.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .pipeline.batches import Batches
 from .pipeline.cache import ResultCache
 from .pipeline.jobs import Jobs
 from .pipeline.service import AiService
+from .pipeline.threads import Threads
 from .settings import Settings, redact_url
 from .stopping import cancel_and_wait
 from .storage.memory import MemoryStore
@@ -47,6 +48,7 @@ from .storage.store import Store
 from .tasks import Registry
 from .tracing import Tracing
 from .upstreams import crm, gateway, transport
+from .upstreams.conversations import ConversationsClient
 from .web import problems
 from .web.forwarding import Forwarding
 from .web.proxy import Proxy
@@ -233,6 +235,9 @@ class Pipeline:
         self.answers = Answers(service)
         self.jobs = Jobs(self.answers, describe=problems.problem_json, clock=self._clock, mirror=storage.log)
         self.batches = Batches(self.jobs, clock=self._clock, quota=storage.quota)
+        # Threads keep their history in the Conductor, through the gateway's client (pipeline/threads.py).
+        state.threads = self.threads = Threads(service, ConversationsClient(self._upstreams.gateway_http, s),  # type: ignore[arg-type]
+                                               storage.store, tasks)
         if storage.log is not None:
             storage.log.start(self.jobs.kinds)  # takeovers are dispatched by kind from here on
         self.batches.start_sweeper()
@@ -247,8 +252,8 @@ class Pipeline:
     async def stop(self) -> None:
         # First at shutdown, and awaited: a task still running when the Redis pools close would
         # open a connection nobody closes (a cancel can be lost on Python 3.11: adapter/stopping.py).
-        left = await cancel_and_wait(lambda: [*self.cache.background(), *self.jobs.background(), *self.batches.background()],
-                                     timeout=STOP_TIMEOUT)
+        left = await cancel_and_wait(lambda: [*self.cache.background(), *self.jobs.background(), *self.batches.background(),
+                                              *self.threads.background()], timeout=STOP_TIMEOUT)
         if left:
             log.warning("shutdown.tasks_left", tasks=sorted(t.get_name() for t in left), waited_s=STOP_TIMEOUT)
         self.cache.cancel_flights()

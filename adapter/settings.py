@@ -162,6 +162,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     batch_max_items: Annotated[int, Meta(ge=1, le=10_000)] = 500
     batch_concurrency: Annotated[int, Meta(ge=1, le=64)] = 4
     batch_max_seconds: Seconds = 21_600.0
+    # Threads (issue 25): turns per thread (each later prompt replays them all), and a follow-up's length.
+    thread_max_turns: Annotated[int, Meta(ge=1, le=50)] = 20
+    thread_message_max: Annotated[int, Meta(ge=1, le=8_000)] = 2_000
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
     # While rotating JOB_TOKEN_SECRET: also accepted (never issued with), as REDIS_SIGNING_KEY_PREVIOUS.

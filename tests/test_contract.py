@@ -74,3 +74,13 @@ def test_stateful_batch_workflow_follows_the_links():
     assert ("POST", "/api/v1/ai/batches") in followed, seen[:20]
     assert ("GET", "/api/v1/ai/batches/{batch_id}") in followed
     assert ("GET", "/api/v1/ai/batches/{batch_id}/events") in followed
+
+
+def test_stateful_thread_workflow_follows_the_links():
+    """POST /api/v1/ai/threads, then the thread, its turns and its deletion."""
+    seen = walk_links("^/api/v1/ai/threads")
+    followed = {(m, p) for m, p, status in seen if status in (200, 201, 204)}
+    assert ("POST", "/api/v1/ai/threads") in followed, seen[:20]
+    assert ("GET", "/api/v1/ai/threads/{thread_id}") in followed
+    assert ("POST", "/api/v1/ai/threads/{thread_id}/turns") in followed
+    assert ("DELETE", "/api/v1/ai/threads/{thread_id}") in followed

@@ -84,7 +84,8 @@ def test_readme_examples_work_against_the_demo(demo):
     """The README's curls, as printed there, with $TOKEN, $LEAD and $DEAL from the demo's /demo/env."""
     port, printed = demo
     setter = next(line for line in printed if line.startswith("eval "))
-    examples = [block for block in readme_examples() if "/api/v1/ai/batches" not in block]  # the batch flow: below
+    # The batch and thread flows: below.
+    examples = [block for block in readme_examples() if "/api/v1/ai/batches" not in block and "/api/v1/ai/threads" not in block]
     assert len(examples) >= 3
     for example in examples:
         script = f"{setter}\n" + example.replace("localhost:8080", f"127.0.0.1:{port}").replace("\\\n", " ").strip()
@@ -124,6 +125,23 @@ def test_readme_batch_flow_works_against_the_demo(demo):
     assert done["status"] == "completed" and done["counts"]["succeeded"] == leads
     assert failed["batch_id"] == created["batch_id"] and failed["items"] == [] and failed["counts"]["succeeded"] == leads
     assert cancelled["status"] == "completed" and cancelled["cancel_requested"] is False  # finished: nothing to cancel
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_readme_thread_flow_works_against_the_demo(demo):
+    """The README's thread curls, as printed there, in one shell: start a thread, continue it, list it, delete it."""
+    port, printed = demo
+    setter = next(line for line in printed if line.startswith("eval "))
+    (flow,) = [block for block in readme_examples() if "/api/v1/ai/threads" in block]
+    script = "\n".join([setter, "set -e", flow]).replace("localhost:8080", f"127.0.0.1:{port}").replace("\\\n", " ")
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not out.stderr, out
+    turn, listed, deleted = [line for line in out.stdout.splitlines() if line]
+    turn, listed = json.loads(turn), json.loads(listed)
+    assert turn["message"] == "make the casual one shorter" and len(turn["result"]["variations"]) == 3
+    (thread,) = listed["threads"]
+    assert thread["task"] == "email.generate" and thread["turn_count"] == 2 and listed["next_cursor"] is None
+    assert deleted == "204"
 
 
 def migration_blocks(kind: str) -> list[str]:

@@ -405,11 +405,14 @@ def _in_docstring(path: Path, number: int) -> bool:
 def test_the_sync_and_stream_routes_all_act_for_a_verified_caller(client: httpx.AsyncClient):
     app = client._transport.app  # type: ignore[attr-defined]
     task_routes = [r for r in app.routes if r.path.startswith("/api/v1/ai/")
-                   and not r.path.startswith(("/api/v1/ai/jobs", "/api/v1/ai/batches")) and r.path != "/api/v1/ai/health"]
+                   and not r.path.startswith(("/api/v1/ai/jobs", "/api/v1/ai/batches", "/api/v1/ai/threads"))
+                   and r.path != "/api/v1/ai/health"]
     assert len(task_routes) == 2 * len(TASKS)
-    for route in task_routes:
+    thread_routes = [r for r in app.routes if r.path.startswith("/api/v1/ai/threads")]
+    assert len(thread_routes) == 3
+    for route in task_routes + thread_routes:
         for handler in route.route_handlers:
-            if "POST" not in handler.http_methods:
+            if handler.http_methods == {"OPTIONS"}:
                 continue  # Litestar's own OPTIONS handler
             assert "caller" in handler.resolve_dependencies() and "caller" in handler.parsed_fn_signature.parameters, route.path
 

@@ -80,6 +80,13 @@ HOSTILE = (
             "_OBJECT_ID"),
     Audited("adapter/notify/triggers.py", "record content and model output: a record's title, a risk factor "
                                           "(the CRM's answer, bounded by its read; the answer's MAX_TEXT)", "_CONTROL"),
+    Audited("adapter/upstreams/conversations.py", "a thread id in the caller's path, a conversation id the Conductor "
+            "answers (fullmatch of bounded repeats)", "CONVERSATION_ID"),
+    Audited("adapter/pipeline/threads.py", "a Conductor conversation's title: upstream text (fullmatch of bounded "
+            "repeats)", "_TITLE"),
+    Audited("adapter/pipeline/threads.py", "a Conductor conversation's context, at most CONTEXT_MAX characters",
+            "_REQUEST"),
+    Audited("adapter/web/threads.py", "a thread turn's message in the caller's body (MAX_BODY_BYTES)", "_CONTROL"),
 )
 
 TRUSTED = (

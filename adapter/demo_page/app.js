@@ -23,6 +23,8 @@ function status(text, cls) {
 
 function reset(title) {
   if (source) source.close();
+  $("refine").hidden = true;
+  refining = null;
   $("run-title").textContent = title;
   $("status").replaceChildren();
   $("deltas").textContent = "";
@@ -116,7 +118,11 @@ async function run(spec) {
   source.onopen = () => { if (dropped) { mark("reconnected"); status("reconnected: resuming after the last event received", "reconnect"); } };
   source.addEventListener("status", (e) => status(`${JSON.parse(e.data).state}: ${JSON.parse(e.data).message}`));
   source.addEventListener("delta", (e) => { mark("delta"); $("output").hidden = false; $("deltas").textContent += JSON.parse(e.data).text; });
-  source.addEventListener("result", (e) => { mark("result"); $("result").replaceChildren(render(spec, JSON.parse(e.data))); });
+  source.addEventListener("result", (e) => {
+    mark("result");
+    $("result").replaceChildren(render(spec, JSON.parse(e.data)));
+    if (spec.threads) offerRefine(spec, input);
+  });
   source.addEventListener("error", (e) => { if (e.data) { mark("error"); showProblem(JSON.parse(e.data)); } });
   source.addEventListener("done", (e) => {
     const done = JSON.parse(e.data);
@@ -125,6 +131,58 @@ async function run(spec) {
     document.body.dataset.state = done.status;
     source.close();
   });
+}
+
+// --- Refine: a thread about the record, continued with the user's follow-ups --------------------
+// The answer above came from a job; the first follow-up starts a thread about the same request (its
+// first turn answers it again), then continues it. Its own state: body's data-refine-state.
+let refining = null;  // {spec, input, threadId}
+
+function offerRefine(spec, input) {
+  refining = { spec, input, threadId: null };
+  $("refine").hidden = false;
+  $("turns").replaceChildren();
+  $("refine-error").hidden = true;
+  document.body.dataset.refineState = "ready";
+}
+
+async function call(method, path, body) {
+  const response = await fetch(path, {
+    method, headers: { "Content-Type": "application/json", Authorization: `Bearer ${session.token}` },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const answer = await response.json();
+  if (!response.ok) throw answer;  // a problem object
+  return answer;
+}
+
+async function refine(event) {
+  event.preventDefault();
+  const message = $("refine-message").value;
+  if (!refining || !message.trim()) return;
+  const current = refining;
+  document.body.dataset.refineState = "running";
+  $("refine-send").disabled = true;
+  $("refine-error").hidden = true;
+  try {
+    if (!current.threadId) {
+      current.threadId = (await call("POST", "/api/v1/ai/threads", { task: current.spec.name, input: current.input })).thread_id;
+    }
+    const turn = await call("POST", `/api/v1/ai/threads/${current.threadId}/turns`, { message });
+    if (refining !== current) return;  // another run replaced this one meanwhile
+    const thread = await call("GET", `/api/v1/ai/threads/${current.threadId}`);
+    $("result").replaceChildren(render(current.spec, turn.result));
+    $("turns").replaceChildren(...thread.turns.slice(1).map((t, i) => el("li", { "data-turn": t.turn_id },
+      el("div", { class: "message" }, `${i + 1}. ${t.message}`), render(current.spec, t.result))));
+    $("refine-message").value = "";
+    document.body.dataset.refineState = "done";
+  } catch (problem) {
+    $("refine-error").hidden = false;
+    $("refine-error").replaceChildren(el("strong", {}, problem.title || "Error"), el("span", { class: "detail" }, problem.detail || String(problem)));
+    document.body.dataset.refineState = "failed";
+  } finally {
+    $("refine-send").disabled = false;
+  }
 }
 
 // --- The batch: one task over every lead of the session, followed like a job ----------------
@@ -242,6 +300,7 @@ async function init() {
     $("batch-start").addEventListener("click", () => startBatch(batchSpec, ids));
     $("batch-cancel").addEventListener("click", cancelBatch);
   }
+  $("refine").addEventListener("submit", refine);
   setBatchState("idle");
   document.body.dataset.state = "ready";
 }

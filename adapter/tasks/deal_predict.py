@@ -144,7 +144,7 @@ TASK = Task(
         "deal_id": EXAMPLE_DEAL_ID, "agent": AGENT, "win_probability": 55, "health_score": 68,
         "predicted_close_date": "2027-01-31", "risk_factors": ["Only one decision maker engaged"],
         "recommended_actions": ["Meet the economic buyer"], "reasoning": (EXAMPLE_REASONING * 3).strip()},
-    sample_answer=sample_answer,
+    sample_answer=sample_answer, threads=True,
     view=(("gauge", "win_probability", "Win probability"), ("gauge", "health_score", "Health"),
           ("field", "predicted_close_date", "Predicted close"), ("list", "risk_factors", "Risks"),
           ("list", "recommended_actions", "Recommended actions"), ("text", "reasoning", "Reasoning")),

@@ -83,6 +83,7 @@ class Task:
     doc: str = ""
     # Where this task's agent folder is when it is not CONDUCTOR_AGENTS_DIR's (a toy task of a test).
     agents_root: str | None = None
+    threads: bool = False  # the task allows threads (a conversation about one record: pipeline/threads.py)
     version: str = field(default="unversioned")  # stamped by `Registry.load` from the agent's files
     _decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
 

@@ -268,15 +268,16 @@ class GatewayClient:
         return transport_error(exc, upstream=UPSTREAM, unavailable=GatewayUnavailable, slug="gateway-timeout",
                                read_timeout=self._http.timeout.read, call_timeout=self._settings.gateway_call_timeout)
 
-    def _body(self, provider: str | None, **prompt: str) -> dict[str, Any]:
+    def _body(self, provider: str | None, conversation_id: str | None = None, **prompt: str) -> dict[str, Any]:
         # Fresh instance and conversation ids per run: the Conductor replays a conversation's
         # history whatever `context_mode` says, and one lead's answer must not leak into the next.
+        # Only a thread's turn names its conversation (pipeline/threads.py), to have its history replayed.
         s = self._settings
         body: dict[str, Any] = {
             **prompt,
             "context_mode": "stateless",
             "instance_id": f"crm-ai-{uuid.uuid4().hex}",
-            "conversation_id": f"crm-ai-{uuid.uuid4().hex}",
+            "conversation_id": conversation_id or f"crm-ai-{uuid.uuid4().hex}",
             "screenplay_id": s.conductor_screenplay_id,
             "cwd": s.conductor_cwd,
         }
@@ -286,16 +287,17 @@ class GatewayClient:
 
     # --- synchronous runs ---------------------------------------------------------------
 
-    async def execute(self, agent_id: str, input_text: str, plan: ProviderPlan | None = None) -> str:
+    async def execute(self, agent_id: str, input_text: str, plan: ProviderPlan | None = None, *,
+                      conversation_id: str | None = None) -> str:
         """Run the agent (guarded) and return the model's text."""
         async with self.guarded():
-            return await self.run(agent_id, input_text, plan or self.plan())
+            return await self.run(agent_id, input_text, plan or self.plan(), conversation_id=conversation_id)
 
-    async def run(self, agent_id: str, input_text: str, plan: ProviderPlan) -> str:
+    async def run(self, agent_id: str, input_text: str, plan: ProviderPlan, *, conversation_id: str | None = None) -> str:
         """Synchronous run(s) for a caller already inside `guarded()`, with the provider fallback."""
         while True:
             try:
-                return await self._execute(agent_id, input_text, plan.current)
+                return await self._execute(agent_id, input_text, plan.current, conversation_id)
             except (AgentFailed, UpstreamTimeout) as exc:
                 if not self._fall_back(agent_id, plan, exc):
                     raise
@@ -309,10 +311,10 @@ class GatewayClient:
                     reason=exc.slug)
         return True
 
-    async def _execute(self, agent_id: str, input_text: str, provider: str | None) -> str:
+    async def _execute(self, agent_id: str, input_text: str, provider: str | None, conversation_id: str | None = None) -> str:
         t0 = time.perf_counter()
         outcome = "error"
-        body = self._body(provider, input_text=input_text)
+        body = self._body(provider, conversation_id, input_text=input_text)
         try:
             async with asyncio.timeout(self._settings.gateway_call_timeout):
                 response = await self._send(
@@ -396,7 +398,7 @@ class GatewayClient:
         """Start a streamed run; the gateway's job id."""
         try:
             response = await self._send(
-                "POST", "/api/v1/stream-execute", content=_encode(self._body(provider, agent_id=agent_id, input=input_text)),
+                "POST", "/api/v1/stream-execute", content=_encode(self._body(provider, None, agent_id=agent_id, input=input_text)),
                 headers={"Content-Type": "application/json", **outbound_headers()},
                 timeout=self._http.timeout.read if self._http.timeout.read else 30.0)
         except httpx.TransportError as exc:

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from ..tasks import Registry, Task
 
 PROBLEM = "application/problem+json"
+# A thread's follow-up message, as the document states it (web/threads.py checks it and words its 400s
+# itself, so the rule is stated here rather than in the request struct): some text that is not white
+# space, and no control character but tab and line breaks.
+_TEXT = "\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f"
+MESSAGE_PATTERN = f"^[^{_TEXT}]*[^\\s{_TEXT}][^{_TEXT}]*$"
 
 CACHE_HEADERS = [
     ResponseHeader(name="X-Cache", documentation_only=True, required=False,
@@ -190,6 +195,9 @@ def examples(tasks: Registry) -> tuple[dict[str, dict], dict[str, dict]]:
     requests["/api/v1/ai/jobs"] = {"task": first.name, "input": dict(first.request_example)}
     options = {k: v for k, v in first.request_example.items() if k != first.id_field}
     requests["/api/v1/ai/batches"] = {"task": first.name, "ids": [first.request_example[first.id_field]], "options": options}
+    if threaded := next((t for t in tasks.values() if t.threads), None):
+        requests["/api/v1/ai/threads"] = {"task": threaded.name, "input": dict(threaded.request_example)}
+        requests["/api/v1/ai/threads/{thread_id}/turns"] = {"message": "make the casual one shorter"}
     responses["/api/v1/ai/jobs"] = {
         "job_id": "aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d", "status": "queued",
         "events_url": "/api/v1/ai/jobs/aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d/events?token=eyJhbGciOi...",
@@ -248,4 +256,22 @@ def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
         "CancelBatch": Link(operation_id=operation_ids[("delete", "/api/v1/ai/batches/{batch_id}")],
                             parameters={"batch_id": batch}, description="Cancel it: running items finish, queued ones never start"),
     }
+    if (turn := (schema.components.schemas or {}).get("TurnRequest")) is not None:
+        message = turn.properties["message"]  # type: ignore[index]
+        message.min_length, message.pattern = 1, MESSAGE_PATTERN  # type: ignore[union-attr]
+        turn.additional_properties = False  # an Inbound struct: an unknown field is a 400
+    if "/api/v1/ai/threads" in (schema.paths or {}):
+        thread = "$response.body#/thread_id"
+        follow = {
+            "GetThread": Link(operation_id=operation_ids[("get", "/api/v1/ai/threads/{thread_id}")],
+                              parameters={"thread_id": thread}, description="The thread with all its turns"),
+            "ContinueThread": Link(operation_id=operation_ids[("post", "/api/v1/ai/threads/{thread_id}/turns")],
+                                   parameters={"thread_id": thread}, description="Its next turn"),
+            "DeleteThread": Link(operation_id=operation_ids[("delete", "/api/v1/ai/threads/{thread_id}")],
+                                 parameters={"thread_id": thread}, description="Delete it, in the Conductor too"),
+        }
+        schema.paths["/api/v1/ai/threads"].post.responses["201"].links = follow  # type: ignore[index,union-attr]
+        turns = schema.paths["/api/v1/ai/threads/{thread_id}/turns"].post.responses["201"]  # type: ignore[index,union-attr]
+        turns.links = {name: Link(operation_id=link.operation_id, parameters={"thread_id": "$request.path.thread_id"},
+                                  description=link.description) for name, link in follow.items()}
     return schema

@@ -7,7 +7,8 @@ import {
 import { TASKS } from "./generated/tasks.js";
 import type {
   AiHealth, BatchCreated, BatchItemStatus, BatchOptions, BatchView, JobCreated, JobView, StartedBatch,
-  StartedJob, Task, TaskInput, TaskMethodName, TaskResult, paths,
+  StartedJob, Task, TaskInput, TaskMethodName, TaskResult, Thread, ThreadPage, ThreadRecordQuery,
+  ThreadTask, ThreadTurn, paths,
 } from "./types.js";
 
 /** The bearer token of the signed-in CRM user, or nothing (the sidecar then answers 401). */
@@ -86,6 +87,26 @@ export interface SidecarClient extends TaskMethods {
    * `done`. A dropped connection resumes after the last event received (`Last-Event-ID`), as `streamJob`.
    */
   streamBatch<T extends Task = Task>(batch: BatchCreated & { readonly task?: T }, options?: StreamOptions): BatchStream<TaskResult<T>>;
+  /**
+   * `POST /api/v1/ai/threads`: starts a thread about the record in `input` (the task's request) and
+   * runs its first turn. The history lives in the Conductor; only its creator may read or continue it.
+   */
+  createThread<T extends ThreadTask>(task: T, input: TaskInput<T>, options?: Pick<CallOptions, "signal">): Promise<Thread<T>>;
+  /**
+   * `POST /api/v1/ai/threads/{thread_id}/turns`: the agent sees the thread's history and the record as it
+   * is now, and answers `message` ("make the casual one shorter"). A second identical call while the
+   * first runs (a double-click) gets the same turn. An answer still invalid after repair is a 502, and
+   * the thread is left unchanged.
+   */
+  continueThread<T extends ThreadTask = ThreadTask>(thread: Pick<Thread, "thread_id"> & { readonly task?: T }, message: string,
+    options?: Pick<CallOptions, "signal">): Promise<ThreadTurn<TaskResult<T>>>;
+  /** `GET /api/v1/ai/threads/{thread_id}`: the thread with every turn. */
+  getThread<T extends ThreadTask = ThreadTask>(thread: Pick<Thread, "thread_id"> & { readonly task?: T },
+    options?: Pick<CallOptions, "signal">): Promise<Thread<T>>;
+  /** `GET /api/v1/ai/threads?lead_id=…` (or `deal_id`): the caller's threads about that record, newest first, a page at a time. */
+  listThreads(record: ThreadRecordQuery, options?: ListThreadsOptions): Promise<ThreadPage>;
+  /** `DELETE /api/v1/ai/threads/{thread_id}`: deletes the thread, in the Conductor too. */
+  deleteThread(thread: Pick<Thread, "thread_id">, options?: Pick<CallOptions, "signal">): Promise<void>;
   /** The underlying openapi-fetch client, typed by the contract, for anything else (response headers, `/readyz`). */
   readonly api: Client<paths>;
 }
@@ -93,6 +114,14 @@ export interface SidecarClient extends TaskMethods {
 export interface BatchQueryOptions {
   /** Only the items in this state (`failed`, to start a batch of just those). */
   status?: BatchItemStatus;
+  signal?: AbortSignal;
+}
+
+export interface ListThreadsOptions {
+  /** Threads per page, 1-100 (default 20). */
+  limit?: number;
+  /** The previous page's `next_cursor`. */
+  cursor?: string;
   signal?: AbortSignal;
 }
 
@@ -158,6 +187,28 @@ export function createSidecarClient(options: SidecarClientOptions = {}): Sidecar
       unwrap(api.DELETE("/api/v1/ai/batches/{batch_id}", { params: { path: { batch_id: batch.batch_id } }, signal: o?.signal })) as
         Promise<BatchView<TaskResult<T>>>,
     streamBatch: (batch, streamOptions) => openBatchStream(eventsUrl(batch.events_url), streamDeps(), streamOptions),
+    createThread: <T extends ThreadTask>(task: T, input: TaskInput<T>, o?: Pick<CallOptions, "signal">) =>
+      unwrap(api.POST("/api/v1/ai/threads", { body: { task, input: input as { [key: string]: unknown } }, signal: o?.signal })) as
+        Promise<Thread<T>>, // the contract types `result` as any task's; `task` says which
+    continueThread: <T extends ThreadTask>(thread: { thread_id: string }, message: string, o?: Pick<CallOptions, "signal">) =>
+      unwrap(api.POST("/api/v1/ai/threads/{thread_id}/turns", {
+        params: { path: { thread_id: thread.thread_id } }, body: { message }, signal: o?.signal,
+      })) as Promise<ThreadTurn<TaskResult<T>>>,
+    getThread: <T extends ThreadTask>(thread: { thread_id: string }, o?: Pick<CallOptions, "signal">) =>
+      unwrap(api.GET("/api/v1/ai/threads/{thread_id}", { params: { path: { thread_id: thread.thread_id } }, signal: o?.signal })) as
+        Promise<Thread<T>>,
+    listThreads: (record, o) =>
+      unwrap(api.GET("/api/v1/ai/threads", {
+        params: { query: { ...record, ...(o?.limit !== undefined ? { limit: o.limit } : {}), ...(o?.cursor ? { cursor: o.cursor } : {}) } },
+        signal: o?.signal,
+      })),
+    async deleteThread(thread, o) {
+      // 204: no body, so not `unwrap` (which wants one).
+      const { error, response } = await api.DELETE("/api/v1/ai/threads/{thread_id}", {
+        params: { path: { thread_id: thread.thread_id } }, signal: o?.signal,
+      });
+      if (!response.ok) throw new SidecarProblem(problemOf(error, response), response);
+    },
   } satisfies SidecarClient;
 
   function streamDeps() {

@@ -115,6 +115,26 @@ export type BatchEvent<R = TaskResult<Task>> = {
   [K in BatchEventType]: { type: K; id: number } & BatchEventPayloads<R>[K];
 }[BatchEventType];
 
+/** A task that allows threads (its module sets `threads=True`): the contract's `ThreadRequest.task`. */
+export type ThreadTask = Schemas["ThreadRequest"]["task"];
+/** The record a thread is about: `{kind: "lead" | "deal", id}`. */
+export type ThreadRecord = Schemas["RecordRef"];
+/**
+ * One turn: the user's follow-up (`message`, null for the first turn) and the task's validated
+ * result, as its synchronous route gives it, with its guidance `warnings`.
+ */
+export type ThreadTurn<R = TaskResult<ThreadTask>> = Omit<Schemas["ThreadTurn"], "result"> & { result: R };
+/** A thread with every turn, oldest first. */
+export type Thread<T extends ThreadTask = ThreadTask> = Omit<Schemas["Thread"], "task" | "turns"> & {
+  task: T;
+  turns: ThreadTurn<TaskResult<T>>[];
+};
+export type ThreadSummary = Schemas["ThreadSummary"];
+/** A page of the caller's threads about one record, newest first; `next_cursor` asks for the next one. */
+export type ThreadPage = Schemas["ThreadPage"];
+/** The record whose threads `listThreads` lists: its id under its kind's field. */
+export type ThreadRecordQuery = { lead_id: string; deal_id?: never } | { deal_id: string; lead_id?: never };
+
 // Compile-time guards against drift: every task in the contract has input and result types,
 // and every SSE event name in the contract has a payload (and no others).
 type Exact<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
@@ -128,3 +148,5 @@ type RecordIdsMatchContract = Assert<Exact<keyof TaskRecordIds, Task>>;
 type RecordIdsAreFields = Assert<Exact<{ [T in Task]: TaskRecordIds[T] extends keyof TaskInput<T> ? true : false }[Task], true>>;
 type BatchEventsMatchContract = Assert<Exact<keyof BatchEventPayloads<unknown>, BatchEventName>>;
 type BatchStatusesMatchContract = Assert<Exact<BatchEventPayloads<unknown>["done"]["status"] | "queued" | "running", BatchStatus>>;
+// Every task that allows threads is a task, with its input and result types.
+type ThreadTasksAreTasks = Assert<Exact<ThreadTask extends Task ? true : false, true>>;

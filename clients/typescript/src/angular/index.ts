@@ -10,13 +10,15 @@ import { NgZone, inject, type Provider } from "@angular/core";
 import { Observable, switchMap } from "rxjs";
 
 import {
-  createSidecarClient, type BatchQueryOptions, type CallOptions, type SidecarClient, type SidecarClientOptions,
+  createSidecarClient, type BatchQueryOptions, type CallOptions, type ListThreadsOptions, type SidecarClient,
+  type SidecarClientOptions,
 } from "../client.js";
 import type { SidecarEventStream, StreamOptions } from "../stream.js";
 import { TASKS } from "../generated/tasks.js";
 import type {
   AiHealth, BatchCreated, BatchEvent, BatchOptions, BatchView, JobCreated, JobEvent, JobView,
-  StartedBatch, StartedJob, Task, TaskInput, TaskMethodName, TaskResult,
+  StartedBatch, StartedJob, Task, TaskInput, TaskMethodName, TaskResult, Thread, ThreadPage,
+  ThreadRecordQuery, ThreadTask, ThreadTurn,
 } from "../types.js";
 
 export type StreamJobOptions = Omit<StreamOptions, "signal">;
@@ -100,6 +102,31 @@ export class ConductorAiService {
   /** `startBatch` then `streamBatch`: one subscription from the POST to `done`. */
   runBatch<T extends Task>(task: T, ids: readonly string[], options?: BatchOptions<T>, streamOptions?: StreamJobOptions): Observable<BatchEvent<TaskResult<T>>> {
     return this.startBatch(task, ids, options).pipe(switchMap((batch) => this.streamBatch(batch, streamOptions)));
+  }
+
+  /** Starts a thread about the record in `input` and runs its first turn; emits the thread. */
+  createThread<T extends ThreadTask>(task: T, input: TaskInput<T>): Observable<Thread<T>> {
+    return this.call((signal) => this.client.createThread(task, input, { signal }));
+  }
+
+  /** The thread's next turn: the agent sees its history and the record as it is now. */
+  continueThread<T extends ThreadTask = ThreadTask>(thread: Pick<Thread, "thread_id"> & { readonly task?: T }, message: string): Observable<ThreadTurn<TaskResult<T>>> {
+    return this.call((signal) => this.client.continueThread(thread, message, { signal }));
+  }
+
+  /** The thread with every turn. */
+  getThread<T extends ThreadTask = ThreadTask>(thread: Pick<Thread, "thread_id"> & { readonly task?: T }): Observable<Thread<T>> {
+    return this.call((signal) => this.client.getThread(thread, { signal }));
+  }
+
+  /** The caller's threads about one record, newest first, a page at a time (`next_cursor`). */
+  listThreads(record: ThreadRecordQuery, options?: Omit<ListThreadsOptions, "signal">): Observable<ThreadPage> {
+    return this.call((signal) => this.client.listThreads(record, { ...options, signal }));
+  }
+
+  /** Deletes the thread, in the Conductor too; emits once (no value) when it is gone. */
+  deleteThread(thread: Pick<Thread, "thread_id">): Observable<void> {
+    return this.call((signal) => this.client.deleteThread(thread, { signal }));
   }
 
   // An event stream as a cold Observable: events and the end inside the zone, the network outside it;
