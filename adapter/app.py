@@ -34,7 +34,7 @@ from .web.health import health_router
 from .web.jobs import job_routers
 from .web.ops import healthz, readyz
 from .web.ops import metrics as metrics_route
-from .web.proxy import Forward
+from .web.proxy import Forward, proxy_first
 from .web.streams import release
 from .web.tasks import task_routers
 
@@ -143,4 +143,6 @@ def create_app(
         ),
     )
     openapi.finish(app.openapi_schema, tasks)  # the generated document is cached: this is what gets served
+    if not settings.cors_origins and not tracing.on:
+        proxy_first(app)  # a path no route can match goes to the pass-through without routing
     return app
