@@ -47,15 +47,13 @@ log = structlog.get_logger("adapter.http")
 def request_context(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         rid = request_id(scope)
+        # Every log line of the request reads its id from here (logs.add_request_id): nothing is bound in structlog's context.
         token = current_request_id.set(rid)
-        # Tokens, not bound_contextvars(): that one copies the whole context to save what it overwrites.
-        bound = structlog.contextvars.bind_contextvars(request_id=rid)
         try:
             check_header_size(scope, scope["app"].state.settings.max_header_bytes)
             await app(scope, receive, send)
         finally:
             release(scope)  # the open-stream place the request took, however its response ended
-            structlog.contextvars.reset_contextvars(**bound)
             current_request_id.reset(token)
 
     return middleware
