@@ -35,7 +35,7 @@ from .web.health import health_router
 from .web.jobs import job_routers
 from .web.ops import healthz, readyz
 from .web.ops import metrics as metrics_route
-from .web.proxy import Forward
+from .web.proxy import Forward, proxy_first
 from .web.streams import release
 from .web.tasks import task_routers
 from .web.threads import thread_routers
@@ -49,15 +49,13 @@ log = structlog.get_logger("adapter.http")
 def request_context(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         rid = request_id(scope)
+        # Every log line of the request reads its id from here (logs.add_request_id): nothing is bound in structlog's context.
         token = current_request_id.set(rid)
-        # Tokens, not bound_contextvars(): that one copies the whole context to save what it overwrites.
-        bound = structlog.contextvars.bind_contextvars(request_id=rid)
         try:
             check_header_size(scope, scope["app"].state.settings.max_header_bytes)
             await app(scope, receive, send)
         finally:
             release(scope)  # the open-stream place the request took, however its response ended
-            structlog.contextvars.reset_contextvars(**bound)
             current_request_id.reset(token)
 
     return middleware
@@ -146,4 +144,6 @@ def create_app(
         ),
     )
     openapi.finish(app.openapi_schema, tasks)  # the generated document is cached: this is what gets served
+    if not settings.cors_origins and not tracing.on:
+        proxy_first(app)  # a path no route can match goes to the pass-through without routing
     return app

@@ -39,6 +39,13 @@ class _Clock:
         return f"{self._head}.{int((now - second) * 1_000_000):06d}Z"
 
 
+def add_request_id(logger: object, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """The id of the request being served, on every line logged while it is (`context.current_request_id`)."""
+    if "request_id" not in event_dict and (rid := current_request_id.get()) is not None:
+        event_dict["request_id"] = rid
+    return event_dict
+
+
 def json_line(clock: _Clock | None = None) -> Any:
     """The whole JSON pipeline in one processor: level, timestamp, the request id, the traceback as
     text, rendered by msgspec to bytes (the canonical request line is one of these per request).
@@ -49,8 +56,7 @@ def json_line(clock: _Clock | None = None) -> Any:
     stamp = clock or _Clock()
 
     def render(logger: object, method_name: str, event_dict: dict[str, Any]) -> bytes:
-        if "request_id" not in event_dict and (rid := current_request_id.get()) is not None:
-            event_dict["request_id"] = rid
+        add_request_id(logger, method_name, event_dict)
         event_dict["level"] = _LEVELS.get(method_name, method_name)
         event_dict["timestamp"] = stamp()
         if "exc_info" in event_dict:
@@ -64,6 +70,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared = [
         structlog.contextvars.merge_contextvars,
+        add_request_id,  # the console's lines and the standard library's (uvicorn, asyncio) carry it too
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -49,7 +49,8 @@ from ..errors import (
 from ..metrics import Metrics
 from .resilience import Bulkhead, CircuitBreaker, retrying
 from .http import UNREADABLE, detail_of, transport_error, what_happened
-from .transport import Reply, TooLarge, exchange
+from .sse_read import sse_data
+from .transport import Reply, TooLarge, direct, exchange
 from ..settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
@@ -426,6 +427,11 @@ class GatewayClient:
         timeout is lifted; the job's own deadline bounds the whole run.
         """
         timeout = httpx.Timeout(self._http.timeout.connect, read=None, write=30.0, pool=10.0)
+        if direct(self._http):
+            async with aclosing(self._stream_direct(job_id, timeout)) as events:
+                async for pair in events:
+                    yield pair
+            return
         try:
             async with aconnect_sse(self._http, "GET", f"/api/v1/stream/{job_id}", timeout=timeout,
                                     headers=outbound_headers()) as source:
@@ -438,6 +444,30 @@ class GatewayClient:
                 async for sse in source.aiter_sse():
                     try:
                         envelope = _decode_any(sse.data)
+                    except UNREADABLE:
+                        continue
+                    if isinstance(envelope, dict) and isinstance(envelope.get("event"), str):
+                        yield envelope["event"], envelope.get("data")
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise self._failure(exc) from None
+        except (httpx.TransportError, SSEError) as exc:
+            raise _StreamLost(f"the job's stream broke off: {what_happened(exc, UPSTREAM)}") from None
+
+    async def _stream_direct(self, job_id: str, timeout: httpx.Timeout) -> AsyncIterator[tuple[str, Any]]:
+        """`stream_events` over our own client's aiohttp session: the same request (what `aconnect_sse`
+        adds: `Accept: text/event-stream`, `Cache-Control: no-store`), the same checks, the same events."""
+        headers = {**outbound_headers(), "Accept": "text/event-stream", "Cache-Control": "no-store"}
+        try:
+            async with self._http.stream(f"/api/v1/stream/{job_id}", headers=headers, timeout=timeout) as response:
+                if response.status == 404:
+                    raise _StreamLost(f"the {UPSTREAM} no longer has job {job_id} (404)")
+                if response.status != 200:
+                    raise GatewayUnavailable(f"the {UPSTREAM} answered {response.status} for the job's stream")
+                if "text/event-stream" not in response.headers.get("content-type", "").partition(";")[0]:
+                    raise SSEError("Expected response header Content-Type to contain 'text/event-stream'")
+                async for data in sse_data(response.content.iter_any()):
+                    try:
+                        envelope = _decode_any(data)
                     except UNREADABLE:
                         continue
                     if isinstance(envelope, dict) and isinstance(envelope.get("event"), str):

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, TypeGuard
 
 import aiohttp
 import httpx
@@ -369,6 +370,11 @@ class TooLarge(Exception):
 Reply = Answer | httpx.Response  # what `exchange` answers: an Answer, or an httpx client's own Response (the tests' doubles)
 
 
+def direct(http: httpx.AsyncClient) -> TypeGuard[Upstream]:
+    """Whether `http` is our own client, untraced: its calls may go over aiohttp without httpx's models."""
+    return type(http) is Upstream and not getattr(http, "_is_instrumented_by_opentelemetry", False)
+
+
 async def exchange(http: httpx.AsyncClient, method: str, path: str, *, headers: dict[str, str], content: bytes | None = None,
                    timeout: float | None = None, limit: int | None = None) -> Reply:
     """One request and its whole answer. `path` is relative to the client's base URL; `timeout` (seconds)
@@ -378,7 +384,7 @@ async def exchange(http: httpx.AsyncClient, method: str, path: str, *, headers: 
     other client (the tests hand in httpx clients over their doubles) and for one that tracing
     instruments (its spans and `traceparent` live in httpx's send).
     """
-    if type(http) is Upstream and not getattr(http, "_is_instrumented_by_opentelemetry", False):
+    if direct(http):
         return await http.exchange(method, path, headers=headers, content=content, timeout=timeout, limit=limit)
     request = http.build_request(method, path, content=content, headers=headers,
                                  **({"timeout": timeout} if timeout is not None else {}))  # type: ignore[arg-type]
@@ -416,6 +422,23 @@ class Upstream(_Jarless):
             # As AiohttpTransport maps httpx's four: the pool wait bounds getting a connection at all.
             limits = self._aio_timeouts[seconds] = aiohttp.ClientTimeout(sock_connect=t.connect, sock_read=t.read, connect=t.pool)
         return limits
+
+    @asynccontextmanager
+    async def stream(self, path: str, *, headers: dict[str, str], timeout: httpx.Timeout) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A GET whose answer is read as it comes (the gateway's SSE stream), over aiohttp directly:
+        httpx's models and httpx-sse's layers were about 8 % of a stream's CPU (bench/ANALYSIS.md §9).
+        Faults while it opens or is read raise httpx's exceptions, as `exchange`'s do."""
+        transport: Transport = self._transport  # type: ignore[assignment]
+        if not isinstance(transport.client, aiohttp.ClientSession):
+            transport.client = transport.get_client()
+        limits = aiohttp.ClientTimeout(sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool)
+        try:
+            with map_aiohttp_exceptions():
+                async with transport.client.request("GET", self._prefix + path, headers=headers, allow_redirects=False,
+                                                    timeout=limits) as response:
+                    yield response
+        except httpx.TransportError as exc:
+            raise _httpx_error(exc) from exc.__cause__
 
     async def exchange(self, method: str, path: str, *, headers: dict[str, str], content: bytes | None = None,
                        timeout: float | None = None, limit: int | None = None) -> Answer:

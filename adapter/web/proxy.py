@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import httpx
-from litestar import Request, Response
+from litestar import Litestar, Request, Response
 from litestar.background_tasks import BackgroundTask
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.response.streaming import ASGIStreamingResponse
@@ -30,6 +30,7 @@ from ..errors import BadRequest, ClientGone, CrmBusy, CrmUnavailable
 from ..settings import Settings
 from ..upstreams import transport
 from ..upstreams.http import transport_error
+from . import problems
 from .forwarding import Forwarding
 
 # RFC 9110 §7.6.1, plus the names a Connection header lists. Names as ASGI and aiohttp's raw headers hold them: bytes.
@@ -264,3 +265,34 @@ class Forward(Response):
             await upstream(scope, receive, send)
 
         return forward
+
+
+def proxy_first(app: Litestar) -> None:
+    """Send a request that no route of the app can match straight to the pass-through, before routing.
+
+    Routing such a path walks the route trie, raises `NotFoundException` and goes through the
+    exception middleware before `fall_through` answers with `Forward` (about 5 % of a pass-through's
+    CPU, bench/ANALYSIS.md §9). A path that starts with no route's static prefix (the part before its
+    first `{param}`) cannot match one, so it is forwarded here, the same way: `Forward` inside
+    Litestar's send (the `before_send` hooks: request id header, metrics, the log line). Any other path
+    is routed as before, so what is ours, and a near miss of it, is decided by the router alone.
+
+    Only for an app whose CORS and tracing are off (create_app decides): their middleware wraps the
+    router and must see every request (the pass-through then hangs off the "no route" exception, as before).
+    """
+    ours = tuple(sorted({route.path.partition("{")[0] for route in app.routes}))
+    if any(prefix in ("", "/") for prefix in ours):
+        return  # a route at the root: any path might be ours
+    routed = app.asgi_handler
+    state = app.state
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(ours):
+            proxy: Proxy | None = getattr(state, "proxy", None)  # None: CRM_PROXY_FALLTHROUGH off
+            if proxy is not None:
+                request: Request = app.request_class(scope, receive, send)
+                await Forward(proxy, request, problems.handle).to_asgi_response(None, request)(scope, receive, send)
+                return
+        await routed(scope, receive, send)
+
+    app.asgi_handler = handler
