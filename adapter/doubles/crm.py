@@ -64,6 +64,20 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
+
+def _raw_path(request: Request) -> str:
+    # Litestar drops a trailing slash from `path` before routing; the raw path keeps it.
+    return (request.scope.get("raw_path") or request.scope["path"].encode()).decode("latin-1")
+
+
+def _slash_redirect(request: Request, path: str) -> Response[bytes]:
+    # Starlette's redirect_slashes, as the backend's collection routes answer: a 307, absolute, built
+    # from the Host the backend was sent.
+    url = request.url
+    query = f"?{url.query}" if url.query else ""
+    host = request.headers.get("host", url.netloc)
+    return Response(b"", status_code=307, headers={"location": f"{url.scheme}://{host}{path}/{query}"})
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
     return Response(_encode(body), status_code=status, media_type="application/json", headers=headers)
 
@@ -325,14 +339,9 @@ class CrmDouble:
 
         @get(["/api/v1/leads", "/api/v1/deals"])
         async def collection(request: Request) -> Response[bytes]:
-            # Litestar drops a trailing slash from `path` before routing; the raw path keeps it.
-            path = (request.scope.get("raw_path") or request.scope["path"].encode()).decode("latin-1")
+            path = _raw_path(request)
             if not path.endswith("/"):
-                # Starlette's redirect_slashes: absolute, built from the Host the backend was sent.
-                url = request.url
-                query = f"?{url.query}" if url.query else ""
-                host = request.headers.get("host", url.netloc)
-                return Response(b"", status_code=307, headers={"location": f"{url.scheme}://{host}{path}/{query}"})
+                return _slash_redirect(request, path)
             user = double._user(request)
             if isinstance(user, Response):
                 return user
@@ -343,12 +352,9 @@ class CrmDouble:
         @get("/api/v1/notifications")
         async def notifications(request: Request) -> Response[bytes]:
             # Litestar drops a trailing slash before routing; the backend's route is `/` under its prefix.
-            path = (request.scope.get("raw_path") or request.scope["path"].encode()).decode("latin-1")
+            path = _raw_path(request)
             if not path.endswith("/"):
-                url = request.url
-                query = f"?{url.query}" if url.query else ""
-                host = request.headers.get("host", url.netloc)
-                return Response(b"", status_code=307, headers={"location": f"{url.scheme}://{host}{path}/{query}"})
+                return _slash_redirect(request, path)
             return await double.list_notifications(request)
 
         @patch("/api/v1/notifications/{notification_id:str}/read")

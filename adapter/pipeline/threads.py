@@ -4,7 +4,7 @@ The history lives in the Conductor's conversation store (upstreams.md §6), neve
 
 - **Where.** One Conductor conversation per thread; the thread id is its id (a uuid4 the Conductor
   chose: create first, then run). Its `title` names the task and the record
-  (`crm-ai thread email.generate lead <id>`), its `context` holds the thread's request (the Conductor
+  (`crm-ai thread <task> <record kind> <id>`), its `context` holds the thread's request (the Conductor
   shows it to the model on every run as `<conversation_context>`), and its `screenplay_id` is a digest
   of (CACHE_PREFIX, owner, record): the one filter the gateway's list applies, so listing a record's
   threads asks for exactly this user's, and a restart of the sidecar and of Redis finds them again.

@@ -427,45 +427,10 @@ class GatewayClient:
         timeout is lifted; the job's own deadline bounds the whole run.
         """
         timeout = httpx.Timeout(self._http.timeout.connect, read=None, write=30.0, pool=10.0)
-        if direct(self._http):
-            async with aclosing(self._stream_direct(job_id, timeout)) as events:
-                async for pair in events:
-                    yield pair
-            return
+        opened = self._direct_stream if direct(self._http) else self._httpx_stream
         try:
-            async with aconnect_sse(self._http, "GET", f"/api/v1/stream/{job_id}", timeout=timeout,
-                                    headers=outbound_headers()) as source:
-                status = source.response.status_code
-                if status == 404:  # the job ended, or another reader took it: gone for good
-                    raise _StreamLost(f"the {UPSTREAM} no longer has job {job_id} (404)")
-                if status != 200:
-                    await source.response.aread()
-                    raise GatewayUnavailable(f"the {UPSTREAM} answered {status} for the job's stream")
-                async for sse in source.aiter_sse():
-                    try:
-                        envelope = _decode_any(sse.data)
-                    except UNREADABLE:
-                        continue
-                    if isinstance(envelope, dict) and isinstance(envelope.get("event"), str):
-                        yield envelope["event"], envelope.get("data")
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise self._failure(exc) from None
-        except (httpx.TransportError, SSEError) as exc:
-            raise _StreamLost(f"the job's stream broke off: {what_happened(exc, UPSTREAM)}") from None
-
-    async def _stream_direct(self, job_id: str, timeout: httpx.Timeout) -> AsyncIterator[tuple[str, Any]]:
-        """`stream_events` over our own client's aiohttp session: the same request (what `aconnect_sse`
-        adds: `Accept: text/event-stream`, `Cache-Control: no-store`), the same checks, the same events."""
-        headers = {**outbound_headers(), "Accept": "text/event-stream", "Cache-Control": "no-store"}
-        try:
-            async with self._http.stream(f"/api/v1/stream/{job_id}", headers=headers, timeout=timeout) as response:
-                if response.status == 404:
-                    raise _StreamLost(f"the {UPSTREAM} no longer has job {job_id} (404)")
-                if response.status != 200:
-                    raise GatewayUnavailable(f"the {UPSTREAM} answered {response.status} for the job's stream")
-                if "text/event-stream" not in response.headers.get("content-type", "").partition(";")[0]:
-                    raise SSEError("Expected response header Content-Type to contain 'text/event-stream'")
-                async for data in sse_data(response.content.iter_any()):
+            async with opened(job_id, timeout) as datas:
+                async for data in datas:
                     try:
                         envelope = _decode_any(data)
                     except UNREADABLE:
@@ -476,6 +441,33 @@ class GatewayClient:
             raise self._failure(exc) from None
         except (httpx.TransportError, SSEError) as exc:
             raise _StreamLost(f"the job's stream broke off: {what_happened(exc, UPSTREAM)}") from None
+
+    def _stream_refused(self, job_id: str, status: int) -> Exception:
+        if status == 404:  # the job ended, or another reader took it: gone for good
+            return _StreamLost(f"the {UPSTREAM} no longer has job {job_id} (404)")
+        return GatewayUnavailable(f"the {UPSTREAM} answered {status} for the job's stream")
+
+    @asynccontextmanager
+    async def _httpx_stream(self, job_id: str, timeout: httpx.Timeout) -> AsyncIterator[AsyncIterator[str]]:
+        """The stream's `data` fields through httpx-sse (the tests' clients, a traced client)."""
+        async with aconnect_sse(self._http, "GET", f"/api/v1/stream/{job_id}", timeout=timeout,
+                                headers=outbound_headers()) as source:
+            if source.response.status_code != 200:
+                await source.response.aread()
+                raise self._stream_refused(job_id, source.response.status_code)
+            yield (sse.data async for sse in source.aiter_sse())
+
+    @asynccontextmanager
+    async def _direct_stream(self, job_id: str, timeout: httpx.Timeout) -> AsyncIterator[AsyncIterator[str]]:
+        """The same over our own client's aiohttp session: the same request (what `aconnect_sse` adds:
+        `Accept: text/event-stream`, `Cache-Control: no-store`), the same checks, the same fields."""
+        headers = {**outbound_headers(), "Accept": "text/event-stream", "Cache-Control": "no-store"}
+        async with self._http.stream(f"/api/v1/stream/{job_id}", headers=headers, timeout=timeout) as response:
+            if response.status != 200:
+                raise self._stream_refused(job_id, response.status)
+            if "text/event-stream" not in response.headers.get("content-type", "").partition(";")[0]:
+                raise SSEError("Expected response header Content-Type to contain 'text/event-stream'")
+            yield sse_data(response.content.iter_any())
 
     # --- discovery and the agent registry ------------------------------------------------
 
