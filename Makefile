@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 $(CLIENT)/node_modules/.package-lock.json: $(CLIENT)/package-lock.json $(CLIENT)/package.json
 	cd $(CLIENT) && npm ci --no-audit --no-fund
 
-.PHONY: demo test test-python test-client openapi
+.PHONY: demo test test-python test-client openapi generate
 # `make demo PORT=8090` when 8080 is taken.
 demo: $(VENV)/.installed
 	$(VENV)/bin/adapter demo $(if $(PORT),--port $(PORT))
@@ -33,3 +33,8 @@ test-client: $(VENV)/.installed $(CLIENT)/node_modules/.package-lock.json
 
 openapi: $(VENV)/.installed
 	$(VENV)/bin/adapter openapi > openapi/openapi.json
+
+# Everything that lists the tasks, from the task registry: the OpenAPI document, the README's
+# generated parts, the client's src/generated/ (tests/test_generated.py fails while one is stale).
+generate: $(VENV)/.installed $(CLIENT)/node_modules/.package-lock.json
+	$(VENV)/bin/adapter generate

@@ -5,98 +5,57 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import httpx
 import structlog
-from litestar import Litestar
+from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from litestar import Request, Response
-from litestar.exceptions import NotFoundException
 
 from . import __version__
+from .assembly import assemble
 from .context import add_request_id_header, check_header_size, current_request_id, elapsed_ms, request_id
 from .metrics import Metrics
-from .pipeline.batches import Batches
-from .pipeline.cache import ResultCache
-from .pipeline.jobs import Jobs
-from .pipeline.service import AiService
-from .settings import RedisTarget, Settings, redact_url
-from .stopping import cancel_and_wait
-from .storage.redis_log import RedisLog
-from .storage.memory import MemoryStore
-from .storage.quota import RunningBatches
-from .storage.ratelimit import CRM_READS, Policy, RateLimiter
-from .storage.redis_store import FAULTS, RedisStore, redis_client
-from .storage.signing import Signer, Tampering
+from .notify.wiring import check_notifications
+from .settings import Settings
 from .storage.store import Store
 from .tasks import TASKS, Registry
 from .tracing import Tracing, name_after_route
-from .upstreams import crm, gateway, transport
 from .web import openapi, problems
 from .web.batches import batch_routers
 from .web.demo import DemoSession, demo_router
 from .web.dependencies import STATE
-from .web.forwarding import Forwarding
 from .web.health import health_router
 from .web.jobs import job_routers
 from .web.ops import healthz, readyz
 from .web.ops import metrics as metrics_route
-from .web.proxy import Forward, Proxy
-from .web.streams import StreamSlots, release, stream_limit
+from .web.proxy import Forward, proxy_first
+from .web.streams import release
 from .web.tasks import task_routers
-from .web.tokens import JobTokens
+from .web.threads import thread_routers
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
 log = structlog.get_logger("adapter.http")
-STOP_TIMEOUT = 5.0  # seconds shutdown waits for the background tasks it cancelled, before closing their clients
-
-
-async def _probe_redis(store: RedisStore, target: RedisTarget) -> None:
-    """A Redis that is not there is one warning at start-up, not a surprise at the first request.
-
-    On a connection of its own: the store's pool starts as it would without the probe.
-    """
-    probe = redis_client(target)
-    try:
-        await probe.ping()
-    except FAULTS as exc:
-        store.fault(exc)
-    finally:
-        await probe.aclose()
-
-
-def redis_signer(settings: Settings) -> Signer:
-    """REDIS_SIGNING_KEY (and the previous one, while rotating); unset, a key of this app alone.
-
-    `adapter serve` refuses Redis without the setting (cli.py): replicas must share the key. An app
-    built in process (the tests, the benchmarks' single sidecar) reads back only what it wrote.
-    """
-    if settings.redis_signing_key is None:
-        return Signer.random()
-    return Signer(settings.redis_signing_key, settings.redis_signing_key_previous)
 
 
 def request_context(app: ASGIApp) -> ASGIApp:
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         rid = request_id(scope)
+        # Every log line of the request reads its id from here (logs.add_request_id): nothing is bound in structlog's context.
         token = current_request_id.set(rid)
-        # Tokens, not bound_contextvars(): that one copies the whole context to save what it overwrites.
-        bound = structlog.contextvars.bind_contextvars(request_id=rid)
         try:
             check_header_size(scope, scope["app"].state.settings.max_header_bytes)
             await app(scope, receive, send)
         finally:
             release(scope)  # the open-stream place the request took, however its response ended
-            structlog.contextvars.reset_contextvars(**bound)
             current_request_id.reset(token)
 
     return middleware
@@ -153,107 +112,20 @@ def create_app(
     """
     tasks = tasks.load(settings.conductor_agents_dir)  # a missing persona stops start-up, not a request
     tasks.check_overrides({"CACHE_TTL_": settings.cache_ttl, "RATE_LIMIT_": settings.rate_limit})
+    check_notifications(settings, tasks)  # NOTIFY_TRIGGERS_OFF names triggers; webhooks have a secret
     metrics = Metrics()
     tracing = Tracing(tracer_provider) if tracer_provider is not None else Tracing.from_env(os.environ)
-
-    @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            # Both upstream clients send over aiohttp's pool (upstreams/transport.py): httpcore was a third
-            # of a cache hit's CPU. httpx-sse reads the gateway's streams through it unchanged.
-            gw = gateway_http or await stack.enter_async_context(transport.client(
-                base_url=settings.conductor_gateway_url, timeout=gateway.client_timeout(settings),
-                limits=httpx.Limits(max_connections=settings.gateway_max_connections,
-                                    max_keepalive_connections=settings.gateway_keepalive_connections,
-                                    keepalive_expiry=settings.upstream_keepalive_expiry)))
-            backend = crm_http or await stack.enter_async_context(transport.client(
-                base_url=settings.crm_backend_url, timeout=crm.client_timeout(settings),
-                limits=httpx.Limits(max_connections=settings.crm_max_connections, max_keepalive_connections=settings.crm_max_connections,
-                                    keepalive_expiry=settings.upstream_keepalive_expiry)))
-            tampering = Tampering(lambda kind: metrics.tampered.labels(kind).inc())
-            cache_store = store
-            if cache_store is None:
-                cache_store = (
-                    RedisStore(redis_client(settings.redis), prefix=settings.cache_prefix,
-                               lock_ttl=settings.cache_lock_timeout, retry_log_interval=settings.cache_retry_interval,
-                               signer=redis_signer(settings), tampering=tampering, target=settings.redis)
-                    if settings.redis is not None else MemoryStore(settings.cache_memory_max_entries, clock)
-                )
-                stack.push_async_callback(cache_store.aclose)
-            passthrough = proxy_http or crm_http or await stack.enter_async_context(Proxy.client(settings))
-            stack.callback(tracing.shutdown)
-            for client in {gw, backend, passthrough}:  # client spans and traceparent to both upstreams
-                tracing.instrument(client)
-                stack.callback(tracing.uninstrument, client)
-            app.state.proxy = Proxy(passthrough, Forwarding(settings.forwarders)) if settings.crm_proxy_fallthrough else None
-            cache = ResultCache(cache_store, settings.cache_stale_grace, clock,
-                                on_coalesced=lambda key: metrics.cache.labels(key.task, "coalesced").inc(),
-                                readers={t.name: t.reread for t in tasks.values()}, tampering=tampering)
-            redis_store = cache_store if isinstance(cache_store, RedisStore) else None
-            limiter = RateLimiter(
-                {**{t.name: Policy.parse(settings.rate_limit_for(t), setting=f"RATE_LIMIT_{t.env_suffix}") for t in tasks.values()},
-                 CRM_READS: Policy.parse(settings.crm_reads_per_user, setting="CRM_READS_PER_USER", what="CRM record reads", shared=False)},
-                prefix=settings.cache_prefix, store=redis_store, clock=clock, sleep=sleep)
-            service = AiService(
-                tasks=tasks, gateway=gateway.GatewayClient(gw, settings, metrics, clock=clock),
-                crm=crm.CrmClient(backend, settings, clock=clock, metrics=metrics),
-                cache=cache, settings=settings, metrics=metrics, limiter=limiter, tracing=tracing,
-            )
-            app.state.service = service
-            mirror = None
-            if isinstance(cache_store, RedisStore):
-                mirror = RedisLog(cache_store, settings.job_max_seconds + settings.job_retention_seconds,
-                                  lease=settings.job_lease_seconds, metrics=metrics)
-                stack.push_async_callback(mirror.aclose)
-            app.state.jobs = Jobs(service, describe=problems.problem_json, clock=clock, mirror=mirror)
-            # A batch counts as running until it ends, or at the latest until its deadline (plus a lease for a takeover).
-            running = RunningBatches(settings.max_batches_per_user, lifetime=settings.batch_max_seconds + settings.job_lease_seconds,
-                                     prefix=settings.cache_prefix, store=redis_store, clock=clock)
-            app.state.batches = batches = Batches(app.state.jobs, clock=clock, quota=running)
-            if mirror is not None:
-                mirror.start(app.state.jobs.kinds)  # takeovers dispatched by kind, from here on
-            max_streams, fd_limit = stream_limit(settings)
-            if max_streams < settings.max_streams:
-                log.warning("streams.capped", max_streams=max_streams, fd_limit=fd_limit,
-                            detail=f"MAX_STREAMS={settings.max_streams} lowered to what the file-descriptor limit leaves "
-                                   "after the upstream pools; raise `ulimit -n` (nofile) to open more")
-            app.state.streams = StreamSlots(settings.max_streams_per_user, max_streams, metrics.limit_refusals)
-            batches.start_sweeper()
-            stack.callback(batches.stop)
-            metrics.watch_jobs(lambda: app.state.jobs.running)
-            metrics.running_batches.set_function(lambda: batches.running)
-            metrics.watch_store(cache_store.backend, lambda: getattr(cache_store, "degraded", None) is None)
-            metrics.prime(tasks)
-            metrics.watch_breaker("conductor-gateway", lambda: service.gateway.breaker.state)
-            metrics.watch_breaker("crm-backend", lambda: service.crm.breaker.state)
-            metrics.gateway_in_flight.set_function(lambda: service.gateway.bulkhead.in_flight)
-            app.state.tokens = JobTokens(settings.job_token_secret, settings.job_token_ttl,
-                                         previous=settings.job_token_secret_previous)
-            stack.callback(app.state.jobs.cancel_all)
-            log.info("startup", gateway=redact_url(settings.conductor_gateway_url), crm=redact_url(settings.crm_backend_url),
-                     cache=cache_store.backend, **({"redis": settings.redis.shown, "redis_mode": settings.redis.mode} if settings.redis else {}))
-            if isinstance(cache_store, RedisStore) and settings.redis is not None:
-                await _probe_redis(cache_store, settings.redis)
-            stack.callback(cache.cancel_flights)
-
-            async def stop_background() -> None:
-                # First at shutdown, and awaited: a task still running when the Redis pools close would
-                # open a connection nobody closes (a cancel can be lost on Python 3.11: adapter/stopping.py).
-                left = await cancel_and_wait(lambda: [*cache.background(), *app.state.jobs.background(), *batches.background()],
-                                             timeout=STOP_TIMEOUT)
-                if left:
-                    log.warning("shutdown.tasks_left", tasks=sorted(t.get_name() for t in left), waited_s=STOP_TIMEOUT)
-
-            stack.push_async_callback(stop_background)
-            yield
+    # Upstream clients, storage, pipeline, serving: started in that order, stopped in reverse (assembly.py).
+    parts = assemble(settings, metrics, tracing, tasks, gateway_http=gateway_http, crm_http=crm_http,
+                     proxy_http=proxy_http, store=store, clock=clock, sleep=sleep)
 
     app = Litestar(
-        route_handlers=[*task_routers(tasks), *job_routers(tasks), *batch_routers(tasks), health_router, healthz, readyz, metrics_route,
+        route_handlers=[*task_routers(tasks), *job_routers(tasks), *batch_routers(tasks), *thread_routers(tasks), health_router, healthz, readyz, metrics_route,
                         *([demo_router] if demo else [])],
         state=State({"metrics": metrics, "settings": settings, "demo": demo}),
         request_max_body_size=settings.max_body_bytes,
         dependencies=STATE,
-        lifespan=[lifespan],
+        lifespan=[parts.lifespan],
         middleware=[request_context],
         before_send=[_before_send, *([_name_span] if tracing.on else [])],
         plugins=tracing.plugins(),
@@ -272,4 +144,6 @@ def create_app(
         ),
     )
     openapi.finish(app.openapi_schema, tasks)  # the generated document is cached: this is what gets served
+    if not settings.cors_origins and not tracing.on:
+        proxy_first(app)  # a path no route can match goes to the pass-through without routing
     return app

@@ -1,4 +1,4 @@
-"""The `adapter` command: serve, demo, openapi, check, agents sync."""
+"""The `adapter` command: serve, demo, openapi, generate, check, agents sync, webhooks replay."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import os
 import sys
 
-import msgspec
 import structlog
 
 from .servers import CannotListen
@@ -50,13 +49,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_openapi(_: argparse.Namespace) -> int:
-    from .app import create_app
+    from .generate import openapi_document
 
-    schema = create_app(Settings.from_env({})).openapi_schema.to_schema()
-    # Sorted keys: Litestar orders some maps (response headers) differently from run to run,
-    # and the committed copy must not churn when nothing changed.
-    encoded = msgspec.json.Encoder(order="sorted").encode(schema)
-    sys.stdout.write(msgspec.json.format(encoded, indent=2).decode() + "\n")
+    sys.stdout.write(openapi_document())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .generate import generate
+
+    for line in generate(Path(args.root)):
+        print(line)
     return 0
 
 
@@ -92,6 +97,36 @@ def cmd_agents_sync(_: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_webhooks_replay(_: argparse.Namespace) -> int:
+    """Move every dead letter back to the retry set, due now; the workers deliver them."""
+    from .assembly import redis_signer
+    from .notify.outbox import RedisOutbox
+    from .storage.redis_store import redis_client
+
+    settings = _settings()
+    if (target := settings.redis) is None:
+        print("adapter: REDIS_URL is unset: without Redis the dead letters live in the sidecar's process, "
+              "and a restart dropped them", file=sys.stderr)
+        return 1
+    if problems := settings.serving_problems():
+        raise ConfigError(*problems)
+
+    async def run() -> int:
+        client = redis_client(target)
+        try:
+            outbox = RedisOutbox(client, prefix=settings.cache_prefix, signer=redis_signer(settings))
+            dead = await outbox.dead()
+            moved = await outbox.replay()
+        finally:
+            await client.aclose()
+        for d in dead:
+            print(f"{d.event.id} {d.event.type} {d.sink} attempts={d.attempt} last error: {d.error}")
+        print(f"replayed {moved} dead letter(s)")
+        return 0
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapter", description="CRM AI sidecar for the Conductor Gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,10 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, help="port for the sidecar (default 8080)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_openapi)
+    generate = sub.add_parser("generate", help="write the files that list the tasks (OpenAPI, README rows, the client's "
+                              "task map) from the task registry; run from the repository's root")
+    generate.add_argument("--root", default=".", help="the repository's root (default: the current directory)")
+    generate.set_defaults(func=cmd_generate)
     agents = sub.add_parser("agents", help="manage the agents on the Conductor Gateway")
     agents_sub = agents.add_subparsers(dest="agents_command", required=True)
-    agents_sub.add_parser("sync", help="create or update the three agents on the gateway from CONDUCTOR_AGENTS_DIR "
+    agents_sub.add_parser("sync", help="create or update every task's agent on the gateway from CONDUCTOR_AGENTS_DIR "
                           "(idempotent; prints created, updated or unchanged per agent)").set_defaults(func=cmd_agents_sync)
+    webhooks = sub.add_parser("webhooks", help="notification deliveries (webhooks and CRM notifications)")
+    webhooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    webhooks_sub.add_parser("replay", help="move every dead-lettered delivery back to the retry queue (REDIS_URL), "
+                            "printing each").set_defaults(func=cmd_webhooks_replay)
     sub.add_parser("check", help="validate the configuration and probe the gateway, the CRM backend and Redis"
                    ).set_defaults(func=cmd_check)
     return parser

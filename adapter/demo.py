@@ -12,31 +12,43 @@ from .doubles.crm import CrmDouble
 from .doubles.gateway import GatewayDouble
 from .web.demo import DemoSession
 from .settings import Settings
-from .tasks import TASKS
+from .tasks import TASKS, Registry, Task
 
 
-def curls(base: str, token: str, seed: dict) -> list[tuple[str, str]]:
+def curls(base: str, token: str, seed: dict, tasks: Registry = TASKS) -> list[tuple[str, str]]:
+    """The walkthrough: every task's route on a seeded record of its kind (its OpenAPI example's body),
+    a stream, a job, the seeded prompt injection and another user's lead, then health."""
     auth = f"-H 'Authorization: Bearer {token}'"
     json = "-H 'Content-Type: application/json'"
-    lead, deal = seed["leads"][0], seed["deals"][0]
 
     def post(path: str, body: dict, flags: str = "-s") -> str:
         return f"curl {flags} -X POST {base}{path} {auth} {json} -d '{msgspec.json.encode(body).decode()}'"
 
+    def body(task: Task, record_id: str) -> dict:
+        return {**task.request_example, task.id_field: record_id}
+
+    # Tasks on a kind of record the demo has no seeded records of are left out.
+    seeded = [t for t in tasks.values() if seed.get(f"{t.record_kind}s")]
+    lines = [(t.summary, post("/api/v1/ai" + t.path, body(t, seed[f"{t.record_kind}s"][0]))) for t in seeded]
+    if not seeded:
+        return [("AI health", f"curl -s {base}/api/v1/ai/health")]
+    first, last = seeded[0], seeded[-1]
     # The jobs flow as a browser does it: create the job, then follow events_url (a job token, no JWT).
     events_url = "python3 -c 'import json, sys; print(json.load(sys.stdin)[\"events_url\"])'"
-    job = post("/api/v1/ai/jobs", {"task": "deal.predict", "input": {"deal_id": deal}})
-    return [
-        ("Qualify a lead", post("/api/v1/ai/lead/qualify", {"lead_id": lead})),
-        ("Generate sales emails", post("/api/v1/ai/email/generate", {"lead_id": lead, "context": "follow-up after the demo", "tone": "casual"})),
-        ("Predict a deal", post("/api/v1/ai/deal/predict", {"deal_id": deal})),
-        ("Stream a lead qualification (server-sent events)", post("/api/v1/ai/lead/qualify/stream", {"lead_id": lead}, "-sN")),
-        ("Start a job, then follow its events as a browser's EventSource would",
+    job = post("/api/v1/ai/jobs", {"task": last.name, "input": body(last, seed[f"{last.record_kind}s"][0])})
+    lines += [
+        (f"{first.stream_summary} (server-sent events)",
+         post(f"/api/v1/ai{first.path}/stream", body(first, seed[f"{first.record_kind}s"][0]), "-sN")),
+        (f"Start a {last.name} job, then follow its events as a browser's EventSource would",
          f'EVENTS=$({job} | {events_url}) && curl -sN "{base}$EVENTS"'),
-        ("A lead with a prompt injection in its notes", post("/api/v1/ai/lead/qualify", {"lead_id": seed["leads"][2]})),
-        ("Another user's lead (the CRM says 403)", post("/api/v1/ai/lead/qualify", {"lead_id": seed["bobs_lead"]})),
-        ("AI health", f"curl -s {base}/api/v1/ai/health"),
     ]
+    # The seeded prompt injection and Bob's lead, through each task on leads.
+    for task in (t for t in seeded if t.record_kind == "lead"):
+        lines += [(f"A lead with a prompt injection in its notes: {task.name}",
+                   post("/api/v1/ai" + task.path, body(task, seed["leads"][2]))),
+                  (f"Another user's lead (the CRM says 403): {task.name}",
+                   post("/api/v1/ai" + task.path, body(task, seed["bobs_lead"])))]
+    return [*lines, ("AI health", f"curl -s {base}/api/v1/ai/health")]
 
 
 def demo_session(crm: CrmDouble, gateway: GatewayDouble, seed: dict, token: str) -> DemoSession:

@@ -6,6 +6,7 @@ AdapterError                       status, slug, title, detail, headers, errors[
 ├── Unauthenticated                401 (WWW-Authenticate: Bearer)
 ├── Forbidden                      403
 ├── NotFound                       404
+├── ThreadFull                     409 (THREAD_MAX_TURNS)
 ├── RequestTimeout                 408 (the client was too slow; Connection: close)
 ├── UnsupportedMediaType           415
 ├── RateLimited                    429 (storage/ratelimit.py; Retry-After, RateLimit-*)
@@ -88,6 +89,12 @@ class Forbidden(AdapterError):
 
 class NotFound(AdapterError):
     status, slug, title = 404, "not-found", "Not found"
+
+
+class ThreadFull(AdapterError):
+    """A thread holds THREAD_MAX_TURNS turns: the history every later prompt replays is bounded."""
+
+    status, slug, title = 409, "thread-full", "The thread has its most turns"
 
 
 class Unauthenticated(AdapterError):

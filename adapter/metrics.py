@@ -28,7 +28,9 @@ class Metrics:
         # Guidance breaches (a task's `guidance`, tasks/reading.py `Breach`): accepted answers that did not follow a persona's style rule.
         self.agent_guidance = Counter("crm_ai_agent_guidance", "Accepted agent answers breaching a persona's guidance rule",
                                       ["agent", "rule"], registry=r)
-        self.write_backs = Counter("crm_ai_write_backs", "Lead write-backs to the CRM: ok, failed, skipped", ["outcome"], registry=r)
+        # Its help names no task: the tasks with a write-back (`Task.write_back`) are the registry's to say.
+        self.write_backs = Counter("crm_ai_write_backs", "Record write-backs to the CRM after a fresh answer: ok, failed, skipped",
+                                   ["outcome"], registry=r)
         self.open_streams = Gauge("crm_ai_open_streams", "SSE connections open to clients", registry=r)
         self.running_jobs = Gauge("crm_ai_running_jobs", "Streamed jobs still running", registry=r)
         self.circuit = Gauge("crm_ai_circuit_state", "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open", ["upstream"], registry=r)
@@ -58,6 +60,16 @@ class Metrics:
         self.ready.set(float("nan"))  # unknown, not "not ready": where nothing probes (compose), nothing alerts
         self.running_batches = Gauge("crm_ai_running_batches", "Batches this process runs (crm_ai_running_jobs counts them too)",
                                      registry=r)
+        # Notifications (issue 26, adapter/notify): events written to the outbox, and each sink's deliveries.
+        self.notify_events = Counter("crm_ai_notify_events", "Notification events by trigger: written to the outbox, "
+                                     "duplicate (written before), lost (the outbox could not be written)", ["type", "outcome"], registry=r)
+        self.notify_delivered = Counter("crm_ai_notify_delivered", "Notifications delivered, by sink (crm, webhook)", ["sink"], registry=r)
+        self.notify_retried = Counter("crm_ai_notify_retried", "Notification deliveries that failed and were scheduled again",
+                                      ["sink"], registry=r)
+        self.notify_dead_lettered = Counter("crm_ai_notify_dead_lettered", "Notification deliveries given up after "
+                                            "WEBHOOK_RETRY_WINDOW (in the dead-letter list)", ["sink"], registry=r)
+        self.notify_outbox_lag = Histogram("crm_ai_notify_outbox_lag_seconds", "From an event's creation to its first "
+                                           "delivery attempt", buckets=LATENCY_BUCKETS, registry=r)
         self.job_takeovers = Counter("crm_ai_job_takeovers", "Jobs and batches taken over from another replica: handed_over "
                                      "(it drained) or lease_lapsed (it died)", ["reason"], registry=r)
         self.job_handovers = Counter("crm_ai_job_handovers", "Jobs and batches handed over to other replicas while shutting down",

@@ -6,6 +6,7 @@ msgspec conversion error already names the variable an operator must fix.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -170,6 +171,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     batch_max_items: Annotated[int, Meta(ge=1, le=10_000)] = 500
     batch_concurrency: Annotated[int, Meta(ge=1, le=64)] = 4
     batch_max_seconds: Seconds = 21_600.0
+    # Threads (issue 25): turns per thread (each later prompt replays them all), and a follow-up's length.
+    thread_max_turns: Annotated[int, Meta(ge=1, le=50)] = 20
+    thread_message_max: Annotated[int, Meta(ge=1, le=8_000)] = 2_000
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
     # While rotating JOB_TOKEN_SECRET: also accepted (never issued with), as REDIS_SIGNING_KEY_PREVIOUS.
@@ -199,6 +203,30 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # batches wait for the bucket, leaving a quarter of it to the user's interactive requests.
     crm_reads_per_user: Annotated[str, Meta(pattern=RATE)] = "20/1"
 
+    # Notifications (issue 26, adapter/notify): triggers the task modules declare, evaluated on every
+    # fresh answer; events go through an outbox (a Redis Stream with REDIS_URL) to two optional sinks.
+    # Sink 1: the CRM's own `notifications` collection (the backend's MongoDB; a user that may only insert).
+    crm_notifications_mongodb_uri: str | None = None
+    # Sink 2: Standard Webhooks. URLs comma-separated; secrets `whsec_<base64>`, comma-separated, each
+    # delivery signed with every one (rotation). Only these URLs are ever contacted.
+    webhook_urls: str = ""
+    webhook_secrets: str = ""
+    webhook_timeout: Seconds = 10.0
+    # Retries with exponential backoff and full jitter, from WEBHOOK_RETRY_BASE_DELAY up to
+    # WEBHOOK_RETRY_MAX_DELAY between attempts, for WEBHOOK_RETRY_WINDOW; then the dead-letter list.
+    webhook_retry_base_delay: Seconds = 5.0
+    webhook_retry_max_delay: Seconds = 3_600.0
+    webhook_retry_window: Annotated[float, Meta(ge=1, le=30 * 86_400)] = 86_400.0
+    # Triggers switched off, comma-separated trigger names (`lead.classification_changed`).
+    notify_triggers_off: str = ""
+    # The deal trigger `deal.score_dropped`: a drop of win probability (against the deal's `probability`) or health score
+    # (against its `ai_score`) by more than this many points notifies.
+    notify_deal_drop_points: Annotated[int, Meta(ge=0, le=100)] = 15
+    # The deal trigger `deal.high_risk`: a new risk factor holding one of these words (comma-separated) is high-severity.
+    notify_deal_risk_words: str = "lost,cancel,churn,competitor,legal,budget cut,no budget,no decision maker,stalled,blocked"
+    # An outbox entry a replica read and did not acknowledge for this long is taken by another replica.
+    notify_claim_idle_seconds: Annotated[float, Meta(ge=0.1, le=3_600)] = 30.0
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -212,6 +240,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
         self.forwarders  # noqa: B018  # a bad FORWARDED_ALLOW_IPS stops start-up, naming the variable
         if self.job_token_secret_previous is not None and self.job_token_secret is None:
             raise ValueError("JOB_TOKEN_SECRET_PREVIOUS is only accepted beside JOB_TOKEN_SECRET (the secret that issues)")
+        if self.crm_notifications_mongodb_uri is not None:
+            uri = urlsplit(self.crm_notifications_mongodb_uri)
+            if uri.scheme not in {"mongodb", "mongodb+srv"} or not uri.path.strip("/"):
+                raise ValueError("CRM_NOTIFICATIONS_MONGODB_URI must be a mongodb:// URL naming the CRM backend's database "
+                                 "(mongodb://user:password@host:27017/<database>)")
+        self.webhook_targets  # noqa: B018  # a bad WEBHOOK_URLS or WEBHOOK_SECRETS stops start-up, naming it
         if self.redis_signing_key_previous is not None and self.redis_signing_key is None:
             raise ValueError("REDIS_SIGNING_KEY_PREVIOUS is only accepted beside REDIS_SIGNING_KEY (the key that signs)")
 
@@ -254,6 +288,28 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     def redis(self) -> RedisTarget | None:
         """The Redis every replica shares, from REDIS_URL or the Sentinel/Cluster settings; None: no Redis."""
         return RedisTarget.of(self)
+
+    @property
+    def webhook_targets(self) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+        """WEBHOOK_URLS and the decoded WEBHOOK_SECRETS (Standard Webhooks' `whsec_<base64>`)."""
+        urls = tuple(u.strip() for u in self.webhook_urls.split(",") if u.strip())
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in {"http", "https"} or not parts.hostname or parts.fragment:
+                raise ValueError(f"WEBHOOK_URLS must hold absolute http(s) URLs, got {redact_url(url)!r}")
+        keys = []
+        for secret in (s.strip() for s in self.webhook_secrets.split(",") if s.strip()):
+            try:
+                if not secret.startswith("whsec_"):
+                    raise ValueError
+                keys.append(base64.b64decode(secret.removeprefix("whsec_"), validate=True))
+            except ValueError:
+                raise ValueError("WEBHOOK_SECRETS must be comma-separated `whsec_<base64>` secrets") from None
+        return urls, tuple(keys)
+
+    @property
+    def notify_off(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.notify_triggers_off.split(",") if t.strip())
 
     @property
     def providers(self) -> tuple[str, ...]:
@@ -306,7 +362,7 @@ _SHAPES = {
     "CRM_READS_PER_USER": "`<reads>/<seconds>` (for example 20/1) or `off`",
     "CACHE_PREFIX": "1 to 64 letters, digits or `:_.-`",
 }
-_SECRET = ("SECRET", "TOKEN", "PASSWORD", "SIGNING_KEY")
+_SECRET = ("SECRET", "TOKEN", "PASSWORD", "SIGNING_KEY", "MONGODB_URI")
 
 
 def _in_words(name: str, value: str, message: str) -> str:

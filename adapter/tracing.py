@@ -144,7 +144,7 @@ class Tracing:
 
 
 def name_after_route(scope: Scope) -> None:
-    """Once routing is done: `POST /api/v1/ai/lead/qualify`, or `GET proxy` for a pass-through."""
+    """Once routing is done: `POST /api/v1/ai/<kind>/<verb>`, or `GET proxy` for a pass-through."""
     from opentelemetry import trace
 
     span = trace.get_current_span()

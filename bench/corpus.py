@@ -106,7 +106,7 @@ def main() -> None:
     finally:
         gc.enable()
 
-    print(f"Corpus: {len(corpus)} answers in tests/agent_outputs/ ({len(usable)} usable: accept or accept-normalised; "
+    print(f"Corpus: {len(corpus)} answers in conductor-agents/*/corpus/ ({len(usable)} usable: accept or accept-normalised; "
           f"{len(broken)} repair)\n")
     print("| validator | first-pass acceptance of usable answers | `repair` answers served as a result "
           "| p50 validation | p95 validation |")

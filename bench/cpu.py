@@ -14,6 +14,13 @@ pass-through `GET /api/v1/leads/{id}`, a stream (CPU per SSE event), the CRM dou
 answering the lookup itself, and LiteLLM's proxy on a hit and a miss when it is
 installed (CPU of its process tree).
 
+Every row is also shown as a ratio to the floor: each run's figure over the floor's in the same
+round (the machine's load moves both), the median of those ratios.
+
+`--profile ROW` then samples this checkout's sidecar with py-spy while that row's load runs once
+more (`--py-spy PATH`), writes the collapsed stacks (`--profile-out`) and prints the frames that
+hold the most samples, inclusive.
+
 `--baseline DIR` also runs the sidecar of another checkout (say `git archive` of main
 unpacked in DIR), with the optional accelerators it did not use hidden, and alternates
 the two row by row so both see the same machine. Each figure is the median of R runs,
@@ -30,6 +37,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import statistics
 import subprocess
 import sys
@@ -177,6 +185,42 @@ def measure(pid: int, load: Load, n: int) -> dict[str, float]:
     return {**r, "us": spent / max(per, 1) * 1e6, "per_stream": r["events"] / max(r["answered"], 1)}
 
 
+def profiled(pid: int, load: Load, n: int, py_spy: str, out: str, top: int = 60) -> list[tuple[float, str]]:
+    """Sample process `pid` with py-spy (no pauses: --nonblocking) while wrk sends n requests.
+
+    Only samples where the process was on a CPU count (py-spy's default drops idle ones). Inclusive
+    share per frame (function and file, line numbers merged), the largest first.
+    """
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw", "--output", out, "--rate", "500",
+                            "--nonblocking"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = spy.stdout.readline()  # type: ignore[union-attr]  # "py-spy> Sampling process ...": attached (or it failed and exits)
+        if "Sampling" not in first:
+            raise RuntimeError(f"py-spy did not attach: {first.strip()} {spy.communicate(timeout=30)[1].strip()}")
+        wrk(load, n)
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.communicate(timeout=60)
+    return collapsed_summary(Path(out).read_text(), top)
+
+
+def collapsed_summary(text: str, top: int = 60) -> list[tuple[float, str]]:
+    """(percent of samples, frame) for the frames on the most sampled stacks, inclusive."""
+    seen_in: dict[str, int] = {}
+    total = 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        frames = {re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";")}
+        for frame in frames:
+            seen_in[frame] = seen_in.get(frame, 0) + int(count)
+    ranked = sorted(seen_in.items(), key=lambda kv: -kv[1])
+    skip = ("<frozen runpy>", "bench/stack.py", "uvicorn/server.py", "asyncio/runners.py", "uvicorn/_compat.py", "<module>")
+    return [(round(100 * c / total, 1), f) for f, c in ranked if not any(s in f for s in skip)][:top]
+
+
 class Servers:
     """Each server in its own process; stopped by pid at the end, whatever happened."""
 
@@ -233,8 +277,13 @@ ROWS = [  # (key, label)
 
 
 def run(n: int = 3000, repeat: int = 3, baseline: str | None = None, litellm: str | None = LITELLM_DEFAULT,
-        stream_tokens: int = 50, rows: set[str] | None = None, baseline_block: str = ACCELERATORS) -> dict[str, dict[str, list[dict[str, float]]]]:
-    """{row: {variant: [one result per repeat]}}; variants are "after" (this checkout) and, with a baseline, "before"."""
+        stream_tokens: int = 50, rows: set[str] | None = None, baseline_block: str = ACCELERATORS,
+        profile: list[str] | None = None, py_spy: str = "py-spy", profile_out: str = "/tmp/bench-cpu-{row}.txt",
+        ) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """{row: {variant: [one result per repeat]}}; variants are "after" (this checkout) and, with a baseline, "before".
+
+    Profiled rows add `{"profile": {"file": ..., "top": [(share, frame), ...]}}` under their "after" variant's key `_profile`.
+    """
     servers = Servers()
     variants = {"after": {}}
     if baseline:
@@ -305,6 +354,10 @@ def run(n: int = 3000, repeat: int = 3, baseline: str | None = None, litellm: st
                 for v, (pid, load) in order if i % 2 == 0 else order[::-1]:
                     scale = 5 if load.events else 1  # each stream is many events and two upstream exchanges
                     results.setdefault(key, {}).setdefault(v, []).append(measure(pid, load, max(50, n // scale)))
+        for key in profile or ():
+            pid, load = plan[key]["after"]
+            out = profile_out.format(row=key)
+            results.setdefault("_profile", {})[key] = [{"file": out, "top": profiled(pid, load, max(500, n), py_spy, out)}]  # type: ignore[list-item]
         return results
     finally:
         servers.close()
@@ -314,8 +367,16 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
     def med(runs: list[dict[str, float]], k: str) -> float:
         return statistics.median(r[k] for r in runs)
 
+    def ratio(runs: list[dict[str, float]]) -> str:
+        # Each run over the floor of the same round (rounds alternate, so the i-th run of a row is round i).
+        floors = results.get("hello", {}).get("after")
+        if not floors or not runs:
+            return ""
+        return f"{statistics.median(r['us'] / f['us'] for r, f in zip(runs, floors)):.1f}×"
+
     compare = any("before" in v for v in results.values())
-    head = ["path", *(["CPU µs before", "CPU µs after"] if compare else ["CPU µs/req"]), "spread µs", "p50 ms", "p99 ms", "req/s"]
+    head = ["path", *(["CPU µs before", "CPU µs after", "× floor before", "× floor after"] if compare else ["CPU µs/req", "× floor"]),
+            "spread µs", "p50 ms", "p99 ms", "req/s"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for key, label in ROWS:
         if key not in results:
@@ -327,12 +388,18 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
         if compare:
             cells.append(f"{med(runs['before'], 'us'):,.0f}" if "before" in runs else "")
         cells.append(f"**{med(after, 'us'):,.0f}**")
+        if compare:
+            cells.append(ratio(runs.get("before", [])))
+        cells.append(f"**{ratio(after)}**")
         spread = [f"{min(r['us'] for r in rs):,.0f}-{max(r['us'] for r in rs):,.0f}" for rs in (runs.get("before"), after) if rs]
         cells += [" / ".join(spread), f"{med(after, 'p50'):.2f}", f"{med(after, 'p99'):.2f}", f"{med(after, 'rps'):,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     hit, peer = results.get("hit", {}).get("after"), results.get("litellm_hit", {}).get("after")
     if hit and peer:
         lines += ["", f"A cache hit costs {med(peer, 'us') / med(hit, 'us'):.1f} times less CPU than LiteLLM's proxy on a hit."]
+    for key, [prof] in results.get("_profile", {}).items():  # type: ignore[misc]
+        lines += ["", f"Profile of `{key}` (after), py-spy, share of on-CPU samples, inclusive ({prof['file']}):", ""]
+        lines += [f"    {share:5.1f}%  {frame}" for share, frame in prof["top"]]
     return "\n".join(lines)
 
 
@@ -346,10 +413,14 @@ def main() -> None:
     parser.add_argument("--baseline-block", default=ACCELERATORS,
                         help="modules hidden from the baseline's sidecar (those it did not use); '' for none")
     parser.add_argument("--rows", help="comma-separated subset of: " + ", ".join(k for k, _ in ROWS))
+    parser.add_argument("--profile", help="comma-separated rows to sample with py-spy afterwards (this checkout's sidecar)")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy", help="the py-spy command")
+    parser.add_argument("--profile-out", default="/tmp/bench-cpu-{row}.txt", help="where the collapsed stacks go ({row})")
     args = parser.parse_args()
     t0 = time.monotonic()
     results = run(args.requests, args.repeat, args.baseline, args.litellm,
-                  rows=set(args.rows.split(",")) if args.rows else None, baseline_block=args.baseline_block)
+                  rows=set(args.rows.split(",")) if args.rows else None, baseline_block=args.baseline_block,
+                  profile=args.profile.split(",") if args.profile else None, py_spy=args.py_spy, profile_out=args.profile_out)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"Sidecar CPU per request (utime+stime of its process), {args.requests} requests per row, wrk -t1 -c{CONNECTIONS}, "

@@ -75,7 +75,7 @@ def patterns(size: int) -> float:
 
 
 def answers() -> None:
-    from adapter.pipeline.service import AiService
+    from adapter.pipeline.answers import Answer
     from adapter.tasks import TASKS
     from adapter.tasks.extract import MAX_TEXT
     from adapter.tasks.reading import OutputInvalid
@@ -102,7 +102,7 @@ def answers() -> None:
                 except OutputInvalid:
                     verdict, refused = None, True
                 body = msgspec.json.encode(verdict.result) if verdict is not None else b""
-                served = cpu(lambda: (AiService.response_headers(task, body), AiService.result_event(task, body))) \
+                served = cpu(lambda: (answer := Answer.of(task, body, None, "HIT"), answer.headers, answer.event)) \
                     if body else 0.0
                 took = time.process_time() - t0
                 if took > fresh:

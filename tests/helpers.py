@@ -45,7 +45,7 @@ RECORD_ID = "65f1c0ffee0000000000a001"  # a well-formed record id the validators
 # --- the app under test, its settings and answers -------------------------------------------
 
 # What every test app with Redis signs with (unless the test names its own): apps of one test share it,
-# as replicas do. An app built without any would use a key of its own (adapter/app.py redis_signer).
+# as replicas do. An app built without any would use a key of its own (adapter/assembly.py redis_signer).
 TEST_SIGNING_KEY = "test-signing-key-" + "k" * 24
 
 
@@ -853,3 +853,53 @@ async def stream_through(disrupt: Callable[[], Any], *, urls: list[str], client:
         lost += len(set(ref) - set(got))
         gap = max([gap, *(b.at - a.at for a, b in zip(r.events, r.events[1:]))])
     return Disrupted(readers, hung, lost, repeated, gap, sync, reference)
+
+
+# --- MongoDB: a real wire-protocol server (nx-27017, MongoDB's protocol over SQLite) ------------
+
+class MongoProcess:
+    """An nx-27017 server the test owns, on a free port with its own data directory; stopped by pid.
+
+    It is what the fidelity rig runs for the CRM backend's database (nx-27017 0.8.1 on neosqlite 1.17.2).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen | None = None
+        self._watcher = threading.Thread()
+
+    def uri(self, database: str = "conductor_dev") -> str:
+        return f"mongodb://127.0.0.1:{self.port}/{database}"
+
+    def start(self, timeout: float = 30) -> None:
+        exe = shutil.which("nx-27017", path=str(Path(sys.executable).parent)) or shutil.which("nx-27017")
+        if exe is None:
+            pytest.fail("nx-27017 is not installed: `pip install -e '.[test]'` brings it")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [exe, "--data-dir", str(self.data_dir), "--pid-file", str(self.data_dir / "nx.pid"),
+             "--log-file", str(self.data_dir / "nx.log"), "--host", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
+        # It logs this line once it accepts connections: read until it appears (a reader thread keeps the deadline).
+        ready = threading.Event()
+
+        def watch() -> None:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                if "Listening on" in line:
+                    ready.set()
+            ready.set()  # it exited
+
+        self._watcher = threading.Thread(target=watch, daemon=True)
+        self._watcher.start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError(f"nx-27017 did not start within {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self._watcher.join(10)  # it reads to the end of the output, which the kill closed
+            self.proc.stdout.close()  # type: ignore[union-attr]
+            self.proc = None

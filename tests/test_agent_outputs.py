@@ -1,6 +1,6 @@
 """The agent-output corpus: answers of the kind real models give, and what the sidecar must make of each.
 
-Every file under tests/agent_outputs/<task>/ is one answer (see the README there): a YAML header
+Every file under conductor-agents/<Agent>/corpus/ is one answer (see conductor-agents/README.md): a YAML header
 between `---` lines, then the model's raw text, byte for byte. A model's answer that surprises you
 becomes one more file; nothing here needs editing.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 
-import msgspec
 import pytest
 
 from adapter.upstreams.gateway import ProviderPlan
@@ -17,8 +16,7 @@ from adapter.tasks import TASKS
 from adapter.errors import InvalidAgentOutput
 from adapter.pipeline.service import AiService
 from adapter.settings import Settings
-from adapter.tasks.reading import OutputInvalid, rules
-from tests.agent_outputs import OUTCOMES, Answer, load_corpus
+from tests.agent_outputs import OUTCOMES, Answer, check_answer, load_corpus
 from tests.helpers import AGENTS_DIR, RECORD_ID
 
 GUIDANCE = TASKS.guidance_rules
@@ -36,7 +34,6 @@ def ids(answers: list[Answer]) -> list[str]:
 def test_corpus_is_large_and_every_answer_is_well_formed():
     assert len(ANSWERS) >= 60
     for a in ANSWERS:
-        assert a.task in TASKS, f"{a.path}: the folder must be a task name ({', '.join(TASKS)})"
         assert a.outcome in OUTCOMES, f"{a.path}: outcome must be one of {OUTCOMES}"
         assert a.why, f"{a.path}: say in `why` what makes this answer worth keeping"
         assert (a.error is not None) == (a.outcome == "repair"), f"{a.path}: `error` goes with `repair`, and only with it"
@@ -54,7 +51,7 @@ def test_persona_examples_are_in_the_corpus(task):
     assert examples, f"{agent}/persona.md needs a ```json example under '## Example output'"
     corpus = {a.text: a for a in ANSWERS if a.task == task}
     for example in examples:
-        assert example in corpus, f"{agent}/persona.md's example output is not in tests/agent_outputs/{task}/"
+        assert example in corpus, f"{agent}/persona.md's example output is not in {agent}/corpus/"
         assert corpus[example].outcome == "accept" and not corpus[example].warnings, \
             "a persona's own example must meet its contract and its guidance"
 
@@ -63,21 +60,7 @@ def test_persona_examples_are_in_the_corpus(task):
 
 @pytest.mark.parametrize("answer", ANSWERS, ids=ids(ANSWERS))
 def test_answer_has_its_expected_outcome(answer: Answer):
-    task = TASKS[answer.task]
-    if answer.outcome == "repair":
-        with pytest.raises(OutputInvalid) as caught:
-            task.validate(answer.text, RECORD_ID, task.agent_id)
-        assert any(answer.error in e for e in caught.value.errors), f"expected {answer.error!r} among {caught.value.errors}"
-        return
-    verdict = task.validate(answer.text, RECORD_ID, task.agent_id)
-    if answer.outcome == "accept":
-        assert verdict.normalised == (), f"accepted as written, yet normalised: {verdict.normalised}"
-    else:
-        assert verdict.normalised, "expected a normalisation, the answer was accepted as written"
-    assert sorted(rules(verdict.warnings)) == sorted(answer.warnings), [b.detail for b in verdict.warnings]
-    got = msgspec.to_builtins(verdict.result)
-    for name, value in answer.expect.items():
-        assert got[name] == msgspec.to_builtins(value), f"`{name}`"
+    check_answer(TASKS[answer.task], answer, RECORD_ID)
 
 
 class _Model:

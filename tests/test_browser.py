@@ -96,6 +96,27 @@ def test_email_shows_three_variations_side_by_side(browser, demo_url, tmp_path):
     print(f"email.generate: click to result {elapsed(timeline, 'result'):.0f} ms")
 
 
+def test_refine_continues_a_thread_under_the_email_draft(browser, demo_url, tmp_path):
+    run_task(browser, demo_url, "task-email-generate")
+    wait = WebDriverWait(browser, 30)
+    assert browser.find_element(By.ID, "refine").is_displayed()
+    body = browser.find_element(By.TAG_NAME, "body")
+    for n, message in enumerate(("make the casual one shorter", "now in Portuguese"), start=1):
+        browser.find_element(By.ID, "refine-message").send_keys(message)
+        browser.find_element(By.ID, "refine-send").click()
+        wait.until(lambda b, n=n: body.get_attribute("data-refine-state") in {"done", "failed"}
+                   and len(b.find_elements(By.CSS_SELECTOR, "#turns > li")) == n)
+        assert body.get_attribute("data-refine-state") == "done"
+    turns = browser.find_elements(By.CSS_SELECTOR, "#turns > li")
+    assert [t.find_element(By.CSS_SELECTOR, ".message").text for t in turns] == [
+        "1. make the casual one shorter", "2. now in Portuguese"]
+    assert all(len(t.find_elements(By.CSS_SELECTOR, ".variations .card")) == 3 for t in turns)
+    browser.save_screenshot(str(tmp_path / "refine.png"))
+    # Another task without threads offers no Refine box.
+    run_task(browser, demo_url, "task-lead-qualify")
+    assert not browser.find_element(By.ID, "refine").is_displayed()
+
+
 def test_predict_shows_gauges_and_lists_and_survives_a_dropped_connection(browser, demo_url, tmp_path):
     timeline = run_task(browser, demo_url, "task-deal-predict", drop=True)
     kinds = [m["what"] for m in timeline]

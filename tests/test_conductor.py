@@ -186,8 +186,8 @@ async def test_agents_sync_creates_then_is_idempotent_then_updates(agents_dir):
         persona = agents_dir / LEAD_AGENT / "persona.md"
         persona.write_text(persona.read_text() + "\nOne more rule.\n")
         updated = await sync_agents(client, local_agents(str(agents_dir), AGENT_IDS))
-    assert [r.outcome for r in created] == ["created"] * 3
-    assert [r.outcome for r in again] == ["unchanged"] * 3
+    assert [r.outcome for r in created] == ["created"] * len(TASKS)  # one agent per registered task
+    assert [r.outcome for r in again] == ["unchanged"] * len(TASKS)
     assert {r.agent_id: (r.outcome, r.detail) for r in updated}[LEAD_AGENT] == ("updated", "persona")
     assert gateway.registry[LEAD_AGENT]["persona"]["content"].endswith("One more rule.\n")
     assert set(gateway.registry) == set(AGENT_IDS)
@@ -230,8 +230,8 @@ async def test_check_reports_a_persona_that_differs_and_sync_fixes_it(gateway, a
     assert code == 1 and f"agent {LEAD_AGENT} on the gateway differs" in err and "(persona)" in err
     assert synced == 0, sync_err
     assert {line.split()[1]: line.split()[0] for line in out.splitlines()} == {
-        EMAIL_AGENT: "unchanged", LEAD_AGENT: "updated", DEAL_AGENT: "unchanged"}
-    assert "differs" not in err_after and out_after.count("with the same persona") == 3
+        **dict.fromkeys(AGENT_IDS, "unchanged"), LEAD_AGENT: "updated"}
+    assert "differs" not in err_after and out_after.count("with the same persona") == len(AGENT_IDS)
 
 
 # --- no garbage left on the gateway ----------------------------------------------------------------

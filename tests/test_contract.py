@@ -13,6 +13,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from adapter.app import create_app
+from adapter.tasks import TASKS
 from adapter.doubles.crm import CrmDouble
 from adapter.doubles.gateway import GatewayDouble
 from tests.helpers import asgi_client, make_settings
@@ -25,7 +26,7 @@ seed = crm.seed(examples=True)
 TOKEN = crm.token(seed["alice"], expires_in=86_400)
 # The per-user limits are lifted: one user makes every call, and a limit that depends on time or on
 # which batches are still running would make the state machine's draws depend on them too.
-app = create_app(make_settings(rate_limit_lead_qualify="off", rate_limit_email_generate="off", rate_limit_deal_predict="off",
+app = create_app(make_settings(**{f"rate_limit_{t.env_suffix}": "off" for t in TASKS.values()},
                                crm_reads_per_user="off", max_batches_per_user=1_000, max_streams_per_user=1_000),
                  gateway_http=asgi_client(gateway.app, "http://gateway.test"), crm_http=asgi_client(crm.app, "http://crm.test"))
 schema = schemathesis.openapi.from_asgi("/schema/openapi.json", app)
@@ -73,3 +74,13 @@ def test_stateful_batch_workflow_follows_the_links():
     assert ("POST", "/api/v1/ai/batches") in followed, seen[:20]
     assert ("GET", "/api/v1/ai/batches/{batch_id}") in followed
     assert ("GET", "/api/v1/ai/batches/{batch_id}/events") in followed
+
+
+def test_stateful_thread_workflow_follows_the_links():
+    """POST /api/v1/ai/threads, then the thread, its turns and its deletion."""
+    seen = walk_links("^/api/v1/ai/threads")
+    followed = {(m, p) for m, p, status in seen if status in (200, 201, 204)}
+    assert ("POST", "/api/v1/ai/threads") in followed, seen[:20]
+    assert ("GET", "/api/v1/ai/threads/{thread_id}") in followed
+    assert ("POST", "/api/v1/ai/threads/{thread_id}/turns") in followed
+    assert ("DELETE", "/api/v1/ai/threads/{thread_id}") in followed

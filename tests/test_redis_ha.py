@@ -147,6 +147,7 @@ async def test_every_command_and_script_keeps_its_keys_in_one_cluster_slot(monke
         assert batch.status_code == 202, batch.text
         await Reader([str(b.base_url)], batch.json()["events_url"]).run(b, timeout=30)
         assert (await b.delete(f"/api/v1/ai/batches/{batch.json()['batch_id']}", headers=auth)).status_code in (200, 202, 409)
+    await _every_outbox_command(redis_cluster.url, prefix)
     node = redis_sync.Redis(port=redis_cluster.nodes[0].port)
     try:
         written, checked = set(), 0
@@ -165,6 +166,46 @@ async def test_every_command_and_script_keeps_its_keys_in_one_cluster_slot(monke
     assert ours == written, written - ours  # every key the sidecar touches is under its prefix
     kinds = {k.removeprefix(prefix + ":").split(":", 1)[0] for k in ours}
     assert {"result", "lock", "job"} <= kinds, kinds
+    notify = {k for k in ours if k.startswith(f"{prefix}:{{{prefix}:notify}}:")}
+    assert {k.rsplit(":", 1)[-1] for k in notify} >= {"outbox", "retry", "dead"} and any(":seen:" in k for k in notify), notify
+
+
+async def _every_outbox_command(url: str, prefix: str) -> None:
+    """The notifications' outbox (adapter/notify/outbox.py) sends each of its commands, scripts and transactions
+    once on the Cluster: written (the seen-marker with the entry), read, claimed, a retry scheduled, taken when
+    due, buried and replayed from the dead letters. Driven directly: which answers make a trigger fire is
+    test_notifications' business, and these are every command the outbox has."""
+    from adapter.notify.outbox import Delivery, RedisOutbox
+    from adapter.notify.triggers import Event
+    from adapter.settings import RedisTarget
+    from adapter.storage.connect import open_client
+    from adapter.storage.signing import Signer
+
+    client = open_client(RedisTarget.from_url(url))
+    try:
+        outbox = RedisOutbox(client, prefix=prefix, signer=Signer.random(), claim_idle=0.0)
+        event = Event(id="msg_" + os.urandom(12).hex(), type="lead.classification_changed", crm_type="lead_qualified",
+                      user_id=None, title="t", message="m", priority="low")
+        assert await outbox.add(event) and not await outbox.add(event)  # the second is seen: not written again
+        [(entry, read)] = await outbox.read("census-a", count=10, block_ms=100)
+        assert read == event
+        [(claimed, _)] = await outbox.claim("census-b", count=10)  # unacknowledged, and idle for 0 s
+        assert claimed == entry
+        await outbox.done([entry], [(Delivery(event=event, sink="crm", attempt=1, first=0.0), 0.0)])
+        [(member, delivery)] = await outbox.due(count=10, lease=30.0)
+        await outbox.settle(member, dead=delivery)
+        assert [d.event for d in await outbox.dead()] == [event]
+        assert await outbox.replay() == 1
+        [(member, _)] = await outbox.due(count=10, lease=30.0)
+        await outbox.settle(member)
+        assert await outbox.add(Event(id="msg_" + os.urandom(12).hex(), type="t", crm_type="c", user_id=None, title="t",
+                                      message="m", priority="low"))
+        [(entry, _)] = await outbox.read("census-a", count=10, block_ms=100)
+        await outbox.bury(entry, [delivery])
+        assert await outbox.pending() == 0
+        await outbox.prune(idle=0.0)
+    finally:
+        await client.aclose()
 
 
 # --- jobs streaming through a failover and a reshard --------------------------------------------

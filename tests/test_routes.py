@@ -9,6 +9,7 @@ import pytest
 
 from adapter.doubles.crm import object_id
 from adapter.doubles.gateway import GatewayDouble
+from adapter.tasks import TASKS
 from tests.helpers import (DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, assert_problem, closed_port_url, decode, make_settings,
                            serving)
 
@@ -285,7 +286,7 @@ async def test_ai_health_reports_each_dependency_and_agent(client, gateway):
     body = decode(await client.get("/api/v1/ai/health"))
     assert body["status"] == "ok"
     assert body["gateway"]["status"] == body["crm_backend"]["status"] == body["cache"]["status"] == "up"
-    assert body["agents"] == {EMAIL_AGENT: True, LEAD_AGENT: True, DEAL_AGENT: True}
+    assert body["agents"] == dict.fromkeys(TASKS.agent_ids, True)  # every registered task's agent
     gateway.unknown_agents.add(EMAIL_AGENT)
     body = decode(await client.get("/api/v1/ai/health"))
     assert body["status"] == "degraded" and body["agents"][EMAIL_AGENT] is False

@@ -160,3 +160,20 @@ def test_json_logs_carry_tracebacks_as_text():
     assert entry["event"] == "Exception in ASGI application" and entry["level"] == "error"
     assert "exc_info" not in entry
     assert entry["exception"].startswith("Traceback (most recent call last):") and "ZeroDivisionError" in entry["exception"]
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_log_lines_during_a_request_carry_its_id(fmt):
+    # The request middleware sets context.current_request_id and binds nothing in structlog's context:
+    # a structlog line and a standard-library one (uvicorn's, asyncio's) still name the request.
+    code = ("import logging, structlog\nfrom adapter import logs\nfrom adapter.context import current_request_id\n"
+            f"logs.configure('info', {fmt!r})\ncurrent_request_id.set('rid-7f3a')\n"
+            "structlog.get_logger('adapter.http').info('request')\nlogging.getLogger('uvicorn.error').warning('stdlib')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, done.stderr
+    for line in lines:
+        if fmt == "json":
+            assert json.loads(line)["request_id"] == "rid-7f3a"
+        else:
+            assert "request_id" in line and "rid-7f3a" in line

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from adapter.pipeline.service import AiService
+from adapter.pipeline.answers import Answer
 from adapter.tasks import TASKS, extract
 from adapter.tasks.extract import MAX_TEXT, REPAIR_BUDGET, NoJsonObject, objects
 from adapter.tasks.reading import OutputInvalid
@@ -145,8 +145,8 @@ def _fresh_then_hit(task: Any, text: str) -> Any:
     except OutputInvalid:
         return None
     body = _encode(verdict.result)
-    AiService.response_headers(task, body)  # X-Agent-Warnings: the guidance, recomputed from the body
-    AiService.result_event(task, body)  # a stream's `result`, the same
+    served = Answer.of(task, body, None, "HIT")  # as a hit: decoded, its guidance recomputed (X-Agent-Warnings)
+    served.headers, served.event  # noqa: B018 -- the response's headers and a stream's `result`
     return verdict
 
 
@@ -173,7 +173,7 @@ def test_a_hit_on_a_1_mib_body_recomputes_its_guidance_within_50_ms(name):
         body = inflate(msgspec.to_builtins(result), fill, 1024 * 1024).encode()
         assert task.reread(body) is not None  # the hit reads it, and computes its guidance
         assert len(body) >= 1000 * 1024
-        took = cpu(lambda: (AiService.response_headers(task, body), AiService.result_event(task, body)))
+        took = cpu(lambda: (served := Answer.of(task, body, None, "HIT"), served.headers, served.event))
         assert took <= BOUND, f"{fill}: {took * 1000:.0f} ms"
 
 

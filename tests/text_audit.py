@@ -76,10 +76,23 @@ HOSTILE = (
     Audited("adapter/web/proxy.py", "the caller's path (the server's request-line limit)", source=r"[/\\]"),
     Audited("adapter/models.py", "record ids in the caller's body (msgspec `Meta(pattern=)`)",
             source="^[0-9a-fA-F]{24}$"),
+    Audited("adapter/notify/triggers.py", "record content: a record's `owner_id`, and record ids (fullmatch, fixed width)",
+            "_OBJECT_ID"),
+    Audited("adapter/notify/triggers.py", "record content and model output: a record's title, a risk factor "
+                                          "(the CRM's answer, bounded by its read; the answer's MAX_TEXT)", "_CONTROL"),
+    Audited("adapter/upstreams/conversations.py", "a thread id in the caller's path, a conversation id the Conductor "
+            "answers (fullmatch of bounded repeats)", "CONVERSATION_ID"),
+    Audited("adapter/pipeline/threads.py", "a Conductor conversation's title: upstream text (fullmatch of bounded "
+            "repeats)", "_TITLE"),
+    Audited("adapter/pipeline/threads.py", "a Conductor conversation's context, at most CONTEXT_MAX characters",
+            "_REQUEST"),
+    Audited("adapter/web/threads.py", "a thread turn's message in the caller's body (MAX_BODY_BYTES)", "_CONTROL"),
 )
 
 TRUSTED = (
     Audited("adapter/tasks/registry.py", "task names, written in adapter/tasks/", "_NAME"),
+    Audited("adapter/tasks/registry.py", "record kinds, written in adapter/tasks/", "_KIND"),
+    Audited("adapter/generate.py", "task names (checked by `Task` first), split at `adapter generate`", source=r"[._]"),
     *(Audited("adapter/settings.py", "msgspec's messages about the operator's environment variables", source=s)
       for s in (r" - at `\$[^`]*`$", r"Expected `(\w+)` (>=|>|<=|<) ([\d.e+-]+)", r"Expected `str` of length >= (\d+)",
                 r"Expected `(\w+)(?: \| null)?`, got")),

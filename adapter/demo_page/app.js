@@ -23,6 +23,8 @@ function status(text, cls) {
 
 function reset(title) {
   if (source) source.close();
+  $("refine").hidden = true;
+  refining = null;
   $("run-title").textContent = title;
   $("status").replaceChildren();
   $("deltas").textContent = "";
@@ -47,28 +49,40 @@ function bar(label, value) {
   return el("div", { class: "gauge", "data-label": label }, el("div", { class: "meta" }, `${label}: ${value}%`), el("div", { class: "bar" }, fill));
 }
 
-const renderers = {
-  variations: (r) => el("div", { class: "variations" }, ...r.variations.map((v) =>
-    el("div", { class: "card", "data-type": v.type }, el("h4", {}, v.type), el("div", { class: "subject" }, v.subject),
-      el("p", { class: "body" }, v.body), el("div", { class: "tone" }, v.tone)))),
-  bant: (r) => el("div", { class: "lead" },
-    el("div", {}, el("span", { class: "score" }, String(r.score)), " ", el("span", { class: `badge ${r.classification}` }, r.classification)),
-    el("p", { class: "reasoning" }, r.reasoning),
-    el("h4", {}, "Next actions"), list(r.next_actions),
-    el("h4", {}, "BANT"),
-    el("table", { class: "bant" }, ...["budget", "authority", "need", "timeline"].map((k) =>
-      el("tr", {}, el("th", {}, k), el("td", {}, r.bant[k]))))),
-  win_probability: (r) => el("div", { class: "deal" },
-    bar("Win probability", r.win_probability), bar("Health", r.health_score),
-    el("p", { class: "meta" }, `Predicted close: ${r.predicted_close_date ?? "unknown"}`),
-    el("h4", {}, "Risks"), list(r.risk_factors),
-    el("h4", {}, "Recommended actions"), list(r.recommended_actions),
-    el("p", { class: "reasoning" }, r.reasoning)),
+function hue(text) {
+  let h = 0;
+  for (const c of text) h = (h * 31 + c.codePointAt(0)) % 360;
+  return h;
+}
+
+// How each kind of part of a task's view is drawn (the task module lists its parts: adapter/tasks/registry.py
+// `View`); this page names no task and no result field.
+const parts = {
+  text: (value, field) => el("p", { class: `text ${field}` }, String(value ?? "")),
+  field: (value, field, label) => el("p", { class: `meta ${field}` }, `${label}: ${value ?? "unknown"}`),
+  number: (value, field) => el("span", { class: `number ${field}` }, String(value)),
+  // A badge's colour follows from its value, the same value always the same colour.
+  badge: (value, field) => el("span", { class: `badge ${field}`, style: `background: hsl(${hue(String(value))}, 60%, 42%)` }, String(value)),
+  gauge: (value, _field, label) => bar(label, value),
+  list: (value, _field, label) => el("div", {}, el("h4", {}, label), list(value ?? [])),
+  table: (value, field, label) => el("div", {}, el("h4", {}, label), el("table", { class: `fields ${field}` },
+    ...Object.entries(value ?? {}).map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, String(v)))))),
+  // Each object a card: its first field is the heading (and the card's data-type), every field a line.
+  cards: (value, field) => el("div", { class: `cards ${field}` }, ...(value ?? []).map((item) => {
+    const [first, ...rest] = Object.entries(item);
+    return el("div", { class: "card", "data-type": String(first?.[1] ?? "") }, el("h4", {}, String(first?.[1] ?? "")),
+      ...rest.map(([k, v]) => el(k === "body" ? "p" : "div", { class: k }, String(v))));
+  })),
 };
 
-// A result is drawn by the view of the first field it has that a view knows; any other as JSON.
+// A result is drawn by its task's view, inside an element named by its record kind; without a view, as JSON.
 const asJson = (r) => el("pre", { class: "json" }, JSON.stringify(r, null, 2));
-const render = (r) => (renderers[Object.keys(renderers).find((field) => field in r)] ?? asJson)(r);
+const render = (spec, r) => spec.view.length
+  ? el("div", { class: spec.record_kind }, ...spec.view.map(([kind, field, label]) => parts[kind](r[field], field, label)))
+  : asJson(r);
+// A batch row shows the short parts of the view (numbers and badges).
+const summary = (spec, r) => spec.view.filter(([kind]) => kind === "number" || kind === "badge")
+  .map(([kind, field, label]) => parts[kind](r[field], field, label));
 
 // A person reads names, not record ids.
 function recordName(kind, id) {
@@ -104,7 +118,11 @@ async function run(spec) {
   source.onopen = () => { if (dropped) { mark("reconnected"); status("reconnected: resuming after the last event received", "reconnect"); } };
   source.addEventListener("status", (e) => status(`${JSON.parse(e.data).state}: ${JSON.parse(e.data).message}`));
   source.addEventListener("delta", (e) => { mark("delta"); $("output").hidden = false; $("deltas").textContent += JSON.parse(e.data).text; });
-  source.addEventListener("result", (e) => { mark("result"); $("result").replaceChildren(render(JSON.parse(e.data))); });
+  source.addEventListener("result", (e) => {
+    mark("result");
+    $("result").replaceChildren(render(spec, JSON.parse(e.data)));
+    if (spec.threads) offerRefine(spec, input);
+  });
   source.addEventListener("error", (e) => { if (e.data) { mark("error"); showProblem(JSON.parse(e.data)); } });
   source.addEventListener("done", (e) => {
     const done = JSON.parse(e.data);
@@ -115,10 +133,62 @@ async function run(spec) {
   });
 }
 
+// --- Refine: a thread about the record, continued with the user's follow-ups --------------------
+// The answer above came from a job; the first follow-up starts a thread about the same request (its
+// first turn answers it again), then continues it. Its own state: body's data-refine-state.
+let refining = null;  // {spec, input, threadId}
+
+function offerRefine(spec, input) {
+  refining = { spec, input, threadId: null };
+  $("refine").hidden = false;
+  $("turns").replaceChildren();
+  $("refine-error").hidden = true;
+  document.body.dataset.refineState = "ready";
+}
+
+async function call(method, path, body) {
+  const response = await fetch(path, {
+    method, headers: { "Content-Type": "application/json", Authorization: `Bearer ${session.token}` },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const answer = await response.json();
+  if (!response.ok) throw answer;  // a problem object
+  return answer;
+}
+
+async function refine(event) {
+  event.preventDefault();
+  const message = $("refine-message").value;
+  if (!refining || !message.trim()) return;
+  const current = refining;
+  document.body.dataset.refineState = "running";
+  $("refine-send").disabled = true;
+  $("refine-error").hidden = true;
+  try {
+    if (!current.threadId) {
+      current.threadId = (await call("POST", "/api/v1/ai/threads", { task: current.spec.name, input: current.input })).thread_id;
+    }
+    const turn = await call("POST", `/api/v1/ai/threads/${current.threadId}/turns`, { message });
+    if (refining !== current) return;  // another run replaced this one meanwhile
+    const thread = await call("GET", `/api/v1/ai/threads/${current.threadId}`);
+    $("result").replaceChildren(render(current.spec, turn.result));
+    $("turns").replaceChildren(...thread.turns.slice(1).map((t, i) => el("li", { "data-turn": t.turn_id },
+      el("div", { class: "message" }, `${i + 1}. ${t.message}`), render(current.spec, t.result))));
+    $("refine-message").value = "";
+    document.body.dataset.refineState = "done";
+  } catch (problem) {
+    $("refine-error").hidden = false;
+    $("refine-error").replaceChildren(el("strong", {}, problem.title || "Error"), el("span", { class: "detail" }, problem.detail || String(problem)));
+    document.body.dataset.refineState = "failed";
+  } finally {
+    $("refine-send").disabled = false;
+  }
+}
+
 // --- The batch: one task over every lead of the session, followed like a job ----------------
 // Its own state (body's data-batch-state: idle, starting, running, completed, cancelled, failed),
 // so a batch and a single run can be watched at once.
-let batch = null;  // {id, total, source}
+let batch = null;  // {id, total, spec, source}
 const COUNTS = ["succeeded", "cached", "failed", "cancelled", "running"];
 const setBatchState = (state) => { document.body.dataset.batchState = state; };
 
@@ -138,9 +208,8 @@ function showItem(item) {
   if (!row) return;
   row.dataset.status = item.status;
   const outcome = [el("span", { class: "state" }, item.cached ? `${item.status} (cached)` : item.status)];
-  if (item.result && "score" in item.result) {
-    outcome.push(el("span", { class: "score" }, String(item.result.score)),
-                 el("span", { class: `badge ${item.result.classification}` }, item.result.classification));
+  if (item.result) {
+    outcome.push(...summary(batch.spec, item.result));
   } else if (item.error) {
     outcome.push(el("span", { class: "problem" }, `${item.error.title}: ${item.error.detail}`));
   }
@@ -174,7 +243,7 @@ async function startBatch(spec, ids) {
     setBatchState("failed");
     return;
   }
-  batch = { id: body.batch_id, total: body.total, source: new EventSource(body.events_url) };
+  batch = { id: body.batch_id, total: body.total, spec, source: new EventSource(body.events_url) };
   batchStatus(`batch ${body.batch_id} accepted: ${body.total} item(s)`);
   setBatchState("running");
   $("batch-cancel").disabled = false;
@@ -231,6 +300,7 @@ async function init() {
     $("batch-start").addEventListener("click", () => startBatch(batchSpec, ids));
     $("batch-cancel").addEventListener("click", cancelBatch);
   }
+  $("refine").addEventListener("submit", refine);
   setBatchState("idle");
   document.body.dataset.state = "ready";
 }

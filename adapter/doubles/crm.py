@@ -12,6 +12,14 @@ one does (bson's InvalidId escapes its handlers). Also as the real one:
   so: serve the double over TCP with `StaleAfter500` to get that.
 Set `fail_status` to make every /api route answer that status, `fail_patch` for PATCH
 only, `delay` to make it slow.
+
+Notifications (issue 26): the backend's `/api/v1/notifications` routes over a MongoDB
+`notifications` collection (`notifications=`, a pymongo AsyncCollection; the tests hand in one of a
+real wire-protocol server), as its NotificationService reads and writes it. Also as the real one:
+- marking one read stores `read_at` as a datetime, which its own `Notification` model (`read_at:
+  Optional[str]`, pydantic 2) then refuses: the PATCH answers 500 (after the update, and before the
+  ownership check), and from then on every list holding that notification answers 500 too;
+- an id that is not an ObjectId answers 500 (bson's InvalidId), as for leads and deals.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 
 import jwt
 import msgspec
-from litestar import Litestar, Request, Response, get, patch
+from litestar import Litestar, Request, Response, delete, get, patch, post
 from litestar.params import FromPath
 
 from ..tasks.samples import EXAMPLE_DEAL_ID, EXAMPLE_LEAD_ID
@@ -42,6 +50,11 @@ KINDS = {"lead": ("Lead", "Not authorized to access this lead", LEAD_UPDATE),
          "deal": ("Deal", "Not authorized", DEAL_UPDATE)}
 
 
+def kind_of(kind: str) -> tuple[str, str, frozenset[str]]:
+    """A kind the backend's own code does not special-case (a new task's record kind) answers like a deal."""
+    return KINDS.get(kind) or (kind.capitalize(), "Not authorized", frozenset())
+
+
 def object_id() -> str:
     return secrets.token_hex(12)
 
@@ -51,17 +64,33 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
+
+def _raw_path(request: Request) -> str:
+    # Litestar drops a trailing slash from `path` before routing; the raw path keeps it.
+    return (request.scope.get("raw_path") or request.scope["path"].encode()).decode("latin-1")
+
+
+def _slash_redirect(request: Request, path: str) -> Response[bytes]:
+    # Starlette's redirect_slashes, as the backend's collection routes answer: a 307, absolute, built
+    # from the Host the backend was sent.
+    url = request.url
+    query = f"?{url.query}" if url.query else ""
+    host = request.headers.get("host", url.netloc)
+    return Response(b"", status_code=307, headers={"location": f"{url.scheme}://{host}{path}/{query}"})
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
     return Response(_encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
 class CrmDouble:
-    def __init__(self, secret: str = "crm-double-secret-not-for-production-use") -> None:
+    def __init__(self, secret: str = "crm-double-secret-not-for-production-use", *, notifications: Any = None) -> None:
         self.secret = secret
+        self.notifications = notifications  # a pymongo AsyncCollection, or None: an empty collection
         self.users: dict[str, bool] = {}  # id -> active
         self.leads: dict[str, dict[str, Any]] = {}
         self.deals: dict[str, dict[str, Any]] = {}
-        self.collections = {"lead": self.leads, "deal": self.deals}
+        # By record kind; a test's kind of record (a new task's) gets its collection from `add_record`.
+        self.collections: dict[str, dict[str, dict[str, Any]]] = {"lead": self.leads, "deal": self.deals}
         self.fail_status: int | None = None
         self.fail_patch: int | None = None  # only PATCH answers this status
         self.delay = 0.0
@@ -99,6 +128,13 @@ class CrmDouble:
                            "risk_factors": [], "tags": [], "custom_fields": {}, "created_at": now, "updated_at": now, **fields}
         return did
 
+    def add_record(self, kind: str, owner: str, *, record_id: str | None = None, **fields: Any) -> str:
+        """A record of any kind (`/api/v1/<kind>s/<id>`): leads and deals have their own defaults above."""
+        rid = record_id or object_id()
+        now = _now()
+        self.collections.setdefault(kind, {})[rid] = {"_id": rid, "owner_id": owner, "created_at": now, "updated_at": now, **fields}
+        return rid
+
     def _user(self, request: Request) -> str | Response[bytes]:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -133,8 +169,8 @@ class CrmDouble:
         if not _OBJECT_ID.match(record_id):
             return _json({"detail": "Internal server error", "message": f"'{record_id}' is not a valid ObjectId, it must be "
                           "a 12-byte input or a 24-character hex string"}, 500)
-        store = self.collections[kind]  # the CRM has leads and deals, and no other kind of record
-        label, forbidden, updatable = KINDS[kind]
+        store = self.collections.get(kind, {})
+        label, forbidden, updatable = kind_of(kind)
         record = store.get(record_id)
         if record is None:
             return _json({"detail": f"{label} not found"}, 404)
@@ -153,6 +189,116 @@ class CrmDouble:
             record["updated_at"] = _now()
             self.patches.append((record_id, changes))
         return _json(record)
+
+    # --- notifications (app/api/v1/endpoints/notifications.py, app/services/notification_service.py) --------
+
+    async def _mine(self, user: str) -> list[dict[str, Any]]:
+        # Filtered here, not in the query: the wire-protocol stand-in the tests use (nx-27017 0.8.1) matches
+        # no ObjectId value outside `_id`, where MongoDB matches `{"user_id": ObjectId(...)}` exactly.
+        if self.notifications is None:
+            return []
+        return [doc async for doc in self.notifications.find({}) if str(doc.get("user_id")) == user]
+
+    @staticmethod
+    def _notification(doc: dict[str, Any]) -> dict[str, Any]:
+        """A document as the backend's `Notification` model serializes it (its field order, `_id` by alias)."""
+        # Only the backend writes `read_at`, always a datetime (MongoDB gives it back as one; the nx-27017 stand-in
+        # turns a $set datetime into a string, which would hide what the real database does).
+        if doc.get("read_at") is not None:
+            raise ValueError("1 validation error for Notification\nread_at\n  Input should be a valid string "
+                             "[type=string_type, input_type=datetime]")
+
+        def when(value: Any) -> Any:
+            return value.isoformat() if isinstance(value, dt.datetime) else value
+
+        return {"_id": str(doc["_id"]), "created_at": when(doc.get("created_at")), "updated_at": when(doc.get("updated_at")),
+                "user_id": str(doc["user_id"]), "type": doc["type"], "title": doc["title"], "message": doc["message"],
+                "priority": doc.get("priority", "medium"), "entity_type": doc.get("entity_type"),
+                "entity_id": str(doc["entity_id"]) if doc.get("entity_id") is not None else None,
+                "read": bool(doc.get("read", False)), "read_at": doc.get("read_at"),
+                "delivered_email": bool(doc.get("delivered_email", False)), "delivered_push": bool(doc.get("delivered_push", False))}
+
+    @staticmethod
+    def _server_error(message: str) -> Response[bytes]:
+        return _json({"detail": "Internal server error", "message": message}, 500)
+
+    def _notification_id(self, notification_id: str) -> Any:
+        from bson import ObjectId
+        from bson.errors import InvalidId
+
+        try:
+            return ObjectId(notification_id)
+        except InvalidId as exc:
+            return self._server_error(str(exc))
+
+    async def list_notifications(self, request: Request) -> Response[bytes]:
+        user = self._user(request)
+        if isinstance(user, Response):
+            return user
+        try:
+            skip, limit = int(request.query_params.get("skip", 0)), int(request.query_params.get("limit", 20))
+        except ValueError:
+            return _json({"detail": [{"type": "int_parsing", "loc": ["query", "skip"], "msg": "Input should be a valid integer"}]}, 422)
+        if skip < 0 or not 1 <= limit <= 100:
+            return _json({"detail": [{"type": "greater_than_equal" if skip < 0 or limit < 1 else "less_than_equal",
+                                      "loc": ["query", "skip" if skip < 0 else "limit"], "msg": "Input is out of range"}]}, 422)
+        unread_only = request.query_params.get("unread_only", "false").lower() in ("1", "true", "yes", "on")
+        mine = await self._mine(user)
+        chosen = [d for d in mine if not unread_only or d.get("read") is False]
+        chosen.sort(key=lambda d: d.get("created_at") or dt.datetime.min, reverse=True)
+        try:
+            items = [self._notification(d) for d in chosen[skip:skip + limit]]
+        except ValueError as exc:
+            return self._server_error(str(exc))
+        return _json({"items": items, "total": len(chosen), "unread_count": sum(1 for d in mine if d.get("read") is False),
+                      "skip": skip, "limit": limit})
+
+    async def mark_read(self, request: Request, notification_id: str) -> Response[bytes]:
+        user = self._user(request)
+        if isinstance(user, Response):
+            return user
+        oid = self._notification_id(notification_id)
+        if isinstance(oid, Response):
+            return oid
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        found = None if self.notifications is None else await self.notifications.find_one_and_update(
+            {"_id": oid}, {"$set": {"read": True, "read_at": now, "updated_at": now}}, return_document=True)
+        if found is None:
+            return _json({"detail": "Notification not found"}, 404)
+        try:
+            body = self._notification(found)  # the stored datetime fails the model: 500, before the ownership check
+        except ValueError as exc:
+            return self._server_error(str(exc))
+        if body["user_id"] != user:
+            return _json({"detail": "Not authorized"}, 403)
+        return _json(body)
+
+    async def mark_all_read(self, request: Request) -> Response[bytes]:
+        user = self._user(request)
+        if isinstance(user, Response):
+            return user
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        count = 0
+        for doc in await self._mine(user):
+            if doc.get("read") is False:
+                await self.notifications.update_one({"_id": doc["_id"]}, {"$set": {"read": True, "read_at": now, "updated_at": now}})
+                count += 1
+        return _json({"message": f"Marked {count} notifications as read"})
+
+    async def delete_notification(self, request: Request, notification_id: str) -> Response[bytes]:
+        user = self._user(request)
+        if isinstance(user, Response):
+            return user
+        oid = self._notification_id(notification_id)
+        if isinstance(oid, Response):
+            return oid
+        found = None if self.notifications is None else await self.notifications.find_one({"_id": oid})
+        if found is None:
+            return _json({"detail": "Notification not found"}, 404)
+        if str(found["user_id"]) != user:
+            return _json({"detail": "Not authorized"}, 403)
+        await self.notifications.delete_one({"_id": oid})
+        return Response(b"", status_code=204)
 
     @cached_property
     def app(self) -> Litestar:
@@ -178,16 +324,24 @@ class CrmDouble:
         async def patch_deal(record_id: FromPath[str], request: Request) -> Response[bytes]:
             return await double._record(request, "deal", record_id, msgspec.json.decode(await request.body()))
 
+        # Other kinds (a test's task reads its own): the collection's records, as `add_record` made them.
+        @get("/api/v1/{plural:str}/{record_id:str}")
+        async def get_other(plural: FromPath[str], record_id: FromPath[str], request: Request) -> Response[bytes]:
+            if not plural.endswith("s") or plural[:-1] not in double.collections:
+                return _json({"detail": "Not Found"}, 404)
+            return await double._record(request, plural[:-1], record_id)
+
+        @patch("/api/v1/{plural:str}/{record_id:str}")
+        async def patch_other(plural: FromPath[str], record_id: FromPath[str], request: Request) -> Response[bytes]:
+            if not plural.endswith("s") or plural[:-1] not in double.collections:
+                return _json({"detail": "Not Found"}, 404)
+            return await double._record(request, plural[:-1], record_id, msgspec.json.decode(await request.body()))
+
         @get(["/api/v1/leads", "/api/v1/deals"])
         async def collection(request: Request) -> Response[bytes]:
-            # Litestar drops a trailing slash from `path` before routing; the raw path keeps it.
-            path = (request.scope.get("raw_path") or request.scope["path"].encode()).decode("latin-1")
+            path = _raw_path(request)
             if not path.endswith("/"):
-                # Starlette's redirect_slashes: absolute, built from the Host the backend was sent.
-                url = request.url
-                query = f"?{url.query}" if url.query else ""
-                host = request.headers.get("host", url.netloc)
-                return Response(b"", status_code=307, headers={"location": f"{url.scheme}://{host}{path}/{query}"})
+                return _slash_redirect(request, path)
             user = double._user(request)
             if isinstance(user, Response):
                 return user
@@ -195,7 +349,28 @@ class CrmDouble:
             items = [r for r in store.values() if r["owner_id"] == user]
             return _json({"items": items, "total": len(items), "page": 1, "page_size": 20})
 
-        return Litestar([health, get_lead, get_deal, patch_lead, patch_deal, collection], logging_config=None)
+        @get("/api/v1/notifications")
+        async def notifications(request: Request) -> Response[bytes]:
+            # Litestar drops a trailing slash before routing; the backend's route is `/` under its prefix.
+            path = _raw_path(request)
+            if not path.endswith("/"):
+                return _slash_redirect(request, path)
+            return await double.list_notifications(request)
+
+        @patch("/api/v1/notifications/{notification_id:str}/read")
+        async def notification_read(notification_id: FromPath[str], request: Request) -> Response[bytes]:
+            return await double.mark_read(request, notification_id)
+
+        @post("/api/v1/notifications/mark-all-read", status_code=200)
+        async def notifications_all_read(request: Request) -> Response[bytes]:
+            return await double.mark_all_read(request)
+
+        @delete("/api/v1/notifications/{notification_id:str}", status_code=200)  # each answer sets its own status
+        async def notification_delete(notification_id: FromPath[str], request: Request) -> Response[bytes]:
+            return await double.delete_notification(request, notification_id)
+
+        return Litestar([health, get_lead, get_deal, patch_lead, patch_deal, get_other, patch_other, collection,
+                         notifications, notification_read, notifications_all_read, notification_delete], logging_config=None)
 
     def seed(self, *, examples: bool = False) -> dict[str, Any]:
         """Demo data: two users, each with leads and deals of their own.

@@ -14,7 +14,11 @@ What it reproduces of the real gateway and the Conductor API behind it:
 - `GET /api/agents` lists `{"id": <agent_id>, "name": <definition name>, ...}` from its
   database, or the Conductor API's `{"total", "agents"}` while that database is down;
 - agents live in its database: `POST /api/agents` and `PUT /api/agents/{id}` with the
-  real validation rules, `GET /api/agents/{id}/persona`.
+  real validation rules, `GET /api/agents/{id}/persona`;
+- conversations (§6, `conversations.py`): `/api/conversations/...` as the Conductor and the gateway
+  serve them; a run naming a `conversation_id` gets its history replayed (`runs` records what each
+  run saw), `save_to_conversation: true` on execute stores the input and whatever the run returned
+  (a failed run's error text too), and a stream never saves.
 
 Behaviours (queue them per agent with `push`, or set `default`):
   json, fenced, prose, trailing_comma  - valid output, wrapped the ways real models wrap it
@@ -58,7 +62,9 @@ from litestar.response import Stream
 
 from ..settings import default_agents_dir
 from ..tasks import TASKS, Registry
+from ..tasks.registry import agent_folder
 from . import answers
+from .conversations import Conversations, conversation_routes
 from .tally import Tally
 
 _encode = msgspec.json.Encoder().encode
@@ -104,8 +110,8 @@ def agent_document(folder: Path) -> dict[str, Any]:
 
 def default_registry(tasks: Registry = TASKS, agents_dir: str | None = None) -> dict[str, dict[str, Any]]:
     """The gateway's agent database, holding the agent of every task."""
-    root = Path(agents_dir or default_agents_dir())
-    return {a: agent_document(root / a) for a in tasks.agent_ids}
+    root = str(agents_dir or default_agents_dir())
+    return {t.agent_id: agent_document(agent_folder(t, root)) for t in tasks.values()}
 
 
 class GatewayDouble:
@@ -144,6 +150,20 @@ class GatewayDouble:
         self.stream_reads: Tally = Tally()
         self._producers: set[asyncio.Task[None]] = set()
         self._attached: dict[str, asyncio.Event] = {}
+        # The Conductor's conversation store (§6) and what each run replayed of it.
+        self.conversations = Conversations()
+        self.conversation_calls: list[tuple[str, str]] = []
+        self.fail_messages = False  # POST .../messages answers 500 (the Conductor's database failing)
+        self.runs: list[dict[str, Any]] = []  # {agent_id, conversation_id, input, history, saved}
+
+    def _replay(self, agent_id: str, body: dict[str, Any], prompt: str) -> None:
+        # The Conductor replays a named conversation's history whatever `context_mode` says (§6).
+        conversation_id = body.get("conversation_id")
+        doc = self.conversations.docs.get(conversation_id or "")
+        self.runs.append({"agent_id": agent_id, "conversation_id": conversation_id, "input": prompt,
+                          "context": doc.get("context") if doc else None,
+                          "history": self.conversations.history(conversation_id),
+                          "saved": bool(body.get("save_to_conversation"))})
 
     def push(self, agent_id: str, *behaviours: str) -> None:
         self.script[agent_id].extend(behaviours)
@@ -282,20 +302,34 @@ class GatewayDouble:
             double.prompts.append((agent_id, body["input_text"]))
             double.bodies.append(body)
             double.request_ids.append(request.headers.get("x-request-id"))
+            double._replay(agent_id, body, body["input_text"])
+            task_id = uuid.uuid4().hex[:24]
+            # `save_to_conversation`: the input and a pending placeholder before the run, the outcome after,
+            # whatever it is (a failed run's error text too); an unknown conversation gets nothing.
+            placeholder = (double.conversations.save_run(body["conversation_id"], body["input_text"], agent_id,
+                                                         body["instance_id"], task_id)
+                           if body.get("save_to_conversation") is True else None)
             if double.gate is not None:
                 await double.gate.wait()
             if double.delay:
                 await asyncio.sleep(double.delay)
             if behaviour == "error_500":  # the run started, then the Conductor API gave up on it
-                return double._refuse(500, "Conductor API error: " + _encode(
+                response = double._refuse(500, "Conductor API error: " + _encode(
                     {"detail": f"⏰ Tempo de espera excedido para a tarefa (task watcher at {CONDUCTOR_URL})"}).decode())
+                if placeholder is not None:
+                    placeholder.update(content=f"Erro: {double.refused[-1][1]}", status="error")
+                return response
             run = double._run_document(behaviour, agent_id, body["input_text"])
+            if placeholder is not None:
+                placeholder.update(content=run["result"], status="completed" if run["exit_code"] == 0 else "error",
+                                   completed_at=dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat())
             double.instances[body["instance_id"]] = {"instance_id": body["instance_id"], "agent_id": agent_id,
-                                                     "screenplay_id": body.get("screenplay_id")}
+                                                     "screenplay_id": body.get("screenplay_id"),
+                                                     "conversation_id": body.get("conversation_id")}
             return _json({"status": "success" if run["exit_code"] == 0 else "error",
                           "result": {k: run[k] for k in ("result", "exit_code", "status")},
                           "instance_id": body["instance_id"], "context_mode": body.get("context_mode", "stateless"),
-                          "execution_id": f"exec_{agent_id}_{int(time.time() * 1000)}", "task_id": uuid.uuid4().hex[:24],
+                          "execution_id": f"exec_{agent_id}_{int(time.time() * 1000)}", "task_id": task_id,
                           "duration_ms": int(run["duration"] * 1000)})
 
         @post("/api/v1/stream-execute", status_code=200)
@@ -346,7 +380,7 @@ class GatewayDouble:
             return Stream(events(), media_type="text/event-stream")
 
         return Litestar([health, agents, create_agent, update_agent, persona, delete_instance, execute, stream_execute,
-                         stream], logging_config=None)
+                         stream, *conversation_routes(double)], logging_config=None)
 
     def _run_document(self, behaviour: str, agent_id: str, prompt: str) -> dict[str, Any]:
         if behaviour == "run_failed":
@@ -396,6 +430,7 @@ class GatewayDouble:
         self.calls.hit(agent_id)
         self.prompts.append((agent_id, prompt))
         self.bodies.append(body)
+        self._replay(agent_id, body, prompt)  # history used, never saved: the client appends it itself
         put("task_started", {"message": "Tarefa submetida ao Conductor, aguardando processamento..."})
         put("status_update", {"message": "Agente processando a tarefa..."})
         if self.gate is not None:

@@ -11,9 +11,10 @@ Two phases:
    fails that item alone, with the backend's problem) and rendered. The rendered inputs are kept
    beside the log. This phase needs the creator's token, which is never stored: a batch taken
    over before it finished reading fails the items it had not read (their problem says so).
-2. **Ask.** BATCH_CONCURRENCY items at a time go through the synchronous routes' pipeline: the
-   cache (a hit is instant and free), single flight with any identical request, the model,
-   validation and repair, and the write-back (skipped after a takeover, as for jobs).
+2. **Ask.** BATCH_CONCURRENCY items at a time get their answer as every caller does (answers.py
+   `ask`, with the key `prepare` derived): the cache (a hit is instant and free), single flight
+   with any identical request, the model, validation and repair, and the write-back (skipped
+   after a takeover, as for jobs).
 
 A batch is background work: its model calls yield to interactive ones at the gateway bulkhead
 (`resilience.BACKGROUND`), and each model call and each CRM read takes a token of the user's
@@ -38,12 +39,11 @@ import structlog
 from ..errors import AdapterError, BatchItemLost, JobLogUnavailable, ShuttingDown, TooManyAtOnce
 from ..storage.event_log import BATCH, Batch
 from ..storage.ids import new_id
-from ..storage.keys import CacheKey
 from ..storage.quota import RunningBatches
 from ..tasks import Task
-from ..upstreams.resilience import BACKGROUND, Background
-from .cache import Outcome
+from .answers import Answer, Delivery
 from .jobs import READABLE_WITHIN, Jobs
+from .service import Prepared
 
 log = structlog.get_logger("adapter.batches")
 PREFIX = "aibatch"
@@ -110,6 +110,7 @@ class Tally:
 class Batches:
     def __init__(self, jobs: Jobs, *, clock: Callable[[], float] = time.time, quota: RunningBatches | None = None) -> None:
         self.jobs = jobs
+        self.answers = jobs.answers
         self.service = jobs.service
         self.settings = jobs.settings
         self.mirror = jobs.mirror
@@ -189,6 +190,8 @@ class Batches:
             await self._finish(job, cancelled=False, note=f"batch {job.id} is for task {job.task}, which this sidecar does not serve")
             return
         inputs = await self.mirror.batches.load_inputs(job.id) if self.mirror is not None else {}
+        # Each item's question as `prepare` derived it: its kept input, keyed again; nobody's token.
+        prepared = {item_id: self.service.prepared_again(task, item_id, text, user=job.user) for item_id, text in inputs.items()}
         items = items_of(job)
         done = sum(1 for item in items.values() if item["status"] in FINAL)
         # The items the dead runner was asking: their single-flight locks outlive it (CACHE_LOCK_TIMEOUT).
@@ -197,7 +200,7 @@ class Batches:
                  read=len(inputs), in_flight=len(in_flight))
         self.jobs.emit(job, "status", {"state": "running", "resumed": True,
                                        "message": f"resumed on another replica after {done} item(s)"})
-        self.jobs.run_owned(job, self._run(job, task, None, inputs, in_flight))
+        self.jobs.run_owned(job, self._run(job, task, None, prepared, in_flight))
 
     def lost(self, job: Batch) -> None:
         """Another replica runs the batch now: stop its runner here (this replica follows its log)."""
@@ -212,7 +215,7 @@ class Batches:
                                      "message": detail})
         job.expires = min(job.expires, ended.timestamp() + self.settings.job_retention_seconds)
 
-    async def _run(self, job: Batch, task: Task, authorization: str | None, inputs: dict[str, str] | None,
+    async def _run(self, job: Batch, task: Task, authorization: str | None, inputs: dict[str, Prepared] | None,
                    in_flight: frozenset[str] = frozenset()) -> None:
         ids = job.ids
         note = None
@@ -222,7 +225,7 @@ class Batches:
                 if job.status == "queued":
                     self.jobs.emit(job, "status", {"state": "running", "message": "reading the records"})
                 read = await self._read(job, task, ids, authorization, inputs)
-                await self._ask_all(job, task, ids, read, job.user, authorization, in_flight)
+                await self._ask_all(job, ids, read, in_flight)
         except TimeoutError:
             note = "the batch reached BATCH_MAX_SECONDS: the items not done were cancelled"
             self._cancel_rest(job, ids, note)
@@ -236,8 +239,8 @@ class Batches:
             await self._finish(job, cancelled=await self.cancel_requested(job), note=note)
 
     async def _read(self, job: Batch, task: Task, ids: list[str], authorization: str | None,
-                    inputs: dict[str, str] | None) -> dict[str, str]:
-        """Every item's rendered input: read now (with the creator's token), or kept by the replica that did."""
+                    inputs: dict[str, Prepared] | None) -> dict[str, Prepared]:
+        """Every item's question: read now (with the creator's token), or kept by the replica that did."""
         inputs = dict(inputs or {})
         items = items_of(job)
         unread = [i for i in ids if i not in inputs and items.get(i, {}).get("status") not in FINAL]
@@ -269,18 +272,18 @@ class Batches:
                         refused.append(exc)
                     self._fail(job, ids, item_id, exc)
                     return
-                inputs[item_id] = prepared.agent_input
+                inputs[item_id] = prepared
 
         await asyncio.gather(*(read(i) for i in unread))
         if self.mirror is not None:
-            await self.mirror.batches.save_inputs(job.id, {i: inputs[i] for i in unread if i in inputs})
+            await self.mirror.batches.save_inputs(job.id, {i: inputs[i].agent_input for i in unread if i in inputs})
         return inputs
 
-    async def _ask_all(self, job: Batch, task: Task, ids: list[str], inputs: dict[str, str], user: str,
-                       authorization: str | None, in_flight: frozenset[str] = frozenset()) -> None:
+    async def _ask_all(self, job: Batch, ids: list[str], questions: dict[str, Prepared],
+                       in_flight: frozenset[str] = frozenset()) -> None:
         gate = asyncio.Semaphore(self.settings.batch_concurrency)
         items = items_of(job)
-        todo = [i for i in ids if i in inputs and items.get(i, {}).get("status") not in FINAL]
+        todo = [i for i in ids if i in questions and items.get(i, {}).get("status") not in FINAL]
 
         async def one(item_id: str) -> None:
             async with gate:
@@ -289,63 +292,15 @@ class Batches:
                     return
                 self._item(job, ids, {"id": item_id, "status": "running", "cached": False}, progress=False)
                 try:
-                    body, x_cache = await self._ask(task, item_id, inputs[item_id], user, rerun=item_id in in_flight)
+                    # Background work: the user's budget is waited for (a quarter left to their interactive
+                    # requests), and its model call yields to interactive ones at the bulkhead. An item the
+                    # dead runner was asking is asked again without waiting out that runner's lock on it.
+                    await self.answers.ask(questions[item_id], priority="background", delivery=_Item(self, job, ids, item_id),
+                                           resumed=item_id in in_flight)
                 except AdapterError as exc:
                     self._fail(job, ids, item_id, exc)
-                    return
-                cached = x_cache in ("HIT", "STALE")
-                self._item(job, ids, {"id": item_id, "status": "succeeded", "cached": cached},
-                           result=self.service.result_event(task, body))
-                await self.service.after_fresh(task, item_id, authorization, body, x_cache)
 
         await asyncio.gather(*(one(i) for i in todo))
-
-    async def _ask(self, task: Task, item_id: str, agent_input: str, user: str, *, rerun: bool = False) -> tuple[bytes, str]:
-        """One item through the synchronous routes' cache, single flight and model call.
-
-        `rerun`: the item was being asked by the replica this batch was taken over from.
-        """
-        key = self.service.key_for(task, item_id, agent_input)
-
-        async def compute() -> bytes:
-            return _encode(await self.service.ask_agent(task, item_id, agent_input))
-
-        # Each item's model call yields to interactive ones at the bulkhead, until an interactive
-        # request joins that very call (resilience.Background): set here, in the item's own task.
-        BACKGROUND.set(Background())
-        if rerun:
-            outcome = await self._ask_again(task, key, compute, user)
-        else:
-            outcome = await self.service.cache.get_or_compute(key, self.settings.ttl_for(task), "default", compute,
-                                                              admit=lambda: self._admit(task, user))
-        self.service.metrics.cache.labels(task.name, outcome.x_cache.lower()).inc()
-        return outcome.body, outcome.x_cache
-
-    async def _ask_again(self, task: Task, key: CacheKey, compute: Callable[[], Any], user: str) -> Outcome:
-        """An item the dead runner was asking, as a taken-over job asks again: its cross-process lock
-        on the question is still held on paper (renewed until the runner died, then kept until
-        CACHE_LOCK_TIMEOUT), so following it would stall the item for that long: ask without it.
-        The cache's other rules stay: a fresh answer is a hit, a model-side fault may serve a stale one."""
-        cache, ttl = self.service.cache, self.settings.ttl_for(task)
-        if (entry := await cache.lookup(key, ttl)) is not None:
-            return Outcome(entry.body, "HIT", cache.age(entry))
-        if not cache.in_flight(key):
-            await self._admit(task, user)
-        try:
-            return Outcome(await cache.share(key, ttl, compute, coordinate=False), "MISS")
-        except AdapterError as exc:
-            if (entry := await cache.stale_for(key, ttl, exc)) is not None:
-                return Outcome(entry.body, "STALE", cache.age(entry))
-            raise
-
-    async def _admit(self, task: Task, user: str) -> None:
-        """A model call spends a token of the user's budget; a batch waits for one rather than fail,
-        and leaves a quarter of the budget to the user's interactive requests."""
-        limiter = self.service.limiter
-        if limiter is None or not user:
-            return
-        await limiter.wait(task.name, user, reserve=limiter.reserve_for(task.name),
-                           on_wait=self.service.metrics.rate_limited.labels(task.name).inc)
 
     # --- events ---------------------------------------------------------------------------------
 
@@ -383,6 +338,7 @@ class Batches:
         # Kept JOB_RETENTION_SECONDS from now, not from its BATCH_MAX_SECONDS deadline.
         job.expires = min(job.expires, ended.timestamp() + self.settings.job_retention_seconds)
         log.info("batch.done", batch_id=job.id, status=job.status, **counts)
+        await self.service.notifier.batch_finished(job.id, job.task, counts, cancelled, job.user)
         if self.quota is not None:
             await self.quota.ended(job.user, job.id)
         if self.mirror is not None:
@@ -420,3 +376,14 @@ class Batches:
     def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+
+
+class _Item(Delivery):
+    """A batch item takes its answer as one `item` event (and the batch's `progress`)."""
+
+    def __init__(self, batches: Batches, job: Batch, ids: list[str], item_id: str) -> None:
+        self._batches, self._job, self._ids, self._id = batches, job, ids, item_id
+
+    def answered(self, answer: Answer) -> None:
+        self._batches._item(self._job, self._ids, {"id": self._id, "status": "succeeded", "cached": answer.cached},
+                            result=answer.event)

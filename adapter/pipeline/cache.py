@@ -49,10 +49,13 @@ STALE_ON = (GatewayUnavailable, GatewayRejected, UpstreamTimeout, InvalidAgentOu
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Kept:
+    """A stored answer as read back: its body, when it was stored, and its result decoded once (the check
+    that it is an answer of its task decodes it anyway; whoever serves it reads it from here)."""
+
+    stored_at: float
     body: bytes
-    x_cache: XCache
-    age: int | None = None
+    result: Any = None
 
 
 # Entries are signed (storage/signing.py) since issue 22, and their keys moved with them: during a
@@ -83,8 +86,9 @@ async def key_lock(locks: dict[K, asyncio.Lock], key: K) -> AsyncIterator[None]:
 
 
 class ResultCache:
-    """The one cache pipeline of both paths: `lookup` (freshness), `stale_for` (stale-if-error),
-    `keep` (how long an answer is stored), and single flight for the synchronous routes."""
+    """The cache's rules, which pipeline/answers.py applies for every caller: `get` (an answer of its
+    task, or nothing), freshness and the stale grace, `keep` (how long an answer is stored), and single
+    flight (`take_off`, then `ride`)."""
 
     def __init__(self, store: Store, grace: float, clock: Callable[[], float] = time.time,
                  on_coalesced: Callable[[CacheKey], None] = lambda key: None,
@@ -103,117 +107,87 @@ class ResultCache:
         self._on_coalesced = on_coalesced
         self._admitting: dict[CacheKey, asyncio.Lock] = {}
 
-    def age(self, entry: Entry) -> int:
+    def age(self, entry: Kept) -> int:
         return int(max(self._clock() - entry.stored_at, 0))
 
-    def is_fresh(self, entry: Entry, ttl: float) -> bool:
+    def is_fresh(self, entry: Kept, ttl: float) -> bool:
         return self._clock() - entry.stored_at < ttl
 
-    def is_usable_stale(self, entry: Entry, ttl: float) -> bool:
+    def is_usable_stale(self, entry: Kept, ttl: float) -> bool:
         """Past its freshness but within CACHE_STALE_GRACE: may stand in for a model-side fault."""
         return self._clock() - entry.stored_at < ttl + self._grace
 
-    async def _get(self, key: CacheKey) -> Entry | None:
-        """The stored entry, if its body is still an answer of its task (the one way entries are read)."""
+    async def get(self, key: CacheKey) -> Kept | None:
+        """The stored answer, if its body is still an answer of its task (the one way entries are read)."""
         entry = await self.store.get(key.redis_key)
-        if entry is None or (read := self._readers.get(key.task)) is None:
-            return entry
+        if entry is None:
+            return None
+        if (read := self._readers.get(key.task)) is None:
+            return Kept(entry.stored_at, entry.body)
         # Decoded and encoded again, it must give the very bytes stored (what the pipeline writes is an
         # encoded result): an extra field, a missing one, or an older release's shape is no answer of ours.
         if (result := read(entry.body)) is not None and _encode(result) == entry.body:
-            return entry
+            return Kept(entry.stored_at, entry.body, result)
         self._tampering("cache", key.redis_key, "not-a-result", entry.body, effect="served as a miss")
         return None
-
-    async def lookup(self, key: CacheKey, ttl: float) -> Entry | None:
-        """A fresh answer for `key`, or None."""
-        entry = await self._get(key)
-        return entry if entry is not None and self.is_fresh(entry, ttl) else None
-
-    async def stale_for(self, key: CacheKey, ttl: float, exc: Exception) -> Entry | None:
-        """The stale-if-error rule: an answer within the grace stands in for a fault of the model's side."""
-        if not isinstance(exc, STALE_ON):
-            return None
-        entry = await self._get(key)
-        return entry if entry is not None and self.is_usable_stale(entry, ttl) else None
 
     async def keep(self, key: CacheKey, body: bytes, ttl: float) -> None:
         """Store a fresh answer for its freshness plus the stale grace."""
         await self.store.put(key.redis_key, Entry(self._clock(), body), ttl + self._grace)
 
-    async def get_or_compute(self, key: CacheKey, ttl: float, mode: Mode, compute: Callable[[], Awaitable[bytes]],
-                             admit: Callable[[], Awaitable[None]] | None = None) -> Outcome:
-        """`admit` runs only when this request makes the model call (it may refuse: a rate limit).
-
-        Hits and requests that join a call already in flight are free.
-        """
-        if mode == "no-store":
-            if admit is not None:
-                await admit()
-            return Outcome(await compute(), "BYPASS")
-        stale = await self._get(key) if mode == "default" else None
-        if stale is not None:
-            if self.is_fresh(stale, ttl):
-                return Outcome(stale.body, "HIT", self.age(stale))
-            if not self.is_usable_stale(stale, ttl):
-                stale = None
-        flight = self._flights.get(key)
-        if flight is None and admit is not None:
-            # One request at a time decides to take off for a key: the others wait the length
-            # of one admission, then join its flight instead of spending tokens of their own.
-            lock = self._admitting.get(key)
-            waited = lock is not None and lock.locked()
-            async with key_lock(self._admitting, key):
-                flight = self._flights.get(key)
-                if flight is None and waited and mode == "default":
-                    # The flight we queued behind may have landed already: its answer is in the store.
-                    if (fresh := await self.lookup(key, ttl)) is not None:
-                        return Outcome(fresh.body, "HIT", self.age(fresh))
-                if flight is None:
-                    await admit()
-        try:
-            body = await self._join(key, ttl, compute, flight)
-        except STALE_ON:
-            if stale is None:
-                raise
-            return Outcome(stale.body, "STALE", self.age(stale))
-        return Outcome(body, "MISS")
-
     def in_flight(self, key: CacheKey) -> bool:
         """A model call for `key` is in the air in this process: joining it costs nothing."""
         return key in self._flights
 
-    async def share(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]], *, coordinate: bool = True,
-                    on_join: Callable[[], None] = lambda: None) -> bytes:
-        """A job's model call: join the one in the air for `key` (a request's or another job's), or make it.
+    async def take_off(self, key: CacheKey, ttl: float, admit: Callable[[], Awaitable[None]], *,
+                       recheck: bool) -> Kept | asyncio.Task[bytes] | None:
+        """Whether this caller makes the model call for `key`: the flight in the air to join (free), or None
+        once `admit` let it take off (it may refuse: a rate limit), or (`recheck`) the answer a flight it
+        queued behind has just stored.
 
-        The job that makes it owns it (awaited unshielded): cancelling the job cancels the call.
-        `coordinate=False` skips the cross-process lock: a job taken over from a dead replica must
-        not wait out the lock that replica still holds on paper.
+        One request at a time decides to take off for a key: the others wait the length of one
+        admission, then join its flight instead of spending tokens of their own.
         """
         if (flight := self._flights.get(key)) is not None:
+            return flight
+        lock = self._admitting.get(key)
+        waited = lock is not None and lock.locked()
+        async with key_lock(self._admitting, key):
+            if (flight := self._flights.get(key)) is not None:
+                return flight
+            if waited and recheck and (fresh := await self.get(key)) is not None and self.is_fresh(fresh, ttl):
+                return fresh  # the flight we queued behind has landed: its answer is in the store
+            await admit()
+        return None
+
+    async def ride(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]],
+                   flight: asyncio.Task[bytes] | None, *, coordinate: bool = True, keep: bool = True, owned: bool = False,
+                   on_join: Callable[[], None] = lambda: None) -> bytes:
+        """The answer of the flight for `key`: the one in the air (joined), or one this caller launches.
+
+        `owned`: a log's runner owns the flight it launches (awaited unshielded): stopping the runner
+        (handed over, past its deadline) stops the call, and whoever joined it gets SharedCallCancelled.
+        A request's flight is not tied to it: one caller leaving does not cancel the call the others share.
+        `coordinate=False` skips the cross-process lock: a log taken over from a dead replica must not wait
+        out the lock that replica still holds on paper. `keep=False`: the answer is not stored (a thread's turn).
+        """
+        if flight is None:
+            flight = self._flights.get(key)
+        if flight is not None:
             self._joined(key)
             on_join()
             return await self._shared(flight)
-        return await self._launch(key, ttl, compute, coordinate)
+        flight = self._launch(key, ttl, compute, coordinate, keep)
+        return await (flight if owned else self._shared(flight))
 
-    def _launch(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> asyncio.Task[bytes]:
-        flight = asyncio.create_task(self._fly(key, ttl, compute, coordinate), name=f"flight {key.redis_key}")
+    def _launch(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True,
+                keep: bool = True) -> asyncio.Task[bytes]:
+        flight = asyncio.create_task(self._fly(key, ttl, compute, coordinate, keep), name=f"flight {key.redis_key}")
         self._flights[key] = flight
         if (background := BACKGROUND.get()) is not None:
             self._background[key] = background
         flight.add_done_callback(lambda landed: self._landed(key, landed))
         return flight
-
-    async def _join(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]],
-                    flight: asyncio.Task[bytes] | None) -> bytes:
-        if flight is None:
-            flight = self._flights.get(key)
-        if flight is None:
-            flight = self._launch(key, ttl, compute)
-        else:
-            self._joined(key)
-        return await self._shared(flight)
 
     def _joined(self, key: CacheKey) -> None:
         self.note_coalesced(key)
@@ -239,10 +213,12 @@ class ResultCache:
         if not flight.cancelled():
             flight.exception()  # retrieved here, so an error nobody awaited is not reported as lost
 
-    async def _fly(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True) -> bytes:
+    async def _fly(self, key: CacheKey, ttl: float, compute: Callable[[], Awaitable[bytes]], coordinate: bool = True,
+                   keep: bool = True) -> bytes:
         if not coordinate:
             body = await compute()
-            await self.keep(key, body, ttl)
+            if keep:
+                await self.keep(key, body, ttl)
             return body
         lock = self.store.flight(key)
         try:
@@ -259,7 +235,8 @@ class ResultCache:
             except AdapterError as exc:
                 await lock.fail(exc)
                 raise
-            await self.keep(key, body, ttl)
+            if keep:
+                await self.keep(key, body, ttl)
             await lock.succeed(body)
             return body
         finally:

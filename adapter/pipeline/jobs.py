@@ -8,12 +8,12 @@ and the replica running a job holds a short lease on it: when the lease lapses
 (the replica died, or handed the job over while shutting down), the next replica
 that sees the job takes it over, asks the model again and continues the same log.
 
-Jobs share the synchronous routes' pipeline (service.py, cache.py): one key derivation
-(`prepare`), one freshness rule (`lookup`), one stale-if-error rule (`stale_for`), one way an
-answer is kept (`keep`), one hook for a fresh answer (`after_fresh`: the write-back),
-and one single flight (`share`): a job and a synchronous request for the same question make
-one model call between them. Stream readers also share the job itself: identical streams follow
-one job (and, across replicas, the job log's claim on the question).
+A job gets its answer as the synchronous routes do (answers.py `ask`): one key derivation,
+one freshness rule, one stale-if-error rule, one single flight (a job and a synchronous request
+for the same question make one model call between them), one write-back. It differs in how it
+delivers: progress and the answer are events in its log. Its start asks `hit` and `admit` first,
+so that the 202 says HIT or MISS and a 429 comes before any job exists. Stream readers also share
+the job itself: identical streams follow one job (and, across replicas, the claim on the question).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from ..storage.ids import may_be_live, new_id
 from ..storage.keys import CacheKey
 from ..tasks import Task
 from .cache import key_lock
-from ..errors import AdapterError, GatewayProtocolError, JobLogTampered, JobLogUnavailable, ShuttingDown, UpstreamTimeout
+from ..errors import AdapterError, CrmRefused, Forbidden, GatewayProtocolError, JobLogTampered, JobLogUnavailable, NotFound, ShuttingDown
+from .answers import Answer, Answers, Delivery
 from .service import AiService, Prepared
 
 log = structlog.get_logger("adapter.jobs")
@@ -63,11 +64,12 @@ Describe = Callable[[Exception, Log], bytes]
 class Jobs:
     """The logs this replica runs or follows (a job's, a batch's), and the job kind of them."""
 
-    def __init__(self, service: AiService, *, describe: Describe, clock: Callable[[], float] = time.time,
+    def __init__(self, answers: Answers, *, describe: Describe, clock: Callable[[], float] = time.time,
                  mirror: RedisLog | None = None) -> None:
-        self.service = service
+        self.answers = answers
+        self.service: AiService = answers.service
         self.describe = describe
-        self.settings = service.settings
+        self.settings = answers.settings
         self._clock = clock
         self._jobs: dict[str, Log] = {}
         self._by_key: dict[CacheKey, Job] = {}
@@ -93,19 +95,17 @@ class Jobs:
         if self.draining:
             raise ShuttingDown("this replica is shutting down and takes no new jobs; retry (another replica answers)")
         prepared = await self.service.prepare(task, request, authorization, user)
-        record_id, agent_input, key = prepared.record_id, prepared.agent_input, prepared.key
+        key = prepared.key
         self._purge()
-        if mode == "default" and (entry := await self.service.cache.lookup(key, self.settings.ttl_for(task))) is not None:
-            job = self._new(task, record_id, key, agent_input=agent_input, mode=mode)
-            self._emit(job, "result", self.service.result_event(task, entry.body))
-            self._finish(job, "succeeded", cached=True)
+        if (hit := await self.answers.hit(prepared, mode)) is not None:  # type: ignore[arg-type]
+            job = self._new(prepared, mode=mode)
+            await self.answers.deliver(prepared, hit, _Delivery(self, job))
             await self._readable(job)  # a hit's events_url works on every replica too
             return job, "HIT"
         async with key_lock(self._admitting, key):
             shared = self._by_key.get(key) if mode != "no-store" else None
             if shared is not None and not shared.finished:
-                self.service.cache.note_coalesced(key)
-                return shared, "MISS"
+                return self._shared(shared)
             job_id = new_id("aijob", self._clock())
             if mode != "no-store" and self.mirror is not None:
                 # Another replica may already be asking the model this question: follow its job,
@@ -120,22 +120,23 @@ class Jobs:
                     # question, or a claim pointed at another user's job would serve that job here.
                     if isinstance(remote, Job) and not remote.finished and remote.key == key:
                         await self.mirror.take_over_now(remote)
-                        self.service.cache.note_coalesced(key)
-                        return remote, "MISS"
+                        return self._shared(remote)
                     # The holder ended (or vanished) without letting go of the question: ours now.
                     await self.mirror.claims.reclaim(key, holder, job_id)
-            if not self.service.cache.in_flight(key):  # joining a call in the air is free, as on the sync routes
-                await self.service.admit(task.name, user)  # a new job is a model call: rate-limited like one
-            return await self._launch(prepared, mode, authorization, job_id)
-
-    async def _launch(self, prepared: Prepared, mode: str, authorization: str, job_id: str) -> tuple[Job, str]:
-        task, key = prepared.task, prepared.key
-        job = self._new(task, prepared.record_id, key, job_id, agent_input=prepared.agent_input, mode=mode)
-        if mode != "no-store":
-            self._by_key[key] = job
-        self._start_runner(job, task, authorization)
+            await self.answers.admit(prepared)  # a new job is a model call: rate-limited like one (joining one is free)
+            job = self._new(prepared, job_id, mode=mode)
+            if mode != "no-store":
+                self._by_key[key] = job
+            self._start_runner(job, prepared)
         await self._readable(job)  # its events_url must work on every replica from now on
         return job, "BYPASS" if mode == "no-store" else "MISS"
+
+    def _shared(self, job: Job) -> tuple[Job, str]:
+        """An identical question's job, followed instead of asking again: a coalesced miss."""
+        assert job.key is not None
+        self.service.cache.note_coalesced(job.key)
+        self.service.metrics.cache.labels(job.task, "miss").inc()
+        return job, "MISS"
 
     async def _readable(self, job: Log) -> None:
         """With Redis, the 202 naming a job waits until its log is readable there (issue 24): a job whose
@@ -160,9 +161,9 @@ class Jobs:
         emptied it until the runner repairs the log) and the id says it was made less than `lifetime` ago."""
         return self.mirror is not None and may_be_live(log_id, self._clock(), lifetime)
 
-    def _start_runner(self, job: Job, task: Task, authorization: str | None, *, resumed: bool = False) -> None:
-        run = self._run(job, task, job.agent_input, authorization, store=job.mode != "no-store", resumed=resumed)
-        self.run_owned(job, self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": task.name}))
+    def _start_runner(self, job: Job, prepared: Prepared, *, resumed: bool = False) -> None:
+        run = self._run(job, prepared, resumed=resumed)
+        self.run_owned(job, self.service.tracing.run("job.run", run, **{"job.id": job.id, "job.task": job.task}))
 
     def adopt(self, job: Log) -> None:
         """A log this replica writes (a batch's too): found by `find`, mirrored to Redis, purged when expired."""
@@ -199,14 +200,16 @@ class Jobs:
             else:
                 self._finish(job, "succeeded" if job.result is not None else "failed")
             return
-        if job.key is None:  # its log was written by a release that kept only the rendered key
-            job.key = self.service.key_for(task, job.record_id, job.agent_input)
+        # Its key as `prepare` derived it (derived again from the kept input for a log of the release
+        # before CacheKey, which kept only the rendered key); nobody's token: the write-back is skipped.
+        prepared = self.service.prepared_again(task, job.record_id, job.agent_input, job.key)
+        job.key = prepared.key
         if job.mode != "no-store" and job.key not in self._by_key:
             self._by_key[job.key] = job
         log.info("job.resumed", job_id=job.id, replica=self._replica, rerun=True, events=len(job.events))
         self._emit(job, "status", {"state": "running", "resumed": True,
                                    "message": "resumed on another replica: asking the agent again"})
-        self._start_runner(job, task, None, resumed=True)
+        self._start_runner(job, prepared, resumed=True)
 
     @property
     def _replica(self) -> str | None:
@@ -220,6 +223,18 @@ class Jobs:
     def end(self, job: Job, exc: Exception) -> None:
         """This replica's copy cannot go on (expired, tampered): every reader gets `error` then `done`."""
         self._fail(job, exc)
+
+    async def check_reader(self, job: Job, authorization: str, user: str) -> None:
+        """A reader without the job's token: whoever the CRM backend lets read the job's record may read the
+        job about it (the read spends one of the user's CRM_READS_PER_USER); else Forbidden."""
+        task = self.service.tasks.get(job.task)
+        if task is None:  # a job another replica runs for a task this one does not serve
+            raise NotFound(f"job {job.id} is for task {job.task}, which this sidecar does not serve")
+        await self.service.admit_read(user)
+        try:
+            await self.service.crm.get_record(task.record_kind, job.record_id, authorization)
+        except CrmRefused:
+            raise Forbidden(f"the CRM backend does not let this caller read the job's {task.record_kind}") from None
 
     def get(self, job_id: str) -> Log | None:
         job = self._jobs.get(job_id)
@@ -238,11 +253,10 @@ class Jobs:
                     self._jobs[job.id] = job  # later readers on this replica share the one follower
         return job
 
-    def _new(self, task: Task, record_id: str, key: CacheKey, job_id: str | None = None, *, agent_input: str = "",
-             mode: str = "default") -> Job:
+    def _new(self, prepared: Prepared, job_id: str | None = None, *, mode: str = "default") -> Job:
         ttl = self.settings.job_max_seconds + self.settings.job_retention_seconds
-        job = Job(id=job_id or new_id("aijob", self._clock()), task=task.name, record_id=record_id, key=key,
-                  expires=self._clock() + ttl, agent_input=agent_input, mode=mode)  # type: ignore[arg-type]
+        job = Job(id=job_id or new_id("aijob", self._clock()), task=prepared.task.name, record_id=prepared.record_id,
+                  key=prepared.key, expires=self._clock() + ttl, agent_input=prepared.agent_input, mode=mode)  # type: ignore[arg-type]
         self._jobs[job.id] = job
         if self.mirror is not None:
             self.mirror.own(job)
@@ -262,68 +276,25 @@ class Jobs:
         if self._by_key.get(job.key) is job:
             del self._by_key[job.key]
 
-    async def _run(self, job: Job, task: Task, agent_input: str, authorization: str | None, *, store: bool,
-                   resumed: bool = False) -> None:
-        def sharing() -> None:
-            self._emit(job, "status", {"state": "running", "message": "an identical request is already asking the agent: "
-                                                                      "sharing its answer"})
-
+    async def _run(self, job: Job, prepared: Prepared, *, resumed: bool = False) -> None:
+        """The job's answer, delivered as events; a job taken over asks again (its start's admission was the first runner's)."""
         try:
-            async with asyncio.timeout(self.settings.job_max_seconds):
-                if store:
-                    # Inside the try: a job without its key is a bug, and a bug still ends the job with error + done.
-                    key = job.key
-                    assert key is not None  # a job answers one question (a batch's log has no key, and runs elsewhere)
-                    # The synchronous routes' single flight: one model call per question, whoever asked first;
-                    # the answer is kept in the cache before `done`, so whoever saw `done` gets a hit, on any replica.
-                    body = await self.service.cache.share(key, self.settings.ttl_for(task),
-                                                          lambda: self._produce(job, task, agent_input),
-                                                          coordinate=not resumed, on_join=sharing)
-                else:
-                    body = await self._produce(job, task, agent_input)
-        except TimeoutError:
-            await self._fail_or_stale(job, task, UpstreamTimeout("job", self.settings.job_max_seconds, "job-timeout"))
+            # The creator's token (in `prepared`, held by this coroutine only, never stored or logged)
+            # makes the write-back, after `done`; a job taken over has none, and skips it.
+            await self.answers.ask(prepared, mode=job.mode, delivery=_Delivery(self, job), resumed=resumed, owned=True,
+                                   deadline=self.settings.job_max_seconds, admitted=not resumed)
         except AdapterError as exc:
-            await self._fail_or_stale(job, task, exc)
+            if not job.finished:
+                self._fail(job, exc)
         except Exception as exc:  # a bug must still end the job with error + done, never hang its readers
             log.error("job.crashed", job_id=job.id, exc_info=exc)
-            self._fail(job, exc)
-        else:
-            self._emit(job, "result", self.service.result_event(task, body))
-            self._finish(job, "succeeded")
-            # A fresh answer's hook runs as on the synchronous route, with the creator's token (held
-            # by this coroutine only, never stored or logged); the outcome goes to the log.
-            await self.service.after_fresh(task, job.record_id, authorization, body, "BYPASS" if not store else "MISS")
+            if not job.finished:
+                self._fail(job, exc)
         log.info("job.done", job_id=job.id, task=job.task, status=job.status, events=len(job.events), replica=self._replica)
-
-    async def _fail_or_stale(self, job: Job, task: Task, exc: AdapterError) -> None:
-        """The synchronous routes' stale-if-error rule: a model-side fault within the grace serves the stale answer."""
-        if job.mode == "default" and job.key is not None and (
-                entry := await self.service.cache.stale_for(job.key, self.settings.ttl_for(task), exc)):
-            log.info("job.stale_answer", job_id=job.id, reason=exc.slug, age_s=self.service.cache.age(entry))
-            self._emit(job, "result", self.service.result_event(task, entry.body))
-            self._finish(job, "succeeded", cached=True, stale=True)
-            return
-        self._fail(job, exc)
 
     def _fail(self, job: Job, exc: Exception) -> None:
         self._emit(job, "error", self.describe(exc, job))
         self._finish(job, "failed")
-
-    async def _produce(self, job: Job, task: Task, agent_input: str) -> bytes:
-        gateway = self.service.gateway
-        plan = gateway.plan()
-        async with gateway.guarded():
-            self._emit(job, "status", {"state": "running", "message": "starting the agent"})
-            with self.service.gateway_span(task, 1, plan, stream=True):
-                text = await gateway.stream_run(task.agent_id, agent_input, plan, lambda name, data: self._emit(job, name, data))
-        self._emit(job, "status", {"state": "validating", "message": "validating the agent's answer"})
-
-        def repairing(attempt: int) -> None:
-            self._emit(job, "status", {"state": "running", "message": f"repairing invalid output (attempt {attempt + 1})"})
-
-        result = await self.service.validated(task, job.record_id, agent_input, text, on_repair=repairing, plan=plan)
-        return _encode(result)
 
     def _purge(self) -> None:
         # Jobs sit in creation order with one lifetime, so the expired ones are at the front:
@@ -400,3 +371,19 @@ class Jobs:
             runner.cancel()
         if self.mirror is not None:
             self.mirror.close()
+
+
+class _Delivery(Delivery):
+    """A job takes its answer as events: progress as `status` and `delta`, the answer as `result` then `done`."""
+
+    streams = True
+
+    def __init__(self, jobs: Jobs, job: Job) -> None:
+        self._jobs, self._job = jobs, job
+
+    def event(self, name: str, data: Any) -> None:
+        self._jobs._emit(self._job, name, data)
+
+    def answered(self, answer: Answer) -> None:
+        self._jobs._emit(self._job, "result", answer.event)
+        self._jobs._finish(self._job, "succeeded", cached=answer.cached, stale=answer.x_cache == "STALE")

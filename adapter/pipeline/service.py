@@ -1,7 +1,7 @@
-"""One AI task, end to end: authorize via the CRM, render, cache, call, validate, repair, write back.
+"""The steps of one AI task that every caller shares: the CRM check, render and key (`prepare`),
+admission, validation and repair (`validated`), and the write-back.
 
-The synchronous routes call `run`; streamed jobs (jobs.py) share `prepare` (the CRM check and
-the cache key), the cache's freshness and stale-if-error rules, `validated` and `after_fresh`.
+answers.py puts them together, with the cache's rules, into the one way to get an answer.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import structlog
 
 from ..tasks import Registry, Task
-from .cache import Mode, Outcome, ResultCache, cache_key
+from .cache import ResultCache, cache_key
 from ..upstreams.crm import CrmClient
 from ..errors import AdapterError, InvalidAgentOutput
 from ..upstreams.gateway import GatewayClient, ProviderPlan
 from ..metrics import Metrics
+from ..notify.notifier import Notifier
 from ..storage.keys import CacheKey
 from ..storage.ratelimit import CRM_READS, RateLimiter
 from ..settings import Settings
@@ -28,7 +28,6 @@ from ..tasks.reading import OutputInvalid, rules
 from ..tracing import Tracing
 
 log = structlog.get_logger("adapter.service")
-_encode = msgspec.json.Encoder().encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +38,10 @@ class Prepared:
     record_id: str
     agent_input: str
     key: CacheKey
+    user: str = ""  # whose budget its model call spends ("" for a job taken over: nobody's)
+    # The caller's token, for the write-back: held in memory by whoever asks, never stored or logged
+    # (None for a log taken over from another replica, which never had it).
+    authorization: str | None = None
 
 
 def _today() -> dt.date:
@@ -58,6 +61,7 @@ class AiService:
         limiter: RateLimiter | None = None,
         today: Callable[[], dt.date] = _today,
         tracing: Tracing | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.tracing = tracing or Tracing()
         self.metrics = metrics or Metrics()
@@ -68,6 +72,8 @@ class AiService:
         self.cache = cache
         self.settings = settings
         self._today = today
+        # Notifications (adapter/notify): told of each record read and each fresh answer, nothing else.
+        self.notifier = notifier or Notifier.off(settings)
 
     async def prepare(self, task: Task, request: Any, authorization: str, user: str = "", *,
                       background: bool = False) -> Prepared:
@@ -80,25 +86,20 @@ class AiService:
         await self.admit_read(user, background=background)
         with self.tracing.span("crm.lookup", **{"crm.record.kind": task.record_kind, "crm.record.id": record_id}):
             record = await self.crm.get_record(task.record_kind, record_id, authorization)
+        self.notifier.remember(task, record_id, record)
         agent_input = task.render(record, request, self._today())
-        return Prepared(task, record_id, agent_input, self.key_for(task, record_id, agent_input))
+        return Prepared(task, record_id, agent_input, self.key_for(task, record_id, agent_input), user, authorization)
 
     def key_for(self, task: Task, record_id: str, agent_input: str) -> CacheKey:
-        """The cache key of this question (`prepare` derives it; a batch item and a job resumed from an
-        older release's log, which has only the rendered key, derive it here too)."""
+        """The cache key of this question (`prepare` derives it; a log taken over, which keeps the rendered
+        input but never the caller's token, derives it here too: `prepared_again`)."""
         return cache_key(self.settings.cache_prefix, task.name, task.agent_id, task.version, record_id, agent_input)
 
-    async def run(self, task: Task, request: Any, authorization: str, mode: Mode, user: str = "") -> Outcome:
-        prepared = await self.prepare(task, request, authorization, user)
-
-        async def compute() -> bytes:
-            return _encode(await self.ask_agent(task, prepared.record_id, prepared.agent_input))
-
-        with self.tracing.span("cache", **{"cache.task": task.name, "cache.mode": mode}) as span:
-            outcome = await self.cache.get_or_compute(prepared.key, self.settings.ttl_for(task), mode, compute,
-                                                      admit=lambda: self.admit(task.name, user))
-            span.set_attribute("cache.result", outcome.x_cache)  # HIT, MISS, STALE or BYPASS
-        return outcome
+    def prepared_again(self, task: Task, record_id: str, agent_input: str, key: CacheKey | None = None,
+                       user: str = "") -> Prepared:
+        """A question a replica took over: its rendered input was kept (the record is not read again,
+        nobody's token is at hand), its key derived as `prepare` derives it."""
+        return Prepared(task, record_id, agent_input, key or self.key_for(task, record_id, agent_input), user, None)
 
     async def admit(self, task_name: str, user: str) -> None:
         """Spend the user's token for a model call (raises RateLimited)."""
@@ -124,17 +125,16 @@ class AiService:
             self.metrics.rate_limited.labels(CRM_READS).inc()
             raise
 
-    async def after_fresh(self, task: Task, record_id: str, authorization: str | None, body: bytes,
-                          x_cache: str = "MISS") -> str | None:
-        """The task's hook for a fresh answer: its write-back onto the record (ok, failed or skipped).
+    async def write_back(self, prepared: Prepared, result: Any, x_cache: str = "MISS") -> str | None:
+        """The task's write-back of an answer onto its record: ok, failed or skipped.
 
         None for a task without one. Only a fresh answer is written: a cached one was written when it
         was made, and a stale one must not overwrite what the CRM holds now. With the caller's own
         token, so the backend still decides; a failure never fails the answer.
         """
+        task, record_id, authorization = prepared.task, prepared.record_id, prepared.authorization
         if task.write_back is None:
             return None
-        result = task.reread(body)
         reason = ("CRM_WRITE_BACK is off" if not self.settings.crm_write_back
                   else f"{x_cache.lower()} answer" if x_cache in ("HIT", "STALE")
                   else "job taken over by another replica: the creator's token is never stored" if authorization is None
@@ -156,13 +156,6 @@ class AiService:
         self.metrics.write_backs.labels("ok").inc()
         return "ok"
 
-    async def ask_agent(self, task: Task, record_id: str, agent_input: str) -> Any:
-        """The validated result of one synchronous run (repairs included)."""
-        plan = self.gateway.plan()
-        with self.gateway_span(task, 1, plan):
-            text = await self.gateway.execute(task.agent_id, agent_input, plan)
-        return await self.validated(task, record_id, agent_input, text, plan=plan)
-
     def gateway_span(self, task: Task, attempt: int, plan: ProviderPlan, *, stream: bool = False):  # noqa: ANN201
         """One agent call: attempt 1 is the answer, later ones repair it (the gateway's own retries are its client spans).
 
@@ -171,30 +164,6 @@ class AiService:
         return self.tracing.span("gateway.call", **{
             "gateway.agent": task.agent_id, "gateway.attempt": attempt, "gateway.repair": attempt > 1,
             "gateway.provider": plan.current or "default", "gateway.stream": stream})
-
-    @staticmethod
-    def response_headers(task: Task, body: bytes) -> dict[str, str]:
-        """`X-AI-Provider` and `X-Agent-Warnings` of a served body, from one decode of it.
-
-        Recomputed from the body rather than stored beside it: guidance is a pure function of the
-        result, so a hit, a stale answer, a coalesced follower and another replica's job all get
-        the same list without the cache's format (or entries stored before) changing.
-        """
-        result = task.reread(body)
-        if result is None:
-            return {}
-        headers = {"X-AI-Provider": result.provider} if result.provider else {}
-        if warnings := rules(task.guidance(result)):
-            headers["X-Agent-Warnings"] = ", ".join(warnings)
-        return headers
-
-    @staticmethod
-    def result_event(task: Task, body: bytes) -> bytes:
-        """A stream's `result` data: the body, plus `warnings` (the X-Agent-Warnings list) when there are any."""
-        if not (warnings := task.warnings(body)):
-            return body
-        # The body is a JSON object we encoded: close it with one more member instead of re-encoding it.
-        return body[:-1] + b',"warnings":' + _encode(warnings) + b"}"
 
     async def validated(self, task: Task, record_id: str, agent_input: str, text: str,
                         on_repair: Callable[[int], None] | None = None, *, plan: ProviderPlan | None = None) -> Any:
@@ -234,6 +203,8 @@ class AiService:
                 log.info("agent.output_repaired", agent=task.agent_id, attempts=attempt + 1)
             self.metrics.agent_output.labels(task.agent_id, "repaired" if attempt else "valid").inc()
             verdict.result.provider = plan.current
+            # The fresh-answer point: before the answer is stored, so a stored answer has its events in the outbox.
+            await self.notifier.answered(task, record_id, verdict.result)
             return verdict.result
         attempts = 1 + self.settings.agent_repair_attempts
         self.metrics.agent_output.labels(task.agent_id, "failed").inc()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class CacheKey:
     prefix: str  # CACHE_PREFIX: every key of one deployment starts with it
-    task: str  # the task's name (`lead.qualify`): per-task metrics and the task's result reader use it
+    task: str  # the task's name (`<record kind>.<verb>`): per-task metrics and the task's result reader use it
     digest: str  # 40 hex digits: the question itself (agent, version, record id, input)
 
     @property

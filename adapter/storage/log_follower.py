@@ -31,7 +31,7 @@ from ..errors import JobExpired, JobLogTampered, JobLogUnavailable
 from ..metrics import Metrics
 from .connect import open_client
 from .event_log import Log
-from .log_layout import Layout, seq_of
+from .log_layout import Layout, Timing, seq_of
 from .redis_store import FAULTS, RedisStore
 from .signing import Tampered
 from .stream_hub import StreamHub, Watch
@@ -58,14 +58,10 @@ CHECKS_IN_FLIGHT = 32
 
 
 class Follower:
-    def __init__(self, store: RedisStore, layout: Layout, home: RedisLog, *, lease: float, metrics: Metrics) -> None:
-        self._s = store
-        self._r = store.redis
-        self._keys = layout
-        self._home = home
-        self._metrics = metrics
-        self.lease = lease
-        self._lease_ms = max(int(lease * 1000), 100)
+    def __init__(self, store: RedisStore, layout: Layout, timing: Timing, home: RedisLog, *, metrics: Metrics) -> None:
+        self._s, self._r, self._keys, self._home, self._metrics = store, store.redis, layout, home, metrics
+        self.lease = lease = timing.lease
+        self._lease_ms = timing.lease_ms
         # A follower wakes this often without news, to check the lease; a runner renews 3 times per lease.
         self.block = min(max(lease / 4, 0.1), 2.0)
         # Blocking reads get a pool of their own, same server, whose socket timeout outlives the
@@ -85,7 +81,7 @@ class Follower:
             kwargs = {**pool.connection_kwargs, "socket_timeout": self.block + 3.0, "socket_connect_timeout": self.block + 1.0}
             self.blocking = Redis(connection_pool=BlockingConnectionPool(
                 connection_class=pool.connection_class, max_connections=FOLLOWER_CONNECTIONS, timeout=self.block + 1.0, **kwargs))
-        self._backoff_cap = min(max(lease / 3, 0.2), 2.0)
+        self._backoff_cap = timing.backoff_cap
         self._takeover = self._r.register_script(_TAKEOVER)
         # Lease checks in flight at once, over every followed log: thousands of followers checking each
         # block must not hold a connection each (bench.redis_ha: 1,000 followed logs held 959).

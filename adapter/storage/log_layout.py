@@ -21,6 +21,7 @@ and data (`s`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -42,6 +43,26 @@ def log_key(prefix: str, log_id: str, part: str = "") -> str:
 # The metadata fields the `sig` field's MAC covers, in this order.
 SIGNED_META = ("task", "record_id", "key", "expires", "mode", "input")
 BATCH_MODE = "batch"  # a batch's `mode` in Redis, as the release before wrote it
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How long a log is kept (`ttl`), how long its owner's lease lasts, and how Redis faults are backed off."""
+
+    ttl: float
+    lease: float
+
+    @property
+    def ttl_ms(self) -> int:
+        return int(self.ttl * 1000)
+
+    @property
+    def lease_ms(self) -> int:
+        return max(int(self.lease * 1000), 100)
+
+    @property
+    def backoff_cap(self) -> float:
+        return min(max(self.lease / 3, 0.2), 2.0)
 
 
 class Layout:

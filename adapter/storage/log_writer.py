@@ -22,7 +22,7 @@ from .claims import QuestionClaims
 from .connect import open_client
 from .event_log import Job, Log
 from .leases import LeaseKeeper
-from .log_layout import Layout
+from .log_layout import Layout, Timing
 from .redis_store import FAULTS, RELEASE_SCRIPT, RedisStore
 
 if TYPE_CHECKING:
@@ -72,18 +72,12 @@ return top
 
 
 class LeasedWriter:
-    def __init__(self, store: RedisStore, layout: Layout, claims: QuestionClaims, home: RedisLog, *, ttl: float,
-                 lease: float, metrics: Metrics) -> None:
-        self._s = store
-        self._r = store.redis
-        self._keys = layout
+    def __init__(self, store: RedisStore, layout: Layout, timing: Timing, claims: QuestionClaims, home: RedisLog, *,
+                 metrics: Metrics) -> None:
+        self._s, self._r, self._keys, self._home, self._metrics = store, store.redis, layout, home, metrics
         self._claims = claims
-        self._home = home
-        self._metrics = metrics
-        self._ttl_ms = int(ttl * 1000)
-        self.lease = lease
-        self._lease_ms = max(int(lease * 1000), 100)
-        self._backoff_cap = min(max(lease / 3, 0.2), 2.0)
+        self._ttl_ms, self.lease, self._lease_ms = timing.ttl_ms, timing.lease, timing.lease_ms
+        self._backoff_cap = timing.backoff_cap
         self._append = self._r.register_script(_APPEND)
         # Appends in flight at once, over every log: 5,000 logs each flushing on the shared pool (1,000
         # connections, failing at once when full) starved the requests and failed their own writes.
@@ -97,7 +91,7 @@ class LeasedWriter:
         # Renewals on a client of their own (a few connections per node): followers holding the
         # blocking pool and a burst of requests on the shared one can never starve them.
         self._lease_client = open_client(store.target, max_connections=4, role="leases") if store.target is not None else None
-        self.leases = LeaseKeeper(self._lease_client or store.redis, replica=home.replica, lease=lease, lease_key=layout.lease,
+        self.leases = LeaseKeeper(self._lease_client or store.redis, replica=home.replica, lease=timing.lease, lease_key=layout.lease,
                                   meta_key=layout.meta, on_lost=self._lease_lost, on_gone=self._gone, on_fault=store.fault,
                                   on_ok=store.ok)
 

@@ -48,7 +48,7 @@ class Policy:
     limit: int
     window: float
     setting: str = ""  # the variable that sets it: a 429 names it
-    what: str = ""  # what a token pays for, in the 429's words ("lead.qualify requests")
+    what: str = ""  # what a token pays for, in the 429's words ("<task name> requests")
     # Shared through Redis by every replica, or kept by each process. A bucket spent on every request
     # (CRM reads, cache hits included) is kept per process: in Redis it cost ~70 µs of CPU per hit
     # (+9 %, `bench.cpu --rows hit`), and N replicas still bound a user to N times its rate.

@@ -23,7 +23,7 @@ from .batch_store import BatchStore
 from .claims import QuestionClaims
 from .event_log import Kinds, Log
 from .log_follower import FOLLOWER_CONNECTIONS, Follower
-from .log_layout import Layout
+from .log_layout import Layout, Timing
 from .log_writer import LeasedWriter
 from .redis_store import RedisStore
 
@@ -43,11 +43,11 @@ class RedisLog:
         self._store = store
         self.replica = replica or replica_id()
         self.lease = lease
-        layout = Layout(store)
+        layout, timing = Layout(store), Timing(ttl, lease)
         self.claims = QuestionClaims(store, ttl)
         self.batches = BatchStore(store, ttl)
-        self.writer = LeasedWriter(store, layout, self.claims, self, ttl=ttl, lease=lease, metrics=self._metrics)
-        self.follower = Follower(store, layout, self, lease=lease, metrics=self._metrics)
+        self.writer = LeasedWriter(store, layout, timing, self.claims, self, metrics=self._metrics)
+        self.follower = Follower(store, layout, timing, self, metrics=self._metrics)
         # Off while this replica drains for shutdown: it must not take over the logs it is about to leave.
         self.accepting = True
         self._kinds: Kinds = {}

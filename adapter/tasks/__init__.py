@@ -1,14 +1,18 @@
-"""The AI tasks, one module each, and their registry (`TASKS`).
+"""The AI tasks, one module (or package) each, and their registry (`TASKS`).
 
-Adding a task is adding a module here that builds a `Task`, and one line below.
+Adding a task is: its module here (it builds `TASK`), its agent folder in conductor-agents/,
+and its module's name in `MODULES` below; then `make generate` (README rows, OpenAPI, client).
 """
 
 from __future__ import annotations
 
-from . import deal_predict, email_generate, lead_qualify
+from importlib import import_module
+
 from .registry import Registry, Task
 
 # In the order the OpenAPI document and the demo page list them.
-TASKS = Registry([email_generate.TASK, lead_qualify.TASK, deal_predict.TASK])
+MODULES = ("email_generate", "lead_qualify", "deal_predict", "lead_summarize")
 
-__all__ = ["TASKS", "Registry", "Task"]
+TASKS = Registry.of(import_module(f"{__name__}.{name}") for name in MODULES)
+
+__all__ = ["MODULES", "TASKS", "Registry", "Task"]

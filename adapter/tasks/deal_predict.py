@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 from ..models import Inbound, ObjectId, Percent, Provider
+from ..notify.triggers import ABOUT_MAX, Finding, Trigger, shown
 from .prompting import days_since, pick, task_input
 from .reading import Breach, Reader, Verdict, read_answer, words
 from .registry import Task
@@ -89,6 +91,46 @@ def sample_answer(record: dict[str, Any], _request: dict[str, Any]) -> dict[str,
     }
 
 
+# --- notification triggers (adapter/notify) ------------------------------------------------------
+def _dropped(deal: Mapping[str, Any], result: DealPredictResult, settings: Any) -> Finding | None:
+    """Win probability (against the deal's `probability`) or health (against its `ai_score`) fell by more than
+    NOTIFY_DEAL_DROP_POINTS."""
+    limit = settings.notify_deal_drop_points
+    drops = {name: (before, now) for name, before, now in (
+        ("win_probability", deal.get("probability"), result.win_probability),
+        ("health_score", deal.get("ai_score"), result.health_score))
+        if isinstance(before, int | float) and before - now > limit}
+    if not drops:
+        return None
+    words = ", ".join(f"{name.replace('_', ' ')} {before:g} → {now}" for name, (before, now) in drops.items())
+    return Finding(crm_type="deal_at_risk", title="Deal health dropped", priority="high",
+                   message=f"Deal {deal['label'] or 'without a title'}: {words}",
+                   about={name: {"previous": before, "now": now} for name, (before, now) in drops.items()},
+                   key={"dropped": sorted(drops)})
+
+
+def _new_risk(deal: Mapping[str, Any], result: DealPredictResult, settings: Any) -> Finding | None:
+    """A risk factor the deal did not list, holding one of NOTIFY_DEAL_RISK_WORDS."""
+    words = [w.strip().lower() for w in settings.notify_deal_risk_words.split(",") if w.strip()]
+    known = {str(r).strip().lower() for r in deal.get("risk_factors") or []}
+    new = [r for r in result.risk_factors if r.strip().lower() not in known and any(w in r.lower() for w in words)]
+    if not new:
+        return None
+    return Finding(crm_type="deal_at_risk", title="New risk on a deal", priority="high",
+                   message=f"Deal {deal['label'] or 'without a title'}: {shown(new[0], ABOUT_MAX)}",
+                   about={"risk_factors": [shown(r, ABOUT_MAX) for r in new[:5]]},
+                   key={"risks": sorted(r.strip().lower() for r in new)})
+
+
+TRIGGERS = (
+    Trigger("deal.score_dropped", _dropped, reads=("probability", "ai_score"),
+            summary="win probability (against the deal's `probability`) or health score (against its `ai_score`) fell by "
+                    "more than `NOTIFY_DEAL_DROP_POINTS`"),
+    Trigger("deal.high_risk", _new_risk, reads=("risk_factors",),
+            summary="a risk factor the deal does not list yet, holding one of `NOTIFY_DEAL_RISK_WORDS`"),
+)
+
+
 TASK = Task(
     name=NAME, agent_id=AGENT, record_kind="deal",
     request_type=DealPredictRequest, result_type=DealPredictResult,
@@ -102,5 +144,9 @@ TASK = Task(
         "deal_id": EXAMPLE_DEAL_ID, "agent": AGENT, "win_probability": 55, "health_score": 68,
         "predicted_close_date": "2027-01-31", "risk_factors": ["Only one decision maker engaged"],
         "recommended_actions": ["Meet the economic buyer"], "reasoning": (EXAMPLE_REASONING * 3).strip()},
-    sample_answer=sample_answer,
+    sample_answer=sample_answer, threads=True,
+    view=(("gauge", "win_probability", "Win probability"), ("gauge", "health_score", "Health"),
+          ("field", "predicted_close_date", "Predicted close"), ("list", "risk_factors", "Risks"),
+          ("list", "recommended_actions", "Recommended actions"), ("text", "reasoning", "Reasoning")),
+    triggers=TRIGGERS,
 )

@@ -162,5 +162,8 @@ TASK = Task(
             {"type": t, "subject": s, "body": "Hi Maria,\n\nA short note about Acme Logistics.\n\nBest", "tone": d}
             for t, s, d in (("formal", "Acme Logistics: a proposal", "Formal"), ("casual", "Quick idea for Acme", "Friendly"),
                             ("direct", "Maria, 20 minutes?", "Brief"))]},
-    sample_answer=sample_answer,
+    sample_answer=sample_answer, threads=True,
+    view=(("cards", "variations", "Variations"),),
+    doc='Body `{"lead_id", "context": "initial outreach" (1-2000 chars), "tone": "professional" | "formal" | "casual" | '
+        '"direct"}`: three variations, exactly one `formal`, `casual` and `direct`, subjects of at most 60 characters.',
 )

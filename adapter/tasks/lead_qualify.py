@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
 
 from ..models import Inbound, ObjectId, Percent, Provider
+from ..notify.triggers import Finding, Trigger, shown
 from .prompting import pick, task_input
 from .reading import Breach, Reader, Verdict, read_answer, show, words
 from .registry import Task
@@ -150,6 +152,23 @@ def sample_answer(record: dict[str, Any], _request: dict[str, Any]) -> dict[str,
     }
 
 
+# --- notification triggers (adapter/notify) ------------------------------------------------------
+def _classification_changed(lead: Mapping[str, Any], result: LeadQualifyResult, _settings: Any) -> Finding | None:
+    before = lead.get("classification")
+    if result.classification == before:
+        return None
+    was = f" (was {shown(before, 10)})" if before else ""
+    return Finding(crm_type="lead_qualified", title=f"{'New ' if result.classification == 'Hot' else ''}{result.classification} lead",
+                   message=f"Lead {lead['label'] or 'without a name'} has been qualified as {result.classification}{was}",
+                   priority={"Hot": "high", "Warm": "medium"}.get(result.classification, "low"),  # type: ignore[arg-type]
+                   about={"classification": result.classification, "previous_classification": before, "score": result.score},
+                   key={"from": before, "to": result.classification})
+
+
+TRIGGERS = (Trigger("lead.classification_changed", _classification_changed, reads=("classification",), label_field="name",
+                    summary="the lead's classification differs from the one on the record; `high` when it became Hot"),)
+
+
 TASK = Task(
     name=NAME, agent_id=AGENT, record_kind="lead",
     request_type=LeadQualifyRequest, result_type=LeadQualifyResult,
@@ -167,5 +186,10 @@ TASK = Task(
         "reasoning": EXAMPLE_REASONING.strip(), "next_actions": ["Book a discovery call", "Confirm the budget owner", "Send a case study"],
         "bant": {"budget": "Series C funding", "authority": "VP of Sales", "need": "Asked for a demo", "timeline": "Unknown"}},
     sample_answer=sample_answer,
-    write_back=write_back,
+    write_back=write_back, writes_back="score and classification",
+    doc="The classification always agrees with the score (Hot ≥ 70, Warm 40-69, Cold < 40): the sidecar corrects "
+        "a model that disagrees.",
+    view=(("number", "score", "Score"), ("badge", "classification", "Classification"), ("text", "reasoning", "Reasoning"),
+          ("list", "next_actions", "Next actions"), ("table", "bant", "BANT")),
+    triggers=TRIGGERS,
 )

@@ -1,10 +1,14 @@
 """What an AI task is, and the registry from which everything task-specific follows.
 
-A task is one module in this package: it builds one `Task`, and `adapter.tasks.TASKS`
-collects them. Nothing outside a task's module names a task. From the registry follow
-the sync and stream routes, the jobs' `task` enum, the `CACHE_TTL_<TASK>` and
+A task is one module (or package) that builds one `Task` as `TASK`, and its agent's folder
+`conductor-agents/<Agent>/` (definition.yaml, persona.md, and corpus/: real answers, the
+agent's examples). `adapter.tasks.TASKS` registers the modules. Nothing outside those two
+places names a task (tests/test_task_guard.py): from the registry follow the sync and
+stream routes, the jobs' and batches' `task` enum, the `CACHE_TTL_<TASK>` and
 `RATE_LIMIT_<TASK>` settings, the agents checked and synced, the health report, the
-OpenAPI operations and examples, the demo page's buttons and the doubles' answers.
+OpenAPI operations, examples and header descriptions, the metrics' series, the demo's
+curl walkthrough, buttons and result views, the doubles' answers, and the generated
+files (`adapter generate`: README rows, the TypeScript client's task map).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Literal
 
 import msgspec
 import yaml
 
+from ..notify.triggers import Trigger
 from ..settings import ConfigError
 from .reading import Breach, Verdict, rules
 
@@ -29,6 +35,14 @@ Render = Callable[[dict[str, Any], Any, dt.date], str]
 # raises reading.OutputInvalid when the contract is broken.
 Validate = Callable[[str, str, str], Verdict]
 _NAME = re.compile(r"[a-z][a-z0-9]*(?:[._][a-z][a-z0-9]*)+")  # fullmatch: `$` would also match before a final newline
+_KIND = re.compile(r"[a-z][a-z0-9]*")  # a path segment of the CRM's URLs (`/api/v1/<kind>s/<id>`), as it is
+
+
+# One part of the demo page's view of a result: `text` (a paragraph), `field` (`label: value`),
+# `badge` (a short value), `number`, `gauge` (a 0-100 bar), `list` (strings), `table` (an object's
+# fields), `cards` (a list of objects, each drawn with its fields). A task without a view is shown as JSON.
+ViewKind = Literal["text", "field", "badge", "number", "gauge", "list", "table", "cards"]
+View = tuple[ViewKind, str, str]  # (kind, result field, label)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +72,33 @@ class Task:
     sample_answer: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     # Fields PATCHed onto the record after a fresh answer, with the caller's token (None: no write-back).
     write_back: Callable[[Any], dict[str, Any]] | None = None
+    # Notification triggers (adapter/notify/triggers.py), evaluated on every fresh answer.
+    triggers: tuple[Trigger, ...] = ()
     stream_summary: str = ""  # the stream route's; `Stream: <summary>` when empty
+    # What the write-back PATCH sets, in words ("score and classification"): its header's description.
+    writes_back: str = ""
+    # How the demo page draws a result: (kind, field, label) parts, in order (see `View`).
+    view: tuple[View, ...] = ()
+    # A paragraph for the README under the task's route (what its example does not show).
+    doc: str = ""
+    # Where this task's agent folder is when it is not CONDUCTOR_AGENTS_DIR's (a toy task of a test).
+    agents_root: str | None = None
+    threads: bool = False  # the task allows threads (a conversation about one record: pipeline/threads.py)
     version: str = field(default="unversioned")  # stamped by `Registry.load` from the agent's files
     _decoder: msgspec.json.Decoder = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
             raise ValueError(f"task name {self.name!r} must look like `<record kind>.<verb>`")
+        if not _KIND.fullmatch(self.record_kind):
+            raise ValueError(f"task {self.name}: record kind {self.record_kind!r} must be lower-case letters and digits")
         if self.id_field not in self.request_type.__struct_fields__:
             raise ValueError(f"task {self.name}: {self.request_type.__name__} has no `{self.id_field}`")
         object.__setattr__(self, "_decoder", msgspec.json.Decoder(self.result_type))
+        if unknown := [f for _, f, _ in self.view if f not in self.result_type.__struct_fields__]:
+            raise ValueError(f"task {self.name}: its view names {unknown}, which {self.result_type.__name__} does not have")
+        if self.write_back is not None and not self.writes_back:
+            raise ValueError(f"task {self.name}: a write-back needs `writes_back`, the words its header uses")
         if not self.stream_summary:
             object.__setattr__(self, "stream_summary", f"Stream: {self.summary}")
 
@@ -120,6 +151,21 @@ class Registry(Mapping[str, Task]):
     def __len__(self) -> int:
         return len(self._tasks)
 
+    @classmethod
+    def of(cls, modules: Iterable[ModuleType], *, agents_root: str | None = None) -> Registry:
+        """The tasks of these modules (each defines `TASK`), in this order.
+
+        `agents_root`: the folder holding their agents' folders, when it is not CONDUCTOR_AGENTS_DIR
+        (a test's toy task in a temporary folder); `create_app(settings, tasks=...)` serves them.
+        """
+        tasks = []
+        for module in modules:
+            task = getattr(module, "TASK", None)
+            if not isinstance(task, Task):
+                raise ValueError(f"module {module.__name__} defines no `TASK`")
+            tasks.append(task if agents_root is None else replace(task, agents_root=str(agents_root)))
+        return cls(tasks)
+
     def with_task(self, task: Task) -> Registry:
         """A new registry with one more task (this one is left as it is)."""
         return Registry([*self._tasks.values(), task])
@@ -147,10 +193,9 @@ class Registry(Mapping[str, Task]):
         every cached answer of that agent without anyone flushing anything. A missing
         persona stops start-up, not a request.
         """
-        root = Path(agents_dir)
         stamped = []
         for task in self._tasks.values():
-            folder = root / task.agent_id
+            folder = agent_folder(task, agents_dir)
             try:
                 definition = (folder / "definition.yaml").read_bytes()
                 persona = (folder / "persona.md").read_bytes()
@@ -168,3 +213,8 @@ class Registry(Mapping[str, Task]):
                  for prefix, values in overrides.items() for suffix in values if suffix not in known]
         if wrong:
             raise ConfigError(*wrong)
+
+
+def agent_folder(task: Task, agents_dir: str) -> Path:
+    """`<agents dir>/<Agent>/`: the task's definition, persona and corpus."""
+    return Path(task.agents_root or agents_dir) / task.agent_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import msgspec
@@ -16,6 +16,7 @@ from ..metrics import Metrics
 from .resilience import CircuitBreaker, retrying
 from ..settings import Settings
 from .http import detail_of, transport_error
+from .transport import Reply, exchange
 
 UPSTREAM = "CRM backend"
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -32,17 +33,17 @@ def client_timeout(settings: Settings) -> httpx.Timeout:
 class CrmClient:
     def __init__(self, http: httpx.AsyncClient, settings: Settings, clock: Callable[[], float] = time.monotonic,
                  metrics: Metrics | None = None) -> None:
-        self._http = http
+        self._http = http  # ours (transport.Upstream) sends over aiohttp directly; any other httpx client, through httpx
         self._metrics = metrics or Metrics()
-        # Requests name the absolute URL: httpx then parses it once, where a path is parsed and
-        # merged with base_url again (a tenth of a cache hit's CPU went to build_request).
-        self._base = str(http.base_url).rstrip("/")
         self._settings = settings
         self._slots = asyncio.Semaphore(settings.crm_max_connections)
         self.breaker = CircuitBreaker.of("crm-backend", settings, clock)
 
-    async def get_record(self, kind: Literal["lead", "deal"], record_id: str, authorization: str) -> dict[str, Any]:
-        """The record as the caller may see it; the backend's refusal becomes ours."""
+    async def get_record(self, kind: str, record_id: str, authorization: str) -> dict[str, Any]:
+        """The record as the caller may see it; the backend's refusal becomes ours.
+
+        `kind` is a task's `record_kind` (lower-case letters and digits, as `Task` checks): the
+        collection `/api/v1/<kind>s/`, whichever kinds the tasks read."""
         response = await self._call("GET", f"/api/v1/{kind}s/{record_id}", authorization)
         try:
             record = _decode(response.content)
@@ -62,7 +63,7 @@ class CrmClient:
         response = await self._http.get("/health", headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
         response.raise_for_status()
 
-    async def _call(self, method: str, path: str, authorization: str, body: bytes | None = None) -> httpx.Response:
+    async def _call(self, method: str, path: str, authorization: str, body: bytes | None = None) -> Reply:
         if not self.breaker.admit():
             raise CrmCircuitOpen(self.breaker.describe(UPSTREAM), retry_after=self.breaker.retry_after())
         t0 = time.perf_counter()
@@ -89,13 +90,13 @@ class CrmClient:
             raise CrmRefused(response.status_code, detail_of(response), passed)
         return response
 
-    async def _attempt(self, method: str, path: str, authorization: str, body: bytes | None) -> httpx.Response:
+    async def _attempt(self, method: str, path: str, authorization: str, body: bytes | None) -> Reply:
         headers = {"Authorization": authorization, "Accept": "application/json", **outbound_headers()}
         if body is not None:
             headers["Content-Type"] = "application/json"
 
-        async def send() -> httpx.Response:
-            return await self._http.request(method, self._base + path, content=body, headers=headers)
+        async def send() -> Reply:
+            return await exchange(self._http, method, path, content=body, headers=headers)
 
         s = self._settings
         budget = {"connect": s.upstream_retries, "stale": 1 if method in IDEMPOTENT else 0}

@@ -49,6 +49,8 @@ from ..errors import (
 from ..metrics import Metrics
 from .resilience import Bulkhead, CircuitBreaker, retrying
 from .http import UNREADABLE, detail_of, transport_error, what_happened
+from .sse_read import sse_data
+from .transport import Reply, TooLarge, direct, exchange
 from ..settings import Settings
 
 log = structlog.get_logger("adapter.gateway")
@@ -132,7 +134,7 @@ class ProviderPlan:
 class _Refused503(Exception):
     """The gateway's database is down: it did not start the agent, so one retry is safe."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: Reply) -> None:
         super().__init__("503")
         self.response = response
 
@@ -150,7 +152,7 @@ def redacted(text: str, limit: int) -> str:
     return _URL.sub("<internal URL>", text[:URL_SCAN_MAX])[:limit]
 
 
-def public_detail(response: httpx.Response) -> str:
+def public_detail(response: Reply) -> str:
     """The gateway's `detail`, with the Conductor API's own words unwrapped and no internal URL."""
     detail = detail_of(response)
     # "Conductor API error: {\"detail\": \"... Campo 'screenplay_id' é obrigatório ...\"}"
@@ -233,12 +235,18 @@ class GatewayClient:
         finally:
             self.bulkhead.release()
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _send(self, method: str, path: str, *, content: bytes, headers: dict[str, str],
+                    timeout: float | None = None) -> Reply:
         refused = 0
 
-        async def attempt() -> httpx.Response:
-            response = await self._http.send(self._http.build_request(method, path, **kwargs), stream=True)
-            await _read_within(response, BODY_MAX)
+        async def attempt() -> Reply:
+            try:
+                response = await exchange(self._http, method, path, content=content, headers=headers, timeout=timeout,
+                                          limit=BODY_MAX)
+            except TooLarge as exc:
+                # The gateway's (hostile) answer could otherwise fill the sidecar's memory before any bound on the text applies.
+                raise GatewayProtocolError(f"the {UPSTREAM} answered {exc.status_code} with a body of more than "
+                                           f"{BODY_MAX // (1024 * 1024)} MiB; read no further") from None
             if response.status_code == 503 and _DB_DOWN in detail_of(response):
                 raise _Refused503(response)
             return response
@@ -261,15 +269,16 @@ class GatewayClient:
         return transport_error(exc, upstream=UPSTREAM, unavailable=GatewayUnavailable, slug="gateway-timeout",
                                read_timeout=self._http.timeout.read, call_timeout=self._settings.gateway_call_timeout)
 
-    def _body(self, provider: str | None, **prompt: str) -> dict[str, Any]:
+    def _body(self, provider: str | None, conversation_id: str | None = None, **prompt: str) -> dict[str, Any]:
         # Fresh instance and conversation ids per run: the Conductor replays a conversation's
         # history whatever `context_mode` says, and one lead's answer must not leak into the next.
+        # Only a thread's turn names its conversation (pipeline/threads.py), to have its history replayed.
         s = self._settings
         body: dict[str, Any] = {
             **prompt,
             "context_mode": "stateless",
             "instance_id": f"crm-ai-{uuid.uuid4().hex}",
-            "conversation_id": f"crm-ai-{uuid.uuid4().hex}",
+            "conversation_id": conversation_id or f"crm-ai-{uuid.uuid4().hex}",
             "screenplay_id": s.conductor_screenplay_id,
             "cwd": s.conductor_cwd,
         }
@@ -279,16 +288,17 @@ class GatewayClient:
 
     # --- synchronous runs ---------------------------------------------------------------
 
-    async def execute(self, agent_id: str, input_text: str, plan: ProviderPlan | None = None) -> str:
+    async def execute(self, agent_id: str, input_text: str, plan: ProviderPlan | None = None, *,
+                      conversation_id: str | None = None) -> str:
         """Run the agent (guarded) and return the model's text."""
         async with self.guarded():
-            return await self.run(agent_id, input_text, plan or self.plan())
+            return await self.run(agent_id, input_text, plan or self.plan(), conversation_id=conversation_id)
 
-    async def run(self, agent_id: str, input_text: str, plan: ProviderPlan) -> str:
+    async def run(self, agent_id: str, input_text: str, plan: ProviderPlan, *, conversation_id: str | None = None) -> str:
         """Synchronous run(s) for a caller already inside `guarded()`, with the provider fallback."""
         while True:
             try:
-                return await self._execute(agent_id, input_text, plan.current)
+                return await self._execute(agent_id, input_text, plan.current, conversation_id)
             except (AgentFailed, UpstreamTimeout) as exc:
                 if not self._fall_back(agent_id, plan, exc):
                     raise
@@ -302,10 +312,10 @@ class GatewayClient:
                     reason=exc.slug)
         return True
 
-    async def _execute(self, agent_id: str, input_text: str, provider: str | None) -> str:
+    async def _execute(self, agent_id: str, input_text: str, provider: str | None, conversation_id: str | None = None) -> str:
         t0 = time.perf_counter()
         outcome = "error"
-        body = self._body(provider, input_text=input_text)
+        body = self._body(provider, conversation_id, input_text=input_text)
         try:
             async with asyncio.timeout(self._settings.gateway_call_timeout):
                 response = await self._send(
@@ -328,9 +338,8 @@ class GatewayClient:
     async def _forget_instance(self, instance_id: str) -> None:
         """Delete the `agent_instances` document the run left; a failure is logged, never raised."""
         try:
-            response = await self._http.delete(
-                f"/api/agents/instances/{instance_id}", params={"hard": "true", "cascade": "true"},
-                headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
+            response = await exchange(self._http, "DELETE", f"/api/agents/instances/{instance_id}?hard=true&cascade=true",
+                                      headers=outbound_headers(), timeout=self._settings.health_probe_timeout)
             outcome = "ok" if response.status_code < 300 else "failed"
             reason = None if outcome == "ok" else f"{response.status_code}: {public_detail(response)}"
         except httpx.HTTPError as exc:
@@ -390,7 +399,7 @@ class GatewayClient:
         """Start a streamed run; the gateway's job id."""
         try:
             response = await self._send(
-                "POST", "/api/v1/stream-execute", content=_encode(self._body(provider, agent_id=agent_id, input=input_text)),
+                "POST", "/api/v1/stream-execute", content=_encode(self._body(provider, None, agent_id=agent_id, input=input_text)),
                 headers={"Content-Type": "application/json", **outbound_headers()},
                 timeout=self._http.timeout.read if self._http.timeout.read else 30.0)
         except httpx.TransportError as exc:
@@ -418,18 +427,12 @@ class GatewayClient:
         timeout is lifted; the job's own deadline bounds the whole run.
         """
         timeout = httpx.Timeout(self._http.timeout.connect, read=None, write=30.0, pool=10.0)
+        opened = self._direct_stream if direct(self._http) else self._httpx_stream
         try:
-            async with aconnect_sse(self._http, "GET", f"/api/v1/stream/{job_id}", timeout=timeout,
-                                    headers=outbound_headers()) as source:
-                status = source.response.status_code
-                if status == 404:  # the job ended, or another reader took it: gone for good
-                    raise _StreamLost(f"the {UPSTREAM} no longer has job {job_id} (404)")
-                if status != 200:
-                    await source.response.aread()
-                    raise GatewayUnavailable(f"the {UPSTREAM} answered {status} for the job's stream")
-                async for sse in source.aiter_sse():
+            async with opened(job_id, timeout) as datas:
+                async for data in datas:
                     try:
-                        envelope = _decode_any(sse.data)
+                        envelope = _decode_any(data)
                     except UNREADABLE:
                         continue
                     if isinstance(envelope, dict) and isinstance(envelope.get("event"), str):
@@ -438,6 +441,33 @@ class GatewayClient:
             raise self._failure(exc) from None
         except (httpx.TransportError, SSEError) as exc:
             raise _StreamLost(f"the job's stream broke off: {what_happened(exc, UPSTREAM)}") from None
+
+    def _stream_refused(self, job_id: str, status: int) -> Exception:
+        if status == 404:  # the job ended, or another reader took it: gone for good
+            return _StreamLost(f"the {UPSTREAM} no longer has job {job_id} (404)")
+        return GatewayUnavailable(f"the {UPSTREAM} answered {status} for the job's stream")
+
+    @asynccontextmanager
+    async def _httpx_stream(self, job_id: str, timeout: httpx.Timeout) -> AsyncIterator[AsyncIterator[str]]:
+        """The stream's `data` fields through httpx-sse (the tests' clients, a traced client)."""
+        async with aconnect_sse(self._http, "GET", f"/api/v1/stream/{job_id}", timeout=timeout,
+                                headers=outbound_headers()) as source:
+            if source.response.status_code != 200:
+                await source.response.aread()
+                raise self._stream_refused(job_id, source.response.status_code)
+            yield (sse.data async for sse in source.aiter_sse())
+
+    @asynccontextmanager
+    async def _direct_stream(self, job_id: str, timeout: httpx.Timeout) -> AsyncIterator[AsyncIterator[str]]:
+        """The same over our own client's aiohttp session: the same request (what `aconnect_sse` adds:
+        `Accept: text/event-stream`, `Cache-Control: no-store`), the same checks, the same fields."""
+        headers = {**outbound_headers(), "Accept": "text/event-stream", "Cache-Control": "no-store"}
+        async with self._http.stream(f"/api/v1/stream/{job_id}", headers=headers, timeout=timeout) as response:
+            if response.status != 200:
+                raise self._stream_refused(job_id, response.status)
+            if "text/event-stream" not in response.headers.get("content-type", "").partition(";")[0]:
+                raise SSEError("Expected response header Content-Type to contain 'text/event-stream'")
+            yield sse_data(response.content.iter_any())
 
     # --- discovery and the agent registry ------------------------------------------------
 
@@ -474,22 +504,6 @@ class GatewayClient:
         response.raise_for_status()
 
 
-async def _read_within(response: httpx.Response, limit: int) -> None:
-    """Read the answer's body, as `aread` does, but stop at `limit` bytes: the gateway's (hostile)
-    answer could otherwise fill the sidecar's memory before any bound on the text applies."""
-    chunks, size = [], 0
-    try:
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                raise GatewayProtocolError(f"the {UPSTREAM} answered {response.status_code} with a body of more than "
-                                           f"{limit // (1024 * 1024)} MiB; read no further")
-            chunks.append(chunk)
-    finally:
-        await response.aclose()
-    response._content = b"".join(chunks)  # what `aread` sets: `.content` and `.text` read it from here
-
-
 def _as_run(data: Any) -> _RunDocument:
     if isinstance(data, dict):
         try:
@@ -518,7 +532,7 @@ def _start_error(answer: Any) -> str | None:
     return None
 
 
-def _status_error(agent_id: str, response: httpx.Response) -> AdapterError:
+def _status_error(agent_id: str, response: Reply) -> AdapterError:
     status, detail = response.status_code, public_detail(response)
     if status == 404:
         return AgentMissing(agent_id)
@@ -533,7 +547,7 @@ def _status_error(agent_id: str, response: httpx.Response) -> AdapterError:
     return GatewayProtocolError(f"the {UPSTREAM} refused the call with {status}: {detail}")
 
 
-def _text_of(agent_id: str, response: httpx.Response) -> str:
+def _text_of(agent_id: str, response: Reply) -> str:
     if response.status_code != 200:
         raise _status_error(agent_id, response)
     try:

@@ -22,8 +22,8 @@ UNREADABLE = (msgspec.DecodeError, RecursionError)
 _encode = msgspec.json.Encoder().encode
 
 
-def detail_of(response: httpx.Response) -> str:
-    """A FastAPI-style `detail`, or the start of the body, as one string."""
+def detail_of(response: httpx.Response | Any) -> str:
+    """A FastAPI-style `detail`, or the start of the body, as one string (of an httpx Response or a transport.Answer)."""
     try:
         detail = _decode_detail(response.content).detail
     except (*UNREADABLE, msgspec.ValidationError):

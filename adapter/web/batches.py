@@ -20,13 +20,14 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
 from msgspec import Meta
 
-from ..errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from ..errors import BadRequest, Forbidden, NotFound
 from ..models import Inbound, Problem
 from ..pipeline.batches import PREFIX, Batches, counts_of
 from ..pipeline.jobs import Jobs
 from ..storage.event_log import Batch
 from ..tasks import Registry
-from .auth import CALLER, Caller, read_caller
+from .access import Access, authorized
+from .auth import CALLER, Caller
 from .jobs import not_yet_restored
 from .openapi import batch_events_responses, batch_responses
 from .requests import require_json
@@ -163,8 +164,18 @@ def batch_routers(tasks: Registry) -> list[Router]:
                                     "batches": NamedDependency[Batches], "tokens": NamedDependency[JobTokens],
                                     "caller": NamedDependency[Caller], "return": Response[BatchCreated]}
 
-    async def authorized(batch_id: str, request: Request, jobs: Jobs, batches: Batches, tokens: JobTokens, *,
-                         creator_only: bool = False) -> tuple[Batch, str]:
+    async def creator(log: Any, caller: Caller) -> str:
+        if caller.user != log.user:
+            raise Forbidden("this batch belongs to another user")
+        return caller.user
+
+    read_access = Access("batch", "the batch token (`?token=` from events_url) or the creator's bearer token is required",
+                     token_as_bearer=False, bearer=creator)
+    cancel_access = Access("batch", "the creator's bearer token is required to cancel a batch", token_as_bearer=False,
+                        bearer=creator)
+
+    async def authorized_batch(batch_id: str, request: Request, jobs: Jobs, batches: Batches, tokens: JobTokens, *,
+                               creator_only: bool = False) -> tuple[Batch, str]:
         """The batch, if the request carries its token or its creator's bearer; and the user the reader counts as."""
         job = await jobs.find(batch_id) if batch_id.startswith(PREFIX + "_") else None
         # Ended longer than JOB_RETENTION_SECONDS ago: gone, for its token and its creator alike (the
@@ -174,41 +185,29 @@ def batch_routers(tasks: Registry) -> list[Router]:
             raise not_yet_restored("batch", batch_id, settings.job_lease_seconds)
         if not isinstance(job, Batch) or batches.expired(job):
             raise NotFound(f"no batch {batch_id} (unknown, or expired)")
-        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
-        token = "" if creator_only else request.query_params.get("token", "")
-        if token:
-            scoped = tokens.scope_of(token)
-            if scoped is not None and scoped.job == job.id:
-                return job, scoped.user
-            raise Forbidden("this batch token is for another batch" if scoped else "the batch token is invalid or expired")
-        if scheme.lower() != "bearer" or not bearer.strip():
-            raise Unauthenticated("the batch token (`?token=` from events_url) or the creator's bearer token is required"
-                                  if not creator_only else "the creator's bearer token is required to cancel a batch")
-        caller = read_caller(request.headers["authorization"], jobs.settings.crm_jwt_secret)
-        if caller.user != job.user:
-            raise Forbidden("this batch belongs to another user")
-        return job, caller.user
+        access = cancel_access if creator_only else read_access
+        return job, await authorized(request, job, tokens, access, jobs.settings.crm_jwt_secret, bearer_only=creator_only)
 
     StatusParam = Annotated[ItemStatus | None, QueryParameter(description="only the items with this status")]  # noqa: N806
 
     async def get_batch(batch_id: FromPath[str], request: Request, jobs: NamedDependency[Jobs],
                         batches: NamedDependency[Batches], tokens: NamedDependency[JobTokens],
                         status: Any = None) -> BatchView:
-        job, _ = await authorized(batch_id, request, jobs, batches, tokens)
+        job, _ = await authorized_batch(batch_id, request, jobs, batches, tokens)
         return batch_view(job, jobs.settings, await batches.cancel_requested(job), status)
 
     get_batch.__annotations__ = {**get_batch.__annotations__, "status": StatusParam, "return": BatchView}
 
     async def cancel_batch(batch_id: FromPath[str], request: Request, jobs: NamedDependency[Jobs],
                            batches: NamedDependency[Batches], tokens: NamedDependency[JobTokens]) -> Response[BatchView]:
-        job, _ = await authorized(batch_id, request, jobs, batches, tokens, creator_only=True)
+        job, _ = await authorized_batch(batch_id, request, jobs, batches, tokens, creator_only=True)
         await batches.cancel(job)
         return Response(batch_view(job, jobs.settings, await batches.cancel_requested(job)), status_code=202)
 
     async def batch_events(batch_id: FromPath[str], request: Request, jobs: NamedDependency[Jobs],
                            batches: NamedDependency[Batches], tokens: NamedDependency[JobTokens],
                            streams: NamedDependency[StreamSlots]) -> Stream:
-        job, user = await authorized(batch_id, request, jobs, batches, tokens)
+        job, user = await authorized_batch(batch_id, request, jobs, batches, tokens)
         streams.take(request.scope, user)  # 429 MAX_STREAMS_PER_USER, 503 MAX_STREAMS
         after = last_event_id(request.headers.get("last-event-id"), request.query_params.get("lastEventId"))
         return sse_response(job, jobs, after)

@@ -54,7 +54,8 @@ async def session(request: Request) -> dict[str, Any]:
     # The page's "all leads" batch runs the task whose answer is stored on the record: its result
     # is what a person runs over a whole list (the page finds it by this flag, never by name).
     batch = next((t.name for t in registry if t.write_back is not None), None)
-    tasks = [{"name": t.name, "record_kind": t.record_kind, "batch": t.name == batch,
+    # `view`: how the page draws the task's result ((kind, field, label) parts, from the task module).
+    tasks = [{"name": t.name, "record_kind": t.record_kind, "batch": t.name == batch, "threads": t.threads, "view": [list(p) for p in t.view],
               "label": f"{t.name.split('.', 1)[1].replace('_', ' ').capitalize()} {t.name.split('.', 1)[0]}"}
              for t in registry]
     return {"token": demo.token, "leads": demo.leads, "deals": demo.deals, "tasks": tasks}

@@ -17,5 +17,5 @@ def from_state(name: str) -> Provide:
     return Provide(provide, sync_to_thread=False)
 
 
-# Declared once, on the app: the AI service, the jobs, the batches, the job tokens and the open streams' places.
-STATE = {name: from_state(name) for name in ("service", "jobs", "batches", "tokens", "streams")}
+# Declared once, on the app: the AI service, the answers, the jobs, the batches, the job tokens and the open streams' places.
+STATE = {name: from_state(name) for name in ("service", "answers", "jobs", "batches", "tokens", "streams")}

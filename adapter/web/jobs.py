@@ -15,12 +15,13 @@ from litestar import Request, Response, Router, get, post
 from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
-from ..errors import BadRequest, CrmRefused, Forbidden, JobLogUnavailable, NotFound, Unauthenticated
+from ..errors import BadRequest, JobLogUnavailable, NotFound
 from ..models import Inbound, JobCreated, Problem
 from ..pipeline.jobs import Jobs
 from ..storage.event_log import Job
 from ..tasks import Registry
-from .auth import CALLER, Caller, read_caller
+from .access import Access, authorized
+from .auth import CALLER, Caller
 from .openapi import job_events_responses, job_responses
 from .requests import cache_mode, require_json
 from .sse import last_event_id, sse_response
@@ -65,7 +66,6 @@ def job_routers(tasks: Registry) -> list[Router]:
             field = "input" + where.rstrip("`") if where else "input"
             raise BadRequest(f"invalid request body: `{field}`: {message}", field=field) from None
         job, x_cache = await jobs.start(task, body, caller.authorization, cache_mode(request), caller.user)
-        jobs.service.metrics.cache.labels(task.name, x_cache.lower()).inc()
         token, expires = tokens.issue(job.id, caller.user)
         created = JobCreated(job_id=job.id, status=job.status, expires_at=expires,  # type: ignore[arg-type]
                              events_url=f"/api/v1/ai/jobs/{job.id}/events?token={token}")
@@ -82,28 +82,15 @@ def job_routers(tasks: Registry) -> list[Router]:
             raise not_yet_restored("job", job_id, jobs.settings.job_lease_seconds)
         if not isinstance(job, Job):  # none, or a batch's log (read at /api/v1/ai/batches)
             raise NotFound(f"no job {job_id} (unknown, or expired)")
-        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
-        token = request.query_params.get("token") or (bearer.strip() if scheme.lower() == "bearer" else "")
-        if not token:
-            raise Unauthenticated("a job token (`?token=` from events_url) or the caller's bearer token is required")
-        scoped = tokens.scope_of(token)
-        if scoped is not None and scoped.job == job.id:
-            return job, scoped.user
-        if scoped is not None:
-            raise Forbidden("this job token is for another job")
-        if not bearer or token != bearer.strip():
-            raise Forbidden("the job token is invalid or expired")
-        # A user token: whoever the backend lets read the record may read the job about it.
-        task = tasks.get(job.task)
-        if task is None:  # a job another replica runs for a task this one does not serve
-            raise NotFound(f"job {job_id} is for task {job.task}, which this sidecar does not serve")
-        user = read_caller(f"Bearer {token}", jobs.settings.crm_jwt_secret).user
-        await jobs.service.admit_read(user)  # the record read below is one of the user's CRM_READS_PER_USER
-        try:
-            await jobs.service.crm.get_record(task.record_kind, job.record_id, f"Bearer {token}")
-        except CrmRefused:
-            raise Forbidden(f"the CRM backend does not let this caller read the job's {task.record_kind}") from None
-        return job, user
+
+        async def record_reader(log: Any, caller: Caller) -> str:
+            # A user token: whoever the backend lets read the record may read the job about it.
+            await jobs.check_reader(log, caller.authorization, caller.user)
+            return caller.user
+
+        access = Access("job", "a job token (`?token=` from events_url) or the caller's bearer token is required",
+                        token_as_bearer=True, bearer=record_reader)
+        return job, await authorized(request, job, tokens, access, jobs.settings.crm_jwt_secret)
 
     async def get_job(job_id: str, request: Request, jobs: Jobs, tokens: JobTokens) -> Any:
         job, _ = await authorized_job(job_id, request, jobs, tokens)

@@ -6,6 +6,7 @@ document and `adapter openapi` prints it (so the committed copy includes it).
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 from litestar.datastructures import ResponseHeader
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
     from ..tasks import Registry, Task
 
 PROBLEM = "application/problem+json"
+# A thread's follow-up message, as the document states it (web/threads.py checks it and words its 400s
+# itself, so the rule is stated here rather than in the request struct): some text that is not white
+# space, and no control character but tab and line breaks.
+_TEXT = "\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f"
+MESSAGE_PATTERN = f"^[^{_TEXT}]*[^\\s{_TEXT}][^{_TEXT}]*$"
 
 CACHE_HEADERS = [
     ResponseHeader(name="X-Cache", documentation_only=True, required=False,
@@ -28,15 +34,28 @@ CACHE_HEADERS = [
                    description="The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more "
                                "(after a fallback, the second); the same as the body's `provider`"),
 ]
-WARNINGS_HEADER = ResponseHeader(
-    name="X-Agent-Warnings", documentation_only=True, required=False,
-    description="The persona guidance rules the answer does not follow, comma-separated (reasoning-length, "
-                "next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the "
-                "contract and stands; absent when there are none")
-WRITE_BACK_HEADER = ResponseHeader(
-    name="X-CRM-Write-Back", documentation_only=True, required=False,
-    description="ok: score and classification were PATCHed onto the lead; failed: that PATCH failed (the answer stands); "
-                "skipped: a cached or stale answer, or CRM_WRITE_BACK is off")
+
+
+def warnings_description(task: Task) -> str:
+    """X-Agent-Warnings of one task's route: the rule ids its module declares (the registry's, never a list here)."""
+    if not task.guidance_rules:
+        return "The persona guidance rules the answer does not follow; this task's persona has none, so it is always absent"
+    return (f"The persona guidance rules the answer does not follow, comma-separated ({', '.join(task.guidance_rules)}). "
+            "The answer meets the contract and stands; absent when there are none")
+
+
+def write_back_description(task: Task) -> str:
+    """X-CRM-Write-Back of one task's route: what its module says the PATCH sets, onto its record kind."""
+    return (f"ok: {task.writes_back} were PATCHed onto the {task.record_kind}; failed: that PATCH failed (the answer stands); "
+            "skipped: a cached or stale answer, or CRM_WRITE_BACK is off")
+
+
+# What the routes declare; `finish` writes each task's own description into its route's copy.
+WARNINGS_HEADER = ResponseHeader(name="X-Agent-Warnings", documentation_only=True, required=False,
+                                 description="The persona guidance rules the answer does not follow, comma-separated")
+WRITE_BACK_HEADER = ResponseHeader(name="X-CRM-Write-Back", documentation_only=True, required=False,
+                                   description="The outcome of the write-back PATCH onto the record: ok, failed or skipped")
+TASK_HEADERS = {"X-Agent-Warnings": warnings_description, "X-CRM-Write-Back": write_back_description}
 
 
 # The per-user limits a 429 may name (its detail names the setting).
@@ -183,6 +202,9 @@ def examples(tasks: Registry) -> tuple[dict[str, dict], dict[str, dict]]:
     requests["/api/v1/ai/jobs"] = {"task": first.name, "input": dict(first.request_example)}
     options = {k: v for k, v in first.request_example.items() if k != first.id_field}
     requests["/api/v1/ai/batches"] = {"task": first.name, "ids": [first.request_example[first.id_field]], "options": options}
+    if threaded := next((t for t in tasks.values() if t.threads), None):
+        requests["/api/v1/ai/threads"] = {"task": threaded.name, "input": dict(threaded.request_example)}
+        requests["/api/v1/ai/threads/{thread_id}/turns"] = {"message": "make the casual one shorter"}
     responses["/api/v1/ai/jobs"] = {
         "job_id": "aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d", "status": "queued",
         "events_url": "/api/v1/ai/jobs/aijob_5b1f0c3e9d2a4f6b8c7d1e2f3a4b5c6d/events?token=eyJhbGciOi...",
@@ -192,6 +214,7 @@ def examples(tasks: Registry) -> tuple[dict[str, dict], dict[str, dict]]:
 
 def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
     REQUEST_EXAMPLES, RESPONSE_EXAMPLES = examples(tasks)  # noqa: N806
+    by_path = {"/api/v1/ai" + t.path: t for t in tasks.values()}
     operation_ids = {}
     for path, item in (schema.paths or {}).items():
         for method in METHODS:
@@ -209,6 +232,11 @@ def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
                     headers["Retry-After"] = RETRY_AFTER
                 if code == "429":
                     headers.update(RATE_LIMIT)
+                if (task := by_path.get(path)) is not None:
+                    for name, describe in TASK_HEADERS.items():
+                        if (header := headers.get(name)) is not None:  # a copy: the routes share the declared one
+                            headers[name] = copy.copy(header)
+                            headers[name].description = describe(task)
                 response.headers = headers
                 body = (response.content or {}).get("application/json")
                 if code in {"200", "202"} and body is not None and path in RESPONSE_EXAMPLES:
@@ -235,4 +263,22 @@ def finish(schema: OpenAPI, tasks: Registry) -> OpenAPI:
         "CancelBatch": Link(operation_id=operation_ids[("delete", "/api/v1/ai/batches/{batch_id}")],
                             parameters={"batch_id": batch}, description="Cancel it: running items finish, queued ones never start"),
     }
+    if (turn := (schema.components.schemas or {}).get("TurnRequest")) is not None:
+        message = turn.properties["message"]  # type: ignore[index]
+        message.min_length, message.pattern = 1, MESSAGE_PATTERN  # type: ignore[union-attr]
+        turn.additional_properties = False  # an Inbound struct: an unknown field is a 400
+    if "/api/v1/ai/threads" in (schema.paths or {}):
+        thread = "$response.body#/thread_id"
+        follow = {
+            "GetThread": Link(operation_id=operation_ids[("get", "/api/v1/ai/threads/{thread_id}")],
+                              parameters={"thread_id": thread}, description="The thread with all its turns"),
+            "ContinueThread": Link(operation_id=operation_ids[("post", "/api/v1/ai/threads/{thread_id}/turns")],
+                                   parameters={"thread_id": thread}, description="Its next turn"),
+            "DeleteThread": Link(operation_id=operation_ids[("delete", "/api/v1/ai/threads/{thread_id}")],
+                                 parameters={"thread_id": thread}, description="Delete it, in the Conductor too"),
+        }
+        schema.paths["/api/v1/ai/threads"].post.responses["201"].links = follow  # type: ignore[index,union-attr]
+        turns = schema.paths["/api/v1/ai/threads/{thread_id}/turns"].post.responses["201"]  # type: ignore[index,union-attr]
+        turns.links = {name: Link(operation_id=link.operation_id, parameters={"thread_id": "$request.path.thread_id"},
+                                  description=link.description) for name, link in follow.items()}
     return schema

@@ -14,12 +14,12 @@ anywhere else.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
 import httpx
-from litestar import Request, Response
+from litestar import Litestar, Request, Response
 from litestar.background_tasks import BackgroundTask
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.response.streaming import ASGIStreamingResponse
@@ -30,6 +30,7 @@ from ..errors import BadRequest, ClientGone, CrmBusy, CrmUnavailable
 from ..settings import Settings
 from ..upstreams import transport
 from ..upstreams.http import transport_error
+from . import problems
 from .forwarding import Forwarding
 
 # RFC 9110 §7.6.1, plus the names a Connection header lists. Names as ASGI and aiohttp's raw headers hold them: bytes.
@@ -42,6 +43,10 @@ WHOLE = 64 * 1024
 # Litestar's streaming response, which the proxy used for every answer, added this to an answer
 # with a body and no Content-Type; the whole-answer path keeps that.
 _DEFAULT_TYPE = (b"content-type", b"application/json")
+# A target httpx would send exactly as it came (no character it would percent-encode, no escape it
+# could rewrite): only such a one goes by the direct path, which sends it as it is. Anything else
+# goes through httpx as before. (`bytes.translate` deleting these leaves nothing: linear, no regex.)
+_PLAIN_TARGET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?"
 
 
 def _strip(items: list[tuple[bytes, bytes]], extra: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
@@ -59,6 +64,11 @@ class Proxy:
         # How the backend names itself in absolute redirects: scheme://host[:port], as httpx sends Host.
         self.origin = f"{self.base.scheme}://{self.base.netloc.decode('ascii')}"
         self.origins = tuple(f"{scheme}://{self.base.netloc.decode('ascii')}" for scheme in ("http", "https"))
+        # The direct path (bodiless requests on our own client, untraced): what httpx would add to each
+        # request, computed once: Host first, then the client's default lines the request does not name.
+        self.direct = None if getattr(http, "_is_instrumented_by_opentelemetry", False) else getattr(http, "direct", None)
+        self._host = ("Host", self.base.netloc.decode("ascii"))
+        self._defaults = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in http.headers.raw]
 
     @staticmethod
     def client(settings: Settings, *, pool: float = 5.0) -> httpx.AsyncClient:
@@ -75,6 +85,10 @@ class Proxy:
                                 keepalive_expiry=settings.upstream_keepalive_expiry))
 
     def target(self, raw_path: bytes, query: bytes) -> httpx.URL:
+        self.check_target(raw_path)
+        return self.base.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
+
+    def check_target(self, raw_path: bytes) -> None:
         if not raw_path.startswith(b"/"):
             raise BadRequest("only origin-form request targets (a path starting with `/`) are accepted")
         # httpx resolves `.`/`..` segments: `/x/../api/v1/ai/...` would reach a path the sidecar chose
@@ -84,7 +98,6 @@ class Proxy:
         if (b"." in raw_path or b"%" in raw_path) and \
                 any(segment in (".", "..") for segment in re.split(r"[/\\]", unquote(raw_path.decode("latin-1")))):
             raise BadRequest("the path has `.` or `..` segments; send the path they resolve to")
-        return self.base.copy_with(raw_path=raw_path + (b"?" + query if query else b""))
 
     def request_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         # Forwarding headers: a trusted peer's go on (its chain appended to), anyone else's never reach the backend.
@@ -113,22 +126,17 @@ class Proxy:
     async def forward(self, request: Request) -> ASGIApp:
         scope = request.scope
         check_header_size(scope, request.app.state.settings.max_header_bytes)
-        url = self.target(scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""))
+        raw_path, query = scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b"")
         has_body = any(k == b"transfer-encoding" or k == b"content-length" and v != b"0" for k, v in scope["headers"])
         method = scope["method"]
         headers = self.request_headers(scope)
-        upstream = self.http.build_request(method, url, headers=headers, content=_body(request) if has_body else None)
+        target = raw_path + (b"?" + query if query else b"")
         try:
-            try:
-                response = await self.http.send(upstream, stream=True)
-            except STALE_CONNECTION:
-                # The backend drops a keep-alive connection after an unhandled 500 without saying so.
-                # A bodiless idempotent request that died before any response byte goes once more,
-                # as nginx's `proxy_next_upstream error` does; the pool discarded the dead connection.
-                if has_body or method not in IDEMPOTENT:
-                    raise
-                retry = self.http.build_request(method, url, headers=headers)
-                response = await self.http.send(retry, stream=True)
+            if self.direct is not None and not has_body and not target.translate(None, _PLAIN_TARGET):
+                self.check_target(raw_path)
+                answer = await self._direct(method, self.origin + target.decode("ascii"), headers)
+            else:
+                answer = await self._via_httpx(method, self.target(raw_path, query), headers, request if has_body else None)
         except httpx.PoolTimeout:
             pool = self.http.timeout.pool
             raise CrmBusy(f"all pass-through connections to the CRM backend (PROXY_MAX_CONNECTIONS) stayed busy "
@@ -136,30 +144,68 @@ class Proxy:
         except httpx.TransportError as exc:
             raise transport_error(exc, upstream="CRM backend", unavailable=CrmUnavailable, slug="crm-timeout",
                                   read_timeout=self.http.timeout.read) from None
+        status, raw_headers, chunks, close = answer
         # The backend's own answer, errors included, goes back as it came: raw bytes, same status,
         # every header line kept (several Set-Cookie lines stay several).
         # With CORS on, the sidecar answers for it: a second Access-Control-Allow-Origin makes browsers refuse.
         cors = request.app.state.settings.cors_origins
         headers = [(k, self.public_location(v.decode("latin-1"), scope).encode("latin-1") if k == b"location" else v)
-                   for k, v in _strip(response.headers.raw, OWN) if not (cors and k.startswith(b"access-control-"))]
-        status, head = response.status_code, method == "HEAD"
+                   for k, v in _strip(raw_headers, OWN) if not (cors and k.startswith(b"access-control-"))]
+        head = method == "HEAD"
         length = next((v for k, v in headers if k == b"content-length"), None)
         if not head and not (length is not None and length.isdigit() and int(length) <= WHOLE):
-            return ASGIStreamingResponse(iterator=_relay(response), status_code=status, headers=_text(headers),
-                                         background=BackgroundTask(response.aclose))
-        chunks: list[bytes] = []
+            return ASGIStreamingResponse(iterator=_relay(chunks, close), status_code=status, headers=_text(headers),
+                                         background=BackgroundTask(close))
+        body: list[bytes] = []
         try:
             if not head:
-                async for chunk in response.aiter_raw():
-                    chunks.append(chunk)
+                async for chunk in chunks:
+                    body.append(chunk)
         except httpx.TransportError:
             # The backend broke off mid-body: the client gets the same short body, as it would directly.
-            return ASGIStreamingResponse(iterator=_replay(chunks), status_code=status, headers=_text(headers))
+            return ASGIStreamingResponse(iterator=_replay(body), status_code=status, headers=_text(headers))
         finally:
-            await response.aclose()
+            await close()
         if not head and status not in (204, 304) and status >= 200 and not any(k == b"content-type" for k, _ in headers):
             headers.append(_DEFAULT_TYPE)
-        return _whole(status, headers, b"".join(chunks))
+        return _whole(status, headers, b"".join(body))
+
+    async def _via_httpx(self, method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]], request: Request | None) -> _Answer:
+        upstream = self.http.build_request(method, url, headers=headers, content=_body(request) if request is not None else None)
+        try:
+            response = await self.http.send(upstream, stream=True)
+        except STALE_CONNECTION:
+            # The backend drops a keep-alive connection after an unhandled 500 without saying so.
+            # A bodiless idempotent request that died before any response byte goes once more,
+            # as nginx's `proxy_next_upstream error` does; the pool discarded the dead connection.
+            if request is not None or method not in IDEMPOTENT:
+                raise
+            retry = self.http.build_request(method, url, headers=headers)
+            response = await self.http.send(retry, stream=True)
+        return response.status_code, response.headers.raw, response.aiter_raw(), response.aclose
+
+    async def _direct(self, method: str, url: str, headers: list[tuple[bytes, bytes]]) -> _Answer:
+        """A bodiless request on our own aiohttp transport, without httpx's request and response models
+        (a third of a pass-through's CPU, issue 28): the same lines go out as httpx would send, the
+        same pool slot, retry and exceptions apply (transport.PassThrough.open)."""
+        assert self.direct is not None
+        named = {k.lower() for k, _ in headers}
+        lines = [self._host, *((k, v) for k, v in self._defaults if k.lower().encode("latin-1") not in named),
+                 *((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k.lower() != b"transfer-encoding")]
+        timeouts = self.http.timeouts  # type: ignore[attr-defined]
+        try:
+            response, release = await self.direct.open(method, url, lines, timeouts)
+        except STALE_CONNECTION:
+            if method not in IDEMPOTENT:  # as _via_httpx: once more, for an idempotent request only
+                raise
+            response, release = await self.direct.open(method, url, lines, timeouts)
+        slot = transport.Slot(response, release)
+        return response.status, list(response.raw_headers), slot.__aiter__(), slot.aclose
+
+
+# An upstream answer as the proxy relays it: status, raw header lines, the body's raw chunks (they
+# raise httpx's exceptions), and what closes it and gives its pool slot back.
+_Answer = tuple[int, "list[tuple[bytes, bytes]]", AsyncIterator[bytes], Callable[[], Awaitable[None]]]
 
 
 def _text(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -191,14 +237,14 @@ async def _body(request: Request) -> AsyncIterator[bytes]:
             return
 
 
-async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay(chunks: AsyncIterator[bytes], close: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in chunks:
             yield chunk
     except httpx.TransportError:
         return  # the backend broke off mid-body; the client sees a short body, as it would directly
     finally:
-        await response.aclose()
+        await close()
 
 
 class Forward(Response):
@@ -219,3 +265,34 @@ class Forward(Response):
             await upstream(scope, receive, send)
 
         return forward
+
+
+def proxy_first(app: Litestar) -> None:
+    """Send a request that no route of the app can match straight to the pass-through, before routing.
+
+    Routing such a path walks the route trie, raises `NotFoundException` and goes through the
+    exception middleware before `fall_through` answers with `Forward` (about 5 % of a pass-through's
+    CPU, bench/ANALYSIS.md §9). A path that starts with no route's static prefix (the part before its
+    first `{param}`) cannot match one, so it is forwarded here, the same way: `Forward` inside
+    Litestar's send (the `before_send` hooks: request id header, metrics, the log line). Any other path
+    is routed as before, so what is ours, and a near miss of it, is decided by the router alone.
+
+    Only for an app whose CORS and tracing are off (create_app decides): their middleware wraps the
+    router and must see every request (the pass-through then hangs off the "no route" exception, as before).
+    """
+    ours = tuple(sorted({route.path.partition("{")[0] for route in app.routes}))
+    if any(prefix in ("", "/") for prefix in ours):
+        return  # a route at the root: any path might be ours
+    routed = app.asgi_handler
+    state = app.state
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(ours):
+            proxy: Proxy | None = getattr(state, "proxy", None)  # None: CRM_PROXY_FALLTHROUGH off
+            if proxy is not None:
+                request: Request = app.request_class(scope, receive, send)
+                await Forward(proxy, request, problems.handle).to_asgi_response(None, request)(scope, receive, send)
+                return
+        await routed(scope, receive, send)
+
+    app.asgi_handler = handler

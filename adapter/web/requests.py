@@ -17,8 +17,17 @@ async def require_json(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 
     The decoded body is cached on the request, so the handler's `data` is not decoded twice.
     """
-    if connection.scope.get("method") not in ("POST", "PUT", "PATCH") or not isinstance(connection, Request):
-        return
+    if connection.scope.get("method") in ("POST", "PUT", "PATCH") and isinstance(connection, Request):
+        await json_body(connection)
+
+
+async def json_body(connection: Request) -> None:
+    """`require_json` as a layer's `before_request` hook, for the AI task routes (POST only).
+
+    A guard is called with a copy of the route handler per request (Litestar's `authorize_connection`),
+    about 3 % of a cache hit's CPU (bench/ANALYSIS.md §9); the hook runs at the same point for the handler (before
+    its `data` and dependencies are read) without the copy. Returns None: the handler runs.
+    """
     media_type = connection.headers.get("content-type", "").partition(";")[0].strip().lower()
     # No Content-Type at all is taken as JSON (raw clients); a declared other type is refused.
     if media_type and media_type != "application/json" and not media_type.endswith("+json"):

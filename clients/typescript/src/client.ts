@@ -4,10 +4,11 @@ import { SidecarProblem, problemOf } from "./errors.js";
 import {
   openBatchStream, openJobStream, type BatchStream, type EventSourceConstructor, type JobStream, type StreamOptions,
 } from "./stream.js";
+import { TASKS } from "./generated/tasks.js";
 import type {
-  AiHealth, BatchCreated, BatchItemStatus, BatchOptions, BatchView, DealPredictRequest, DealPredictResult,
-  EmailGenerateRequest, EmailGenerateResult, JobCreated, JobView, LeadQualifyRequest, LeadQualifyResult, StartedBatch,
-  StartedJob, Task, TaskInput, TaskResult, paths,
+  AiHealth, BatchCreated, BatchItemStatus, BatchOptions, BatchView, JobCreated, JobView, StartedBatch,
+  StartedJob, Task, TaskInput, TaskMethodName, TaskResult, Thread, ThreadPage, ThreadRecordQuery,
+  ThreadTask, ThreadTurn, paths,
 } from "./types.js";
 
 /** The bearer token of the signed-in CRM user, or nothing (the sidecar then answers 401). */
@@ -41,13 +42,17 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
-export interface SidecarClient {
-  /** `POST /api/v1/ai/lead/qualify`: score, classification, BANT, next actions. */
-  qualifyLead(body: LeadQualifyRequest, options?: CallOptions): Promise<LeadQualifyResult>;
-  /** `POST /api/v1/ai/email/generate`: three variations (formal, casual, direct). */
-  generateEmail(body: EmailGenerateRequest, options?: CallOptions): Promise<EmailGenerateResult>;
-  /** `POST /api/v1/ai/deal/predict`: win probability, health, risks, actions. */
-  predictDeal(body: DealPredictRequest, options?: CallOptions): Promise<DealPredictResult>;
+/**
+ * One method per task, named from the task (`<noun>.<verb>` -> `<verb><Noun>`), generated from the
+ * sidecar's task registry (src/generated/tasks.ts): `runTask(task, body)` under another name.
+ */
+export type TaskMethods = {
+  [T in Task as TaskMethodName<T>]: (body: TaskInput<T>, options?: CallOptions) => Promise<TaskResult<T>>;
+};
+
+export interface SidecarClient extends TaskMethods {
+  /** `POST` the task's synchronous route (`/api/v1/ai/<noun>/<verb>` for `<noun>.<verb>`): its validated result. */
+  runTask<T extends Task>(task: T, body: TaskInput<T>, options?: CallOptions): Promise<TaskResult<T>>;
   /** `GET /api/v1/ai/health`: the gateway, CRM backend and cache, and which agents the gateway knows. */
   health(options?: Pick<CallOptions, "signal">): Promise<AiHealth>;
   /** `POST /api/v1/ai/jobs`: starts `task`; follow it with `streamJob`. */
@@ -62,7 +67,7 @@ export interface SidecarClient {
   /**
    * `POST /api/v1/ai/batches`: runs `task` over every record of `ids` (no duplicates, at most
    * BATCH_MAX_ITEMS), with the same `options` (the task's request fields other than the record id)
-   * for each. Bad input is a 400 naming the field (`ids[1]`, `options.tone`) before anything runs.
+   * for each. Bad input is a 400 naming the field (`ids[1]`, `options.<field>`) before anything runs.
    * Follow it with `streamBatch`, or poll `getBatch`.
    */
   startBatch<T extends Task>(task: T, ids: readonly string[], options?: BatchOptions<T>, callOptions?: Pick<CallOptions, "signal">): Promise<StartedBatch<T>>;
@@ -82,6 +87,26 @@ export interface SidecarClient {
    * `done`. A dropped connection resumes after the last event received (`Last-Event-ID`), as `streamJob`.
    */
   streamBatch<T extends Task = Task>(batch: BatchCreated & { readonly task?: T }, options?: StreamOptions): BatchStream<TaskResult<T>>;
+  /**
+   * `POST /api/v1/ai/threads`: starts a thread about the record in `input` (the task's request) and
+   * runs its first turn. The history lives in the Conductor; only its creator may read or continue it.
+   */
+  createThread<T extends ThreadTask>(task: T, input: TaskInput<T>, options?: Pick<CallOptions, "signal">): Promise<Thread<T>>;
+  /**
+   * `POST /api/v1/ai/threads/{thread_id}/turns`: the agent sees the thread's history and the record as it
+   * is now, and answers `message` ("make the casual one shorter"). A second identical call while the
+   * first runs (a double-click) gets the same turn. An answer still invalid after repair is a 502, and
+   * the thread is left unchanged.
+   */
+  continueThread<T extends ThreadTask = ThreadTask>(thread: Pick<Thread, "thread_id"> & { readonly task?: T }, message: string,
+    options?: Pick<CallOptions, "signal">): Promise<ThreadTurn<TaskResult<T>>>;
+  /** `GET /api/v1/ai/threads/{thread_id}`: the thread with every turn. */
+  getThread<T extends ThreadTask = ThreadTask>(thread: Pick<Thread, "thread_id"> & { readonly task?: T },
+    options?: Pick<CallOptions, "signal">): Promise<Thread<T>>;
+  /** `GET /api/v1/ai/threads?lead_id=…` (or `deal_id`): the caller's threads about that record, newest first, a page at a time. */
+  listThreads(record: ThreadRecordQuery, options?: ListThreadsOptions): Promise<ThreadPage>;
+  /** `DELETE /api/v1/ai/threads/{thread_id}`: deletes the thread, in the Conductor too. */
+  deleteThread(thread: Pick<Thread, "thread_id">, options?: Pick<CallOptions, "signal">): Promise<void>;
   /** The underlying openapi-fetch client, typed by the contract, for anything else (response headers, `/readyz`). */
   readonly api: Client<paths>;
 }
@@ -89,6 +114,14 @@ export interface SidecarClient {
 export interface BatchQueryOptions {
   /** Only the items in this state (`failed`, to start a batch of just those). */
   status?: BatchItemStatus;
+  signal?: AbortSignal;
+}
+
+export interface ListThreadsOptions {
+  /** Threads per page, 1-100 (default 20). */
+  limit?: number;
+  /** The previous page's `next_cursor`. */
+  cursor?: string;
   signal?: AbortSignal;
 }
 
@@ -117,14 +150,21 @@ export function createSidecarClient(options: SidecarClientOptions = {}): Sidecar
     return data;
   }
 
+  // Every task's route has the same shape; the types say which body and result go with which task.
+  type AnyPost = (path: string, init: object) => Promise<{ data?: unknown; error?: unknown; response: Response }>;
+  function runTask<T extends Task>(task: T, body: TaskInput<T>, o?: CallOptions): Promise<TaskResult<T>> {
+    const spec = TASKS[task as keyof typeof TASKS];
+    if (!spec) return Promise.reject(new TypeError(`no task ${String(task)} (tasks: ${Object.keys(TASKS).join(", ")})`));
+    const post = api.POST as unknown as AnyPost;
+    return unwrap(post(spec.path, { body, headers: cacheHeaders(o), signal: o?.signal })) as Promise<TaskResult<T>>;
+  }
+  const taskMethods = Object.fromEntries(Object.entries(TASKS).map(([task, spec]) =>
+    [spec.method, (body: never, o?: CallOptions) => runTask(task as Task, body, o)])) as unknown as TaskMethods;
+
   return {
+    ...taskMethods,
     api,
-    qualifyLead: (body, o) =>
-      unwrap(api.POST("/api/v1/ai/lead/qualify", { body, headers: cacheHeaders(o), signal: o?.signal })),
-    generateEmail: (body, o) =>
-      unwrap(api.POST("/api/v1/ai/email/generate", { body, headers: cacheHeaders(o), signal: o?.signal })),
-    predictDeal: (body, o) =>
-      unwrap(api.POST("/api/v1/ai/deal/predict", { body, headers: cacheHeaders(o), signal: o?.signal })),
+    runTask,
     health: (o) => unwrap(api.GET("/api/v1/ai/health", { signal: o?.signal })),
     async startJob(task, input, o) {
       const body = { task, input: input as { [key: string]: unknown } };
@@ -147,6 +187,28 @@ export function createSidecarClient(options: SidecarClientOptions = {}): Sidecar
       unwrap(api.DELETE("/api/v1/ai/batches/{batch_id}", { params: { path: { batch_id: batch.batch_id } }, signal: o?.signal })) as
         Promise<BatchView<TaskResult<T>>>,
     streamBatch: (batch, streamOptions) => openBatchStream(eventsUrl(batch.events_url), streamDeps(), streamOptions),
+    createThread: <T extends ThreadTask>(task: T, input: TaskInput<T>, o?: Pick<CallOptions, "signal">) =>
+      unwrap(api.POST("/api/v1/ai/threads", { body: { task, input: input as { [key: string]: unknown } }, signal: o?.signal })) as
+        Promise<Thread<T>>, // the contract types `result` as any task's; `task` says which
+    continueThread: <T extends ThreadTask>(thread: { thread_id: string }, message: string, o?: Pick<CallOptions, "signal">) =>
+      unwrap(api.POST("/api/v1/ai/threads/{thread_id}/turns", {
+        params: { path: { thread_id: thread.thread_id } }, body: { message }, signal: o?.signal,
+      })) as Promise<ThreadTurn<TaskResult<T>>>,
+    getThread: <T extends ThreadTask>(thread: { thread_id: string }, o?: Pick<CallOptions, "signal">) =>
+      unwrap(api.GET("/api/v1/ai/threads/{thread_id}", { params: { path: { thread_id: thread.thread_id } }, signal: o?.signal })) as
+        Promise<Thread<T>>,
+    listThreads: (record, o) =>
+      unwrap(api.GET("/api/v1/ai/threads", {
+        params: { query: { ...record, ...(o?.limit !== undefined ? { limit: o.limit } : {}), ...(o?.cursor ? { cursor: o.cursor } : {}) } },
+        signal: o?.signal,
+      })),
+    async deleteThread(thread, o) {
+      // 204: no body, so not `unwrap` (which wants one).
+      const { error, response } = await api.DELETE("/api/v1/ai/threads/{thread_id}", {
+        params: { path: { thread_id: thread.thread_id } }, signal: o?.signal,
+      });
+      if (!response.ok) throw new SidecarProblem(problemOf(error, response), response);
+    },
   } satisfies SidecarClient;
 
   function streamDeps() {

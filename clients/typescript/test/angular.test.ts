@@ -125,4 +125,18 @@ describe("ConductorAiService", () => {
     expect(failure.error).toBeInstanceOf(SidecarProblem);
     expect((failure.error as SidecarProblem).status).toBe(400);
   });
+  it("starts, continues, lists and deletes a thread, each answer inside Angular's zone", async () => {
+    const { ai, zone } = service();
+    const created = await collectInZone(zone, ai.createThread("email.generate", { lead_id: lead }));
+    const thread = created.seen[0].event;
+    expect(created.seen.map((s) => s.inZone)).toEqual([true]);
+    const turn = await firstValueFrom(ai.continueThread(thread, "more formal"));
+    expect(turn.message).toBe("more formal");
+    expect((await firstValueFrom(ai.getThread(thread))).turns).toHaveLength(2);
+    const page = await firstValueFrom(ai.listThreads({ lead_id: lead }, { limit: 100 }));
+    expect(page.threads.map((t) => t.thread_id)).toContain(thread.thread_id);
+    await firstValueFrom(ai.deleteThread(thread));
+    const gone = await firstValueFrom(ai.getThread(thread)).catch((e: unknown) => e);
+    expect(gone).toBeInstanceOf(SidecarProblem);
+  });
 });

@@ -8,7 +8,7 @@ import { EventSource } from "eventsource";
 import { describe, expect, inject, it } from "vitest";
 
 import {
-  SidecarProblem, SidecarStreamError, createSidecarClient, type JobEvent, type JobStream,
+  SidecarProblem, SidecarStreamError, TASKS, createSidecarClient, type JobEvent, type JobStream, type Task, type TaskInput,
 } from "../src/index.js";
 import { recordingEventSource } from "./support.js";
 
@@ -50,10 +50,28 @@ describe("synchronous calls", () => {
     expect(predicted.win_probability).toBeLessThanOrEqual(100);
   });
 
-  it("report the sidecar's health, with the three agents the gateway knows", async () => {
+  it("run every registered task by name, and through its generated method", async () => {
+    // The demo seeds leads and deals: each task's record id field names the kind it reads.
+    const records: Record<string, string> = { lead_id: lead, deal_id: deal };
+    const tasks = Object.keys(TASKS) as Task[];
+    expect(tasks.length).toBeGreaterThanOrEqual(3);
+    for (const task of tasks) {
+      const spec = TASKS[task];
+      const body = { [spec.recordId]: records[spec.recordId] } as TaskInput<typeof task>;
+      const result = (await client.runTask(task, body)) as Record<string, unknown>;
+      expect(result[spec.recordId], task).toBe(records[spec.recordId]);
+      expect(String(result.agent), task).toMatch(/_Agent$/);
+      const method = (client as unknown as Record<string, (b: unknown) => Promise<Record<string, unknown>>>)[spec.method];
+      expect(typeof method, `${task}: ${spec.method}`).toBe("function");
+      expect((await method(body)).agent, task).toBe(result.agent);
+    }
+    await expect(client.runTask("no.such" as Task, {} as never)).rejects.toThrow(/no task no\.such/);
+  });
+
+  it("report the sidecar's health, with every task's agent known to the gateway", async () => {
     const health = await client.health();
     expect(health.status).toBe("ok");
-    expect(Object.values(health.agents)).toEqual([true, true, true]);
+    expect(Object.values(health.agents)).toEqual(Object.keys(TASKS).map(() => true));
   });
 
   it("ask the auth hook for the token on every request, and wait for an async one", async () => {

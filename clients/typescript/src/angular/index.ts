@@ -10,18 +10,28 @@ import { NgZone, inject, type Provider } from "@angular/core";
 import { Observable, switchMap } from "rxjs";
 
 import {
-  createSidecarClient, type BatchQueryOptions, type CallOptions, type SidecarClient, type SidecarClientOptions,
+  createSidecarClient, type BatchQueryOptions, type CallOptions, type ListThreadsOptions, type SidecarClient,
+  type SidecarClientOptions,
 } from "../client.js";
 import type { SidecarEventStream, StreamOptions } from "../stream.js";
+import { TASKS } from "../generated/tasks.js";
 import type {
-  AiHealth, BatchCreated, BatchEvent, BatchOptions, BatchView, DealPredictRequest, DealPredictResult,
-  EmailGenerateRequest, EmailGenerateResult, JobCreated, JobEvent, JobView, LeadQualifyRequest, LeadQualifyResult,
-  StartedBatch, StartedJob, Task, TaskInput, TaskResult,
+  AiHealth, BatchCreated, BatchEvent, BatchOptions, BatchView, JobCreated, JobEvent, JobView,
+  StartedBatch, StartedJob, Task, TaskInput, TaskMethodName, TaskResult, Thread, ThreadPage,
+  ThreadRecordQuery, ThreadTask, ThreadTurn,
 } from "../types.js";
 
 export type StreamJobOptions = Omit<StreamOptions, "signal">;
 export type RequestOptions = Omit<CallOptions, "signal">;
 export type GetBatchOptions = Omit<BatchQueryOptions, "signal">;
+
+/** One Observable method per task (`qualifyLead`, ...), generated from the task registry: `runTask` under another name. */
+export type TaskObservables = {
+  [T in Task as TaskMethodName<T>]: (body: TaskInput<T>, options?: RequestOptions) => Observable<TaskResult<T>>;
+};
+
+// The per-task methods are made in the constructor from the task map; this declares them on the class.
+export interface ConductorAiService extends TaskObservables {}
 
 /**
  * The sidecar's AI routes as Observables. Every callback runs inside Angular's zone (the network
@@ -36,18 +46,15 @@ export class ConductorAiService {
 
   constructor(options: SidecarClientOptions, private readonly zone: NgZone) {
     this.client = createSidecarClient(options);
+    for (const [task, spec] of Object.entries(TASKS)) {
+      (this as unknown as Record<string, unknown>)[spec.method] =
+        (body: never, o?: RequestOptions) => this.runTask(task as Task, body, o);
+    }
   }
 
-  qualifyLead(body: LeadQualifyRequest, options?: RequestOptions): Observable<LeadQualifyResult> {
-    return this.call((signal) => this.client.qualifyLead(body, { ...options, signal }));
-  }
-
-  generateEmail(body: EmailGenerateRequest, options?: RequestOptions): Observable<EmailGenerateResult> {
-    return this.call((signal) => this.client.generateEmail(body, { ...options, signal }));
-  }
-
-  predictDeal(body: DealPredictRequest, options?: RequestOptions): Observable<DealPredictResult> {
-    return this.call((signal) => this.client.predictDeal(body, { ...options, signal }));
+  /** The task's validated result (its synchronous route). */
+  runTask<T extends Task>(task: T, body: TaskInput<T>, options?: RequestOptions): Observable<TaskResult<T>> {
+    return this.call((signal) => this.client.runTask(task, body, { ...options, signal }));
   }
 
   health(): Observable<AiHealth> {
@@ -95,6 +102,31 @@ export class ConductorAiService {
   /** `startBatch` then `streamBatch`: one subscription from the POST to `done`. */
   runBatch<T extends Task>(task: T, ids: readonly string[], options?: BatchOptions<T>, streamOptions?: StreamJobOptions): Observable<BatchEvent<TaskResult<T>>> {
     return this.startBatch(task, ids, options).pipe(switchMap((batch) => this.streamBatch(batch, streamOptions)));
+  }
+
+  /** Starts a thread about the record in `input` and runs its first turn; emits the thread. */
+  createThread<T extends ThreadTask>(task: T, input: TaskInput<T>): Observable<Thread<T>> {
+    return this.call((signal) => this.client.createThread(task, input, { signal }));
+  }
+
+  /** The thread's next turn: the agent sees its history and the record as it is now. */
+  continueThread<T extends ThreadTask = ThreadTask>(thread: Pick<Thread, "thread_id"> & { readonly task?: T }, message: string): Observable<ThreadTurn<TaskResult<T>>> {
+    return this.call((signal) => this.client.continueThread(thread, message, { signal }));
+  }
+
+  /** The thread with every turn. */
+  getThread<T extends ThreadTask = ThreadTask>(thread: Pick<Thread, "thread_id"> & { readonly task?: T }): Observable<Thread<T>> {
+    return this.call((signal) => this.client.getThread(thread, { signal }));
+  }
+
+  /** The caller's threads about one record, newest first, a page at a time (`next_cursor`). */
+  listThreads(record: ThreadRecordQuery, options?: Omit<ListThreadsOptions, "signal">): Observable<ThreadPage> {
+    return this.call((signal) => this.client.listThreads(record, { ...options, signal }));
+  }
+
+  /** Deletes the thread, in the Conductor too; emits once (no value) when it is gone. */
+  deleteThread(thread: Pick<Thread, "thread_id">): Observable<void> {
+    return this.call((signal) => this.client.deleteThread(thread, { signal }));
   }
 
   // An event stream as a cold Observable: events and the end inside the zone, the network outside it;
@@ -146,7 +178,8 @@ export function provideConductorAi(options: SidecarClientOptions | (() => Sideca
 
 export type {
   AiHealth, BatchCounts, BatchCreated, BatchEvent, BatchItem, BatchItemStatus, BatchOptions, BatchStatus, BatchView,
-  DealPredictRequest, DealPredictResult, EmailGenerateRequest, EmailGenerateResult, JobCreated, JobEvent, JobView,
-  LeadQualifyRequest, LeadQualifyResult, Problem, StartedBatch, StartedJob, Task, TaskInput, TaskResult,
+  JobCreated, JobEvent, JobView, Problem, StartedBatch, StartedJob, Task, TaskInput, TaskResult,
 } from "../types.js";
+// Each task's request and result types by name, generated from the task registry.
+export type * from "../generated/tasks.js";
 export { SidecarProblem, SidecarStreamError } from "../errors.js";

@@ -226,6 +226,93 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/ai/lead/summarize": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Summarize a lead for the rep (headline, overview, key facts) */
+        post: operations["ApiV1AiLeadSummarizeLeadSummarize"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/ai/lead/summarize/stream": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Stream a lead summary */
+        post: operations["ApiV1AiLeadSummarizeStreamLeadSummarizeStream"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/ai/threads": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's threads about one record, newest first, a page at a time */
+        get: operations["ApiV1AiThreadsListThreads"];
+        put?: never;
+        /** Start a thread: read the record, run the first turn */
+        post: operations["ApiV1AiThreadsCreateThread"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/ai/threads/{thread_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A thread with all its turns */
+        get: operations["ApiV1AiThreadsThreadIdGetThread"];
+        put?: never;
+        post?: never;
+        /** Delete a thread, in the Conductor too */
+        delete: operations["ApiV1AiThreadsThreadIdDeleteThread"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/ai/threads/{thread_id}/turns": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Continue a thread: the agent sees its history and the record now */
+        post: operations["ApiV1AiThreadsThreadIdTurnsContinueThread"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -348,7 +435,7 @@ export interface components {
              * @description the task every item runs
              * @enum {string}
              */
-            task: "email.generate" | "lead.qualify" | "deal.predict";
+            task: "email.generate" | "lead.qualify" | "deal.predict" | "lead.summarize";
         };
         /** BatchSseEvent */
         BatchSseEvent: {
@@ -456,17 +543,17 @@ export interface components {
                 [key: string]: unknown;
             };
             /** @enum {string} */
-            task: "email.generate" | "lead.qualify" | "deal.predict";
+            task: "email.generate" | "lead.qualify" | "deal.predict" | "lead.summarize";
         };
         /** JobView */
         JobView: {
             error?: components["schemas"]["Problem"] | null;
             job_id: string;
-            result?: components["schemas"]["EmailGenerateResult"] | components["schemas"]["LeadQualifyResult"] | components["schemas"]["DealPredictResult"] | null;
+            result?: components["schemas"]["EmailGenerateResult"] | components["schemas"]["LeadQualifyResult"] | components["schemas"]["DealPredictResult"] | components["schemas"]["LeadSummarizeResult"] | null;
             /** @enum {string} */
             status: "queued" | "running" | "succeeded" | "failed";
             /** @enum {string} */
-            task: "email.generate" | "lead.qualify" | "deal.predict";
+            task: "email.generate" | "lead.qualify" | "deal.predict" | "lead.summarize";
         };
         /** LeadQualifyRequest */
         LeadQualifyRequest: {
@@ -489,6 +576,26 @@ export interface components {
             reasoning: string;
             score: number;
         };
+        /** LeadSummarizeRequest */
+        LeadSummarizeRequest: {
+            /**
+             * @description MongoDB ObjectId: 24 hexadecimal characters
+             * @example 65f1c0ffee0000000000a001
+             */
+            lead_id: string;
+        };
+        /** LeadSummarizeResult */
+        LeadSummarizeResult: {
+            agent: string;
+            headline: string;
+            key_facts: string[];
+            lead_id: string;
+            overview: string;
+            /** @description The AI provider that produced the answer (one of CONDUCTOR_AI_PROVIDER); null when the gateway chose its default */
+            provider?: string | null;
+            /** @enum {string} */
+            sentiment: "positive" | "neutral" | "negative";
+        };
         /** Liveness */
         Liveness: {
             cache?: string | null;
@@ -505,6 +612,11 @@ export interface components {
             title: string;
             type: string;
         };
+        /** RecordRef */
+        RecordRef: {
+            id: string;
+            kind: string;
+        };
         /** SseEvent */
         SseEvent: {
             /** @description the event's JSON payload */
@@ -516,6 +628,60 @@ export interface components {
             event: "status" | "delta" | "result" | "error" | "done";
             /** @description consecutive from 1; resume with Last-Event-ID */
             id: string;
+        };
+        /** Thread */
+        Thread: {
+            created_at: string;
+            input: {
+                [key: string]: unknown;
+            };
+            record: components["schemas"]["RecordRef"];
+            /** @enum {string} */
+            task: "email.generate" | "deal.predict";
+            thread_id: string;
+            turns: components["schemas"]["ThreadTurn"][];
+            updated_at: string;
+        };
+        /** ThreadPage */
+        ThreadPage: {
+            next_cursor: string | null;
+            threads: components["schemas"]["ThreadSummary"][];
+        };
+        /** ThreadRequest */
+        ThreadRequest: {
+            input: {
+                [key: string]: unknown;
+            };
+            /** @enum {string} */
+            task: "email.generate" | "deal.predict";
+        };
+        /** ThreadSummary */
+        ThreadSummary: {
+            created_at: string;
+            record: components["schemas"]["RecordRef"];
+            /** @enum {string} */
+            task: "email.generate" | "deal.predict";
+            thread_id: string;
+            turn_count: number;
+            updated_at: string;
+        };
+        /** ThreadTurn */
+        ThreadTurn: {
+            agent_version: string | null;
+            created_at: string;
+            message: string | null;
+            provider: string | null;
+            result: components["schemas"]["EmailGenerateResult"] | components["schemas"]["DealPredictResult"];
+            turn_id: string;
+            warnings: string[];
+        };
+        /** TurnRequest */
+        TurnRequest: {
+            /**
+             * @description What to change in the last answer: at most THREAD_MESSAGE_MAX (2000) characters, not empty, no control character but tab and line breaks
+             * @example make the casual one shorter
+             */
+            message: string;
         };
     };
     responses: never;
@@ -939,7 +1105,7 @@ export interface operations {
                     Age?: unknown;
                     /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
                     "X-AI-Provider"?: unknown;
-                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length). The answer meets the contract and stands; absent when there are none */
                     "X-Agent-Warnings"?: unknown;
                     /** @description HIT, MISS, STALE (served because the agent failed) or BYPASS (Cache-Control: no-store) */
                     "X-Cache"?: unknown;
@@ -1290,7 +1456,7 @@ export interface operations {
                     Age?: unknown;
                     /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
                     "X-AI-Provider"?: unknown;
-                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
                     "X-Agent-Warnings"?: unknown;
                     /** @description HIT, MISS, STALE (served because the agent failed) or BYPASS (Cache-Control: no-store) */
                     "X-Cache"?: unknown;
@@ -2049,7 +2215,7 @@ export interface operations {
                     Age?: unknown;
                     /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
                     "X-AI-Provider"?: unknown;
-                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count, email-paragraphs, email-pricing, email-spam-words). The answer meets the contract and stands; absent when there are none */
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (reasoning-length, next-actions-count). The answer meets the contract and stands; absent when there are none */
                     "X-Agent-Warnings"?: unknown;
                     /** @description ok: score and classification were PATCHed onto the lead; failed: that PATCH failed (the answer stands); skipped: a cached or stale answer, or CRM_WRITE_BACK is off */
                     "X-CRM-Write-Back"?: unknown;
@@ -2357,6 +2523,1081 @@ export interface operations {
                 };
             };
             /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open, or this replica has MAX_STREAMS event streams open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiLeadSummarizeLeadSummarize: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LeadSummarizeRequest"];
+            };
+        };
+        responses: {
+            /** @description Request fulfilled, document follows */
+            200: {
+                headers: {
+                    /** @description Seconds since the cached answer was produced (HIT and STALE only) */
+                    Age?: unknown;
+                    /** @description The provider that produced the answer, when CONDUCTOR_AI_PROVIDER names one or more (after a fallback, the second); the same as the body's `provider` */
+                    "X-AI-Provider"?: unknown;
+                    /** @description The persona guidance rules the answer does not follow, comma-separated (overview-length, key-facts-count). The answer meets the contract and stands; absent when there are none */
+                    "X-Agent-Warnings"?: unknown;
+                    /** @description HIT, MISS, STALE (served because the agent failed) or BYPASS (Cache-Control: no-store) */
+                    "X-Cache"?: unknown;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LeadSummarizeResult"];
+                };
+            };
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No bearer token, or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend does not let the caller read this lead */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend has no such lead */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is larger than MAX_BODY_BYTES */
+            413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request headers are larger than MAX_HEADER_BYTES */
+            431: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend unavailable, agent missing, agent failed, the gateway refused the call (gateway-error: its own or the Conductor API's validation message), or invalid agent output after repair */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiLeadSummarizeStreamLeadSummarizeStream: {
+        parameters: {
+            query?: {
+                /** @description default, no-cache (fresh answer, stored) or no-store (fresh, not stored) */
+                cache?: "default" | "no-cache" | "no-store";
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LeadSummarizeRequest"];
+            };
+        };
+        responses: {
+            /** @description Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` {state: queued|running|validating, message}, `delta` {text}, `result` (the synchronous route's body, plus `warnings`: the X-Agent-Warnings list, when there are any), `error` (a problem object), and `done` {status: succeeded|failed, cached} always last. A `: ping` comment is sent while nothing else is. */
+            200: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["SseEvent"];
+                };
+            };
+            /** @description Invalid body (empty, not JSON, unknown field, malformed id, wrong type) or query parameter; errors[] says what and where */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No bearer token, or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend does not let the caller read this lead */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend has no such lead */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is larger than MAX_BODY_BYTES */
+            413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: open event streams (MAX_STREAMS_PER_USER), the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The request headers are larger than MAX_HEADER_BYTES */
+            431: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend unavailable, agent missing, agent failed, the gateway refused the call (gateway-error: its own or the Conductor API's validation message), or invalid agent output after repair */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable, its circuit open, too many agent calls in flight, or the CRM backend's circuit open, or this replica has MAX_STREAMS event streams open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiThreadsListThreads: {
+        parameters: {
+            query?: {
+                /** @description threads per page (1-100) */
+                limit?: number;
+                /** @description the previous page's next_cursor */
+                cursor?: string | null;
+                /** @description the deal whose threads are listed */
+                deal_id?: string | null;
+                /** @description the lead whose threads are listed */
+                lead_id?: string | null;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Request fulfilled, document follows */
+            200: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ThreadPage"];
+                };
+            };
+            /** @description Invalid query parameter: not exactly one record id (`lead_id`, `deal_id`), a malformed id, `limit` outside 1-100, or a `cursor` this sidecar did not give; the parameter is named */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No bearer token, or CRM_JWT_SECRET or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The thread is another user's, or the CRM backend no longer lets the caller read its record */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend has no such record */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend or the Conductor's conversation store unavailable */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable or a circuit open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiThreadsCreateThread: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ThreadRequest"];
+            };
+        };
+        responses: {
+            /** @description Document created, URL follows */
+            201: {
+                headers: {
+                    /** @description The thread's URL */
+                    Location: unknown;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Thread"];
+                };
+            };
+            /** @description Invalid body: an unknown task or one without threads, invalid input, or a message that is empty, too long (THREAD_MESSAGE_MAX) or holds control characters; the field is named */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No bearer token, or CRM_JWT_SECRET or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The thread is another user's, or the CRM backend no longer lets the caller read its record */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The CRM backend has no such record */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is larger than MAX_BODY_BYTES */
+            413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend or the Conductor's conversation store unavailable, agent failed, or invalid agent output after repair (no turn is kept) */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable or a circuit open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiThreadsThreadIdGetThread: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                thread_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Request fulfilled, document follows */
+            200: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Thread"];
+                };
+            };
+            /** @description Bad request syntax or unsupported method */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        detail: string;
+                        extra?: null | {
+                            [key: string]: unknown;
+                        } | unknown[];
+                        status_code: number;
+                    };
+                };
+            };
+            /** @description No bearer token, or CRM_JWT_SECRET or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The thread is another user's, or the CRM backend no longer lets the caller read its record */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such thread (or it was deleted), or the CRM backend has no such record */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend or the Conductor's conversation store unavailable */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable or a circuit open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiThreadsThreadIdDeleteThread: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                thread_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Request fulfilled, nothing follows */
+            204: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Bad request syntax or unsupported method */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        detail: string;
+                        extra?: null | {
+                            [key: string]: unknown;
+                        } | unknown[];
+                        status_code: number;
+                    };
+                };
+            };
+            /** @description No bearer token, or CRM_JWT_SECRET or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The thread is another user's, or the CRM backend no longer lets the caller read its record */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such thread (or it was deleted), or the CRM backend has no such record */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend or the Conductor's conversation store unavailable */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable or a circuit open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiThreadsThreadIdTurnsContinueThread: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                thread_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["TurnRequest"];
+            };
+        };
+        responses: {
+            /** @description Document created, URL follows */
+            201: {
+                headers: {
+                    /** @description The thread's URL */
+                    Location: unknown;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ThreadTurn"];
+                };
+            };
+            /** @description Invalid body: an unknown task or one without threads, invalid input, or a message that is empty, too long (THREAD_MESSAGE_MAX) or holds control characters; the field is named */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No bearer token, or CRM_JWT_SECRET or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The thread is another user's, or the CRM backend no longer lets the caller read its record */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such thread (or it was deleted), or the CRM backend has no such record */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The thread holds THREAD_MAX_TURNS turns */
+            409: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is larger than MAX_BODY_BYTES */
+            413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend or the Conductor's conversation store unavailable, agent failed, or invalid agent output after repair (no turn is kept) */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable or a circuit open (see Retry-After) */
             503: {
                 headers: {
                     /** @description Seconds to wait before trying again */
