@@ -4,7 +4,7 @@ The history lives in the Conductor's conversation store (upstreams.md §6), neve
 
 - **Where.** One Conductor conversation per thread; the thread id is its id (a uuid4 the Conductor
   chose: create first, then run). Its `title` names the task and the record
-  (`crm-ai thread email.generate lead <id>`), its `context` holds the thread's request (the Conductor
+  (`crm-ai thread <task> <record kind> <id>`), its `context` holds the thread's request (the Conductor
   shows it to the model on every run as `<conversation_context>`), and its `screenplay_id` is a digest
   of (CACHE_PREFIX, owner, record): the one filter the gateway's list applies, so listing a record's
   threads asks for exactly this user's, and a restart of the sidecar and of Redis finds them again.
@@ -35,7 +35,7 @@ import hashlib
 import re
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
@@ -47,7 +47,8 @@ from ..storage.store import Store
 from ..tasks import Registry, Task
 from ..tasks.prompting import block
 from ..upstreams.conversations import CONVERSATION_ID, Conversation, ConversationsClient, agent_info
-from .service import AiService, Prepared
+from .answers import SYNC, TURN, Answers, Delivery
+from .service import InConversation, Prepared
 
 log = structlog.get_logger("adapter.threads")
 _encode = msgspec.json.Encoder().encode
@@ -160,8 +161,9 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 
 
 class Threads:
-    def __init__(self, service: AiService, conversations: ConversationsClient, store: Store, tasks: Registry) -> None:
-        self.service = service
+    def __init__(self, answers: Answers, conversations: ConversationsClient, store: Store, tasks: Registry) -> None:
+        self.answers = answers
+        self.service = service = answers.service
         self.conversations = conversations
         self.store = store
         self.tasks = tasks
@@ -332,7 +334,9 @@ class Threads:
     async def _one_at_a_time(self, thread_id: str, message: str | None, compute: Callable[[], Awaitable[bytes]]) -> bytes:
         while True:
             current = self._turns.get(thread_id)
-            if current is None:
+            # A flight that has landed but whose done-callback has not run yet is gone too: awaiting a
+            # finished task does not yield, so waiting for the callback here would spin the event loop.
+            if current is None or current[1].done():
                 break
             other, flight = current
             if other == message:  # a double-click: the same turn, once
@@ -373,28 +377,29 @@ class Threads:
             await lock.close()
 
     async def _turn(self, thread_id: str, task: Task, prepared: Prepared, message: str | None, user: str, *,
-                    admitted: bool = False) -> bytes:
+                    admitted: bool = False, delivery: Delivery = SYNC) -> bytes:
         # Read again inside the flight: the turn before this one may have just landed.
         owned = await self._live(thread_id, user)
-        if len(self._turns_of(owned)) >= self.settings.thread_max_turns:
+        held = len(self._turns_of(owned))
+        if held >= self.settings.thread_max_turns:
             raise ThreadFull(f"thread {thread_id} holds {self.settings.thread_max_turns} turns (THREAD_MAX_TURNS); "
                              "start a new thread")
-        if not admitted:
-            await self.service.admit(task.name, user)
         agent_input = prepared.agent_input if message is None else turn_input(prepared.agent_input, message)
-        gateway = self.service.gateway
-        plan = gateway.plan()
-        with self.service.gateway_span(task, 1, plan):
-            # The conversation named: the Conductor replays its turns. Nothing is saved by the run.
-            text = await gateway.execute(task.agent_id, agent_input, plan, conversation_id=thread_id)
-        # Repairs name no conversation (service.validated): nothing but a validated answer reaches the history.
-        result = await self.service.validated(task, prepared.record_id, agent_input, text, plan=plan)
-        body = _encode(result)
-        await self.conversations.append(thread_id, user_input=message or FIRST_TURN, agent_response=body.decode(),
-                                        agent=agent_info(task.agent_id, f"crm-ai-thread-{prepared.record_id}",
-                                                         f"{task.agent_id} {task.version}"))
+
+        async def keep(result: Any) -> None:
+            # After validation, by the one call that made the answer: the conversation gets the user's
+            # message and the validated answer, never an invalid one (the run itself saves nothing).
+            await self.conversations.append(thread_id, user_input=message or FIRST_TURN, agent_response=_encode(result).decode(),
+                                            agent=agent_info(task.agent_id, f"crm-ai-thread-{prepared.record_id}",
+                                                             f"{task.agent_id} {task.version}"))
+
+        # The one pipeline, with the turn's policy (no cache; single flight; the user's rate limit). The key
+        # names the thread and the turn's place in it: identical messages to two threads are two questions.
+        key = self.service.key_for(task, prepared.record_id, f"thread {thread_id} turn {held}\n{agent_input}")
+        question = replace(prepared, agent_input=agent_input, key=key, conversation=InConversation(thread_id, keep))
+        answer = await self.answers.ask(question, mode=TURN, delivery=delivery, admitted=admitted)
         turns = self._turns_of(await self._live(thread_id, user))
-        turn = next((t for t in reversed(turns) if bytes(t.result) == body), None)
+        turn = next((t for t in reversed(turns) if bytes(t.result) == answer.body), None)
         if turn is None:
             raise GatewayProtocolError(f"thread {thread_id}'s new turn is not in its conversation after it was added")
         log.info("thread.turn", thread_id=thread_id, task=task.name, turns=len(turns))
