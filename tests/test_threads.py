@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from adapter.doubles.crm import CrmDouble
 from adapter.doubles.gateway import GatewayDouble
 from adapter.pipeline.threads import FIRST_TURN
-from tests.helpers import RedisProcess, assert_problem, decode, make_settings
+from tests.helpers import RedisProcess, assert_problem, decode, make_settings, sse_events
 
 THREADS = "/api/v1/ai/threads"
 EMAIL_AGENT = "EmailAssistant_CRM_Agent"
@@ -82,6 +82,7 @@ async def test_every_thread_route_refuses_another_users_bearer(client, auth, see
     bob = {"Authorization": f"Bearer {seed['bob_token']}"}
     for response in (await client.get(f"{THREADS}/{thread_id}", headers=bob),
                      await continue_thread(client, bob, thread_id, "shorter"),
+                     await client.post(f"{THREADS}/{thread_id}/turns/stream", json={"message": "shorter"}, headers=bob),
                      await client.delete(f"{THREADS}/{thread_id}", headers=bob)):
         body = assert_problem(response, 403, "forbidden")
         assert "another user" in body["detail"]
@@ -411,3 +412,31 @@ async def test_the_doubles_stream_replays_the_history_and_never_saves(client, au
             assert "result" in (await events.aread()).decode()
     assert len(gateway.runs[-1]["history"]) == 1 and not gateway.runs[-1]["saved"]
     assert len(stored(gateway, thread_id)) == 2
+
+
+async def test_a_streamed_turn_ends_with_the_turn_as_result_then_done(client, auth, seed, gateway) -> None:
+    thread_id = (await start_thread(client, auth, seed["leads"][0]))["thread_id"]
+    response = await client.post(f"{THREADS}/{thread_id}/turns/stream", json={"message": "shorter"}, headers=auth)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    assert [name for name, _ in events][-2:] == ["result", "done"]
+    assert "status" in [name for name, _ in events[:-2]]
+    turn, done = events[-2][1], events[-1][1]
+    assert done == {"status": "succeeded", "cached": False}
+    # The turn as the non-streamed route gives it, and kept in the thread: the streamed run named the conversation.
+    thread = (await client.get(f"{THREADS}/{thread_id}", headers=auth)).json()
+    assert thread["turns"][-1] == turn and turn["message"] == "shorter"
+    runs = [r for r in gateway.runs if r["conversation_id"] == thread_id]
+    assert [len(r["history"]) for r in runs] == [0, 1]
+
+
+async def test_a_streamed_turn_checks_the_thread_before_the_stream_opens(client, auth, seed, crm, gateway) -> None:
+    thread_id = (await start_thread(client, auth, seed["leads"][0]))["thread_id"]
+    path = f"{THREADS}/{thread_id}/turns/stream"
+    assert_problem(await client.post(path, json={"message": " "}, headers=auth), 400, "invalid-request")
+    before = len(stored(gateway, thread_id))
+    gateway.push(EMAIL_AGENT, "garbage", "garbage")
+    events = sse_events(await client.post(path, json={"message": "shorter"}, headers=auth))
+    assert [name for name, _ in events][-2:] == ["error", "done"]
+    assert events[-2][1]["status"] == 502 and events[-1][1]["status"] == "failed"
+    assert len(stored(gateway, thread_id)) == before  # an invalid answer is no turn, streamed or not

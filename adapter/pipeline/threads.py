@@ -33,6 +33,8 @@ import binascii
 import datetime as dt
 import hashlib
 import re
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -42,6 +44,7 @@ import msgspec
 import structlog
 
 from ..errors import AdapterError, BadRequest, Forbidden, GatewayProtocolError, NotFound, ThreadFull
+from ..storage.event_log import Job
 from ..storage.keys import CacheKey
 from ..storage.store import Store
 from ..tasks import Registry, Task
@@ -169,10 +172,12 @@ class Threads:
         self.tasks = tasks
         self.settings = service.settings
         self._turns: dict[str, tuple[str | None, asyncio.Task[bytes]]] = {}
+        self._streamed: set[asyncio.Task[None]] = set()
 
-    def background(self) -> list[asyncio.Task[bytes]]:
-        """The turns in the air: shutdown stops them (adapter/stopping.py) before Redis is closed."""
-        return [flight for _, flight in self._turns.values()]
+    def background(self) -> list[asyncio.Task[Any]]:
+        """The turns in the air and the streamed turns' runners: shutdown stops them (adapter/stopping.py)
+        before Redis is closed."""
+        return [*(flight for _, flight in self._turns.values()), *self._streamed]
 
     # --- which tasks, whose thread ----------------------------------------------------------
 
@@ -294,6 +299,38 @@ class Threads:
         return await self._one_at_a_time(thread_id, message,
                                          lambda: self._turn(thread_id, owned.task, prepared, message, user))
 
+    async def stream_turn(self, thread_id: str, message: str, authorization: str, user: str, *,
+                          describe: Callable[[Exception, Job], bytes], lifetime: float) -> Job:
+        """A new turn as events (a fetch client's stream): `status` and `delta` while the model works, then the
+        turn as `result` and `done`, or `error` and `done`. The thread's checks (whose, the record read with
+        the caller's token, THREAD_MAX_TURNS) answer as problems before the stream opens. The log is this
+        replica's: a fetch stream is one connection, and a takeover elsewhere must not ask a turn again."""
+        owned = await self._live(thread_id, user)
+        prepared = await self._read_record(owned.task, self._request(owned), authorization, user)
+        if len(self._turns_of(owned)) >= self.settings.thread_max_turns:
+            raise ThreadFull(f"thread {thread_id} holds {self.settings.thread_max_turns} turns (THREAD_MAX_TURNS); "
+                             "start a new thread")
+        job = Job(id=f"aijob_{uuid.uuid4().hex}", task=owned.task.name, record_id=owned.record_id, key=None,
+                  expires=time.time() + lifetime, mode="no-store")
+        job.emit("status", {"state": "queued", "message": "queued", "job_id": job.id})
+        events = _TurnEvents(job)
+
+        async def run() -> None:
+            try:
+                turn = await self._one_at_a_time(thread_id, message, lambda: self._turn(
+                    thread_id, owned.task, prepared, message, user, delivery=events))
+            except AdapterError as exc:
+                job.emit("error", describe(exc, job))
+                job.emit("done", {"status": "failed", "cached": False})
+                return
+            job.emit("result", turn)
+            job.emit("done", {"status": "succeeded", "cached": False})
+
+        runner = asyncio.create_task(run(), name=f"thread turn stream {thread_id}")
+        self._streamed.add(runner)
+        runner.add_done_callback(self._streamed.discard)
+        return job
+
     async def listing(self, kind: str, record_id: str, authorization: str, user: str, *, limit: int,
                       cursor: str | None) -> ThreadPage:
         after = decode_cursor(cursor) if cursor else None
@@ -404,3 +441,15 @@ class Threads:
             raise GatewayProtocolError(f"thread {thread_id}'s new turn is not in its conversation after it was added")
         log.info("thread.turn", thread_id=thread_id, task=task.name, turns=len(turns))
         return _encode(turn)
+
+
+class _TurnEvents(Delivery):
+    """A streamed turn's progress, into its log; the answer itself goes out as the turn, once it is kept."""
+
+    streams = True
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+
+    def event(self, name: str, data: Any) -> None:
+        self._job.emit(name, data)
