@@ -440,3 +440,49 @@ async def test_a_streamed_turn_checks_the_thread_before_the_stream_opens(client,
     assert [name for name, _ in events][-2:] == ["error", "done"]
     assert events[-2][1]["status"] == 502 and events[-1][1]["status"] == "failed"
     assert len(stored(gateway, thread_id)) == before  # an invalid answer is no turn, streamed or not
+
+
+async def test_a_double_click_on_create_makes_one_thread(client, auth, seed, gateway) -> None:
+    lead = seed["leads"][0]
+    gateway.gate = asyncio.Event()
+    calls = sum(gateway.calls.values())
+    clicks = [asyncio.create_task(client.post(THREADS, json={"task": "email.generate", "input": {"lead_id": lead}},
+                                              headers=auth)) for _ in range(2)]
+    await asyncio.wait_for(gateway.calls.reach(calls + 1), 10)
+    gateway.gate.set()
+    first, second = await asyncio.wait_for(asyncio.gather(*clicks), 10)
+    assert first.status_code == second.status_code == 201
+    assert first.json()["thread_id"] == second.json()["thread_id"]
+    assert sum(gateway.calls.values()) == calls + 1
+    listed = (await client.get(THREADS, params={"lead_id": lead}, headers=auth)).json()["threads"]
+    assert [t["thread_id"] for t in listed] == [first.json()["thread_id"]]
+
+
+async def test_a_double_click_on_create_on_two_replicas_makes_one_thread(make_client, auth, seed, gateway, redis_url,
+                                                                          cache_prefix) -> None:
+    settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix)
+    lead = seed["leads"][0]
+    body = {"task": "email.generate", "input": {"lead_id": lead}}
+    async with make_client(settings=settings) as one, make_client(settings=settings) as two:
+        calls = sum(gateway.calls.values())
+        gateway.gate = asyncio.Event()
+        first = asyncio.create_task(one.post(THREADS, json=body, headers=auth))
+        await asyncio.wait_for(gateway.calls.reach(calls + 1), 10)
+        second = asyncio.create_task(two.post(THREADS, json=body, headers=auth))
+        await following_any(redis_url, cache_prefix)  # replica two follows replica one's creation
+        gateway.gate.set()
+        a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert a.status_code == b.status_code == 201 and a.json()["thread_id"] == b.json()["thread_id"]
+        assert sum(gateway.calls.values()) == calls + 1
+        listed = (await one.get(THREADS, params={"lead_id": lead}, headers=auth)).json()["threads"]
+        assert len(listed) == 1
+
+
+async def following_any(redis_url: str, prefix: str, deadline: float = 10.0) -> None:
+    """Until a replica follows some flight lock under this test's prefix, within a deadline."""
+    async with aioredis.from_url(redis_url) as r, asyncio.timeout(deadline):
+        while True:
+            channels = await r.pubsub_channels(f"{prefix}:flight:*")
+            if channels and any(n for _, n in await r.pubsub_numsub(*channels)):
+                return
+            await asyncio.sleep(0.01)

@@ -282,7 +282,8 @@ class Answers:
 
     async def _hooks(self, prepared: Prepared, answer: Answer) -> None:
         """The task's write-back (its outcome goes with the answer), then the fresh-answer hook point."""
-        answer.write_back = await self.service.write_back(prepared, answer.result, answer.x_cache)
+        if prepared.conversation is None:  # a thread's turn is a draft in a conversation: never written onto the record
+            answer.write_back = await self.service.write_back(prepared, answer.result, answer.x_cache)
         if answer.cached:
             return
         for hook in self.on_fresh:

@@ -173,11 +173,12 @@ class Threads:
         self.settings = service.settings
         self._turns: dict[str, tuple[str | None, asyncio.Task[bytes]]] = {}
         self._streamed: set[asyncio.Task[None]] = set()
+        self._creating: dict[str, asyncio.Task[bytes]] = {}
 
     def background(self) -> list[asyncio.Task[Any]]:
         """The turns in the air and the streamed turns' runners: shutdown stops them (adapter/stopping.py)
         before Redis is closed."""
-        return [*(flight for _, flight in self._turns.values()), *self._streamed]
+        return [*(flight for _, flight in self._turns.values()), *self._streamed, *self._creating.values()]
 
     # --- which tasks, whose thread ----------------------------------------------------------
 
@@ -257,6 +258,47 @@ class Threads:
     # --- the routes' work ----------------------------------------------------------------------
 
     async def create(self, task: Task, request: Any, authorization: str, user: str) -> ThreadView:
+        """A new thread, single-flighted: the same user asking for the same thread (a double-click on create)
+        while one is being made gets that one, here or on another replica, instead of a second thread."""
+        digest = hashlib.sha256(b"thread-create\0" + user.encode() + b"\0" + task.name.encode() + b"\0"
+                                + _encode(request)).hexdigest()[:40]
+        flight = self._creating.get(digest)
+        if flight is None or flight.done():
+            flight = asyncio.create_task(self._create_across_replicas(digest, task, request, authorization, user),
+                                         name=f"thread create {task.name}")
+            self._creating[digest] = flight
+
+            def landed(done: asyncio.Task[bytes]) -> None:
+                if self._creating.get(digest) is done:
+                    del self._creating[digest]
+                if not done.cancelled():
+                    done.exception()
+
+            flight.add_done_callback(landed)
+        else:
+            self.service.metrics.cache.labels("thread", "coalesced").inc()
+        return msgspec.json.decode(await asyncio.shield(flight), type=ThreadView)
+
+    async def _create_across_replicas(self, digest: str, task: Task, request: Any, authorization: str, user: str) -> bytes:
+        lock = self.store.flight(CacheKey(self.settings.cache_prefix, "thread-create", digest))
+        try:
+            while await lock.acquire() is False:
+                outcome = await lock.follow()
+                if isinstance(outcome, bytes):
+                    return outcome  # the other replica's new thread
+                if isinstance(outcome, AdapterError):
+                    raise outcome
+            try:
+                body = _encode(await self._create(task, request, authorization, user))
+            except AdapterError as exc:
+                await lock.fail(exc)
+                raise
+            await lock.succeed(body)
+            return body
+        finally:
+            await lock.close()
+
+    async def _create(self, task: Task, request: Any, authorization: str, user: str) -> ThreadView:
         prepared = await self._read_record(task, request, authorization, user)
         record_id = prepared.record_id
         await self.service.admit(task.name, user)  # the first turn's model call; refused before anything is made
