@@ -486,3 +486,16 @@ async def following_any(redis_url: str, prefix: str, deadline: float = 10.0) -> 
             if channels and any(n for _, n in await r.pubsub_numsub(*channels)):
                 return
             await asyncio.sleep(0.01)
+
+
+async def test_thread_max_per_record_caps_a_users_threads_about_one_record(make_client, auth, seed, gateway) -> None:
+    lead = seed["leads"][0]
+    async with make_client(settings=make_settings(thread_max_per_record=2)) as client:
+        first = await start_thread(client, auth, lead)
+        await start_thread(client, auth, lead, tone="formal")
+        calls = sum(gateway.calls.values())
+        body = {"task": "email.generate", "input": {"lead_id": lead, "tone": "casual"}}
+        refused = assert_problem(await client.post(THREADS, json=body, headers=auth), 409, "thread-full")
+        assert "THREAD_MAX_PER_RECORD" in refused["detail"] and sum(gateway.calls.values()) == calls
+        assert (await client.delete(f"{THREADS}/{first['thread_id']}", headers=auth)).status_code == 204
+        assert (await client.post(THREADS, json=body, headers=auth)).status_code == 201

@@ -301,6 +301,11 @@ class Threads:
     async def _create(self, task: Task, request: Any, authorization: str, user: str) -> ThreadView:
         prepared = await self._read_record(task, request, authorization, user)
         record_id = prepared.record_id
+        held = [c for c in await self.conversations.listed(self._owner_key(user, task.record_kind, record_id))
+                if (meta := _TITLE.fullmatch(c.title)) is not None and meta.group(1) == "thread"]
+        if len(held) >= self.settings.thread_max_per_record:
+            raise ThreadFull(f"this user holds {len(held)} threads about {task.record_kind} {record_id}; at most "
+                             f"{self.settings.thread_max_per_record} (THREAD_MAX_PER_RECORD): delete one first")
         await self.service.admit(task.name, user)  # the first turn's model call; refused before anything is made
         context = (f"CRM AI thread: {task.name} about {task.record_kind} {record_id}. Each request sends the record as "
                    "it is now; later ones ask you to revise your previous answer.\n"

@@ -103,6 +103,8 @@ def _responses(*, body: bool = False, thread: bool = True, model_call: bool = Fa
                            "`limit` outside 1-100, or a `cursor` this sidecar did not give; the parameter is named")
     if model_call and thread:
         out[409] = problem("The thread holds THREAD_MAX_TURNS turns")
+    elif model_call:
+        out[409] = problem("The caller holds THREAD_MAX_PER_RECORD threads about this record")
     return out
 
 

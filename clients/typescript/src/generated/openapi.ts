@@ -3089,6 +3089,17 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The caller holds THREAD_MAX_PER_RECORD threads about this record */
+            409: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body is larger than MAX_BODY_BYTES */
             413: {
                 headers: {
