@@ -237,7 +237,7 @@ class Pipeline:
         self.jobs = Jobs(self.answers, describe=problems.problem_json, clock=self._clock, mirror=storage.log)
         self.batches = Batches(self.jobs, clock=self._clock, quota=storage.quota)
         # Threads keep their history in the Conductor, through the gateway's client (pipeline/threads.py).
-        state.threads = self.threads = Threads(service, ConversationsClient(self._upstreams.gateway_http, s),  # type: ignore[arg-type]
+        state.threads = self.threads = Threads(self.answers, ConversationsClient(self._upstreams.gateway_http, s),  # type: ignore[arg-type]
                                                storage.store, tasks)
         if storage.log is not None:
             storage.log.start(self.jobs.kinds)  # takeovers are dispatched by kind from here on

@@ -174,6 +174,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, rename="upper", forbid
     # Threads (issue 25): turns per thread (each later prompt replays them all), and a follow-up's length.
     thread_max_turns: Annotated[int, Meta(ge=1, le=50)] = 20
     thread_message_max: Annotated[int, Meta(ge=1, le=8_000)] = 2_000
+    # Live threads one user may hold about one record: each is a conversation in the Conductor.
+    thread_max_per_record: Annotated[int, Meta(ge=1, le=1_000)] = 50
     # Replicas behind one load balancer must share it; unset means a random per-process secret.
     job_token_secret: Annotated[str, Meta(min_length=32)] | None = None
     # While rotating JOB_TOKEN_SECRET: also accepted (never issued with), as REDIS_SIGNING_KEY_PREVIOUS.

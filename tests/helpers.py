@@ -903,3 +903,13 @@ class MongoProcess:
             self._watcher.join(10)  # it reads to the end of the output, which the kill closed
             self.proc.stdout.close()  # type: ignore[union-attr]
             self.proc = None
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a whole SSE body (the in-process transport buffers it)."""
+    events = []
+    for block in response.text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "event" in fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events

@@ -73,7 +73,8 @@ class _Model:
     def plan(self) -> ProviderPlan:
         return ProviderPlan()
 
-    async def execute(self, agent_id: str, input_text: str, plan: ProviderPlan | None = None) -> str:
+    async def execute(self, agent_id: str, input_text: str, plan: ProviderPlan | None = None, *,
+                      conversation_id: str | None = None) -> str:
         self.prompts.append(input_text)
         if self.text is None:
             raise AssertionError("a model call was made for an answer that needed none")

@@ -8,15 +8,16 @@ The sidecar runs in process with the doubles; a question is prepared as every ro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from adapter.errors import RateLimited
+from adapter.errors import InvalidAgentOutput, RateLimited
 from adapter.pipeline.answers import TURN, Answer, Answers
-from adapter.pipeline.service import Prepared
+from adapter.pipeline.service import InConversation, Prepared
 from tests.helpers import LEAD_AGENT, QUALIFY, Clock, make_settings
 
 
@@ -79,3 +80,43 @@ async def test_the_fresh_answer_hook_sees_each_fresh_answer_once_and_never_fails
     assert seen == [(seed["leads"][0], "MISS", fresh.json()["provider"]), (seed["leads"][1], "BYPASS", bypass.json()["provider"])]
     failed = [e for e in logs if e["event"] == "answer.hook_failed"]
     assert len(failed) == 2 and all(e["hook"].endswith("broken") for e in failed)
+
+
+async def test_a_question_in_a_conversation_names_it_and_keeps_the_validated_answer_once(make_client, seed, gateway):
+    """A thread's turn (pipeline/threads.py) asks through here: the run names the conversation (the Conductor replays
+    its history), the repair names none, and the validated answer is kept once per call, whoever joined it."""
+    kept: list[Any] = []
+
+    async def keep(result: Any) -> None:
+        kept.append(result)
+
+    async with make_client() as client:
+        answers: Answers = client._transport.app.state.answers  # type: ignore[attr-defined]
+        question = dataclasses.replace(await prepared(answers, seed, seed["leads"][0]),
+                                       conversation=InConversation("conversation-1", keep))
+        runs = len(gateway.runs)
+        gateway.push(LEAD_AGENT, "garbage")  # the first answer breaks the contract: one repair call
+        gateway.gate = asyncio.Event()
+        turns = [asyncio.create_task(answers.ask(question, mode=TURN)) for _ in range(2)]
+        await asyncio.wait_for(gateway.calls.reach(1), 10)
+        gateway.gate.set()
+        first, second = await asyncio.wait_for(asyncio.gather(*turns), 10)
+    turn_run, repair_run = gateway.runs[runs:]
+    assert turn_run["conversation_id"] == "conversation-1" and repair_run["conversation_id"] != "conversation-1"
+    assert len(kept) == 1 and msgspec.json.encode(kept[0]) == first.body == second.body
+
+
+async def test_an_answer_that_stays_invalid_is_never_kept_in_its_conversation(make_client, seed, gateway):
+    kept: list[Any] = []
+
+    async def keep(result: Any) -> None:
+        kept.append(result)
+
+    async with make_client() as client:
+        answers: Answers = client._transport.app.state.answers  # type: ignore[attr-defined]
+        question = dataclasses.replace(await prepared(answers, seed, seed["leads"][0]),
+                                       conversation=InConversation("conversation-1", keep))
+        gateway.push(LEAD_AGENT, "garbage", "garbage")
+        with pytest.raises(InvalidAgentOutput):
+            await answers.ask(question, mode=TURN)
+    assert kept == []

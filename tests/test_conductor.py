@@ -19,20 +19,10 @@ from adapter.errors import GatewayRejected
 from adapter.upstreams.gateway import GatewayClient, _status_error, listed_agents
 from adapter.settings import Settings
 from tests.helpers import (DEAL_AGENT, EMAIL_AGENT, LEAD_AGENT, QUALIFY, QUALIFY_STREAM, asgi_client, assert_problem,
-                           decode, make_settings, run_adapter_async, serving, stale_after_500)
+                           decode, make_settings, run_adapter_async, serving, sse_events, stale_after_500)
 
 AGENT_IDS = TASKS.agent_ids
 NO_STORE = {"Cache-Control": "no-store"}
-
-
-def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    """(event, data) pairs of a whole SSE body (the in-process transport buffers it)."""
-    events = []
-    for block in response.text.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
-        if "event" in fields:
-            events.append((fields["event"], json.loads(fields["data"])))
-    return events
 
 
 # --- requests the real stack accepts -------------------------------------------------------

@@ -409,7 +409,7 @@ def test_the_sync_and_stream_routes_all_act_for_a_verified_caller(client: httpx.
                    and r.path != "/api/v1/ai/health"]
     assert len(task_routes) == 2 * len(TASKS)
     thread_routes = [r for r in app.routes if r.path.startswith("/api/v1/ai/threads")]
-    assert len(thread_routes) == 3
+    assert len(thread_routes) == 4  # /, /{id}, /{id}/turns, /{id}/turns/stream
     for route in task_routes + thread_routes:
         for handler in route.route_handlers:
             if handler.http_methods == {"OPTIONS"}:

@@ -16,7 +16,7 @@ from adapter.doubles.crm import CrmDouble
 from adapter.doubles.gateway import GatewayDouble
 from adapter.pipeline.threads import FIRST_TURN
 from adapter.storage.keys import CacheKey
-from tests.helpers import RedisProcess, assert_problem, decode, make_settings
+from tests.helpers import RedisProcess, assert_problem, decode, make_settings, sse_events
 
 THREADS = "/api/v1/ai/threads"
 EMAIL_AGENT = "EmailAssistant_CRM_Agent"
@@ -83,6 +83,7 @@ async def test_every_thread_route_refuses_another_users_bearer(client, auth, see
     bob = {"Authorization": f"Bearer {seed['bob_token']}"}
     for response in (await client.get(f"{THREADS}/{thread_id}", headers=bob),
                      await continue_thread(client, bob, thread_id, "shorter"),
+                     await client.post(f"{THREADS}/{thread_id}/turns/stream", json={"message": "shorter"}, headers=bob),
                      await client.delete(f"{THREADS}/{thread_id}", headers=bob)):
         body = assert_problem(response, 403, "forbidden")
         assert "another user" in body["detail"]
@@ -412,3 +413,90 @@ async def test_the_doubles_stream_replays_the_history_and_never_saves(client, au
             assert "result" in (await events.aread()).decode()
     assert len(gateway.runs[-1]["history"]) == 1 and not gateway.runs[-1]["saved"]
     assert len(stored(gateway, thread_id)) == 2
+
+
+async def test_a_streamed_turn_ends_with_the_turn_as_result_then_done(client, auth, seed, gateway) -> None:
+    thread_id = (await start_thread(client, auth, seed["leads"][0]))["thread_id"]
+    response = await client.post(f"{THREADS}/{thread_id}/turns/stream", json={"message": "shorter"}, headers=auth)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    assert [name for name, _ in events][-2:] == ["result", "done"]
+    assert "status" in [name for name, _ in events[:-2]]
+    turn, done = events[-2][1], events[-1][1]
+    assert done == {"status": "succeeded", "cached": False}
+    # The turn as the non-streamed route gives it, and kept in the thread: the streamed run named the conversation.
+    thread = (await client.get(f"{THREADS}/{thread_id}", headers=auth)).json()
+    assert thread["turns"][-1] == turn and turn["message"] == "shorter"
+    runs = [r for r in gateway.runs if r["conversation_id"] == thread_id]
+    assert [len(r["history"]) for r in runs] == [0, 1]
+
+
+async def test_a_streamed_turn_checks_the_thread_before_the_stream_opens(client, auth, seed, crm, gateway) -> None:
+    thread_id = (await start_thread(client, auth, seed["leads"][0]))["thread_id"]
+    path = f"{THREADS}/{thread_id}/turns/stream"
+    assert_problem(await client.post(path, json={"message": " "}, headers=auth), 400, "invalid-request")
+    before = len(stored(gateway, thread_id))
+    gateway.push(EMAIL_AGENT, "garbage", "garbage")
+    events = sse_events(await client.post(path, json={"message": "shorter"}, headers=auth))
+    assert [name for name, _ in events][-2:] == ["error", "done"]
+    assert events[-2][1]["status"] == 502 and events[-1][1]["status"] == "failed"
+    assert len(stored(gateway, thread_id)) == before  # an invalid answer is no turn, streamed or not
+
+
+async def test_a_double_click_on_create_makes_one_thread(client, auth, seed, gateway) -> None:
+    lead = seed["leads"][0]
+    gateway.gate = asyncio.Event()
+    calls = sum(gateway.calls.values())
+    clicks = [asyncio.create_task(client.post(THREADS, json={"task": "email.generate", "input": {"lead_id": lead}},
+                                              headers=auth)) for _ in range(2)]
+    await asyncio.wait_for(gateway.calls.reach(calls + 1), 10)
+    gateway.gate.set()
+    first, second = await asyncio.wait_for(asyncio.gather(*clicks), 10)
+    assert first.status_code == second.status_code == 201
+    assert first.json()["thread_id"] == second.json()["thread_id"]
+    assert sum(gateway.calls.values()) == calls + 1
+    listed = (await client.get(THREADS, params={"lead_id": lead}, headers=auth)).json()["threads"]
+    assert [t["thread_id"] for t in listed] == [first.json()["thread_id"]]
+
+
+async def test_a_double_click_on_create_on_two_replicas_makes_one_thread(make_client, auth, seed, gateway, redis_url,
+                                                                          cache_prefix) -> None:
+    settings = make_settings(redis_url=redis_url, cache_prefix=cache_prefix)
+    lead = seed["leads"][0]
+    body = {"task": "email.generate", "input": {"lead_id": lead}}
+    async with make_client(settings=settings) as one, make_client(settings=settings) as two:
+        calls = sum(gateway.calls.values())
+        gateway.gate = asyncio.Event()
+        first = asyncio.create_task(one.post(THREADS, json=body, headers=auth))
+        await asyncio.wait_for(gateway.calls.reach(calls + 1), 10)
+        second = asyncio.create_task(two.post(THREADS, json=body, headers=auth))
+        await following_any(redis_url, cache_prefix)  # replica two follows replica one's creation
+        gateway.gate.set()
+        a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert a.status_code == b.status_code == 201 and a.json()["thread_id"] == b.json()["thread_id"]
+        assert sum(gateway.calls.values()) == calls + 1
+        listed = (await one.get(THREADS, params={"lead_id": lead}, headers=auth)).json()["threads"]
+        assert len(listed) == 1
+
+
+async def following_any(redis_url: str, prefix: str, deadline: float = 10.0) -> None:
+    """Until a replica follows some flight lock under this test's prefix, within a deadline."""
+    async with aioredis.from_url(redis_url) as r, asyncio.timeout(deadline):
+        while True:
+            channels = await r.pubsub_channels(f"{prefix}:flight:*")
+            if channels and any(n for _, n in await r.pubsub_numsub(*channels)):
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_thread_max_per_record_caps_a_users_threads_about_one_record(make_client, auth, seed, gateway) -> None:
+    lead = seed["leads"][0]
+    async with make_client(settings=make_settings(thread_max_per_record=2)) as client:
+        first = await start_thread(client, auth, lead)
+        await start_thread(client, auth, lead, tone="formal")
+        calls = sum(gateway.calls.values())
+        body = {"task": "email.generate", "input": {"lead_id": lead, "tone": "casual"}}
+        refused = assert_problem(await client.post(THREADS, json=body, headers=auth), 409, "thread-full")
+        assert "THREAD_MAX_PER_RECORD" in refused["detail"] and sum(gateway.calls.values()) == calls
+        assert (await client.delete(f"{THREADS}/{first['thread_id']}", headers=auth)).status_code == 204
+        assert (await client.post(THREADS, json=body, headers=auth)).status_code == 201

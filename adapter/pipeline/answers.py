@@ -257,24 +257,33 @@ class Answers:
         service, task = self.service, prepared.task
         gateway = service.gateway
         plan = gateway.plan()
+        # A thread's turn names its conversation: the Conductor replays the history into the run.
+        conversation_id = prepared.conversation.conversation_id if prepared.conversation is not None else None
         if delivery.streams:
             async with gateway.guarded():
                 delivery.event("status", {"state": "running", "message": "starting the agent"})
                 with service.gateway_span(task, 1, plan, stream=True):
-                    text = await gateway.stream_run(task.agent_id, prepared.agent_input, plan, delivery.event)
+                    text = await gateway.stream_run(task.agent_id, prepared.agent_input, plan, delivery.event,
+                                                    conversation_id=conversation_id)
             delivery.event("status", {"state": "validating", "message": "validating the agent's answer"})
         else:
             with service.gateway_span(task, 1, plan):
-                text = await gateway.execute(task.agent_id, prepared.agent_input, plan)
+                text = await gateway.execute(task.agent_id, prepared.agent_input, plan, conversation_id=conversation_id)
 
         def repairing(attempt: int) -> None:
             delivery.event("status", {"state": "running", "message": f"repairing invalid output (attempt {attempt + 1})"})
 
-        return await service.validated(task, prepared.record_id, prepared.agent_input, text, on_repair=repairing, plan=plan)
+        # Repairs name no conversation (service.validated): nothing but a validated answer reaches its history.
+        result = await service.validated(task, prepared.record_id, prepared.agent_input, text, on_repair=repairing, plan=plan)
+        if prepared.conversation is not None:
+            # Inside the call: one append per answer made, whoever joined it; an append that fails fails the turn.
+            await prepared.conversation.keep(result)
+        return result
 
     async def _hooks(self, prepared: Prepared, answer: Answer) -> None:
         """The task's write-back (its outcome goes with the answer), then the fresh-answer hook point."""
-        answer.write_back = await self.service.write_back(prepared, answer.result, answer.x_cache)
+        if prepared.conversation is None:  # a thread's turn is a draft in a conversation: never written onto the record
+            answer.write_back = await self.service.write_back(prepared, answer.result, answer.x_cache)
         if answer.cached:
             return
         for hook in self.on_fresh:

@@ -7,7 +7,7 @@ answers.py puts them together, with the cache's rules, into the one way to get a
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,17 @@ log = structlog.get_logger("adapter.service")
 
 
 @dataclass(frozen=True, slots=True)
+class InConversation:
+    """A question asked inside a Conductor conversation (a thread's turn): the run names it, so the
+    Conductor replays its history; `keep` appends the validated answer to it. Kept by the one call
+    that made the answer, after validation: never for an invalid answer, never by a repair call
+    (repairs name no conversation), never once per caller that joined the call."""
+
+    conversation_id: str
+    keep: Callable[[Any], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
 class Prepared:
     """A question ready for the model: the caller may read its record, and it has its cache key."""
 
@@ -42,6 +53,7 @@ class Prepared:
     # The caller's token, for the write-back: held in memory by whoever asks, never stored or logged
     # (None for a log taken over from another replica, which never had it).
     authorization: str | None = None
+    conversation: InConversation | None = None  # a thread's turn: the conversation its run names
 
 
 def _today() -> dt.date:

@@ -33,21 +33,25 @@ import binascii
 import datetime as dt
 import hashlib
 import re
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
 import structlog
 
 from ..errors import AdapterError, BadRequest, Forbidden, GatewayProtocolError, NotFound, ThreadFull
+from ..storage.event_log import Job
 from ..storage.keys import CacheKey
 from ..storage.store import Store
 from ..tasks import Registry, Task
 from ..tasks.prompting import block
 from ..upstreams.conversations import CONVERSATION_ID, Conversation, ConversationsClient, agent_info
-from .service import AiService, Prepared
+from .answers import SYNC, TURN, Answers, Delivery
+from .service import InConversation, Prepared
 
 log = structlog.get_logger("adapter.threads")
 _encode = msgspec.json.Encoder().encode
@@ -160,17 +164,21 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 
 
 class Threads:
-    def __init__(self, service: AiService, conversations: ConversationsClient, store: Store, tasks: Registry) -> None:
-        self.service = service
+    def __init__(self, answers: Answers, conversations: ConversationsClient, store: Store, tasks: Registry) -> None:
+        self.answers = answers
+        self.service = service = answers.service
         self.conversations = conversations
         self.store = store
         self.tasks = tasks
         self.settings = service.settings
         self._turns: dict[str, tuple[str | None, asyncio.Task[bytes]]] = {}
+        self._streamed: set[asyncio.Task[None]] = set()
+        self._creating: dict[str, asyncio.Task[bytes]] = {}
 
-    def background(self) -> list[asyncio.Task[bytes]]:
-        """The turns in the air: shutdown stops them (adapter/stopping.py) before Redis is closed."""
-        return [flight for _, flight in self._turns.values()]
+    def background(self) -> list[asyncio.Task[Any]]:
+        """The turns in the air and the streamed turns' runners: shutdown stops them (adapter/stopping.py)
+        before Redis is closed."""
+        return [*(flight for _, flight in self._turns.values()), *self._streamed, *self._creating.values()]
 
     # --- which tasks, whose thread ----------------------------------------------------------
 
@@ -250,8 +258,54 @@ class Threads:
     # --- the routes' work ----------------------------------------------------------------------
 
     async def create(self, task: Task, request: Any, authorization: str, user: str) -> ThreadView:
+        """A new thread, single-flighted: the same user asking for the same thread (a double-click on create)
+        while one is being made gets that one, here or on another replica, instead of a second thread."""
+        digest = hashlib.sha256(b"thread-create\0" + user.encode() + b"\0" + task.name.encode() + b"\0"
+                                + _encode(request)).hexdigest()[:40]
+        flight = self._creating.get(digest)
+        if flight is None or flight.done():
+            flight = asyncio.create_task(self._create_across_replicas(digest, task, request, authorization, user),
+                                         name=f"thread create {task.name}")
+            self._creating[digest] = flight
+
+            def landed(done: asyncio.Task[bytes]) -> None:
+                if self._creating.get(digest) is done:
+                    del self._creating[digest]
+                if not done.cancelled():
+                    done.exception()
+
+            flight.add_done_callback(landed)
+        else:
+            self.service.metrics.cache.labels("thread", "coalesced").inc()
+        return msgspec.json.decode(await asyncio.shield(flight), type=ThreadView)
+
+    async def _create_across_replicas(self, digest: str, task: Task, request: Any, authorization: str, user: str) -> bytes:
+        lock = self.store.flight(CacheKey(self.settings.cache_prefix, "thread-create", digest))
+        try:
+            while await lock.acquire() is False:
+                outcome = await lock.follow()
+                if isinstance(outcome, bytes):
+                    return outcome  # the other replica's new thread
+                if isinstance(outcome, AdapterError):
+                    raise outcome
+            try:
+                body = _encode(await self._create(task, request, authorization, user))
+            except AdapterError as exc:
+                await lock.fail(exc)
+                raise
+            await lock.succeed(body)
+            return body
+        finally:
+            await lock.close()
+
+    async def _create(self, task: Task, request: Any, authorization: str, user: str) -> ThreadView:
         prepared = await self._read_record(task, request, authorization, user)
         record_id = prepared.record_id
+        held = [c for c in await self.conversations.listed(self._owner_key(user, task.record_kind, record_id))
+                if (meta := _TITLE.fullmatch(c.title)) is not None and meta.group(1) == "thread"]
+        if len(held) >= self.settings.thread_max_per_record:
+            raise ThreadFull(f"this user holds {len(held)} threads about {task.record_kind} {record_id}; at most "
+                             f"{self.settings.thread_max_per_record} (THREAD_MAX_PER_RECORD): delete one first")
         await self.service.admit(task.name, user)  # the first turn's model call; refused before anything is made
         context = (f"CRM AI thread: {task.name} about {task.record_kind} {record_id}. Each request sends the record as "
                    "it is now; later ones ask you to revise your previous answer.\n"
@@ -291,6 +345,38 @@ class Threads:
         prepared = await self._read_record(owned.task, self._request(owned), authorization, user)
         return await self._one_at_a_time(thread_id, message,
                                          lambda: self._turn(thread_id, owned.task, prepared, message, user))
+
+    async def stream_turn(self, thread_id: str, message: str, authorization: str, user: str, *,
+                          describe: Callable[[Exception, Job], bytes], lifetime: float) -> Job:
+        """A new turn as events (a fetch client's stream): `status` and `delta` while the model works, then the
+        turn as `result` and `done`, or `error` and `done`. The thread's checks (whose, the record read with
+        the caller's token, THREAD_MAX_TURNS) answer as problems before the stream opens. The log is this
+        replica's: a fetch stream is one connection, and a takeover elsewhere must not ask a turn again."""
+        owned = await self._live(thread_id, user)
+        prepared = await self._read_record(owned.task, self._request(owned), authorization, user)
+        if len(self._turns_of(owned)) >= self.settings.thread_max_turns:
+            raise ThreadFull(f"thread {thread_id} holds {self.settings.thread_max_turns} turns (THREAD_MAX_TURNS); "
+                             "start a new thread")
+        job = Job(id=f"aijob_{uuid.uuid4().hex}", task=owned.task.name, record_id=owned.record_id, key=None,
+                  expires=time.time() + lifetime, mode="no-store")
+        job.emit("status", {"state": "queued", "message": "queued", "job_id": job.id})
+        events = _TurnEvents(job)
+
+        async def run() -> None:
+            try:
+                turn = await self._one_at_a_time(thread_id, message, lambda: self._turn(
+                    thread_id, owned.task, prepared, message, user, delivery=events))
+            except AdapterError as exc:
+                job.emit("error", describe(exc, job))
+                job.emit("done", {"status": "failed", "cached": False})
+                return
+            job.emit("result", turn)
+            job.emit("done", {"status": "succeeded", "cached": False})
+
+        runner = asyncio.create_task(run(), name=f"thread turn stream {thread_id}")
+        self._streamed.add(runner)
+        runner.add_done_callback(self._streamed.discard)
+        return job
 
     async def listing(self, kind: str, record_id: str, authorization: str, user: str, *, limit: int,
                       cursor: str | None) -> ThreadPage:
@@ -332,7 +418,9 @@ class Threads:
     async def _one_at_a_time(self, thread_id: str, message: str | None, compute: Callable[[], Awaitable[bytes]]) -> bytes:
         while True:
             current = self._turns.get(thread_id)
-            if current is None:
+            # A flight that has landed but whose done-callback has not run yet is gone too: awaiting a
+            # finished task does not yield, so waiting for the callback here would spin the event loop.
+            if current is None or current[1].done():
                 break
             other, flight = current
             if other == message:  # a double-click: the same turn, once
@@ -373,29 +461,42 @@ class Threads:
             await lock.close()
 
     async def _turn(self, thread_id: str, task: Task, prepared: Prepared, message: str | None, user: str, *,
-                    admitted: bool = False) -> bytes:
+                    admitted: bool = False, delivery: Delivery = SYNC) -> bytes:
         # Read again inside the flight: the turn before this one may have just landed.
         owned = await self._live(thread_id, user)
-        if len(self._turns_of(owned)) >= self.settings.thread_max_turns:
+        held = len(self._turns_of(owned))
+        if held >= self.settings.thread_max_turns:
             raise ThreadFull(f"thread {thread_id} holds {self.settings.thread_max_turns} turns (THREAD_MAX_TURNS); "
                              "start a new thread")
-        if not admitted:
-            await self.service.admit(task.name, user)
         agent_input = prepared.agent_input if message is None else turn_input(prepared.agent_input, message)
-        gateway = self.service.gateway
-        plan = gateway.plan()
-        with self.service.gateway_span(task, 1, plan):
-            # The conversation named: the Conductor replays its turns. Nothing is saved by the run.
-            text = await gateway.execute(task.agent_id, agent_input, plan, conversation_id=thread_id)
-        # Repairs name no conversation (service.validated): nothing but a validated answer reaches the history.
-        result = await self.service.validated(task, prepared.record_id, agent_input, text, plan=plan)
-        body = _encode(result)
-        await self.conversations.append(thread_id, user_input=message or FIRST_TURN, agent_response=body.decode(),
-                                        agent=agent_info(task.agent_id, f"crm-ai-thread-{prepared.record_id}",
-                                                         f"{task.agent_id} {task.version}"))
+
+        async def keep(result: Any) -> None:
+            # After validation, by the one call that made the answer: the conversation gets the user's
+            # message and the validated answer, never an invalid one (the run itself saves nothing).
+            await self.conversations.append(thread_id, user_input=message or FIRST_TURN, agent_response=_encode(result).decode(),
+                                            agent=agent_info(task.agent_id, f"crm-ai-thread-{prepared.record_id}",
+                                                             f"{task.agent_id} {task.version}"))
+
+        # The one pipeline, with the turn's policy (no cache; single flight; the user's rate limit). The key
+        # names the thread and the turn's place in it: identical messages to two threads are two questions.
+        key = self.service.key_for(task, prepared.record_id, f"thread {thread_id} turn {held}\n{agent_input}")
+        question = replace(prepared, agent_input=agent_input, key=key, conversation=InConversation(thread_id, keep))
+        answer = await self.answers.ask(question, mode=TURN, delivery=delivery, admitted=admitted)
         turns = self._turns_of(await self._live(thread_id, user))
-        turn = next((t for t in reversed(turns) if bytes(t.result) == body), None)
+        turn = next((t for t in reversed(turns) if bytes(t.result) == answer.body), None)
         if turn is None:
             raise GatewayProtocolError(f"thread {thread_id}'s new turn is not in its conversation after it was added")
         log.info("thread.turn", thread_id=thread_id, task=task.name, turns=len(turns))
         return _encode(turn)
+
+
+class _TurnEvents(Delivery):
+    """A streamed turn's progress, into its log; the answer itself goes out as the turn, once it is kept."""
+
+    streams = True
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+
+    def event(self, name: str, data: Any) -> None:
+        self._job.emit(name, data)

@@ -350,7 +350,8 @@ class GatewayClient:
 
     # --- streamed runs --------------------------------------------------------------------
 
-    async def stream_run(self, agent_id: str, input_text: str, plan: ProviderPlan, on_event: OnEvent) -> str:
+    async def stream_run(self, agent_id: str, input_text: str, plan: ProviderPlan, on_event: OnEvent, *,
+                         conversation_id: str | None = None) -> str:
         """A streamed run for a caller already inside `guarded()`; the model's text.
 
         `on_event(name, data)` gets the progress worth showing: `status` {state, message},
@@ -358,14 +359,15 @@ class GatewayClient:
         """
         while True:
             try:
-                return await self._stream_once(agent_id, input_text, plan.current, on_event)
+                return await self._stream_once(agent_id, input_text, plan.current, on_event, conversation_id)
             except (AgentFailed, UpstreamTimeout) as exc:
                 if not self._fall_back(agent_id, plan, exc):
                     raise
                 on_event("status", {"state": "running", "message": f"the run failed; trying provider {plan.current}"})
 
-    async def _stream_once(self, agent_id: str, input_text: str, provider: str | None, on_event: OnEvent) -> str:
-        job = await self.start_stream(agent_id, input_text, provider)
+    async def _stream_once(self, agent_id: str, input_text: str, provider: str | None, on_event: OnEvent,
+                           conversation_id: str | None = None) -> str:
+        job = await self.start_stream(agent_id, input_text, provider, conversation_id=conversation_id)
         relayed = 0  # progress events passed on, and the characters in them: both bounded (PROGRESS_MAX)
         try:
             async with aclosing(self.stream_events(job)) as events:
@@ -393,13 +395,14 @@ class GatewayClient:
         self._metrics.lost_streams.labels(agent_id).inc()
         log.warning("gateway.stream_lost", agent=agent_id, gateway_job=job, reason=reason)
         on_event("status", {"state": "running", "message": "the gateway lost the job's stream; asking the agent once more"})
-        return await self._execute(agent_id, input_text, provider)
+        return await self._execute(agent_id, input_text, provider, conversation_id)
 
-    async def start_stream(self, agent_id: str, input_text: str, provider: str | None = None) -> str:
+    async def start_stream(self, agent_id: str, input_text: str, provider: str | None = None, *,
+                           conversation_id: str | None = None) -> str:
         """Start a streamed run; the gateway's job id."""
         try:
             response = await self._send(
-                "POST", "/api/v1/stream-execute", content=_encode(self._body(provider, None, agent_id=agent_id, input=input_text)),
+                "POST", "/api/v1/stream-execute", content=_encode(self._body(provider, conversation_id, agent_id=agent_id, input=input_text)),
                 headers={"Content-Type": "application/json", **outbound_headers()},
                 timeout=self._http.timeout.read if self._http.timeout.read else 30.0)
         except httpx.TransportError as exc:

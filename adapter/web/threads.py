@@ -18,15 +18,19 @@ from litestar.di import NamedDependency
 from litestar.datastructures import ResponseHeader
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.response import Stream
 
 from ..errors import BadRequest
 from ..models import Inbound
+from ..pipeline.jobs import Jobs
 from ..pipeline.threads import RecordRef, Threads
 from ..tasks import Registry
 from .auth import CALLER, Caller
 from .dependencies import from_state
-from .openapi import CRM_READS, TASK_RATE, limited, problem
+from .openapi import CRM_READS, SSE_RESPONSE, STREAMS_FULL, TASK_RATE, USER_STREAMS, limited, problem
 from .requests import require_json
+from .sse import sse_response
+from .streams import StreamSlots
 
 # C0 and C1 controls, DEL included; tab, line feed and carriage return are text.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -99,7 +103,15 @@ def _responses(*, body: bool = False, thread: bool = True, model_call: bool = Fa
                            "`limit` outside 1-100, or a `cursor` this sidecar did not give; the parameter is named")
     if model_call and thread:
         out[409] = problem("The thread holds THREAD_MAX_TURNS turns")
+    elif model_call:
+        out[409] = problem("The caller holds THREAD_MAX_PER_RECORD threads about this record")
     return out
+
+
+def _stream_responses() -> dict[int, ResponseSpec]:
+    return {**_responses(body=True, model_call=True), 200: SSE_RESPONSE,
+            429: limited(USER_STREAMS, TASK_RATE, CRM_READS),
+            503: problem(f"Conductor Gateway unavailable or a circuit open, or {STREAMS_FULL} (see Retry-After)")}
 
 
 def thread_routers(tasks: Registry) -> list[Router]:
@@ -164,6 +176,19 @@ def thread_routers(tasks: Registry) -> list[Router]:
     continue_thread.__annotations__ = {"thread_id": FromPath[str], "data": JSONBody[TurnRequest], "threads": NamedDependency[Threads], "caller": NamedDependency[Caller],
                                        "return": Response[Turn]}
 
+    async def stream_turn(thread_id: str, data: TurnRequest, request: Request, threads: Threads, caller: Caller) -> Stream:
+        message = checked_message(data.message, threads.settings.thread_message_max)
+        jobs: Jobs = request.app.state.jobs
+        streams: StreamSlots = request.app.state.streams
+        # The stream's place first (429 MAX_STREAMS_PER_USER, 503 MAX_STREAMS), as the task stream routes.
+        streams.take(request.scope, caller.user)
+        job = await threads.stream_turn(thread_id, message, caller.authorization, caller.user, describe=jobs.describe,
+                                        lifetime=jobs.settings.job_max_seconds + jobs.settings.job_retention_seconds)
+        return sse_response(job, jobs, 0)
+
+    stream_turn.__annotations__ = {"thread_id": FromPath[str], "data": JSONBody[TurnRequest], "request": Request,
+                                   "threads": NamedDependency[Threads], "caller": NamedDependency[Caller], "return": Stream}
+
     async def delete_thread(thread_id: FromPath[str], threads: NamedDependency[Threads], caller: NamedDependency[Caller]) -> None:
         await threads.delete(thread_id, caller.authorization, caller.user)
 
@@ -178,6 +203,9 @@ def thread_routers(tasks: Registry) -> list[Router]:
         post("/{thread_id:str}/turns", status_code=201, responses=_responses(body=True, model_call=True),
              response_headers=[LOCATION], summary="Continue a thread: the agent sees its history and the record now")(
             continue_thread),
+        post("/{thread_id:str}/turns/stream", status_code=200, responses=_stream_responses(),
+             response_description="text/event-stream of status, delta, then the turn as result (or error), and done",
+             summary="Continue a thread as server-sent events (fetch clients)")(stream_turn),
         delete("/{thread_id:str}", status_code=204, responses=_responses(),
                summary="Delete a thread, in the Conductor too")(delete_thread),
     ])]

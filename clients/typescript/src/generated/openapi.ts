@@ -313,6 +313,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/ai/threads/{thread_id}/turns/stream": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Continue a thread as server-sent events (fetch clients) */
+        post: operations["ApiV1AiThreadsThreadIdTurnsStreamStreamTurn"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -3111,6 +3128,17 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            /** @description The caller holds THREAD_MAX_PER_RECORD threads about this record */
+            409: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description The body is larger than MAX_BODY_BYTES */
             413: {
                 headers: {
@@ -3598,6 +3626,178 @@ export interface operations {
                 };
             };
             /** @description Conductor Gateway unavailable or a circuit open (see Retry-After) */
+            503: {
+                headers: {
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description An upstream did not answer in time */
+            504: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    ApiV1AiThreadsThreadIdTurnsStreamStreamTurn: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                thread_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["TurnRequest"];
+            };
+        };
+        responses: {
+            /** @description Server-sent events. A `retry:` hint first, then events with consecutive `id:`s: `status` {state: queued|running|validating, message}, `delta` {text}, `result` (the synchronous route's body, plus `warnings`: the X-Agent-Warnings list, when there are any), `error` (a problem object), and `done` {status: succeeded|failed, cached} always last. A `: ping` comment is sent while nothing else is. */
+            200: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["SseEvent"];
+                };
+            };
+            /** @description Invalid body: an unknown task or one without threads, invalid input, or a message that is empty, too long (THREAD_MESSAGE_MAX) or holds control characters; the field is named */
+            400: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No bearer token, or CRM_JWT_SECRET or the CRM backend refused it */
+            401: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The thread is another user's, or the CRM backend no longer lets the caller read its record */
+            403: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description No such thread (or it was deleted), or the CRM backend has no such record */
+            404: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body did not arrive within BODY_TIMEOUT_SECONDS */
+            408: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The thread holds THREAD_MAX_TURNS turns */
+            409: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is larger than MAX_BODY_BYTES */
+            413: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A per-user limit is reached: open event streams (MAX_STREAMS_PER_USER), the task's model calls (RATE_LIMIT_<TASK>; cache hits are free) or CRM record reads (CRM_READS_PER_USER). See Retry-After (and RateLimit-* for a rate limit) */
+            429: {
+                headers: {
+                    /** @description Requests allowed per window for this user and limit (rate limits only) */
+                    "RateLimit-Limit"?: number;
+                    /** @description The policy: `<limit>;w=<seconds>` (rate limits only) */
+                    "RateLimit-Policy"?: string;
+                    /** @description Requests left in the window (rate limits only) */
+                    "RateLimit-Remaining"?: number;
+                    /** @description Seconds until a request is allowed again (rate limits only) */
+                    "RateLimit-Reset"?: number;
+                    /** @description Seconds to wait before trying again */
+                    "Retry-After": number;
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description CRM backend or the Conductor's conversation store unavailable, agent failed, or invalid agent output after repair (no turn is kept) */
+            502: {
+                headers: {
+                    /** @description The caller's X-Request-ID when it is well formed, else a new one; sent to both upstreams too */
+                    "X-Request-ID": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Conductor Gateway unavailable or a circuit open, or this replica has MAX_STREAMS event streams open (see Retry-After) */
             503: {
                 headers: {
                     /** @description Seconds to wait before trying again */
